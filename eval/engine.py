@@ -23,6 +23,7 @@ from typing import Any
 
 from llmdistill.config.eval import EvalConfig
 from llmdistill.log import get_logger
+from llmdistill.vllm_runtime import set_engine_process
 
 logger = get_logger(__name__)
 
@@ -105,6 +106,7 @@ def open_engine(model: str, config: EvalConfig) -> Iterator[Engine]:
 
     if config.kv_cache_space_gb is not None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_space_gb))
+    set_engine_process(config.vllm_multiprocessing)
     base = adapter_base(model)
     tmp_dir, lora_request, kwargs = None, None, _engine_kwargs(config)
     if base and config.lora_mode == "merge":

@@ -8,7 +8,7 @@ same prompts and sampling settings for both variants:
 - llmdistill: ``write_batches`` — the code path of ``llmdistill generate``: flat top-20 log-probs,
             numpy conversion, batch detokenization, atomic zstd Parquet shards.
 
-The engine is warmed up, then the variants alternate three times; the fastest run of each counts
+The engine is warmed up, then the variants alternate ``--repeats`` times (5); the fastest run of each counts
 (other processes on a shared machine add noise to single runs).
 
     python scripts/bench_generate.py [--prompts 384] [--samples 2] [--max_tokens 64]
@@ -72,7 +72,7 @@ def worker(args: argparse.Namespace) -> dict[str, float | str]:
     engine.llm.generate(prompts_in[:32], plain_params, use_tqdm=False)  # warm-up
     ours(-1)
     times: dict[str, list[float]] = {"plain": [], "topk": []}
-    for run in range(3):
+    for run in range(args.repeats):
         t0 = time.perf_counter()
         tokens = plain()
         times["plain"].append(time.perf_counter() - t0)
@@ -90,14 +90,14 @@ def worker(args: argparse.Namespace) -> dict[str, float | str]:
     }
 
 
-def run(prompts: int = 384, samples: int = 2, max_tokens: int = 64) -> dict[str, float | str]:
+def run(prompts: int = 384, samples: int = 2, max_tokens: int = 64, repeats: int = 5) -> dict[str, float | str]:
     """Measure in a fresh subprocess and return the numbers (for ``scripts/bench.py``)."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
                "LLMDISTILL_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false"}
         argv = [sys.executable, __file__, "--worker", str(result), "--workdir", tmp, "--prompts", str(prompts),
-                "--samples", str(samples), "--max_tokens", str(max_tokens)]
+                "--samples", str(samples), "--max_tokens", str(max_tokens), "--repeats", str(repeats)]
         proc = subprocess.run(argv, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"bench_generate worker failed:\n{proc.stderr[-3000:]}")
@@ -111,11 +111,12 @@ def _main() -> None:
     parser.add_argument("--prompts", type=int, default=384)
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--max_tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     if args.worker:
         Path(args.worker).write_text(json.dumps(worker(args)))
         return
-    result = run(args.prompts, args.samples, args.max_tokens)
+    result = run(args.prompts, args.samples, args.max_tokens, args.repeats)
     width = max(map(len, result))
     sys.stdout.write("\n".join(f"{k:<{width}}  {v}" for k, v in result.items()) + "\n")
 

@@ -389,3 +389,96 @@ def test_server_backend_generate_and_score(server, teacher_dir, prompts_file, pa
         np.testing.assert_allclose(row.topk_logprobs, ref.topk_logprobs, atol=1e-4)
         np.testing.assert_allclose(row.token_logprobs, ref.token_logprobs, atol=1e-4)
     assert len(pq.read_table(next(score_out.glob("part-*.parquet")))) == 30
+
+
+# ---------------------------------------------------------------------------------------
+# vLLM front-end patch and engine process layout
+
+
+def _logprob_steps(k: int, seed: int = 0) -> list:
+    """Three decode steps of one request as vLLM's engine core sends them (``[1, k + 1]`` blocks)."""
+    from vllm.v1.outputs import LogprobsLists
+
+    rng = np.random.default_rng(seed)
+    steps = []
+    for _ in range(3):
+        ids = rng.choice(100, size=(1, k + 1), replace=False).astype(np.int64)
+        lps = np.sort(-rng.random((1, k + 1)).astype(np.float32), axis=1)[:, ::-1].copy()
+        steps.append(LogprobsLists(ids, lps, rng.integers(1, 5, size=1), None))
+    return steps
+
+
+@pytest.mark.unit
+def test_row_blocks_equal_what_vllms_own_code_collects():
+    from vllm.logprobs import FlatLogprobs
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+
+    from llmdistill.generate import vllm_patch
+
+    assert vllm_patch.install()
+    k, steps = 3, _logprob_steps(3)
+
+    def processor(container):
+        return LogprobsProcessor(tokenizer=None, logprobs=container, prompt_logprobs=None, cumulative_logprob=0.0,
+                                 num_logprobs=k, num_prompt_logprobs=None)
+
+    ours, theirs = processor(vllm_patch.row_logprobs_class()()), processor(FlatLogprobs())
+    for step in steps:
+        ours._update_sample_logprobs(step)
+        vllm_patch.ORIGINALS["_update_sample_logprobs"](theirs, step)
+    ids, lps = ours.logprobs.arrays()
+    assert ids.dtype == np.int32 and lps.dtype == np.float32 and ids.shape == (3, k + 1)
+    assert ids.tolist() == np.asarray(theirs.logprobs.token_ids).reshape(3, k + 1).tolist()
+    np.testing.assert_array_equal(lps, np.asarray(theirs.logprobs.logprobs, dtype=np.float32).reshape(3, k + 1))
+    assert ours.cumulative_logprob == pytest.approx(theirs.cumulative_logprob, abs=1e-6)
+    # through the FlatLogprobs API (which folds the blocks) it is the same container vLLM builds
+    assert len(ours.logprobs) == 3 and list(ours.logprobs) == list(theirs.logprobs)
+    assert ours.logprobs.ranks == theirs.logprobs.ranks
+    np.testing.assert_array_equal(ours.logprobs.arrays()[1], lps)
+    # a block that arrives after a fold is still returned, in order
+    extra = _logprob_steps(k, seed=1)[0]
+    ours._update_sample_logprobs(extra)
+    np.testing.assert_array_equal(ours.logprobs.arrays()[0][-1], extra.logprob_token_ids[0])
+    assert ours.logprobs.arrays()[0].shape == (4, k + 1)
+
+
+@pytest.mark.unit
+def test_only_requests_that_ask_get_row_blocks():
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams
+    from vllm.logprobs import FlatLogprobs
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+
+    from llmdistill.generate import vllm_patch
+
+    vllm_patch.install()
+    rows = vllm_patch.row_logprobs_class()
+
+    def container(tokenizer=None, **params):
+        request = SimpleNamespace(sampling_params=SamplingParams(logprobs=2, **params))
+        return LogprobsProcessor.from_new_request(tokenizer, request).logprobs
+
+    assert type(container(flat_logprobs=True, extra_args={vllm_patch.ROWS_KEY: True})) is rows
+    assert type(container(flat_logprobs=True)) is FlatLogprobs
+    assert type(container(flat_logprobs=False, extra_args={vllm_patch.ROWS_KEY: True})) is list
+    assert type(container(tokenizer=object(), flat_logprobs=True, extra_args={vllm_patch.ROWS_KEY: True})) \
+        is FlatLogprobs
+
+
+@pytest.mark.unit
+def test_engine_process_mode(monkeypatch):
+    from llmdistill import vllm_runtime
+
+    monkeypatch.delenv(vllm_runtime.ENV_VAR, raising=False)
+    monkeypatch.setattr(vllm_runtime, "_vllm_on_cpu", lambda: True)
+    assert vllm_runtime.set_engine_process("auto") == "0"  # CPU: in-process engine core
+    monkeypatch.setenv(vllm_runtime.ENV_VAR, "1")
+    assert vllm_runtime.set_engine_process("auto") == "1"  # the user's export wins under auto
+    assert vllm_runtime.set_engine_process("off") == "0"  # an explicit choice wins over the export
+    monkeypatch.delenv(vllm_runtime.ENV_VAR)
+    monkeypatch.setattr(vllm_runtime, "_vllm_on_cpu", lambda: False)
+    assert vllm_runtime.set_engine_process("auto") is None  # GPU: vLLM's default
+    assert vllm_runtime.set_engine_process("on") == "1"
+    with pytest.raises(ValueError, match="vllm_multiprocessing"):
+        vllm_runtime.set_engine_process("maybe")

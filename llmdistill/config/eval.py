@@ -49,6 +49,9 @@ class EvalConfig:
     kv_cache_space_gb: int | None = field(default=None, metadata={
         "help": "CPU only: KV cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE when it is not set)."})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size."})
+    vllm_multiprocessing: str = field(default="auto", metadata={
+        "help": "auto | on | off: vLLM's engine core in its own process (on) or in this one (off). auto: off when "
+                "vLLM runs on CPU (faster there), vLLM's default elsewhere."})
     lora_mode: str = field(default="vllm", metadata={
         "help": "How LoRA adapters are served: 'vllm' (enable_lora + LoRARequest) or 'merge' "
                 "(merge into the base with peft, in a temp dir)."})
@@ -85,6 +88,7 @@ class EvalConfig:
         check_range("code_memory_mb", self.code_memory_mb, 64)
         check_range("code_workers", self.code_workers, 1)
         check_choice("lora_mode", self.lora_mode, ("vllm", "merge"))
+        check_choice("vllm_multiprocessing", self.vllm_multiprocessing, ("auto", "on", "off"))
         check_choice("dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
         for k in self.ks:
             check_range("k_values", k, 1)

@@ -25,7 +25,7 @@ OPERATIONAL_FIELDS = frozenset({
     "output_dir", "batch_size", "max_prompts", "merge", "backend", "server_urls", "server_model",
     "max_concurrency", "request_timeout", "max_retries", "retry_backoff", "tensor_parallel_size",
     "pipeline_parallel_size", "distributed_executor_backend", "gpu_memory_utilization", "enforce_eager",
-    "max_logprobs",
+    "max_logprobs", "vllm_multiprocessing",
 })
 
 
@@ -125,6 +125,11 @@ class EngineConfig:
         metadata={"help": "Further vllm.LLM keyword arguments as a JSON object, e.g. '{\"max_num_seqs\": 512}'."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the engine's sampling."})
+    vllm_multiprocessing: str = field(
+        default="auto",
+        metadata={"help": "auto | on | off: vLLM's engine core in its own process (on, vLLM's default) or in this "
+                          "one (off). auto: off when vLLM runs on CPU (faster there), vLLM's default elsewhere."},
+    )
 
     def _check_engine(self) -> None:
         if not self.model:
@@ -133,6 +138,7 @@ class EngineConfig:
         check_range("max_model_len", self.max_model_len, 2)
         check_range("tensor_parallel_size", self.tensor_parallel_size, 1)
         check_range("pipeline_parallel_size", self.pipeline_parallel_size, 1)
+        check_choice("vllm_multiprocessing", self.vllm_multiprocessing, ("auto", "on", "off"))
         if self.distributed_executor_backend is not None:
             check_choice("distributed_executor_backend", self.distributed_executor_backend, EXECUTOR_BACKENDS)
         check_range("gpu_memory_utilization", self.gpu_memory_utilization, 0.01, 1.0)
@@ -185,7 +191,8 @@ class OutputConfig:
                           "log-prob of each completion token."},
     )
     batch_size: int = field(
-        default=256, metadata={"help": "Prompts per engine call and per shard: a kill loses at most one batch."}
+        default=256, metadata={"help": "Prompts per engine call and per shard. A shard is written while the next batch "
+                                   "generates, so a kill loses at most two batches (never a partial shard)."}
     )
     shard: str = field(
         default="0/1",

@@ -10,6 +10,7 @@ load. The engine is only started when something is left to do.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,29 +140,43 @@ def make_engine(cfg: GenerateConfig | ScoreConfig, scoring: bool) -> OfflineEngi
     return OfflineEngine(cfg, scoring=scoring)
 
 
-def teacher_rows(engine: OfflineEngine | ServerEngine, batch: list[Request], cfg: Any, plan: Plan) -> list[dict]:
-    """Run the teacher on one batch and return its generation rows."""
+def teacher_rows(completions: list, batch: list[Request], plan: Plan) -> list[dict]:
+    """The generation rows of one batch's teacher output (sampled: ``[[Completion]]``; scored: ``[Completion]``)."""
     if plan.stage == "score":
-        return shard_rows(batch, [[c] for c in engine.score(batch)], None, plan.done)
-    completions = engine.sample(batch, cfg.num_samples)
+        return shard_rows(batch, [[c] for c in completions], None, plan.done)
     texts = decode_completions(plan.tokenizer, [c for comps in completions for c in comps])
     return shard_rows(batch, completions, texts, plan.done)
 
 
 def write_batches(engine: OfflineEngine | ServerEngine, plan: Plan, cfg: GenerateConfig | ScoreConfig) -> None:
-    """One engine call and one atomically written shard per ``batch_size`` pending requests."""
+    """One engine call and one atomically written shard per ``batch_size`` pending requests.
+
+    A batch's shard (detokenization, Arrow conversion, zstd, fsync) is written by a background
+    thread while the engine runs the next batch; at most one shard is in flight, and a failed
+    write stops the run at the next batch.
+    """
     remove_stale_temp_files(plan.directory)
     index = next_shard_index(plan.directory)
-    with progress() as bar:
+
+    def write(completions: list, batch: list[Request], path: Path) -> None:
+        rows = teacher_rows(completions, batch, plan)
+        if rows:
+            write_generation_shard(rows, path, cfg.logprobs_top_k, cfg.model, plan.passthrough,
+                                   extra={"stage": plan.stage})
+
+    with progress() as bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
         task = bar.add_task(plan.stage, total=len(plan.pending))
+        in_flight: Future | None = None
         for start in range(0, len(plan.pending), cfg.batch_size):
             batch = plan.pending[start:start + cfg.batch_size]
-            rows = teacher_rows(engine, batch, cfg, plan)
-            if rows:
-                write_generation_shard(rows, plan.directory / f"part-{index:06d}.parquet", cfg.logprobs_top_k,
-                                       cfg.model, plan.passthrough, extra={"stage": plan.stage})
-                index += 1
+            completions = engine.score(batch) if plan.stage == "score" else engine.sample(batch, cfg.num_samples)
+            if in_flight is not None:
+                in_flight.result()
+            in_flight = writer.submit(write, completions, batch, plan.directory / f"part-{index:06d}.parquet")
+            index += 1
             bar.advance(task, len(batch))
+        if in_flight is not None:
+            in_flight.result()
 
 
 def _run(cfg: GenerateConfig | ScoreConfig, stage: str) -> dict[str, Any]:

@@ -1,14 +1,20 @@
-"""A faster way for vLLM to collect flat log-probs when nothing is detokenized.
+"""Faster collection of top-k log-probs inside vLLM's output processor.
 
-With ``flat_logprobs=True`` vLLM already avoids one dict per token, but its output processor
-still appends every (token, log-prob, rank, text) entry one by one in Python: 4 list appends
-x (k + 1) entries per generated token. For top-20 that loop costs more than the sampling of a
-tiny model. The engine hands over numpy rows ``[k + 1]`` per token (and torch tensors
-``[positions, k + 1]`` for prompt log-probs), so the same :class:`vllm.logprobs.FlatLogprobs`
-can be filled with a few C-level ``extend`` calls per token (per prompt, for prompt log-probs).
+vLLM's engine core hands the front-end one numpy block ``[positions, k + 1]`` per request and
+step; its :class:`~vllm.v1.engine.logprobs.LogprobsProcessor` then converts every entry to a
+Python object and appends them one by one (4 appends x (k + 1) entries per token, even with
+``flat_logprobs=True``). For a small teacher that loop costs more than sampling itself. Two
+replacements, both version-guarded, both falling back to vLLM's code for anything else:
 
-The fast path is taken only when it gives exactly what vLLM would build: a ``FlatLogprobs``
-container and no tokenizer (``detokenize=False``); anything else goes to vLLM's own code.
+- **Row blocks** (opt-in, what ``llmdistill generate`` uses). A request whose
+  ``SamplingParams.extra_args`` holds ``{ROWS_KEY: True}`` (with ``flat_logprobs=True`` and
+  ``detokenize=False``) gets a :class:`RowLogprobs` container: each step stores a reference
+  to the block vLLM already has, and :meth:`RowLogprobs.arrays` concatenates them once at
+  the end. Nothing is converted per token.
+- **Bulk extend** (every other flat request without a tokenizer). The same flat lists vLLM
+  would build, filled with a few C-level ``extend`` calls per token; for prompt log-probs
+  (``score``), per prompt.
+
 :meth:`llmdistill.generate.engines.OfflineEngine.sample` checks the layout of every result.
 """
 
@@ -23,6 +29,8 @@ from llmdistill.log import get_logger
 
 logger = get_logger(__name__)
 _INSTALLED = False
+ROWS_KEY = "llmdistill_logprob_rows"
+ORIGINALS: dict[str, Any] = {}  # vLLM's own LogprobsProcessor methods, kept for reference
 
 
 def _width(num_logprobs: int, available: int) -> int:
@@ -30,14 +38,115 @@ def _width(num_logprobs: int, available: int) -> int:
     return available if num_logprobs == -1 else min(num_logprobs + 1, available)
 
 
+def _row_container() -> type:
+    """Build :class:`RowLogprobs` on first use (vLLM is imported lazily)."""
+    from vllm.logprobs import FlatLogprobs
+
+    class RowLogprobs(FlatLogprobs):
+        """A :class:`vllm.logprobs.FlatLogprobs` that keeps vLLM's per-step numpy blocks.
+
+        :meth:`arrays` returns them as two ``[positions, width]`` arrays (column 0 the sampled
+        token, then the top-k by log-prob). Any use of the ``FlatLogprobs`` sequence API first
+        folds the blocks into its flat lists, so the container stays a correct ``FlatLogprobs``
+        for code that does not know about blocks.
+        """
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+        def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+            """(token ids int32, log-probs float32), each ``[positions, width]``."""
+            if self.start_indices:  # folded earlier: rebuild from the flat lists
+                self._fold()
+                width = self.end_indices[0] - self.start_indices[0]
+                ids = np.asarray(self.token_ids, dtype=np.int32).reshape(-1, width)
+                return ids, np.asarray(self.logprobs, dtype=np.float32).reshape(-1, width)
+            if not self.blocks:
+                return np.zeros((0, 0), dtype=np.int32), np.zeros((0, 0), dtype=np.float32)
+            ids = np.concatenate([b[0] for b in self.blocks]).astype(np.int32, copy=False)
+            return ids, np.concatenate([b[1] for b in self.blocks]).astype(np.float32, copy=False)
+
+        def _fold(self) -> None:
+            blocks, self.blocks = self.blocks, []
+            for token_ids, logprobs, ranks in blocks:
+                m = token_ids.shape[1]
+                for row_ids, row_lps, rank in zip(token_ids.tolist(), logprobs.tolist(), ranks.tolist(), strict=True):
+                    super().append_fast(row_ids, row_lps, itertools.chain((rank,), range(1, m)),
+                                        itertools.repeat(None, m))
+
+        def __len__(self) -> int:
+            self._fold()
+            return super().__len__()
+
+        def __getitem__(self, index: Any) -> Any:
+            self._fold()
+            return super().__getitem__(index)
+
+        def __iter__(self) -> Any:
+            self._fold()
+            return super().__iter__()
+
+        def append(self, value: Any) -> None:
+            self._fold()
+            super().append(value)
+
+        def append_fast(self, *args: Any) -> None:
+            self._fold()
+            super().append_fast(*args)
+
+        def extend(self, values: Any) -> None:
+            self._fold()
+            super().extend(values)
+
+    return RowLogprobs
+
+
+_ROW_CLASS: type | None = None
+
+
+def row_logprobs_class() -> type:
+    """The :class:`RowLogprobs` class (a ``FlatLogprobs`` subclass)."""
+    global _ROW_CLASS
+    if _ROW_CLASS is None:
+        _ROW_CLASS = _row_container()
+    return _ROW_CLASS
+
+
+def _wants_rows(tokenizer: Any, request: Any) -> bool:
+    params = request.sampling_params
+    extra = getattr(params, "extra_args", None) or {}
+    return tokenizer is None and bool(extra.get(ROWS_KEY)) and bool(getattr(params, "flat_logprobs", False))
+
+
+def _fast_from_new_request(original: Any) -> Any:
+    def from_new_request(cls: Any, tokenizer: Any, request: Any) -> Any:
+        processor = original.__func__(cls, tokenizer, request)
+        if processor.logprobs is not None and _wants_rows(tokenizer, request):
+            processor.logprobs = row_logprobs_class()()
+        return processor
+
+    return classmethod(from_new_request)
+
+
 def _fast_sample_update(original: Any) -> Any:
     from vllm.logprobs import FlatLogprobs
 
+    rows_class = row_logprobs_class()
+
     def update(self: Any, logprobs_lists: Any) -> None:
         flat = self.logprobs
+        token_ids_lst, logprobs_lst, ranks_lst, _ = logprobs_lists
+        if type(flat) is rows_class:  # runs once per request and step: keep it short
+            m = _width(self.num_logprobs, token_ids_lst.shape[1])
+            if m != token_ids_lst.shape[1]:
+                token_ids_lst, logprobs_lst = token_ids_lst[:, :m], logprobs_lst[:, :m]
+            flat.blocks.append((token_ids_lst, logprobs_lst, ranks_lst))
+            self.cumulative_logprob += (logprobs_lst.item(0) if len(logprobs_lst) == 1
+                                        else float(logprobs_lst[:, 0].sum()))
+            return None
         if self.tokenizer is not None or not isinstance(flat, FlatLogprobs):
             return original(self, logprobs_lists)
-        token_ids_lst, logprobs_lst, ranks_lst, _ = logprobs_lists
         m = _width(self.num_logprobs, token_ids_lst.shape[1])
         top_ranks = range(1, m)
         for rank, logprobs_np, token_ids_np in zip(ranks_lst.tolist(), logprobs_lst, token_ids_lst, strict=True):
@@ -82,11 +191,11 @@ def _fast_prompt_update(original: Any) -> Any:
 
 
 def install() -> bool:
-    """Replace vLLM's per-entry log-prob collection by the bulk version (once per process).
+    """Replace vLLM's per-entry log-prob collection by the block/bulk versions (once per process).
 
     Returns:
-        Whether the fast path is active (False when this vLLM has no such hook: its own,
-        slower code then runs unchanged).
+        Whether the fast paths are active (False when this vLLM lacks the hooks: its own,
+        slower code then runs unchanged, and :class:`RowLogprobs` is never created).
     """
     global _INSTALLED
     if _INSTALLED:
@@ -96,12 +205,14 @@ def install() -> bool:
     except ImportError:
         logger.warning("vLLM has no v1 LogprobsProcessor: top-k capture runs on vLLM's slower path")
         return False
-    hooks = {"_update_sample_logprobs": _fast_sample_update, "_update_prompt_logprobs": _fast_prompt_update}
+    hooks = {"_update_sample_logprobs": _fast_sample_update, "_update_prompt_logprobs": _fast_prompt_update,
+             "from_new_request": _fast_from_new_request}
     missing = [name for name in hooks if not hasattr(LogprobsProcessor, name)]
     if missing:
         logger.warning("vLLM's LogprobsProcessor has no %s: top-k capture runs on vLLM's slower path", missing)
         return False
     for name, wrap in hooks.items():
-        setattr(LogprobsProcessor, name, wrap(getattr(LogprobsProcessor, name)))
+        ORIGINALS[name] = getattr(LogprobsProcessor, name)
+        setattr(LogprobsProcessor, name, wrap(ORIGINALS[name]))
     _INSTALLED = True
     return True
