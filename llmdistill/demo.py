@@ -144,7 +144,7 @@ def run_seed(cfg: DemoConfig, seed: int, run_dir: Path, teacher: Path) -> dict[s
         stamp = header + "".join(f"# input {p.name}: {fingerprint(p)}\n" for p in inputs[name])
         timings[name] = run_stage(name, configs[name], run_dir, cfg.reuse, stamp)
     return collect(run_dir, timings, [str(teacher), str(student), configs["train_sft"]["output_dir"],
-                                      configs["train_kd"]["output_dir"]])
+                                      configs["train_kd"]["output_dir"]], cfg.kd_temperature)
 
 
 def link(target: Path, name: Path) -> Path:
@@ -162,14 +162,40 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def collect(run_dir: Path, timings: dict[str, float], models: list[str]) -> dict[str, Any]:
+def teacher_signal(generate_dir: Path, temperature: float) -> dict[str, float]:
+    """How much the teacher's top-k says beyond its sampled text: mean top-1 probability and entropy.
+
+    Measured on the teacher's own traces at T = 1 and at the distillation temperature, on the same
+    k + 1 points the KD loss uses (the top-k plus one bucket for the rest of the vocabulary).
+    """
+    import numpy as np
+
+    from llmdistill.formats import read_generation_table
+
+    table, k = read_generation_table(generate_dir, columns=["topk_logprobs"])
+    logprobs = table.column("topk_logprobs").combine_chunks().flatten().to_numpy().astype(np.float64)
+    logprobs = logprobs.reshape(-1, k)
+    tail = np.log(np.clip(1.0 - np.exp(logprobs).sum(axis=1, keepdims=True), 1e-30, None))
+    points = np.concatenate([logprobs, tail], axis=1)
+    out: dict[str, float] = {"positions": float(len(points))}
+    for name, t in (("T1", 1.0), ("T_kd", temperature)):
+        z = points / t
+        z = z - np.logaddexp.reduce(z, axis=1, keepdims=True)
+        p = np.exp(z)
+        out[f"top1_{name}"] = float(p[:, 0].mean())
+        out[f"entropy_{name}"] = float(-(p * z).sum(axis=1).mean())
+    return out
+
+
+def collect(run_dir: Path, timings: dict[str, float], models: list[str], temperature: float = 1.0) -> dict[str, Any]:
     """The numbers of one seed's run, read back from the stages' own outputs."""
     gen = _read(run_dir / "generate" / "manifest.json")["counts"]
     stats = _read(run_dir / "build" / "stats.json")
     results = _read(run_dir / "eval" / "results.json")["results"]
     scores = {label: results[m]["tiny"] for label, m in zip(MODEL_LABELS, models, strict=True)}
     history = {kind: _read(run_dir / f"train-{kind}" / "log_history.json") for kind in ("sft", "kd")}
-    return {"generate": gen, "build": stats, "eval": scores, "history": history, "timings": timings}
+    return {"generate": gen, "build": stats, "eval": scores, "history": history, "timings": timings,
+            "teacher_signal": teacher_signal(run_dir / "generate", temperature)}
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:

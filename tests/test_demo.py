@@ -97,7 +97,7 @@ def test_a_stage_reruns_exactly_when_its_inputs_changed(tmp_path, monkeypatch):
         return 0.0
 
     monkeypatch.setattr(demo, "run_stage", fake_run_stage)
-    monkeypatch.setattr(demo, "collect", lambda run_dir, timings, models: timings)
+    monkeypatch.setattr(demo, "collect", lambda run_dir, timings, models, temperature: timings)
     monkeypatch.setattr("llmdistill.tinyworld.bootstrap.student_init", lambda seed: tmp_path / "student")
     (tmp_path / "student").mkdir()
     (tmp_path / "teacher").mkdir()
@@ -110,3 +110,31 @@ def test_a_stage_reruns_exactly_when_its_inputs_changed(tmp_path, monkeypatch):
     demo.run_seed(cfg, 0, tmp_path / "out", tmp_path / "teacher")
     changed = {name for name, seen in stamps.items() if seen[2] != seen[1]}
     assert changed == {"eval"}
+
+
+@pytest.mark.unit
+def test_teacher_signal_is_measured_on_the_loss_support(tmp_path):
+    """Top-k plus one tail bucket, tempered like the KD loss: checked against a hand computation."""
+    import math
+
+    import numpy as np
+
+    from llmdistill.demo import teacher_signal
+    from llmdistill.formats import write_generation_shard
+
+    row = {"prompt_id": "p", "sample_index": 0, "prompt": "q", "prompt_text": "q", "prompt_token_ids": [1],
+           "completion": "a", "completion_token_ids": np.asarray([5, 6], dtype=np.int32), "finish_reason": "stop",
+           "topk_ids": np.asarray([[5, 7], [6, 8]], dtype=np.int32),
+           "topk_logprobs": np.log(np.asarray([[0.5, 0.25], [0.9, 0.1 - 1e-9]], dtype=np.float32)),
+           "token_logprobs": np.log(np.asarray([0.5, 0.9], dtype=np.float32))}
+    write_generation_shard([row], tmp_path / "part-000000.parquet", 2, "teacher")
+    signal = teacher_signal(tmp_path, temperature=2.0)
+    # position 1: (0.5, 0.25, tail 0.25); position 2: (0.9, 0.1, tail ~0)
+    h1 = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    h2 = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    assert signal["positions"] == 2
+    assert signal["top1_T1"] == pytest.approx((0.5 + 0.9) / 2, abs=1e-6)
+    assert signal["entropy_T1"] == pytest.approx((h1 + h2) / 2, abs=1e-4)
+    tempered1 = math.sqrt(0.5) / (math.sqrt(0.5) + 2 * math.sqrt(0.25))
+    tempered2 = math.sqrt(0.9) / (math.sqrt(0.9) + math.sqrt(0.1))
+    assert signal["top1_T_kd"] == pytest.approx((tempered1 + tempered2) / 2, abs=1e-3)
