@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmdistill.config.base import ConfigError, check_choice, check_range, parse_json_field
+from llmdistill.vllm_runtime import MODES as ENGINE_PROCESS_MODES
 
 
 def split_list(text: str) -> list[str]:
@@ -88,7 +89,7 @@ class EvalConfig:
         check_range("code_memory_mb", self.code_memory_mb, 64)
         check_range("code_workers", self.code_workers, 1)
         check_choice("lora_mode", self.lora_mode, ("vllm", "merge"))
-        check_choice("vllm_multiprocessing", self.vllm_multiprocessing, ("auto", "on", "off"))
+        check_choice("vllm_multiprocessing", self.vllm_multiprocessing, ENGINE_PROCESS_MODES)
         check_choice("dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
         for k in self.ks:
             check_range("k_values", k, 1)

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from llmdistill.config.base import ConfigError, check_choice, check_range, parse_json_field
+from llmdistill.vllm_runtime import MODES as ENGINE_PROCESS_MODES
 
 BACKENDS = ("offline", "server")
 EXECUTOR_BACKENDS = ("mp", "ray", "uni", "external_launcher")
@@ -138,7 +139,7 @@ class EngineConfig:
         check_range("max_model_len", self.max_model_len, 2)
         check_range("tensor_parallel_size", self.tensor_parallel_size, 1)
         check_range("pipeline_parallel_size", self.pipeline_parallel_size, 1)
-        check_choice("vllm_multiprocessing", self.vllm_multiprocessing, ("auto", "on", "off"))
+        check_choice("vllm_multiprocessing", self.vllm_multiprocessing, ENGINE_PROCESS_MODES)
         if self.distributed_executor_backend is not None:
             check_choice("distributed_executor_backend", self.distributed_executor_backend, EXECUTOR_BACKENDS)
         check_range("gpu_memory_utilization", self.gpu_memory_utilization, 0.01, 1.0)
