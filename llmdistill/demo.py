@@ -168,22 +168,20 @@ def teacher_signal(generate_dir: Path, temperature: float) -> dict[str, float]:
     Measured on the teacher's own traces at T = 1 and at the distillation temperature, on the same
     k + 1 points the KD loss uses (the top-k plus one bucket for the rest of the vocabulary).
     """
-    import numpy as np
+    import torch
 
     from llmdistill.formats import read_generation_table
+    from llmdistill.losses import teacher_support_logprobs
 
     table, k = read_generation_table(generate_dir, columns=["topk_logprobs"])
-    logprobs = table.column("topk_logprobs").combine_chunks().flatten().to_numpy().astype(np.float64)
-    logprobs = logprobs.reshape(-1, k)
-    tail = np.log(np.clip(1.0 - np.exp(logprobs).sum(axis=1, keepdims=True), 1e-30, None))
-    points = np.concatenate([logprobs, tail], axis=1)
+    logprobs = torch.tensor(table.column("topk_logprobs").combine_chunks().flatten().to_numpy().reshape(-1, k))
+    points = teacher_support_logprobs(logprobs, dtype=torch.float64)
     out: dict[str, float] = {"positions": float(len(points))}
     for name, t in (("T1", 1.0), ("T_kd", temperature)):
-        z = points / t
-        z = z - np.logaddexp.reduce(z, axis=1, keepdims=True)
-        p = np.exp(z)
+        z = torch.log_softmax(points / t, dim=-1)
+        p = z.exp()
         out[f"top1_{name}"] = float(p[:, 0].mean())
-        out[f"entropy_{name}"] = float(-(p * z).sum(axis=1).mean())
+        out[f"entropy_{name}"] = float(-(p * z).sum(dim=-1).mean())
     return out
 
 
