@@ -20,6 +20,7 @@ replacements, both version-guarded, both falling back to vLLM's code for anythin
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any
 
@@ -38,8 +39,9 @@ def _width(num_logprobs: int, available: int) -> int:
     return available if num_logprobs == -1 else min(num_logprobs + 1, available)
 
 
-def _row_container() -> type:
-    """Build :class:`RowLogprobs` on first use (vLLM is imported lazily)."""
+@functools.cache
+def row_logprobs_class() -> type:
+    """The :class:`RowLogprobs` class (a ``FlatLogprobs`` subclass), built on first use (vLLM is imported lazily)."""
     from vllm.logprobs import FlatLogprobs
 
     class RowLogprobs(FlatLogprobs):
@@ -100,17 +102,6 @@ def _row_container() -> type:
             super().extend(values)
 
     return RowLogprobs
-
-
-_ROW_CLASS: type | None = None
-
-
-def row_logprobs_class() -> type:
-    """The :class:`RowLogprobs` class (a ``FlatLogprobs`` subclass)."""
-    global _ROW_CLASS
-    if _ROW_CLASS is None:
-        _ROW_CLASS = _row_container()
-    return _ROW_CLASS
 
 
 def _wants_rows(tokenizer: Any, request: Any) -> bool:
