@@ -35,6 +35,15 @@ def test_demo_config_checks_ranges_and_seeds():
         DemoConfig(eval_top_p=1.5)
 
 
+@pytest.mark.unit
+def test_shipped_demo_config_states_the_defaults():
+    """`make demo` runs configs/demo.yaml: it must say what the DemoConfig defaults (and the README) say."""
+    shipped = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    defaults = DemoConfig()
+    differing = {k: (v, getattr(defaults, k)) for k, v in shipped.items() if v != getattr(defaults, k)}
+    assert not differing, f"configs/demo.yaml disagrees with DemoConfig defaults: {differing}"
+
+
 @pytest.mark.integration
 def test_demo_small_end_to_end_and_reuse(tmp_path, tiny_teacher_dir):
     out = tmp_path / "demo"
