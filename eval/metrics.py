@@ -51,6 +51,34 @@ def pass_at_1(correct: Sequence[Sequence[bool]]) -> tuple[float, float]:
     return float(per_problem.mean()), float(se)
 
 
+def paired_difference(
+    correct_a: dict[str, Sequence[bool]], correct_b: dict[str, Sequence[bool]]
+) -> tuple[float, float]:
+    """pass@1 of model b minus model a on the same problems, with the paired standard error.
+
+    Pairing by problem removes the spread of problem difficulty that both models share, so the
+    standard error is that of the difference itself (often much smaller than either model's own).
+
+    Args:
+        correct_a: problem id → per-sample correctness of model a.
+        correct_b: the same for model b; it must cover exactly the same problems.
+
+    Returns:
+        ``(mean difference, standard error)``: the mean over problems of ``acc_b - acc_a`` (each a
+        per-problem mean over samples) and its sample standard deviation over sqrt(#problems).
+    """
+    if set(correct_a) != set(correct_b):
+        only = sorted(set(correct_a) ^ set(correct_b))
+        raise ValueError(f"a paired difference needs the same problems for both models; {len(only)} differ, "
+                         f"e.g. {only[:3]}")
+    ids = sorted(correct_a)
+    d = np.array([np.mean(correct_b[i]) - np.mean(correct_a[i]) for i in ids], dtype=np.float64)
+    if len(d) == 0:
+        raise ValueError("a paired difference of zero problems is undefined")
+    se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+    return float(d.mean()), float(se)
+
+
 def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
     """Whether the most frequent extracted answer is a correct one.
 

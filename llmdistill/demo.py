@@ -185,6 +185,21 @@ def teacher_signal(generate_dir: Path, temperature: float) -> dict[str, float]:
     return out
 
 
+def paired_kd_minus_sft(eval_dir: Path, sft: str, kd: str) -> dict[str, float]:
+    """KD − SFT pass@1 on the held-out problems with its paired standard error (from the eval details)."""
+    import pyarrow.parquet as pq
+
+    from llmdistill.benchmarks.metrics import paired_difference
+
+    rows = pq.read_table(eval_dir / "details.parquet", columns=["model", "problem_id", "correct"]).to_pylist()
+    correct: dict[str, dict[str, list[bool]]] = {sft: {}, kd: {}}
+    for row in rows:
+        if row["model"] in correct:
+            correct[row["model"]].setdefault(row["problem_id"], []).append(row["correct"])
+    diff, se = paired_difference(correct[sft], correct[kd])
+    return {"diff": diff, "se": se}
+
+
 def collect(run_dir: Path, timings: dict[str, float], models: list[str], temperature: float = 1.0) -> dict[str, Any]:
     """The numbers of one seed's run, read back from the stages' own outputs."""
     gen = _read(run_dir / "generate" / "manifest.json")["counts"]
@@ -193,7 +208,8 @@ def collect(run_dir: Path, timings: dict[str, float], models: list[str], tempera
     scores = {label: results[m]["tiny"] for label, m in zip(MODEL_LABELS, models, strict=True)}
     history = {kind: _read(run_dir / f"train-{kind}" / "log_history.json") for kind in ("sft", "kd")}
     return {"generate": gen, "build": stats, "eval": scores, "history": history, "timings": timings,
-            "teacher_signal": teacher_signal(run_dir / "generate", temperature)}
+            "teacher_signal": teacher_signal(run_dir / "generate", temperature),
+            "kd_minus_sft": paired_kd_minus_sft(run_dir / "eval", models[2], models[3])}
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:

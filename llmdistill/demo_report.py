@@ -54,8 +54,8 @@ def kd_vs_sft(runs: dict[int, dict]) -> dict[str, Any]:
     diffs = {seed: run["eval"]["KD student"]["pass@1"] - run["eval"]["SFT student"]["pass@1"]
              for seed, run in runs.items()}
     mean, spread = _mean_spread(list(diffs.values()))
-    return {"per_seed": diffs, "mean": mean, "std": spread, "kd_wins": sum(d > 0 for d in diffs.values()),
-            "seeds": len(diffs)}
+    return {"per_seed": diffs, "paired_se": {seed: run["kd_minus_sft"]["se"] for seed, run in runs.items()},
+            "mean": mean, "std": spread, "kd_wins": sum(d > 0 for d in diffs.values()), "seeds": len(diffs)}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -173,8 +173,10 @@ def write_report(cfg: DemoConfig, runs: dict[int, dict], out: Path, teacher: Pat
         "",
         f"**{verdict}.**",
         "",
-        "Per seed (pass@1): " + "; ".join(
+        "Per seed (pass@1; KD − SFT ± its standard error paired over the held-out problems, which measures "
+        "evaluation noise, not training noise): " + "; ".join(
             f"seed {s}: SFT {r['eval']['SFT student']['pass@1']:.3f}, KD {r['eval']['KD student']['pass@1']:.3f}"
+            + f", {r['kd_minus_sft']['diff']:+.3f} ± {r['kd_minus_sft']['se']:.3f}"
             for s, r in runs.items()),
         "",
         "![accuracy](accuracy.png)",

@@ -75,6 +75,9 @@ def test_demo_small_end_to_end_and_reuse(tmp_path, tiny_teacher_dir):
     assert summary["kd_vs_sft"]["mean"] == pytest.approx(
         results[models[3]]["tiny"]["pass@1"] - results[models[2]]["tiny"]["pass@1"])
     report = (out / "REPORT.md").read_text()
+    # the paired difference is the same KD − SFT, read problem by problem from the eval details
+    se = summary["kd_vs_sft"]["paired_se"]["0"]
+    assert f"{summary['kd_vs_sft']['mean']:+.3f} ± {se:.3f}" in report
     for label in by_label:
         assert f"| {label} | {by_label[label]['pass@1']:.3f}" in report
     assert (out / "accuracy.png").stat().st_size > 1000 and (out / "loss_curves.png").stat().st_size > 1000
@@ -147,3 +150,21 @@ def test_teacher_signal_is_measured_on_the_loss_support(tmp_path):
     tempered1 = math.sqrt(0.5) / (math.sqrt(0.5) + 2 * math.sqrt(0.25))
     tempered2 = math.sqrt(0.9) / (math.sqrt(0.9) + math.sqrt(0.1))
     assert signal["top1_T_kd"] == pytest.approx((tempered1 + tempered2) / 2, abs=1e-3)
+
+
+@pytest.mark.unit
+def test_kd_minus_sft_is_paired_by_problem_over_the_eval_details(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llmdistill.demo import paired_kd_minus_sft
+
+    # two problems, two samples each; the teacher's rows must be ignored
+    rows = [("teacher", "p1", True), ("teacher", "p1", True),
+            ("sft", "p1", True), ("sft", "p1", False), ("sft", "p2", False), ("sft", "p2", False),
+            ("kd", "p2", True), ("kd", "p1", True), ("kd", "p2", False), ("kd", "p1", True)]
+    pq.write_table(pa.table({"model": [r[0] for r in rows], "problem_id": [r[1] for r in rows],
+                             "correct": [r[2] for r in rows]}), tmp_path / "details.parquet")
+    got = paired_kd_minus_sft(tmp_path, "sft", "kd")
+    # per-problem KD − SFT: p1 1 - 0.5 = 0.5, p2 0.5 - 0 = 0.5 → mean 0.5, no spread
+    assert got == {"diff": pytest.approx(0.5), "se": pytest.approx(0.0)}

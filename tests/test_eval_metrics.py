@@ -12,6 +12,7 @@ from llmdistill.benchmarks.metrics import (
     default_ks,
     maj_at_k,
     majority_correct,
+    paired_difference,
     pass_at_1,
     pass_at_k,
     summarize,
@@ -123,3 +124,21 @@ def test_code_block_prefers_python_and_last():
     assert code_block(text) == "def g(): pass\n"
     assert code_block("```\nprint(1)\n```") == "print(1)\n"
     assert code_block("```python\nunterminated") is None
+
+
+def test_paired_difference_against_hand_computed_values():
+    a = {"p1": [True, False], "p2": [False, False], "p3": [True, True]}
+    b = {"p3": [True, True], "p1": [True, True], "p2": [True, False]}  # order of keys must not matter
+    # per-problem differences: p1 1 - 0.5 = 0.5, p2 0.5 - 0 = 0.5, p3 0
+    d = np.array([0.5, 0.5, 0.0])
+    mean, se = paired_difference(a, b)
+    assert mean == pytest.approx(1 / 3)
+    assert se == pytest.approx(d.std(ddof=1) / math.sqrt(3))
+    # pairing: the shared difficulty spread cancels, so the paired s.e. is below the unpaired one
+    per_a = [np.mean(a[k]) for k in sorted(a)]
+    per_b = [np.mean(b[k]) for k in sorted(a)]
+    unpaired = math.sqrt(np.var(per_a, ddof=1) / 3 + np.var(per_b, ddof=1) / 3)
+    assert se < unpaired
+    assert paired_difference(a, a) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same problems for both models; 1 differ"):
+        paired_difference(a, {"p1": [True], "p2": [True]})
