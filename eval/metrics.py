@@ -57,7 +57,8 @@ def paired_difference(
     """pass@1 of model b minus model a on the same problems, with the paired standard error.
 
     Pairing by problem removes the spread of problem difficulty that both models share, so the
-    standard error is that of the difference itself (often much smaller than either model's own).
+    standard error is that of the difference itself: smaller than the two models' own errors
+    combined, the more so the more the two succeed and fail on the same problems.
 
     Args:
         correct_a: problem id → per-sample correctness of model a.

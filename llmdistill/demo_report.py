@@ -54,7 +54,7 @@ def kd_vs_sft(runs: dict[int, dict]) -> dict[str, Any]:
     diffs = {seed: run["eval"]["KD student"]["pass@1"] - run["eval"]["SFT student"]["pass@1"]
              for seed, run in runs.items()}
     mean, spread = _mean_spread(list(diffs.values()))
-    return {"per_seed": diffs, "paired_se": {seed: run["kd_minus_sft"]["se"] for seed, run in runs.items()},
+    return {"per_seed": diffs, "paired": {seed: run["kd_minus_sft"] for seed, run in runs.items()},
             "mean": mean, "std": spread, "kd_wins": sum(d > 0 for d in diffs.values()), "seeds": len(diffs)}
 
 

@@ -76,8 +76,9 @@ def test_demo_small_end_to_end_and_reuse(tmp_path, tiny_teacher_dir):
         results[models[3]]["tiny"]["pass@1"] - results[models[2]]["tiny"]["pass@1"])
     report = (out / "REPORT.md").read_text()
     # the paired difference is the same KD − SFT, read problem by problem from the eval details
-    se = summary["kd_vs_sft"]["paired_se"]["0"]
-    assert f"{summary['kd_vs_sft']['mean']:+.3f} ± {se:.3f}" in report
+    paired = summary["kd_vs_sft"]["paired"]["0"]
+    assert paired["diff"] == pytest.approx(summary["kd_vs_sft"]["mean"])
+    assert f"{paired['diff']:+.3f} ± {paired['se']:.3f}" in report
     for label in by_label:
         assert f"| {label} | {by_label[label]['pass@1']:.3f}" in report
     assert (out / "accuracy.png").stat().st_size > 1000 and (out / "loss_curves.png").stat().st_size > 1000
