@@ -129,10 +129,8 @@ def plot_losses(runs: dict[int, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _signal_lines(signal: dict[str, float] | None, temperature: float) -> list[str]:
+def _signal_lines(signal: dict[str, float], temperature: float) -> list[str]:
     """What the KD student gets beyond the text: the teacher's sharpness at T = 1 and at the KD temperature."""
-    if not signal:
-        return []
     return [f"What the teacher's top-k adds to its text, over {signal['positions']:.0f} trace positions: mean top-1 "
             f"probability {signal['top1_T1']:.3f} at T = 1 (entropy {signal['entropy_T1']:.3f} nats) and "
             f"{signal['top1_T_kd']:.3f} at the KD temperature T = {temperature} (entropy "
@@ -191,7 +189,7 @@ def write_report(cfg: DemoConfig, runs: dict[int, dict], out: Path, teacher: Pat
         "",
         "## Training",
         "",
-        *_signal_lines(first.get("teacher_signal"), cfg.kd_temperature),
+        *_signal_lines(first["teacher_signal"], cfg.kd_temperature),
         "![losses](loss_curves.png)",
         "",
         "## Timings (seconds" + (", mean over seeds" if multi else "") + ")",
