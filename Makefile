@@ -34,7 +34,7 @@ bench: install
 	$(BIN)/python scripts/bench.py --output runs/bench/bench.json
 
 lint: install
-	$(BIN)/ruff check llmdistill eval scripts tests
+	$(BIN)/ruff check llmdistill scripts tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -189,7 +189,7 @@ def paired_kd_minus_sft(eval_dir: Path, sft: str, kd: str) -> dict[str, float]:
     """KD − SFT pass@1 on the held-out problems with its paired standard error (from the eval details)."""
     import pyarrow.parquet as pq
 
-    from llmdistill.benchmarks.metrics import paired_difference
+    from llmdistill.eval.metrics import paired_difference
 
     rows = pq.read_table(eval_dir / "details.parquet", columns=["model", "problem_id", "correct"]).to_pylist()
     correct: dict[str, dict[str, list[bool]]] = {sft: {}, kd: {}}

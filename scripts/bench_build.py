@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from llmdistill.build import filters
-from llmdistill.build.pack import best_fit_decreasing, packing_efficiency, split_overlong
-from llmdistill.build.pipeline import Ledger, decontaminate, dedup_traces, filter_traces
-from llmdistill.build.tokenize import PromptFormat, make_documents, student_prompt_ids
-from llmdistill.build.traces import Ragged, Traces
-from llmdistill.build.verify import verify_all
+from llmdistill.builder import filters
+from llmdistill.builder.pack import best_fit_decreasing, packing_efficiency, split_overlong
+from llmdistill.builder.pipeline import Ledger, decontaminate, dedup_traces, filter_traces
+from llmdistill.builder.tokenize import PromptFormat, make_documents, student_prompt_ids
+from llmdistill.builder.traces import Ragged, Traces
+from llmdistill.builder.verify import verify_all
 from llmdistill.codec import decode_topk, encode_topk
 from llmdistill.config.build import BuildConfig
 from llmdistill.tinyworld.task import generate_problems, reference_completion
@@ -145,7 +145,7 @@ def codec_numbers(bits: int = 12) -> dict[str, float]:
 
 def real_generation_efficiency(directory: str, tokenizer_dir: str) -> float:
     """Packing efficiency of a real build of a generation directory (SFT shards, into a temp dir)."""
-    from llmdistill.build import run_build
+    from llmdistill.builder import run_build
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = BuildConfig(input_path=directory, output_dir=str(Path(tmp) / "built"), student_tokenizer=tokenizer_dir,

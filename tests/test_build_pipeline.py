@@ -11,10 +11,10 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 
-from llmdistill.build import run_build
-from llmdistill.build.pack import unpack_row
-from llmdistill.build.pipeline import EmptyBuildError
-from llmdistill.build.tokenize import TokenizerMismatchError
+from llmdistill.builder import run_build
+from llmdistill.builder.pack import unpack_row
+from llmdistill.builder.pipeline import EmptyBuildError
+from llmdistill.builder.tokenize import TokenizerMismatchError
 from llmdistill.codec import decode_topk
 from llmdistill.config.base import ConfigError
 from llmdistill.config.build import BuildConfig
@@ -43,7 +43,7 @@ def trace_row(tok, pid: str, sample: int, question: str, completion: str, answer
 @pytest.fixture(scope="module")
 def generation(tmp_path_factory, tiny_tokenizer, tiny_tokenizer_dir):
     """A generation dir with planted bad traces; returns (dir, rows, expected fate per (pid, sample))."""
-    from llmdistill.benchmarks.registry import load_benchmark_problems
+    from llmdistill.benchmarks import load_benchmark_problems
 
     rng = np.random.default_rng(0)
     tok = tiny_tokenizer

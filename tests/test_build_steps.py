@@ -7,17 +7,17 @@ import json
 import numpy as np
 import pytest
 
-from llmdistill.build import dedup, filters
-from llmdistill.build.decontam import NgramIndex, build_index, contaminated
-from llmdistill.build.pack import (
+from llmdistill.builder import dedup, filters
+from llmdistill.builder.decontam import NgramIndex, build_index, contaminated
+from llmdistill.builder.pack import (
     best_fit_decreasing,
     pack_row,
     packing_efficiency,
     split_overlong,
     unpack_row,
 )
-from llmdistill.build.tokenize import Document
-from llmdistill.build.verify import VERIFIERS, verify_code, verify_exact, verify_math, verify_numeric
+from llmdistill.builder.tokenize import Document
+from llmdistill.builder.verify import VERIFIERS, verify_code, verify_exact, verify_math, verify_numeric
 from llmdistill.codec import decode_topk, encode_topk, encoded_size
 from llmdistill.config.base import ConfigError
 from llmdistill.config.build import VERIFIER_NAMES, BuildConfig, VerifyConfig
@@ -201,7 +201,7 @@ def test_short_texts_and_normalisation():
 
 
 def test_planted_benchmark_problems_are_caught_with_the_right_benchmark(tmp_path):
-    from llmdistill.benchmarks.registry import load_benchmark_problems
+    from llmdistill.benchmarks import load_benchmark_problems
     from llmdistill.tinyworld.task import generate_problems
 
     heldout = load_benchmark_problems("tiny")

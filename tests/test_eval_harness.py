@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from llmdistill.benchmarks.engine import adapter_base
-from llmdistill.benchmarks.harness import evaluate_models
-from llmdistill.benchmarks.report import (
+from llmdistill.config.base import ConfigError, load_config
+from llmdistill.config.eval import EvalConfig
+from llmdistill.eval.engine import adapter_base
+from llmdistill.eval.harness import evaluate_models
+from llmdistill.eval.report import (
     model_labels,
     plot_results,
     read_details,
     results_markdown,
     write_details,
 )
-from llmdistill.config.base import ConfigError, load_config
-from llmdistill.config.eval import EvalConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from llmdistill.benchmarks.extract import choice_letter, code_block, final_number, last_boxed, strip_think
-from llmdistill.benchmarks.metrics import (
+from llmdistill.checking.extract import choice_letter, code_block, final_number, last_boxed, strip_think
+from llmdistill.eval.metrics import (
     default_ks,
     maj_at_k,
     majority_correct,

@@ -9,15 +9,15 @@ import time
 
 import pytest
 
-from llmdistill.benchmarks.registry import (
+from llmdistill.benchmarks import (
     BENCHMARKS,
     BenchmarkError,
     Item,
     load_benchmark,
     load_benchmark_problems,
 )
-from llmdistill.benchmarks.sandbox import network_namespace_available, run_python
-from llmdistill.benchmarks.scoring import code_program, score_all, score_choice, score_math, score_numeric
+from llmdistill.checking.checkers import code_program, score_all, score_choice, score_math, score_numeric
+from llmdistill.checking.sandbox import network_namespace_available, run_python
 
 pytestmark = pytest.mark.unit
 
@@ -28,7 +28,7 @@ def item(answer: str) -> Item:
 
 def naive_match(response: str, gold: str) -> bool:
     """What a string-matching grader does: normalise away spaces and punctuation, compare."""
-    from llmdistill.benchmarks.extract import last_boxed
+    from llmdistill.checking.extract import last_boxed
 
     def norm(s: str) -> str:
         return "".join(ch for ch in s if ch.isalnum())

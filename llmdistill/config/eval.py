@@ -63,7 +63,7 @@ class EvalConfig:
     plot: bool = field(default=True, metadata={"help": "Write results.png (bar chart with error bars)."})
 
     def __post_init__(self) -> None:
-        from llmdistill.benchmarks.registry import BenchmarkError, parse_names
+        from llmdistill.benchmarks import BenchmarkError, parse_names
 
         try:
             names = parse_names(self.benchmarks)

@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from llmdistill.benchmarks.extract import code_block, last_boxed, strip_think
+from llmdistill.checking.extract import code_block, last_boxed, strip_think
 from llmdistill.config.base import ConfigError
 from llmdistill.config.build import VerifyConfig
 from llmdistill.log import get_logger
@@ -31,7 +31,7 @@ class Verifier:
 
     Attributes:
         check: the verdict for one completion.
-        reference: the :class:`~llmdistill.build.traces.Traces` column it compares against
+        reference: the :class:`~llmdistill.builder.traces.Traces` column it compares against
             (``reference`` or ``tests``), or None when it needs none.
         parallel: runs in a thread pool (for checks that wait on subprocesses).
     """
@@ -90,7 +90,7 @@ def verify_code(completion: str, reference: str | None, cfg: VerifyConfig) -> bo
     The tests are appended to the program; the run passes when it exits with code 0 within
     ``code_timeout_s`` and ``code_memory_mb`` (no network, temporary working directory).
     """
-    from llmdistill.benchmarks.sandbox import run_python
+    from llmdistill.checking.sandbox import run_python
 
     answer = strip_think(completion)
     program = code_block(answer) if answer is not None else None

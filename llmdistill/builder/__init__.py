@@ -4,6 +4,6 @@ One module per step (``verify``, ``filters``, ``dedup``, ``decontam``, ``tokeniz
 ``report``); ``pipeline.run_build`` runs them in order.
 """
 
-from llmdistill.build.pipeline import run_build
+from llmdistill.builder.pipeline import run_build
 
 __all__ = ["run_build"]

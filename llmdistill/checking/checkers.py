@@ -1,7 +1,7 @@
 """Scorers: is a response's answer correct?
 
 Each scorer takes the part of a response after its think block (``None`` when the think block
-never closed) and the :class:`~llmdistill.benchmarks.registry.Item`, and returns a
+never closed) and the :class:`~llmdistill.benchmarks.Item`, and returns a
 :class:`Score` holding the extracted answer (used for maj@k votes and the details table) and
 its correctness.
 
@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from llmdistill.benchmarks.extract import choice_letter, code_block, last_boxed
-from llmdistill.benchmarks.registry import Item
-from llmdistill.benchmarks.sandbox import run_python
+from llmdistill.benchmarks import Item
+from llmdistill.checking.extract import choice_letter, code_block, last_boxed
+from llmdistill.checking.sandbox import run_python
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from llmdistill.build.tokenize import Document
+from llmdistill.builder.tokenize import Document
 
 
 def split_overlong(docs: list[Document], max_length: int, mode: str) -> tuple[list[Document], int, int]:

@@ -1,7 +1,7 @@
 """Step 4: decontamination — drop training prompts that overlap an evaluation problem.
 
 A training prompt is contaminated by a benchmark when they share a word ``n``-gram (default 8,
-after :func:`~llmdistill.build.dedup.normalize`). A text with fewer than ``n`` words is matched
+after :func:`~llmdistill.builder.dedup.normalize`). A text with fewer than ``n`` words is matched
 as a whole: a short benchmark problem contaminates every prompt containing it, and a short
 prompt is contaminated when a benchmark problem contains it.
 """
@@ -12,7 +12,7 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from llmdistill.build.dedup import normalize
+from llmdistill.builder.dedup import normalize
 from llmdistill.config.base import ConfigError
 from llmdistill.config.build import DecontamConfig
 from llmdistill.log import get_logger
@@ -96,7 +96,7 @@ def build_index(cfg: DecontamConfig, data_paths: dict[str, str]) -> NgramIndex:
     Raises:
         ConfigError: a benchmark that cannot be loaded, with how to point at a local copy.
     """
-    from llmdistill.benchmarks.registry import BenchmarkError, load_benchmark_problems
+    from llmdistill.benchmarks import BenchmarkError, load_benchmark_problems
 
     index = NgramIndex(cfg.decontam_ngram)
     for name in cfg.decontam_benchmarks:

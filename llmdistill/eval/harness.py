@@ -17,13 +17,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llmdistill.benchmarks.extract import THINK_OPEN, strip_think
-from llmdistill.benchmarks.metrics import summarize
-from llmdistill.benchmarks.registry import BenchmarkSpec, Item, get_spec, load_benchmark
-from llmdistill.benchmarks.report import plot_results, results_markdown, write_details
-from llmdistill.benchmarks.scoring import score_all
+from llmdistill.benchmarks import BenchmarkSpec, Item, get_spec, load_benchmark
+from llmdistill.checking.checkers import score_all
+from llmdistill.checking.extract import THINK_OPEN, strip_think
 from llmdistill.config.base import ConfigError
 from llmdistill.config.eval import EvalConfig
+from llmdistill.eval.metrics import summarize
+from llmdistill.eval.report import plot_results, results_markdown, write_details
 from llmdistill.log import get_logger
 from llmdistill.manifest import write_json_atomic, write_manifest
 
@@ -123,7 +123,7 @@ def run_benchmark(engine: Any, plan: BenchmarkPlan, model: str, config: EvalConf
     """Sample, score and summarize one model on one benchmark.
 
     Returns:
-        The per-sample detail rows and the metrics dict of :func:`~llmdistill.benchmarks.metrics.summarize`.
+        The per-sample detail rows and the metrics dict of :func:`~llmdistill.eval.metrics.summarize`.
     """
     from vllm import SamplingParams
 
@@ -190,7 +190,7 @@ def evaluate_models(config: EvalConfig) -> dict[str, Any]:
         "benchmarks": {benchmark: settings}, "models": [...], "output_dir": ...}``; for a dry
         run, the plan (benchmarks, sample counts, token budgets) instead.
     """
-    from llmdistill.benchmarks.engine import open_engine
+    from llmdistill.eval.engine import open_engine
 
     if config.dry_run:
         return dry_run(config)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from llmdistill.build.traces import Traces, prompt_messages
+from llmdistill.builder.traces import Traces, prompt_messages
 from llmdistill.config.base import ConfigError
 from llmdistill.config.build import PackConfig
 from llmdistill.formats import tokenizer_fingerprint

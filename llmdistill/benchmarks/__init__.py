@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmdistill.benchmarks.extract import final_number
+from llmdistill.checking.extract import final_number
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CHOICE_INSTRUCTION = "Please reason step by step, and put the letter of the correct answer within \\boxed{}."

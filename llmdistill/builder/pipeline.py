@@ -20,13 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.feather as feather
 
-from llmdistill.build import dedup, filters
-from llmdistill.build.decontam import build_index, contaminated
-from llmdistill.build.pack import best_fit_decreasing, pack_row, packing_efficiency, split_overlong
-from llmdistill.build.report import length_histogram, write_report
-from llmdistill.build.tokenize import Document, PromptFormat, load_tokenizer, make_documents
-from llmdistill.build.traces import Traces, generation_config, load_traces, prompt_problem
-from llmdistill.build.verify import VERIFIERS, check_references, verify_all
+from llmdistill.builder import dedup, filters
+from llmdistill.builder.decontam import build_index, contaminated
+from llmdistill.builder.pack import best_fit_decreasing, pack_row, packing_efficiency, split_overlong
+from llmdistill.builder.report import length_histogram, write_report
+from llmdistill.builder.tokenize import Document, PromptFormat, load_tokenizer, make_documents
+from llmdistill.builder.traces import Traces, generation_config, load_traces, prompt_problem
+from llmdistill.builder.verify import VERIFIERS, check_references, verify_all
 from llmdistill.codec import encode_topk
 from llmdistill.config.base import ConfigError
 from llmdistill.config.build import BuildConfig
