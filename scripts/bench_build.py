@@ -149,7 +149,8 @@ def real_generation_efficiency(directory: str, tokenizer_dir: str) -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = BuildConfig(input_path=directory, output_dir=str(Path(tmp) / "built"), student_tokenizer=tokenizer_dir,
-                          verifier="numeric", kd=False, decontam_ngram=32, max_length=MAX_LENGTH)
+                          verifier="numeric", kd=False, decontam_benchmarks=["tiny"], decontam_ngram=32,
+                          max_length=MAX_LENGTH)
         return float(run_build(cfg)["packing"]["efficiency"])
 
 

@@ -17,13 +17,13 @@ from llmdistill.builder.pack import (
     unpack_row,
 )
 from llmdistill.builder.tokenize import Document
-from llmdistill.builder.verify import VERIFIERS, verify_code, verify_exact, verify_math, verify_numeric
+from llmdistill.builder.verify import check_references, reference_column, verify_all
+from llmdistill.checking.checkers import CHECKERS
 from llmdistill.codec import decode_topk, encode_topk, encoded_size
 from llmdistill.config.base import ConfigError
 from llmdistill.config.build import VERIFIER_NAMES, BuildConfig, VerifyConfig
 
 pytestmark = pytest.mark.unit
-VCFG = VerifyConfig(code_timeout_s=2.0, code_memory_mb=512)
 
 
 def teacher_topk(n: int, k: int, vocab: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -78,36 +78,61 @@ def test_codec_empty_and_k1():
 # verify
 
 
-def test_every_verifier_name_resolves():
-    assert set(VERIFIERS) == set(VERIFIER_NAMES)
-    for name, verifier in VERIFIERS.items():
-        assert callable(verifier.check), name
-        assert isinstance(verifier.check("<think>x</think>\\boxed{1}", "1", VCFG), bool), name
+def verify(verifier: str, completion: str, reference: str | None) -> bool:
+    """Build's verdict on one completion, through its entry point."""
+    cfg = VerifyConfig(verifier=verifier, code_timeout_s=2.0, code_memory_mb=512)
+    return bool(verify_all([completion], [reference], cfg)[0])
+
+
+def test_every_verifier_name_is_a_checker():
+    assert VERIFIER_NAMES == tuple(CHECKERS)
+    for name in VERIFIER_NAMES:
+        assert isinstance(verify(name, "<think>x</think>\\boxed{1}", "1"), bool), name
+    assert {name: reference_column(VerifyConfig(verifier=name)) for name in VERIFIER_NAMES} == {
+        "math": "reference", "numeric": "reference", "exact": "reference", "choice": "reference",
+        "code": "tests", "none": None}
+    with pytest.raises(ConfigError, match="verifier"):
+        VerifyConfig(verifier="fuzzy")._check_verify()
 
 
 def test_math_verify_accepts_equal_values_where_string_match_fails():
     completion = "<think>one half</think>The answer is $\\boxed{\\frac{1}{2}}$."
-    assert verify_math(completion, "0.5", VCFG)
-    assert not verify_exact(completion, "0.5", VCFG)
-    assert not verify_math(completion.replace("frac{1}{2}", "frac{1}{3}"), "0.5", VCFG)
-    assert not verify_math("<think>\\boxed{0.5} unfinished", "0.5", VCFG)  # no answer after </think>
+    assert verify("math", completion, "0.5")
+    assert not verify("exact", completion, "0.5")
+    assert not verify("math", completion.replace("frac{1}{2}", "frac{1}{3}"), "0.5")
+    assert not verify("math", "<think>\\boxed{0.5} unfinished", "0.5")  # no answer after </think>
+    # a bare LaTeX reference is parsed inside $...$: 2\sqrt{3} is not 2
+    assert verify("math", "<think>.</think>\\boxed{2\\sqrt{3}}", "2\\sqrt{3}")
+    assert not verify("math", "<think>.</think>\\boxed{2}", "2\\sqrt{3}")
 
 
 def test_exact_and_numeric_use_the_answer_after_think():
-    assert verify_exact("<think>23+7=30</think>\\boxed{30}", "30", VCFG)
-    assert not verify_exact("<think>\\boxed{30}</think>\\boxed{31}", "30", VCFG)
-    assert verify_numeric("<think>.</think>\\boxed{30.0}", "30", VCFG)
-    assert not verify_exact("<think>.</think>\\boxed{30.0}", "30", VCFG)
-    assert not verify_numeric("<think>.</think>\\boxed{abc}", "30", VCFG)
+    assert verify("exact", "<think>23+7=30</think>\\boxed{30}", "30")
+    assert not verify("exact", "<think>\\boxed{30}</think>\\boxed{31}", "30")
+    assert verify("numeric", "<think>.</think>\\boxed{30.0}", "30")
+    assert not verify("exact", "<think>.</think>\\boxed{30.0}", "30")
+    assert not verify("numeric", "<think>.</think>\\boxed{abc}", "30")
+    assert not verify("numeric", "<think>.</think>\\boxed{100000000001}", "100000000000")  # exact, no tolerance
 
 
 def test_code_verifier_runs_tests_in_sandbox():
     tests = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
     good = "<think>easy</think>\n```python\ndef add(a, b):\n    return a + b\n```"
-    assert verify_code(good, tests, VCFG)
-    assert not verify_code(good.replace("a + b", "a - b"), tests, VCFG)
-    assert not verify_code(good.replace("return a + b", "while True: pass"), tests, VCFG)  # timeout
-    assert not verify_code("<think>no code</think>done", tests, VCFG)
+    assert verify("code", good, tests)
+    assert not verify("code", good.replace("a + b", "a - b"), tests)
+    assert not verify("code", good.replace("return a + b", "while True: pass"), tests)  # timeout
+    early_exit = good.replace("a + b\n", "a + b\nimport sys\nsys.exit(0)\n")
+    assert not verify("code", early_exit, tests)  # exits with status 0 before the tests ran
+    assert not verify("code", "<think>no code</think>done", tests)
+
+
+def test_missing_reference_column_fails_up_front():
+    cfg = VerifyConfig(verifier="code")
+    with pytest.raises(ConfigError, match="'tests' column"):
+        check_references(["prompt", "completion"], None, cfg, "tests", ["p0"])
+    with pytest.raises(ConfigError, match="prompt_id p1"):
+        check_references(["tests"], ["assert True", ""], cfg, "tests", ["p0", "p1"])
+    check_references(["prompt"], None, VerifyConfig(verifier="none"), "answer", ["p0"])
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Scoring: math-verify vs string match, choices, the registry, and the code sandbox."""
+"""Scoring: math-verify vs string match, choices, the benchmark registry, and the code sandbox."""
 
 from __future__ import annotations
 
@@ -12,18 +12,18 @@ import pytest
 from llmdistill.benchmarks import (
     BENCHMARKS,
     BenchmarkError,
-    Item,
     load_benchmark,
     load_benchmark_problems,
 )
-from llmdistill.checking.checkers import code_program, score_all, score_choice, score_math, score_numeric
+from llmdistill.checking.checkers import Reference, check, code_program
 from llmdistill.checking.sandbox import network_namespace_available, run_python
+from llmdistill.eval.harness import score_responses
 
 pytestmark = pytest.mark.unit
 
 
-def item(answer: str) -> Item:
-    return Item(id="q", prompt="q", answer=answer, problem="q")
+def ref(answer: str) -> Reference:
+    return Reference(answer=answer)
 
 
 def naive_match(response: str, gold: str) -> bool:
@@ -48,7 +48,7 @@ def naive_match(response: str, gold: str) -> bool:
 )
 def test_math_verify_accepts_equivalent_forms_string_match_rejects(gold, response):
     assert not naive_match(response, gold)
-    assert score_math(response, item(gold)).correct
+    assert check("math", response, Reference(answer=gold)).correct
 
 
 @pytest.mark.parametrize(
@@ -62,16 +62,16 @@ def test_math_verify_accepts_equivalent_forms_string_match_rejects(gold, respons
 )
 def test_math_verify_rejects_wrong_answers_string_match_accepts(gold, response):
     assert naive_match(response, gold)
-    assert not score_math(response, item(gold)).correct
+    assert not check("math", response, Reference(answer=gold)).correct
 
 
 def test_numeric_and_choice_scorers():
-    assert score_numeric(r"\boxed{60.0}", item("60")).correct
-    assert score_numeric(r"\boxed{60}", item("60")).correct
-    assert not score_numeric("the answer is 60", item("60")).correct  # tiny world: the box is the format
-    assert not score_numeric(None, item("60")).correct
-    assert score_choice(r"\boxed{B}", item("B")).correct
-    assert not score_choice("Answer: C", item("B")).correct
+    assert check("numeric", r"\boxed{60.0}", ref("60")).correct
+    assert check("numeric", r"\boxed{60}", ref("60")).correct
+    assert not check("numeric", "the answer is 60", ref("60")).correct  # tiny world: the box is the format
+    assert not check("numeric", "<think>\\boxed{60}", ref("60")).correct  # think block never closed
+    assert check("choice", r"\boxed{B}", ref("B")).correct
+    assert not check("choice", "Answer: C", ref("B")).correct
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,15 +146,16 @@ def test_humaneval_canonical_solutions_all_pass():
     solutions = {tid: p["canonical_solution"] for tid, p in read_problems().items()}
     assert len(items) == 164
     answers = [f"```python\n{it.code_prefix}{solutions[it.id]}```" for it in items]
-    scores = score_all("code", answers, items, workers=2)
+    scores = score_responses("code", answers, items, workers=2)
     failed = [it.id for it, s in zip(items, scores, strict=True) if not s.correct]
     assert failed == []
 
 
 def test_humaneval_wrong_completion_fails():
     it = load_benchmark("humaneval", limit=1)[0]
-    assert not score_all("code", ["```python\n" + it.code_prefix + "    return None\n```"], [it])[0].correct
-    assert code_program(it, "X").endswith(f"check({it.entry_point})\n")
+    assert not score_responses("code", ["```python\n" + it.code_prefix + "    return None\n```"], [it])[0].correct
+    program = code_program(Reference(tests=it.tests, entry_point=it.entry_point, code_prefix=it.code_prefix), "X", "T")
+    assert program.endswith(f"check({it.entry_point})\n\nprint('T', flush=True)\n")
 
 
 def test_infinite_loop_times_out():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llmdistill.checking.checkers import Reference, Verdict, check
 from llmdistill.manifest import read_manifest
 from llmdistill.tinyworld.bootstrap import (
     EVAL_PROBLEMS,
@@ -22,12 +23,10 @@ from llmdistill.tinyworld.bootstrap import (
 from llmdistill.tinyworld.models import MODEL_SIZES, make_model, num_params
 from llmdistill.tinyworld.task import (
     Problem,
-    extract_answer,
     generate_problems,
     reference_completion,
     split_of,
     to_records,
-    verify_answer,
     write_jsonl,
 )
 from llmdistill.tinyworld.tokenizer import build_tokenizer
@@ -102,17 +101,22 @@ def test_reference_completion_format():
 
 
 @pytest.mark.unit
-def test_verifier_accepts_references_and_rejects_wrong_or_malformed():
+def test_checker_accepts_references_and_rejects_wrong_or_malformed():
+    """The tiny world is checked like any benchmark: the shared ``numeric`` checker."""
+
+    def numeric(completion: str, answer: str):
+        return check("numeric", completion, Reference(answer=answer))
+
     for p in generate_problems(300, seed=5):
-        assert verify_answer(reference_completion(p), p.answer)
-        assert not verify_answer(reference_completion(p), str(int(p.answer) + 1))
-    assert extract_answer("<think>1+1=2</think>\\boxed{3} then \\boxed{ 2 }") == "2"
-    assert extract_answer("\\boxed{2}<think>1+1=2</think>") is None  # no box after the trace
-    assert extract_answer("\\boxed{2}") is None  # no </think>
-    assert extract_answer("<think>1+1=2</think>the answer is 2") is None
-    assert not verify_answer("<think>1+1=2</think>\\boxed{two}", "2")
-    assert not verify_answer("<think>1+1=2</think>\\boxed{}", "2")
-    assert verify_answer("<think>1+1=2</think>\\boxed{02}", "2")
+        assert numeric(reference_completion(p), p.answer).correct
+        assert not numeric(reference_completion(p), str(int(p.answer) + 1)).correct
+    assert numeric("<think>1+1=2</think>\\boxed{3} then \\boxed{ 2 }", "2") == Verdict("2", True)
+    assert numeric("\\boxed{2}<think>1+1=2</think>", "2").extracted is None  # no box after the trace
+    assert numeric("<think>\\boxed{2}", "2").extracted is None  # the think block never closed
+    assert numeric("<think>1+1=2</think>the answer is 2", "2").extracted is None  # the box is the format
+    assert not numeric("<think>1+1=2</think>\\boxed{two}", "2").correct
+    assert not numeric("<think>1+1=2</think>\\boxed{}", "2").correct
+    assert numeric("<think>1+1=2</think>\\boxed{02}", "2").correct
 
 
 @pytest.mark.unit

@@ -91,7 +91,10 @@ def read_problem_file(path: str | Path) -> list[str]:
 
 
 def build_index(cfg: DecontamConfig, data_paths: dict[str, str]) -> NgramIndex:
-    """The n-gram index of every configured benchmark (eval registry) and the extra file.
+    """The n-gram index of every configured benchmark and the extra file.
+
+    Benchmarks are read through their definitions (:mod:`llmdistill.benchmarks`), never through
+    the eval stage; a generated benchmark (the tiny world) loads its rows the same way.
 
     Raises:
         ConfigError: a benchmark that cannot be loaded, with how to point at a local copy.

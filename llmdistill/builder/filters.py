@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
+from llmdistill.checking.extract import THINK_CLOSE, THINK_OPEN
 
 
 def well_formed(completion: str) -> bool:

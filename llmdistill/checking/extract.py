@@ -3,6 +3,9 @@
 A reasoning model answers ``<think>…</think>`` followed by the final answer. Everything in
 the think block is scratch work, so extraction looks only after ``</think>``; a response whose
 think block never closes (truncated, or the model rambled) has no answer at all.
+
+``THINK_OPEN``/``THINK_CLOSE`` are the one definition of the think tags; everything else
+(build's well-formedness filter, eval's prompt check, the tiny world's tokenizer) imports them.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import re
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+THINK_TAGS = (THINK_OPEN, THINK_CLOSE)
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _CODE_BLOCK = re.compile(r"```([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)

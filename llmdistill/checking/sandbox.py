@@ -102,7 +102,9 @@ class SandboxResult:
 
     ``status`` is ``passed`` (exit code 0), ``failed`` (non-zero exit: an exception, a failed
     assertion, a memory error, a signal), ``timeout`` (killed after ``timeout_s``) or ``error``
-    (the sandbox itself could not run the program).
+    (the sandbox itself could not run the program). Exit code 0 alone does not show that any test
+    ran: the ``code`` checker also requires a per-run token printed after the tests
+    (:func:`llmdistill.checking.checkers.check_code`).
     """
 
     passed: bool

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmdistill.checking.checkers import CHECKERS, checker_help
 from llmdistill.config.base import ConfigError, check_choice, check_range, parse_json_field
 
 INPUT_FORMATS = ("auto", "generation", "dataset")
-VERIFIER_NAMES = ("math", "exact", "numeric", "code", "none")
+VERIFIER_NAMES = tuple(CHECKERS)  # the answer-checking registry shared with eval
 OVERLONG = ("drop", "split")
 
 
@@ -40,7 +41,8 @@ class BuildInputConfig:
     completion_column: str = field(default="completion", metadata={"help": "Dataset column holding the completion text."})
     id_column: str = field(default="id", metadata={"help": "Dataset column with a prompt id (else a hash of the prompt)."})
     answer_column: str = field(
-        default="answer", metadata={"help": "Column (passthrough of the generation input) holding the reference answer."}
+        default="answer", metadata={"help": "Column (passthrough of the generation input) holding the reference answer "
+                                            "(verifiers math, numeric, exact, choice)."}
     )
     tests_column: str = field(
         default="tests", metadata={"help": "Column with the Python test code run against a program (verifier 'code')."}
@@ -58,8 +60,8 @@ class VerifyConfig:
 
     verifier: str = field(
         default="math",
-        metadata={"help": "math (math-verify against the reference) | exact (tiny world) | numeric | code (run the "
-                          "program against tests) | none (keep every answer)."},
+        metadata={"help": "Checker of each completion's answer (the registry eval scores with): "
+                          + checker_help() + "."},
     )
     code_timeout_s: float = field(default=10.0, metadata={"help": "Wall-clock limit of one program run (verifier 'code')."})
     code_memory_mb: int = field(default=1024, metadata={"help": "Address-space limit of one program run, MiB."})
@@ -133,8 +135,9 @@ class DecontamConfig:
     """Step 4: drop training prompts that overlap evaluation problems."""
 
     decontam_benchmarks: list[str] = field(
-        default_factory=lambda: ["tiny"],
-        metadata={"help": "Benchmarks (names in the eval registry) whose problems are removed from training data."},
+        default_factory=list,
+        metadata={"help": "Benchmarks (names in the eval registry) whose problems are removed from training data, "
+                          "e.g. [aime24, math500]; default none (the tiny world's config names [tiny])."},
     )
     decontam_data_paths: str | None = field(
         default=None, metadata={"help": "JSON object {benchmark: local data path} for benchmarks that need files (YAML: a mapping)."}
@@ -199,7 +202,9 @@ class BuildConfig(PackConfig, DecontamConfig, DedupConfig, FilterConfig, VerifyC
     output_dir: str = field(default="runs/build", metadata={"help": "Where the built shards, manifest and report go."})
     rows_per_shard: int = field(default=2000, metadata={"help": "Packed sequences per Parquet shard."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output_dir."})
-    seed: int = field(default=0, metadata={"help": "Seed of MinHash and of which samples are kept per prompt."})
+    seed: int = field(default=0, metadata={"help": "Seed of the MinHash permutations of near-duplicate detection. "
+                                                   "(Which samples are kept per prompt is not random: the lowest "
+                                                   "sample_index ones.)"})
 
     def __post_init__(self) -> None:
         self._check_input()

@@ -83,6 +83,8 @@ def paired_difference(
 def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
     """Whether the most frequent extracted answer is a correct one.
 
+    ``answers`` are the checker's normalised answers (:attr:`~llmdistill.checking.checkers.Verdict.extracted`:
+    ``60``, ``60.0`` and ``120/2`` all arrive as ``"60"``), so the vote counts answers, not spellings.
     Samples without an answer (``None``) do not vote; ties go to the answer seen first.
     """
     votes = Counter(a for a in answers if a is not None)
@@ -115,7 +117,7 @@ def summarize(
 
     Args:
         correct: per problem, the correctness of each of its n samples.
-        answers: per problem, the extracted answer of each sample (``None`` skips maj@k, e.g. code).
+        answers: per problem, the normalised extracted answer of each sample (``None`` skips maj@k, e.g. code).
         finish_reasons: every sample's finish reason (``"length"`` counts as truncated).
         n_tokens: every sample's response length in tokens.
         ks: the k for pass@k / maj@k (default :func:`default_ks`); k above n is skipped.

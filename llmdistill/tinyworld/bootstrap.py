@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from llmdistill.checking.checkers import Reference, check
 from llmdistill.config.base import check_range
 from llmdistill.log import get_logger
 from llmdistill.manifest import MANIFEST, read_manifest, write_manifest
 from llmdistill.tinyworld import models, task, tokenizer
 from llmdistill.tinyworld.models import make_model, num_params, save_model
-from llmdistill.tinyworld.task import Problem, generate_problems, reference_completion, verify_answer
+from llmdistill.tinyworld.task import Problem, generate_problems, reference_completion
 from llmdistill.tinyworld.tokenizer import build_tokenizer
 
 logger = get_logger(__name__)
@@ -193,7 +194,8 @@ def greedy_accuracy(model_dir: str | Path, problems: Sequence[Problem], batch_si
         batch_size: prompts per ``generate`` call.
 
     Returns:
-        Accuracy in [0, 1], judged by :func:`~llmdistill.tinyworld.task.verify_answer`.
+        Accuracy in [0, 1], judged by the ``numeric`` checker (:func:`llmdistill.checking.checkers.check`),
+        as the ``tiny`` benchmark is.
     """
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     tok.padding_side = "left"
@@ -206,7 +208,7 @@ def greedy_accuracy(model_dir: str | Path, problems: Sequence[Problem], batch_si
         out = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct += sum(verify_answer(t, p.answer) for t, p in zip(texts, chunk, strict=True))
+        correct += sum(check("numeric", t, Reference(answer=p.answer)).correct for t, p in zip(texts, chunk, strict=True))
     return correct / max(1, len(problems))
 
 

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import random
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,6 @@ HALVE = ("Then {pron_lower} gives half away.", "Then it halves.", "Then half of 
 QUESTIONS = ("How many now?", "How many {obj} does {name} have now?", "How many {obj} are there now?",
              "How many {obj} are left?")
 
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 START_MAX = 60  # first value: 2..START_MAX
 OPERAND_MAX = 30  # added or subtracted amounts: 1..OPERAND_MAX
 MAX_VALUE = 199  # every intermediate value stays in 0..MAX_VALUE
@@ -156,29 +154,22 @@ def generate_problems(
     return problems
 
 
+def benchmark_rows(n: int, seed: int, limit: int | None = None) -> list[dict]:
+    """The held-out set as benchmark rows ``{"id", "question", "answer"}``: the source of the ``tiny``
+    benchmark (``llmdistill/benchmarks/definitions/tiny.yaml``), as any benchmark names its loader.
+
+    Args:
+        n: the benchmark's size.
+        seed: generation seed.
+        limit: generate this many instead of ``n`` (a longer list starts with the shorter one).
+    """
+    return [{"id": p.id, "question": p.question, "answer": p.answer}
+            for p in generate_problems(limit or n, seed=seed, split="heldout")]
+
+
 def reference_completion(problem: Problem) -> str:
     """The gold completion, e.g. ``<think>23+7=30 30*2=60</think>\\boxed{60}``."""
     return f"<think>{' '.join(problem.steps)}</think>\\boxed{{{problem.answer}}}"
-
-
-def extract_answer(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` after ``</think>``, or None if there is none."""
-    _, sep, tail = text.rpartition("</think>")
-    if not sep:
-        return None
-    found = _BOXED.findall(tail)
-    return found[-1].strip() if found else None
-
-
-def verify_answer(completion: str, answer: str) -> bool:
-    """True when the completion's extracted answer is the same integer as ``answer``."""
-    got = extract_answer(completion)
-    if got is None:
-        return False
-    try:
-        return int(got) == int(answer)
-    except ValueError:
-        return False
 
 
 def to_records(problems: Iterable[Problem]) -> list[dict]:

