@@ -1,15 +1,16 @@
 """One rank-aware logger factory and progress bars for every stage.
 
-Only the main process (rank 0) logs at INFO and draws progress; other ranks log warnings
-and errors only, so an 8-GPU run prints one stream, not eight.
+Importing llmdistill configures no logging: :func:`get_logger` only names a child of the
+``llmdistill`` logger. The ``llmdistill`` command calls :func:`setup_logging` once; then only
+the main process (rank 0) logs at INFO and draws progress, other ranks log warnings and errors
+only, so an 8-GPU run prints one stream, not eight. A program that uses llmdistill as a library
+configures logging itself (or calls :func:`setup_logging`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
 
 from rich.logging import RichHandler
 from rich.progress import (
@@ -21,8 +22,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-T = TypeVar("T")
-_CONFIGURED = False
+_ROOT = "llmdistill"
 
 
 def rank() -> int:
@@ -38,17 +38,33 @@ def is_main_process() -> bool:
 
 
 def get_logger(name: str) -> logging.Logger:
-    """A logger under the ``llmdistill`` root, configured once per process."""
-    global _CONFIGURED
-    root = logging.getLogger("llmdistill")
-    if not _CONFIGURED:
-        handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO if is_main_process() else logging.WARNING)
-        root.propagate = False
-        _CONFIGURED = True
-    return root.getChild(name.removeprefix("llmdistill."))
+    """The logger of module ``name``, under the ``llmdistill`` logger (nothing is configured)."""
+    return logging.getLogger(_ROOT).getChild(name.removeprefix(_ROOT + "."))
+
+
+class _Handler(RichHandler):
+    """The handler :func:`setup_logging` installs (its own class, so a second call finds it)."""
+
+
+def setup_logging() -> logging.Logger:
+    """Send llmdistill's log records to the terminal: INFO on rank 0, WARNING on other ranks.
+
+    For programs (the ``llmdistill`` command), never called on import. Idempotent: a second
+    call changes nothing. The records do not propagate to the root logger, so a root handler
+    set up elsewhere does not print them twice.
+
+    Returns:
+        The ``llmdistill`` logger.
+    """
+    root = logging.getLogger(_ROOT)
+    if any(isinstance(h, _Handler) for h in root.handlers):
+        return root
+    handler = _Handler(show_path=False, rich_tracebacks=False, markup=False)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+    root.propagate = False
+    return root
 
 
 def progress(transient: bool = False) -> Progress:
@@ -63,14 +79,3 @@ def progress(transient: bool = False) -> Progress:
         transient=transient,
         disable=disable,
     )
-
-
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a progress bar on the main rank."""
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
-    with progress() as bar:
-        task = bar.add_task(description, total=total)
-        for item in items:
-            yield item
-            bar.advance(task)

