@@ -6,11 +6,11 @@ when that subcommand runs (so ``llmdistill --help`` does not import torch or vLL
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
+import os
 import sys
 
-from llmdistill.config.base import ConfigError
+from llmdistill.config.base import ConfigError, UserError
 
 # subcommand -> (config class, runner, one-line description)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -39,14 +39,48 @@ def _usage() -> str:
     lines = ["usage: llmdistill <command> [--config FILE.yaml] [--field value ...]", "", "commands:"]
     lines += [f"  {name:<9} {desc}" for name, (_, _, desc) in COMMANDS.items()]
     lines += ["", "`llmdistill <command> --help` lists every field of that command's config;",
-              "`--dry_run` prints the plan and a resource estimate without loading anything."]
+              "`--dry_run` prints the plan and a resource estimate without loading anything;",
+              "`--debug` (or LLMDISTILL_DEBUG=1) shows the traceback of an error instead of one line."]
     return "\n".join(lines)
+
+
+TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
+
+
+def pop_flag(args: list[str], name: str) -> tuple[bool, list[str]]:
+    """Take a boolean flag out of the arguments: ``--name``, ``--name true`` and ``--name=true`` all work.
+
+    ``--dry_run`` (every stage has one, :mod:`llmdistill.plan`) and ``--debug`` are not config fields.
+    """
+    flag, value, rest, i = f"--{name}", False, [], 0
+    while i < len(args):
+        key, eq, text = args[i].partition("=")
+        if key != flag:
+            rest.append(args[i])
+            i += 1
+            continue
+        if not eq and i + 1 < len(args) and args[i + 1].lower() in TRUE + FALSE:
+            text, i = args[i + 1], i + 1
+        elif not eq:
+            text = "true"
+        if text.lower() not in TRUE + FALSE:
+            raise ConfigError(f"{flag} takes true or false, got {text!r}")
+        value = text.lower() in TRUE
+        i += 1
+    return value, rest
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (an OSError keeps its path)."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     from llmdistill.config.base import parse_config
+    from llmdistill.log import setup_logging
 
+    setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(_usage() + "\n")
@@ -60,22 +94,21 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(f"llmdistill: unknown command '{command}'.{hint}\n\n{_usage()}\n")
         raise SystemExit(2)
     config_ref, runner_ref, _ = COMMANDS[command]
-    config_cls = resolve(config_ref)
-    dry_run = False
-    if "--dry_run" in rest and "dry_run" not in {f.name for f in dataclasses.fields(config_cls)}:
-        # Stages without their own dry-run: print the plan from llmdistill.plan instead of running.
-        i = rest.index("--dry_run")
-        value = rest[i + 1] if i + 1 < len(rest) and not rest[i + 1].startswith("--") else "true"
-        dry_run = value.lower() in ("1", "true", "yes")
-        del rest[i : i + (2 if i + 1 < len(rest) and not rest[i + 1].startswith("--") else 1)]
+    debug = os.environ.get("LLMDISTILL_DEBUG", "").lower() in TRUE
     try:
-        config = parse_config(config_cls, rest, prog=f"llmdistill {command}")
-    except ConfigError as err:
-        sys.stderr.write(f"llmdistill {command}: {err}\n")
-        raise SystemExit(2) from None
-    if dry_run:
-        from llmdistill.plan import print_plan
+        flag, rest = pop_flag(rest, "debug")
+        debug = debug or flag
+        dry_run, rest = pop_flag(rest, "dry_run")
+        config = parse_config(resolve(config_ref), rest, prog=f"llmdistill {command}")
+        if dry_run:
+            from llmdistill.plan import print_plan
 
-        print_plan(command, config)
-        return
-    resolve(runner_ref)(config)
+            print_plan(command, config)
+            return
+        resolve(runner_ref)(config)
+    except (UserError, OSError) as err:
+        # the user's data, config or environment: one line naming what and where, no traceback
+        if debug:
+            raise
+        sys.stderr.write(f"llmdistill {command}: error: {one_line(err)}\n")
+        raise SystemExit(2) from None

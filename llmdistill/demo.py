@@ -24,23 +24,26 @@ from typing import Any
 
 import yaml
 
-from llmdistill.config.base import load_config
+from llmdistill.config.base import load_config, read_yaml
 from llmdistill.config.build import BuildConfig
 from llmdistill.config.demo import DemoConfig
 from llmdistill.config.eval import EvalConfig
 from llmdistill.config.generate import GenerateConfig
 from llmdistill.config.train import TrainConfig
+from llmdistill.demo_report import LABELS
 from llmdistill.log import get_logger
 from llmdistill.manifest import fingerprint, write_json_atomic, write_manifest
 
 logger = get_logger(__name__)
 
 STAGE_CLASSES = {"generate": GenerateConfig, "build": BuildConfig, "train": TrainConfig, "eval": EvalConfig}
-MODEL_LABELS = ("teacher", "student (untrained)", "SFT student", "KD student")
 
 
 def stage_configs(cfg: DemoConfig, seed: int, run_dir: Path, teacher: Path, student: Path) -> dict[str, dict]:
-    """The overrides each stage runs with (saved as YAML next to the outputs).
+    """Each stage's shipped config (``cfg.configs_dir``) with this run's paths and seed put in.
+
+    Nothing else is overridden: ``llmdistill <stage> --config configs/<stage>_tiny.yaml`` with the
+    same paths re-runs the demo's stage exactly.
 
     Args:
         cfg: the demo config.
@@ -49,41 +52,20 @@ def stage_configs(cfg: DemoConfig, seed: int, run_dir: Path, teacher: Path, stud
         teacher: the bootstrapped teacher checkpoint.
         student: the random-init student checkpoint.
     """
-    engine = {"dtype": "float32", "enforce_eager": True, "max_model_len": 256}
-    train = {
-        "student_model": str(student), "data_dir": str(run_dir / "build"), "max_steps": cfg.max_steps,
-        "per_device_train_batch_size": cfg.per_device_train_batch_size, "learning_rate": cfg.learning_rate,
-        "lr_scheduler_type": "linear", "warmup_steps": max(1, cfg.max_steps // 20), "weight_decay": 0.0,
-        "logging_steps": max(1, cfg.max_steps // 30), "save_strategy": "no", "report_to": "none",
-        "seed": seed, "data_seed": seed, "divergence": cfg.divergence, "temperature": cfg.kd_temperature,
-        "dataloader_num_workers": 0,
-        "gradient_checkpointing": False,  # a 143k-parameter student: recomputation only costs time
+    paths = {
+        "generate": {"dataset": str(run_dir / "data" / "prompts.jsonl"), "model": str(teacher),
+                     "output_dir": str(run_dir / "generate"), "seed": seed},
+        "build": {"input_path": str(run_dir / "generate"), "student_tokenizer": str(student),
+                  "output_dir": str(run_dir / "build"), "seed": seed},
+        "train_sft": {"student_model": str(student), "data_dir": str(run_dir / "build"),
+                      "output_dir": str(run_dir / "train-sft"), "seed": seed, "data_seed": seed},
+        "train_kd": {"student_model": str(student), "data_dir": str(run_dir / "build"),
+                     "output_dir": str(run_dir / "train-kd"), "seed": seed, "data_seed": seed},
+        "eval": {"models": ",".join(str(m) for m in (teacher, student, run_dir / "train-sft", run_dir / "train-kd")),
+                 "output_dir": str(run_dir / "eval"), "seed": seed},
     }
-    return {
-        "generate": {
-            "dataset": str(run_dir / "data" / "prompts.jsonl"), "prompt_column": "prompt", "id_column": "id",
-            "passthrough_columns": ["answer", "difficulty"], "model": str(teacher), **engine, "seed": seed,
-            "num_samples": cfg.num_samples, "temperature": cfg.gen_temperature, "top_p": cfg.gen_top_p,
-            "max_tokens": cfg.max_new_tokens, "logprobs_top_k": cfg.logprobs_top_k, "batch_size": 512,
-            "output_dir": str(run_dir / "generate"),
-        },
-        "build": {
-            "input_path": str(run_dir / "generate"), "verifier": "numeric", "answer_column": "answer",
-            "max_samples_per_prompt": cfg.max_samples_per_prompt, "decontam_benchmarks": ["tiny"],
-            "student_tokenizer": str(student), "kd": True, "max_length": cfg.pack_length, "seed": seed,
-            # tiny-world questions share template 8-grams; 32 words covers a whole question (< 32 words)
-            "decontam_ngram": 32,
-            "output_dir": str(run_dir / "build"), "overwrite": True,
-        },
-        "train_sft": {**train, "alpha": 0.0, "output_dir": str(run_dir / "train-sft")},
-        "train_kd": {**train, "alpha": cfg.kd_alpha, "output_dir": str(run_dir / "train-kd")},
-        "eval": {
-            "models": ",".join([str(teacher), str(student), str(run_dir / "train-sft"), str(run_dir / "train-kd")]),
-            "benchmarks": "tiny", "limit": cfg.eval_problems, "num_samples": cfg.eval_num_samples,
-            "temperature": cfg.eval_temperature, "top_p": cfg.eval_top_p, "seed": seed, **engine,
-            "kv_cache_space_gb": 1, "output_dir": str(run_dir / "eval"), "overwrite": True,
-        },
-    }
+    return {name: {**read_yaml(cfg.stage_file(name), STAGE_CLASSES[name.split("_")[0]]), **overrides}
+            for name, overrides in paths.items()}
 
 
 def run_stage(name: str, overrides: dict, run_dir: Path, reuse: bool, header: str = "") -> float:
@@ -143,8 +125,9 @@ def run_seed(cfg: DemoConfig, seed: int, run_dir: Path, teacher: Path) -> dict[s
         # just rewritten (a new manifest) runs again; one whose inputs did not change is reused.
         stamp = header + "".join(f"# input {p.name}: {fingerprint(p)}\n" for p in inputs[name])
         timings[name] = run_stage(name, configs[name], run_dir, cfg.reuse, stamp)
-    return collect(run_dir, timings, [str(teacher), str(student), configs["train_sft"]["output_dir"],
-                                      configs["train_kd"]["output_dir"]], cfg.kd_temperature)
+    run = collect(run_dir, timings, [str(teacher), str(student), configs["train_sft"]["output_dir"],
+                                     configs["train_kd"]["output_dir"]], configs["train_kd"]["temperature"])
+    return {**run, "configs": configs}
 
 
 def link(target: Path, name: Path) -> Path:
@@ -205,7 +188,7 @@ def collect(run_dir: Path, timings: dict[str, float], models: list[str], tempera
     gen = _read(run_dir / "generate" / "manifest.json")["counts"]
     stats = _read(run_dir / "build" / "stats.json")
     results = _read(run_dir / "eval" / "results.json")["results"]
-    scores = {label: results[m]["tiny"] for label, m in zip(MODEL_LABELS, models, strict=True)}
+    scores = {label: results[m]["tiny"] for label, m in zip(LABELS, models, strict=True)}
     history = {kind: _read(run_dir / f"train-{kind}" / "log_history.json") for kind in ("sft", "kd")}
     return {"generate": gen, "build": stats, "eval": scores, "history": history, "timings": timings,
             "teacher_signal": teacher_signal(run_dir / "generate", temperature),

@@ -152,6 +152,8 @@ def write_report(cfg: DemoConfig, runs: dict[int, dict], out: Path, teacher: Pat
     timings = {stage: statistics.fmean(run["timings"].get(stage, 0.0) for run in runs.values())
                for stage in first["timings"]}
 
+    kd, ev = first["configs"]["train_kd"], first["configs"]["eval"]
+    gen = first["configs"]["generate"]
     verdict = (f"KD beat SFT in {comparison['kd_wins']} of {comparison['seeds']} seed(s); "
                f"mean pass@1 difference (KD − SFT) = {comparison['mean']:+.3f}"
                + (f" ± {comparison['std']:.3f} (std over seeds)" if multi else ""))
@@ -159,11 +161,11 @@ def write_report(cfg: DemoConfig, runs: dict[int, dict], out: Path, teacher: Pat
     lines = [
         "# llmdistill demo: R1-style distillation in miniature",
         "",
-        f"Teacher `{teacher}`; students of the same random initialisation trained for {cfg.max_steps} steps on "
-        f"the same built data: SFT-only (alpha = 0) and KD (alpha = {cfg.kd_alpha}, T = {cfg.kd_temperature}, "
-        f"{cfg.divergence}, teacher top-{cfg.logprobs_top_k}). Held-out set: {cfg.eval_problems} tiny-world "
-        f"problems never seen in training, {cfg.eval_num_samples} samples each at T = {cfg.eval_temperature}, "
-        f"top-p = {cfg.eval_top_p}. Seeds: {', '.join(map(str, runs))}.",
+        f"Teacher `{teacher}`; students of the same random initialisation trained for {kd['max_steps']} steps on "
+        f"the same built data: SFT-only (alpha = 0) and KD (alpha = {kd['alpha']}, T = {kd['temperature']}, "
+        f"{kd['divergence']}, teacher top-{gen['logprobs_top_k']}). Held-out set: {ev['limit']} tiny-world "
+        f"problems never seen in training, {ev['num_samples']} samples each at T = {ev['temperature']}, "
+        f"top-p = {ev['top_p']}. Seeds: {', '.join(map(str, runs))}. Stage configs: `{cfg.configs_dir}/*_tiny.yaml`.",
         "",
         "## Results",
         "",
@@ -189,7 +191,7 @@ def write_report(cfg: DemoConfig, runs: dict[int, dict], out: Path, teacher: Pat
         "",
         "## Training",
         "",
-        *_signal_lines(first["teacher_signal"], cfg.kd_temperature),
+        *_signal_lines(first["teacher_signal"], kd["temperature"]),
         "![losses](loss_curves.png)",
         "",
         "## Timings (seconds" + (", mean over seeds" if multi else "") + ")",

@@ -43,6 +43,27 @@ Built shards (``llmdistill build``)
     The target token at position ``t`` (``loss_mask[t] == 1``) has the teacher row that
     predicts it; the student's logits at ``t - 1`` are compared with it. Metadata holds ``kd``,
     ``k``, ``vocab_size``, the codec parameters and the student tokenizer's fingerprint.
+
+Eval details (``llmdistill eval``: ``details.parquet``)
+    One row per sample. Columns:
+
+    ====================  ===========  ======================================================
+    model                 string       model id/path as given in ``models``
+    benchmark             string       registry name
+    problem_id            string       the item's id
+    sample_index          int32        0 .. n-1
+    gold                  string       the gold answer (empty for code)
+    response              string       the full generated text
+    extracted             string|null  the extracted answer (``null``: none found)
+    correct               bool
+    finish_reason         string       ``stop`` | ``length``
+    n_tokens              int32        response length in tokens
+    ====================  ===========  ======================================================
+
+Every shard is named ``part-NNNNNN.parquet`` (:func:`shard_name`), whatever the stage. What a
+downstream stage needs from a generation directory's ``manifest.json`` (the teacher, its
+tokenizer, ``k`` and the prompt format the teacher saw) is read through
+:func:`read_generation_info`, never by a config field's name.
 """
 
 from __future__ import annotations
@@ -59,10 +80,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llmdistill.config.base import UserError
+from llmdistill.prompts import PromptFormat
+
+SHARD_GLOB = "part-*.parquet"
 GENERATION_SCHEMA = "llmdistill.generation"
 GENERATION_SCHEMA_VERSION = 1
 BUILT_SCHEMA = "llmdistill.built"
 BUILT_SCHEMA_VERSION = 1
+DETAILS_SCHEMA = "llmdistill.eval_details"
+DETAILS_SCHEMA_VERSION = 1
 
 GENERATION_COLUMNS: dict[str, pa.DataType] = {
     "prompt_id": pa.string(),
@@ -89,7 +116,21 @@ BUILT_COLUMNS: dict[str, pa.DataType] = {
 }
 
 
-class SchemaError(ValueError):
+DETAILS_COLUMNS: dict[str, pa.DataType] = {
+    "model": pa.string(),
+    "benchmark": pa.string(),
+    "problem_id": pa.string(),
+    "sample_index": pa.int32(),
+    "gold": pa.string(),
+    "response": pa.string(),
+    "extracted": pa.string(),
+    "correct": pa.bool_(),
+    "finish_reason": pa.string(),
+    "n_tokens": pa.int32(),
+}
+
+
+class SchemaError(UserError):
     """An artifact that does not match the schema (or version) this code reads."""
 
 
@@ -121,12 +162,24 @@ def write_parquet_atomic(table: pa.Table, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def shard_name(index: int) -> str:
+    """The file name of shard ``index`` of any stage: ``part-000042.parquet``."""
+    return f"part-{index:06d}.parquet"
+
+
+def next_shard_index(directory: str | Path) -> int:
+    """The index after the last finished shard directly in ``directory`` (0 when there is none)."""
+    directory = Path(directory)
+    numbers = [int(p.stem.split("-")[1]) for p in directory.glob(SHARD_GLOB)] if directory.is_dir() else []
+    return max(numbers, default=-1) + 1
+
+
 def list_shards(directory: str | Path) -> list[Path]:
-    """Finished Parquet shards below ``directory`` (temporary files are ignored), sorted."""
+    """Finished shards below ``directory`` (temporary files start with '.' and are ignored), sorted."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory of llmdistill shards")
-    return sorted(p for p in directory.rglob("*.parquet") if not p.name.startswith("."))
+    return sorted(p for p in directory.rglob(SHARD_GLOB) if not p.name.startswith("."))
 
 
 def _check(path: Path, meta: dict[str, Any], schema: str, version: int) -> None:
@@ -207,6 +260,88 @@ def read_generation_table(directory: str | Path, columns: list[str] | None = Non
     return pa.concat_tables(tables, promote_options="default"), ks.pop()
 
 
+def is_generation_dir(path: str | Path) -> bool:
+    """True for a directory holding llmdistill generation shards."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    shards = list_shards(path)
+    return bool(shards) and shard_metadata(shards[0]).get("schema") == GENERATION_SCHEMA
+
+
+def read_generation_keys(directory: str | Path) -> set[tuple[str, int]]:
+    """The (prompt id, sample index) pairs in the finished shards directly in ``directory``."""
+    directory = Path(directory)
+    keys: set[tuple[str, int]] = set()
+    for path in sorted(directory.glob(SHARD_GLOB)) if directory.is_dir() else []:
+        table = pq.read_table(path, columns=["prompt_id", "sample_index"])
+        keys.update(zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True))
+    return keys
+
+
+def generation_counts(directory: str | Path) -> dict[str, Any]:
+    """Rows, distinct prompts, completion tokens and finish reasons of the shards directly in ``directory``."""
+    import pyarrow.compute as pc
+
+    rows, tokens, prompts, finish = 0, 0, set(), {}
+    for path in sorted(Path(directory).glob(SHARD_GLOB)):
+        table = pq.read_table(path, columns=["prompt_id", "completion_token_ids", "finish_reason"])
+        rows += table.num_rows
+        tokens += int(np.sum(pc.list_value_length(table["completion_token_ids"]).to_numpy()))
+        prompts.update(table["prompt_id"].to_pylist())
+        for reason in table["finish_reason"].to_pylist():
+            finish[reason] = finish.get(reason, 0) + 1
+    return {"rows": rows, "prompts_written": len(prompts), "completion_tokens": tokens, "finish_reasons": finish}
+
+
+@dataclass(frozen=True)
+class GenerationInfo:
+    """What downstream stages need from a generation (or score) directory's manifest.
+
+    Attributes:
+        stage: ``generate`` or ``score``.
+        teacher: the teacher model (path resolved when it is local).
+        tokenizer: the teacher's tokenizer (path resolved when it is local).
+        k: top-k entries stored per completion token.
+        vocab_size: the teacher tokenizer's vocabulary size (``len(tokenizer)``).
+        prompt_format: the prompt format the teacher saw, as resolved text.
+    """
+
+    stage: str
+    teacher: str
+    tokenizer: str
+    k: int
+    vocab_size: int
+    prompt_format: PromptFormat
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The manifest entry (``"generation"``) that :func:`read_generation_info` reads back."""
+        return {"stage": self.stage, "teacher": self.teacher, "tokenizer": self.tokenizer, "k": self.k,
+                "vocab_size": self.vocab_size, "prompt_format": self.prompt_format.to_dict()}
+
+
+GENERATION_INFO_KEY = "generation"
+
+
+def read_generation_info(directory: str | Path) -> GenerationInfo | None:
+    """The :class:`GenerationInfo` of a generation directory; None when it has no manifest.
+
+    Raises:
+        SchemaError: the manifest predates this entry (re-run generate/score with this version).
+    """
+    from llmdistill.manifest import MANIFEST, read_manifest
+
+    if not (Path(directory) / MANIFEST).is_file():
+        return None
+    entry = read_manifest(directory).get(GENERATION_INFO_KEY)
+    if not isinstance(entry, dict):
+        raise SchemaError(f"{Path(directory) / MANIFEST} has no '{GENERATION_INFO_KEY}' entry: it was written by an "
+                          "older llmdistill. Re-run `llmdistill generate`/`score` (it resumes) to rewrite it")
+    return GenerationInfo(stage=entry["stage"], teacher=entry["teacher"], tokenizer=entry["tokenizer"],
+                          k=int(entry["k"]), vocab_size=int(entry["vocab_size"]),
+                          prompt_format=PromptFormat.from_dict(entry["prompt_format"]))
+
+
 @dataclass
 class GenerationRow:
     """One decoded generation row: top-k as arrays of shape [n_tokens, k]."""
@@ -227,9 +362,10 @@ class GenerationRow:
 
 
 def iter_generations(directory: str | Path) -> Iterator[GenerationRow]:
-    """The public reader of generation output: decoded rows, shard by shard.
+    """Generation output as decoded rows (top-k as [n_tokens, k] arrays), shard by shard.
 
-    Used by ``build``, by the tests and by users who want the teacher signal as arrays.
+    For users who want the teacher signal as arrays; the stages read columns instead
+    (:func:`read_generation_table`).
     """
     for path in list_shards(directory):
         meta = shard_metadata(path)
@@ -290,6 +426,31 @@ def read_built(directory: str | Path) -> tuple[pa.Table, dict[str, Any]]:
         tables.append(pq.read_table(path).replace_schema_metadata(None))
     assert first is not None
     return pa.concat_tables(tables), first
+
+
+# ---------------------------------------------------------------------------------------
+# Eval details
+
+
+def write_details(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Write the per-sample eval details table atomically (columns: :data:`DETAILS_COLUMNS`)."""
+    table = pa.table({name: pa.array([r[name] for r in rows], type=typ) for name, typ in DETAILS_COLUMNS.items()})
+    write_parquet_atomic(table.replace_schema_metadata(_metadata(DETAILS_SCHEMA, DETAILS_SCHEMA_VERSION, {})), path)
+
+
+def read_details(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """Read an eval details table written by :func:`write_details`.
+
+    Raises:
+        SchemaError: another schema or version (re-run ``llmdistill eval``).
+    """
+    path = Path(path)
+    _check(path, shard_metadata(path), DETAILS_SCHEMA, DETAILS_SCHEMA_VERSION)
+    return pq.read_table(path, columns=columns)
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizers
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

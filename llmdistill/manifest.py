@@ -90,7 +90,9 @@ def write_manifest(
         "config": config_to_dict(config) if config is not None else None,
         "versions": package_versions(),
         "python": platform.python_version(),
-        "inputs": {k: {"path": str(v), "fingerprint": fingerprint(v) if Path(str(v)).exists() else "hub"}
+        # local inputs are recorded as absolute paths, so the next stage runs from any directory
+        "inputs": {k: {"path": os.path.abspath(v) if Path(str(v)).exists() else str(v),
+                       "fingerprint": fingerprint(v) if Path(str(v)).exists() else "hub"}
                    for k, v in (inputs or {}).items()},
         "counts": counts or {},
         "wall_time_s": round(time.time() - started, 3) if started else None,

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from llmdistill.config.base import config_to_dict
+from llmdistill.formats import read_generation_info
+from llmdistill.manifest import MANIFEST, read_manifest
 
 GIB = 1024**3
 # bf16 weights + bf16 grads + fp32 master weights + two fp32 Adam moments.
@@ -99,17 +101,15 @@ def _generate_plan(cfg: Any, stage: str) -> dict[str, Any]:
 def _build_plan(cfg: Any) -> dict[str, Any]:
     plan: dict[str, Any] = {"input": cfg.input_path, "verifier": cfg.verifier, "kd (store teacher top-k)": cfg.kd,
                             "packed length": cfg.max_length, "decontaminate against": cfg.decontam_benchmarks}
-    manifest = Path(cfg.input_path) / "manifest.json"
-    if manifest.is_file():
-        counts = json.loads(manifest.read_text()).get("counts", {})
-        plan["input counts (from its manifest)"] = counts
-    if cfg.kd:
-        k = 20
-        if manifest.is_file():
-            k = json.loads(manifest.read_text()).get("logprobs_top_k", k)
-        vocab = 151_936
-        plan[f"top-{k} bytes per target token (vocab {vocab}, {cfg.codec_bits} bits)"] = round(
-            topk_bytes_per_token(k, vocab, cfg.codec_bits), 1)
+    info = read_generation_info(cfg.input_path) if Path(cfg.input_path).is_dir() else None
+    if info is not None:
+        plan["input counts (from its manifest)"] = read_manifest(cfg.input_path).get("counts", {})
+    if cfg.kd and info is not None:
+        key = f"top-{info.k} bytes per target token (vocab {info.vocab_size}, {cfg.codec_bits} bits)"
+        plan[key] = round(topk_bytes_per_token(info.k, info.vocab_size, cfg.codec_bits), 1)
+    elif cfg.kd:
+        plan["top-k bytes per target token"] = (f"unknown until {cfg.input_path}/manifest.json exists: it records "
+                                                "the teacher's k and vocabulary size")
     return plan
 
 
@@ -126,22 +126,29 @@ def _train_plan(cfg: Any) -> dict[str, Any]:
             total = params * BYTES_PER_PARAM_FULL_FT
             plan["model + optimizer states, full fine-tune"] = (
                 f"{total / GIB:.0f} GiB in all; / N GPUs under ZeRO-3 (e.g. {total / GIB / 16:.1f} GiB on 16)")
-    manifest = Path(cfg.data_dir) / "manifest.json"
-    if manifest.is_file():
-        counts = json.loads(manifest.read_text()).get("counts", {})
-        plan["built data (from its manifest)"] = counts
+    if (Path(cfg.data_dir) / MANIFEST).is_file():
+        plan["built data (from its manifest)"] = read_manifest(cfg.data_dir).get("counts", {})
     plan["micro-batch"] = f"{cfg.per_device_train_batch_size} packed rows x grad-accum {cfg.gradient_accumulation_steps}"
     plan["epochs / max_steps"] = f"{cfg.num_train_epochs} / {cfg.max_steps}"
     return plan
 
 
 def _demo_plan(cfg: Any) -> dict[str, Any]:
+    from llmdistill.config.base import read_yaml
+    from llmdistill.config.eval import EvalConfig
+    from llmdistill.config.generate import GenerateConfig
+    from llmdistill.config.train import TrainConfig
+
+    gen = read_yaml(cfg.stage_file("generate"), GenerateConfig)
+    train = read_yaml(cfg.stage_file("train_kd"), TrainConfig)
+    ev = read_yaml(cfg.stage_file("eval"), EvalConfig)
     return {
         "seeds": cfg.seed_list,
+        "stage configs": f"{cfg.configs_dir}/*_tiny.yaml (paths and seeds overridden)",
         "stages": "bootstrap teacher (cached) → generate → build → train SFT + KD → eval 4 models",
-        "teacher traces": cfg.num_prompts * cfg.num_samples,
-        "training steps per student": cfg.max_steps,
-        "eval generations": 4 * cfg.eval_problems * cfg.eval_num_samples,
+        "teacher traces": cfg.num_prompts * gen.get("num_samples", 1),
+        "training steps per student": train.get("max_steps"),
+        "eval generations": 4 * ev.get("limit", 500) * ev.get("num_samples", 1),
         "GPUs": 0,
     }
 
@@ -154,6 +161,10 @@ def make_plan(stage: str, cfg: Any) -> dict[str, Any]:
         plan = _build_plan(cfg)
     elif stage == "train":
         plan = _train_plan(cfg)
+    elif stage == "eval":
+        from llmdistill.eval.harness import eval_plan
+
+        plan = eval_plan(cfg)
     elif stage == "demo":
         plan = _demo_plan(cfg)
     else:

@@ -18,6 +18,8 @@ from llmdistill.log import get_logger
 logger = get_logger(__name__)
 ENV_VAR = "VLLM_ENABLE_V1_MULTIPROCESSING"
 MODES = ("auto", "on", "off")
+# The model dtypes every stage that starts a vLLM engine accepts (vLLM's own names, aliases excluded).
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def _vllm_on_cpu() -> bool:

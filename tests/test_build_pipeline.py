@@ -18,8 +18,16 @@ from llmdistill.builder.tokenize import TokenizerMismatchError
 from llmdistill.codec import decode_topk
 from llmdistill.config.base import ConfigError
 from llmdistill.config.build import BuildConfig
-from llmdistill.formats import SchemaError, read_built, tokenizer_fingerprint, write_generation_shard
-from llmdistill.manifest import read_manifest
+from llmdistill.formats import (
+    GenerationInfo,
+    SchemaError,
+    read_built,
+    shard_name,
+    tokenizer_fingerprint,
+    write_generation_shard,
+)
+from llmdistill.manifest import read_manifest, write_manifest
+from llmdistill.prompts import PromptFormat
 from llmdistill.tinyworld.task import generate_problems, reference_completion
 
 pytestmark = pytest.mark.unit
@@ -71,7 +79,7 @@ def generation(tmp_path_factory, tiny_tokenizer, tiny_tokenizer_dir):
     directory = tmp_path_factory.mktemp("gen")
     half = len(rows) // 2
     for i, chunk in enumerate((rows[:half], rows[half:])):
-        write_generation_shard(chunk, directory / f"shard-{i}.parquet", k=K, teacher=str(tiny_tokenizer_dir),
+        write_generation_shard(chunk, directory / shard_name(i), k=K, teacher=str(tiny_tokenizer_dir),
                                passthrough={"answer": pa.string()})
     return directory, rows, fate
 
@@ -164,7 +172,7 @@ def test_incompatible_schema_version_is_a_clear_error(generation, tmp_path, tiny
     table = pq.read_table(src)
     meta = json.loads(table.schema.metadata[b"llmdistill"])
     meta["schema_version"] = 0
-    pq.write_table(table.replace_schema_metadata({b"llmdistill": json.dumps(meta).encode()}), old / "s.parquet")
+    pq.write_table(table.replace_schema_metadata({b"llmdistill": json.dumps(meta).encode()}), old / shard_name(0))
     with pytest.raises(SchemaError, match="schema version 0.*regenerate"):
         run_build(config((old,), tmp_path, tiny_tokenizer_dir, input_format="generation"))
     assert not (tmp_path / "built").exists()
@@ -176,7 +184,7 @@ def test_missing_reference_answers_fail_before_any_work(generation, tmp_path, ti
     gaps = tmp_path / "gaps"
     rows = [dict(r) for r in generation[1][:3]]
     rows[1]["answer"] = None
-    write_generation_shard(rows, gaps / "s.parquet", k=K, teacher="t", passthrough={"answer": pa.string()})
+    write_generation_shard(rows, gaps / shard_name(0), k=K, teacher="t", passthrough={"answer": pa.string()})
     with pytest.raises(ConfigError, match=f"row 1, prompt_id {rows[1]['prompt_id']}"):
         run_build(config((gaps,), tmp_path, tiny_tokenizer_dir))
     assert not (tmp_path / "built").exists()
@@ -219,15 +227,16 @@ def test_student_prompt_follows_the_generation_prompt_format(tmp_path, tiny_toke
     row["prompt_text"] = tiny_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     row["prompt_token_ids"] = tiny_tokenizer(row["prompt_text"], add_special_tokens=False)["input_ids"]
     gen = tmp_path / "gen"
-    write_generation_shard([row], gen / "s.parquet", k=K, teacher=str(tiny_tokenizer_dir), passthrough={"answer": pa.string()})
+    write_generation_shard([row], gen / shard_name(0), k=K, teacher=str(tiny_tokenizer_dir), passthrough={"answer": pa.string()})
     base = dict(input_path=str(gen), student_tokenizer=str(tiny_tokenizer_dir), verifier="exact",
                 decontam_benchmarks=[], max_length=256)
     # without the generation's format, the student's prompt differs: an error naming the trace
     with pytest.raises(ValueError, match=f"prompt_id {p.id}, sample 0"):
         run_build(BuildConfig(**base, output_dir=str(tmp_path / "a")))
     # the format recorded in the generation manifest is picked up
-    (gen / "manifest.json").write_text(json.dumps({"stage": "generate", "config": {
-        "system_prompt": system, "instruction_template": template}}))
+    info = GenerationInfo(stage="generate", teacher=str(tiny_tokenizer_dir), tokenizer=str(tiny_tokenizer_dir), k=K,
+                          vocab_size=len(tiny_tokenizer), prompt_format=PromptFormat(system, template))
+    write_manifest(gen, "generate", None, generation=info.to_manifest())
     run_build(BuildConfig(**base, output_dir=str(tmp_path / "b")))
     table, _ = read_built(tmp_path / "b")
     np.testing.assert_array_equal(unpack_row(table.to_pylist()[0])[0][0],

@@ -14,23 +14,18 @@ from llmdistill.config.base import ConfigError, load_config
 from llmdistill.config.eval import EvalConfig
 from llmdistill.eval.engine import adapter_base
 from llmdistill.eval.harness import evaluate_models
-from llmdistill.eval.report import (
-    model_labels,
-    plot_results,
-    read_details,
-    results_markdown,
-    write_details,
-)
+from llmdistill.eval.report import model_labels, plot_results, results_markdown
+from llmdistill.formats import read_details, write_details
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.unit
 def test_config_rejects_unknown_benchmark_and_missing_models():
-    with pytest.raises(ConfigError, match="valid names: tiny, gsm8k, math500"):
+    with pytest.raises(ConfigError, match="valid names: aime24, aime25, gpqa_diamond, gsm8k, humaneval, math500, tiny"):
         EvalConfig(models="m", benchmarks="tiny,aime2099")
-    with pytest.raises(ConfigError, match="models is empty"):
-        EvalConfig(benchmarks="tiny")
+    with pytest.raises(ConfigError, match="models is empty"):  # checked when evaluating: a dry run needs none
+        evaluate_models(EvalConfig(benchmarks="tiny"))
     with pytest.raises(ConfigError, match="data_path holds one benchmark"):
         EvalConfig(models="m", benchmarks="tiny,math500", data_path="x.jsonl")
     with pytest.raises(ConfigError, match="column_map must be a JSON object"):
@@ -44,25 +39,37 @@ def test_shipped_yaml_loads():
 
 
 @pytest.mark.unit
-def test_dry_run_lists_counts_and_token_budget_without_a_model(tmp_path):
-    config = EvalConfig(models="a,b", benchmarks="tiny,humaneval,aime24", dry_run=True,
-                        output_dir=str(tmp_path / "out"))
-    plan = evaluate_models(config)
-    assert plan["benchmarks"]["tiny"] == {"num_problems": 500, "num_samples": 4, "max_tokens": 96,
-                                          "token_budget": 500 * 4 * 96, "source": "local"}
-    assert plan["benchmarks"]["humaneval"]["num_problems"] == 164
-    assert plan["benchmarks"]["aime24"]["token_budget"] == 30 * 64 * 32768
-    assert plan["token_budget_total"] == 2 * plan["token_budget_per_model"]
+def test_eval_plan_lists_counts_and_token_budget_without_a_model(tmp_path):
+    from llmdistill.plan import make_plan
+
+    config = EvalConfig(models="a,b", benchmarks="tiny,humaneval,aime24", output_dir=str(tmp_path / "out"))
+    plan = make_plan("eval", config)
+    assert plan["tiny"] == "500 problems x 4 samples x 96 max tokens = 192000 tokens (local)"
+    assert plan["humaneval"].startswith("164 problems")
+    assert plan["aime24"].endswith(f"= {30 * 64 * 32768} tokens (hub: HuggingFaceH4/aime_2024)")
+    assert plan["token budget in all"] == 2 * plan["token budget per model"]
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.unit
-def test_dry_run_from_the_command_line():
+@pytest.mark.parametrize("flag", [["--dry_run"], ["--dry_run", "true"], ["--dry_run=true"], ["--dry_run", "1"]])
+def test_dry_run_from_the_command_line(flag):
     env = {**os.environ, "COLUMNS": "200"}
-    out = subprocess.run([sys.executable, "-m", "llmdistill", "eval", "--benchmarks", "tiny", "--dry_run", "true",
+    out = subprocess.run([sys.executable, "-m", "llmdistill", "eval", "--benchmarks", "tiny", *flag,
                           "--limit", "10", "--num_samples", "2"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "tiny: 10 problems x 2 samples x 96 max tokens = 1920 tokens" in out.stdout
+    assert "10 problems x 2 samples x 96 max tokens = 1920 tokens" in out.stdout
+
+
+@pytest.mark.unit
+def test_dry_run_false_runs_and_a_bad_value_is_refused():
+    from llmdistill.cli import pop_flag
+    from llmdistill.config.base import ConfigError
+
+    assert pop_flag(["--a", "1", "--dry_run", "false", "--b"], "dry_run") == (False, ["--a", "1", "--b"])
+    assert pop_flag(["--dry_run", "--limit", "3"], "dry_run") == (True, ["--limit", "3"])
+    with pytest.raises(ConfigError, match="--dry_run takes true or false"):
+        pop_flag(["--dry_run=maybe"], "dry_run")
 
 
 def _fake_results() -> dict:

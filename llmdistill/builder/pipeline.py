@@ -24,15 +24,16 @@ from llmdistill.builder import dedup, filters
 from llmdistill.builder.decontam import build_index, contaminated
 from llmdistill.builder.pack import best_fit_decreasing, pack_row, packing_efficiency, split_overlong
 from llmdistill.builder.report import length_histogram, write_report
-from llmdistill.builder.tokenize import Document, PromptFormat, load_tokenizer, make_documents
-from llmdistill.builder.traces import Traces, generation_config, load_traces, prompt_problem
-from llmdistill.builder.verify import VERIFIERS, check_references, verify_all
+from llmdistill.builder.tokenize import Document, load_tokenizer, make_documents, resolve_prompt_format
+from llmdistill.builder.traces import Traces, load_traces
+from llmdistill.builder.verify import check_references, reference_column, verify_all
 from llmdistill.codec import encode_topk
 from llmdistill.config.base import ConfigError
 from llmdistill.config.build import BuildConfig
-from llmdistill.formats import tokenizer_fingerprint, write_built_shard
+from llmdistill.formats import read_generation_info, shard_name, tokenizer_fingerprint, write_built_shard
 from llmdistill.log import get_logger
 from llmdistill.manifest import write_manifest
+from llmdistill.prompts import prompt_problem
 
 logger = get_logger(__name__)
 
@@ -91,10 +92,10 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         traces.column("prompt_id"), traces.column("sample_index"), cfg.max_samples_per_prompt))
 
     # Tokenise and pack
-    recorded = generation_config(cfg.input_path) if traces.kind == "generation" else {}
-    teacher_tokenizer = cfg.teacher_tokenizer or recorded.get("tokenizer") or traces.teacher
-    docs, prompt_mismatches = make_documents(traces, tokenizer, cfg, PromptFormat.resolve(cfg, recorded),
-                                             teacher_tokenizer)
+    info = read_generation_info(cfg.input_path) if traces.kind == "generation" else None
+    teacher_tokenizer = cfg.teacher_tokenizer or (info.tokenizer if info else traces.teacher)
+    fmt = resolve_prompt_format(cfg, info.prompt_format if info else None)
+    docs, prompt_mismatches = make_documents(traces, tokenizer, cfg, fmt, teacher_tokenizer)
     docs, overlong_dropped, overlong_split = split_overlong(docs, cfg.max_length, cfg.overlong)
     ledger.steps.append({"step": "overlong", "dropped": overlong_dropped, "remaining": len(docs)})
     if not docs:
@@ -123,7 +124,7 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
 
 def _references(traces: Traces, cfg: BuildConfig) -> list[str | None]:
     """The verifier's reference per trace (answers or tests), checked for gaps."""
-    column = VERIFIERS[cfg.verifier].reference
+    column = reference_column(cfg)
     names = traces.table.column_names
     refs = traces.column(column) if column is not None and column in names else None
     source_column = cfg.answer_column if column == "reference" else cfg.tests_column
@@ -217,7 +218,7 @@ def write_shards(directory: Path, docs: list[Document], bins: list[list[int]], t
                 row["topk"] = encode_topk(ids, lps, meta["vocab_size"], meta["codec_bits"])
                 signal_bytes += len(row["topk"])
             rows.append(row)
-        write_built_shard(rows, directory / f"train-{shard:05d}.parquet", meta)
+        write_built_shard(rows, directory / shard_name(shard), meta)
     return signal_bytes
 
 

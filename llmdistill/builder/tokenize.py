@@ -9,22 +9,22 @@ vocabulary and merges (:func:`llmdistill.formats.tokenizer_fingerprint`), not on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from llmdistill.builder.traces import Traces, prompt_messages
-from llmdistill.config.base import ConfigError
+from llmdistill.builder.traces import Traces
+from llmdistill.config.base import ConfigError, UserError
 from llmdistill.config.build import PackConfig
 from llmdistill.formats import tokenizer_fingerprint
 from llmdistill.log import get_logger
+from llmdistill.prompts import PromptFormat, prompt_messages
 
 logger = get_logger(__name__)
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(UserError):
     """Teacher and student tokenizers differ where token-level KD needs them to be equal."""
 
 
@@ -95,43 +95,19 @@ def teacher_ids_usable(student: Any, teacher_path: str | None, kd: bool) -> bool
     return same
 
 
-def _text_or_file(value: str | None) -> str | None:
-    """A prompt setting given as text or as the path of a file holding it (as ``generate`` reads it)."""
-    if value is not None and len(value) < 4096 and Path(value).is_file():
-        return Path(value).read_text().strip()
-    return value
-
-
-@dataclass
-class PromptFormat:
-    """How a stored prompt becomes the student's chat messages: the generate stage's formatting."""
-
-    system_prompt: str | None = None
-    instruction_template: str | None = None
-
-    @classmethod
-    def resolve(cls, cfg: PackConfig, recorded: dict[str, Any]) -> PromptFormat:
-        """The configured format; unset fields fall back to the generation's config (``recorded``)."""
-        system = cfg.system_prompt if cfg.system_prompt is not None else recorded.get("system_prompt")
-        template = cfg.instruction_template if cfg.instruction_template is not None else recorded.get("instruction_template")
-        return cls(_text_or_file(system), _text_or_file(template))
-
-    def messages(self, prompt: str) -> list[dict[str, str]]:
-        """The chat messages of a stored prompt, instruction template and system prompt applied."""
-        messages = [dict(m) for m in prompt_messages(prompt)]
-        users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
-        if self.instruction_template is not None and users:
-            last = messages[users[-1]]
-            last["content"] = self.instruction_template.replace("{prompt}", str(last["content"]))
-        if self.system_prompt and messages[0].get("role") != "system":
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        return messages
+def resolve_prompt_format(cfg: PackConfig, recorded: PromptFormat | None) -> PromptFormat:
+    """The student's prompt format: the one the teacher saw (``recorded``), unless the config sets a field."""
+    base = recorded or PromptFormat()
+    configured = PromptFormat.from_settings(cfg.system_prompt, cfg.instruction_template)
+    return replace(base,
+                   system_prompt=base.system_prompt if cfg.system_prompt is None else configured.system_prompt,
+                   instruction_template=(base.instruction_template if cfg.instruction_template is None
+                                         else configured.instruction_template))
 
 
 def student_prompt_ids(prompts: list[str], tokenizer: Any, fmt: PromptFormat) -> list[list[int]]:
-    """Token ids of each prompt under the student's chat template, generation prompt included."""
-    texts = [tokenizer.apply_chat_template(fmt.messages(p), tokenize=False, add_generation_prompt=True) for p in prompts]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    """Token ids of stored prompts as the student reads them (generation prompt included)."""
+    return fmt.token_ids(tokenizer, [prompt_messages(p) for p in prompts])
 
 
 def make_documents(traces: Traces, tokenizer: Any, cfg: PackConfig, fmt: PromptFormat,

@@ -7,7 +7,6 @@ as flat numpy arrays with offsets, read only for the rows that survive.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,9 @@ import pyarrow as pa
 
 from llmdistill.config.base import ConfigError
 from llmdistill.config.build import BuildConfig
-from llmdistill.formats import SchemaError, list_shards, read_generation_table, shard_metadata
+from llmdistill.formats import SchemaError, is_generation_dir, read_generation_table
 from llmdistill.log import get_logger
-from llmdistill.manifest import read_manifest
+from llmdistill.prompts import prompt_hash
 
 logger = get_logger(__name__)
 
@@ -85,39 +84,6 @@ class Traces:
 
     def column(self, name: str) -> list[Any]:
         return self.table.column(name).to_pylist()
-
-
-def prompt_messages(prompt: str) -> list[dict[str, str]]:
-    """A stored prompt as chat messages: JSON messages are decoded, plain text is one user turn."""
-    if prompt.startswith("["):
-        try:
-            messages = json.loads(prompt)
-        except json.JSONDecodeError:
-            messages = None
-        if isinstance(messages, list) and all(isinstance(m, dict) and "content" in m for m in messages):
-            return messages
-    return [{"role": "user", "content": prompt}]
-
-
-def prompt_problem(prompt: str) -> str:
-    """The problem text of a prompt (its user turns), what dedup and decontamination compare."""
-    return "\n".join(m["content"] for m in prompt_messages(prompt) if m.get("role", "user") == "user")
-
-
-def is_generation_dir(path: str | Path) -> bool:
-    """True for a directory holding llmdistill generation shards."""
-    path = Path(path)
-    if not path.is_dir():
-        return False
-    shards = list_shards(path)
-    return bool(shards) and shard_metadata(shards[0]).get("schema") == "llmdistill.generation"
-
-
-def generation_config(directory: str | Path) -> dict[str, Any]:
-    """The config recorded in a generation directory's manifest (empty when there is none)."""
-    if not (Path(directory) / "manifest.json").is_file():
-        return {}
-    return read_manifest(directory).get("config") or {}
 
 
 def load_traces(cfg: BuildConfig, tokenizer: Any) -> Traces:
@@ -224,7 +190,7 @@ def _load_dataset(cfg: BuildConfig, tokenizer: Any) -> Traces:
     seen: dict[str, int] = {}
     for i, rec in enumerate(records):
         prompt, completion = _split_record(rec, cfg, i)
-        pid = str(rec[cfg.id_column]) if rec.get(cfg.id_column) is not None else hashlib.sha1(prompt.encode()).hexdigest()[:16]
+        pid = str(rec[cfg.id_column]) if rec.get(cfg.id_column) is not None else prompt_hash(prompt)
         samples.append(seen.get(pid, 0))
         seen[pid] = samples[-1] + 1
         prompts.append(prompt)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,7 +22,12 @@ import yaml
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """An error the user's data, config or environment caused: the CLI prints its message as one
+    line (file, row or key, and the fix) and exits with code 2; ``--debug`` shows the traceback."""
+
+
+class ConfigError(UserError):
     """A config file or flag that cannot be used, with what to do about it."""
 
 
@@ -61,6 +69,80 @@ def read_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     return data
 
 
+def _describe(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "text", type(None): "null"}
+    if tp in names:
+        return names[tp]
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(a) for a in typing.get_args(tp)))
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(e.value) for e in tp)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _accepts(tp: Any, value: Any) -> bool:
+    """Whether a YAML value fits a field's type (types this cannot judge are left to the dataclass)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(a, value) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and (not args or all(_accepts(args[0], v) for v in value))
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if origin is typing.Literal:
+        return value in args
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return isinstance(value, tp) or value in {e.value for e in tp}
+    return True
+
+
+def check_types(cls: type, values: dict[str, Any], where: str) -> None:
+    """Fail on a value whose type does not fit its field, naming the file and key.
+
+    Raises:
+        ConfigError: e.g. ``train.yaml: max_steps: expected an integer, got 40.5``.
+    """
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation this Python cannot resolve: leave it to the dataclass
+        return
+    for key, value in values.items():
+        tp = hints.get(key)
+        if tp is None or _accepts(tp, value):
+            continue
+        hint = ""
+        if isinstance(value, str) and _accepts(tp, 1.0) and not _accepts(tp, "x"):
+            hint = " (YAML reads a number like 3e-3 as text: write 0.003 or 3.0e-3)"
+        raise ConfigError(f"{where}: {key}: expected {_describe(tp)}, got {value!r}{hint}")
+
+
+def check_cli_keys(cls: type, args: list[str]) -> None:
+    """Fail on an unknown ``--key`` before any value is parsed or range-checked."""
+    names = set(_field_names(cls)) | {"config", "help"}
+    for arg in args:
+        if arg.startswith("--") and len(arg) > 2:
+            key = arg[2:].split("=", 1)[0]
+            if key not in names and key.replace("-", "_") not in names:
+                raise ConfigError(_unknown_key_message(key, cls, "the command line"))
+
+
 def parse_config(cls: type[T], argv: list[str] | None, prog: str | None = None) -> T:
     """Build a config from ``--config FILE`` plus ``--field value`` overrides.
 
@@ -77,25 +159,27 @@ def parse_config(cls: type[T], argv: list[str] | None, prog: str | None = None) 
 
     from transformers import HfArgumentParser
 
+    class Parser(HfArgumentParser):
+        def error(self, message: str) -> typing.NoReturn:  # one line naming the flag, not the whole usage text
+            raise ConfigError(f"the command line: {message}; run with --help to list the fields")
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
 
-    parser = HfArgumentParser(cls, prog=prog, allow_abbrev=False)
+    # Unknown keys first (YAML, then flags), then types, and only then the dataclass's range checks
+    values = read_yaml(known.config, cls) if known.config else {}
+    check_cli_keys(cls, rest)
+    check_types(cls, values, str(known.config))
+    parser = Parser(cls, prog=prog, allow_abbrev=False)
     parser.add_argument("--config", default=None, help="YAML file holding a saved config; flags override it.")
-    if known.config:
-        parser.set_defaults(**read_yaml(known.config, cls))
-    # the extra --config argument comes back as a Namespace between the dataclass and the leftovers
-    parsed = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
-    cfg, remaining = parsed[0], parsed[-1]
-    leftovers = [a for a in remaining if a.startswith("--")]
-    if leftovers:
-        key = leftovers[0][2:].split("=")[0]
-        raise ConfigError(_unknown_key_message(key, cls, "the command line"))
+    parser.set_defaults(**values)
+    namespace, remaining = parser.parse_known_args(args=rest)
     if remaining:
         raise ConfigError(f"unexpected argument(s) {remaining!r}: every option is --field value")
-    return cfg
+    fields = set(_field_names(cls))
+    return cls(**{k: v for k, v in vars(namespace).items() if k in fields})
 
 
 def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) -> T:
@@ -104,6 +188,8 @@ def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) 
     for key in overrides:
         if key not in _field_names(cls):
             raise ConfigError(_unknown_key_message(key, cls, "the keyword overrides"))
+    if path:
+        check_types(cls, values, str(path))
     values.update(overrides)
     return cls(**values)
 

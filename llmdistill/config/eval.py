@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmdistill.config.base import ConfigError, check_choice, check_range, parse_json_field
+from llmdistill.vllm_runtime import DTYPES
 from llmdistill.vllm_runtime import MODES as ENGINE_PROCESS_MODES
 
 
@@ -21,11 +22,10 @@ class EvalConfig:
         "help": "Comma-separated models: hub ids, local checkpoints, or LoRA adapter directories "
                 "(detected by adapter_config.json). Evaluated one engine at a time."})
     benchmarks: str = field(default="tiny", metadata={
-        "help": "Comma-separated benchmark names: tiny, gsm8k, math500, aime24, aime25, gpqa_diamond, humaneval."})
+        "help": "Comma-separated benchmark names: the files of llmdistill/benchmarks/definitions/ (tiny, math500, "
+                "aime24, gpqa_diamond, humaneval, ...; an unknown name lists them all)."})
     output_dir: str = field(default="runs/eval", metadata={"help": "Where details, results and the report go."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing non-empty output_dir."})
-    dry_run: bool = field(default=False, metadata={
-        "help": "List benchmarks, sample counts and token budget without loading a model."})
     data_path: str | None = field(default=None, metadata={
         "help": "Local copy of the (single) benchmark: .jsonl/.jsonl.gz/.json/.parquet/.csv."})
     column_map: str | None = field(default=None, metadata={
@@ -40,8 +40,11 @@ class EvalConfig:
     k_values: str = field(default="", metadata={
         "help": "Comma-separated k for pass@k and maj@k (default: powers of 2 below n, and n)."})
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message for every prompt."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed (per request)."})
-    dtype: str = field(default="auto", metadata={"help": "Model dtype for vLLM: auto, bfloat16, float16, float32."})
+    seed: int = field(default=0, metadata={
+        "help": "Sampling seed. It seeds the engine (LLM(seed=...)) and, on GPU, every request too "
+                "(SamplingParams.seed); on vLLM's CPU backend per-request seeds crash the engine, so there only "
+                "the engine-wide seed is used."})
+    dtype: str = field(default="auto", metadata={"help": f"Model dtype for vLLM: {' | '.join(DTYPES)}."})
     max_model_len: int | None = field(default=None, metadata={
         "help": "vLLM context length (default: the model's); small values shrink the KV cache."})
     enforce_eager: bool = field(default=False, metadata={
@@ -71,8 +74,6 @@ class EvalConfig:
             raise ConfigError(str(err)) from None
         if not names:
             raise ConfigError("benchmarks is empty: name at least one, e.g. --benchmarks tiny")
-        if not self.dry_run and not self.model_list:
-            raise ConfigError("models is empty: pass --models a,b (hub ids, checkpoints or adapter dirs)")
         if self.data_path and len(names) != 1:
             raise ConfigError(f"data_path holds one benchmark, but benchmarks={self.benchmarks!r} names {len(names)}")
         parse_json_field("column_map", self.column_map)  # fail on bad JSON now, not mid-run
@@ -90,7 +91,7 @@ class EvalConfig:
         check_range("code_workers", self.code_workers, 1)
         check_choice("lora_mode", self.lora_mode, ("vllm", "merge"))
         check_choice("vllm_multiprocessing", self.vllm_multiprocessing, ENGINE_PROCESS_MODES)
-        check_choice("dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
+        check_choice("dtype", self.dtype, DTYPES)
         for k in self.ks:
             check_range("k_values", k, 1)
 

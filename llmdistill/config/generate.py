@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from llmdistill.config.base import ConfigError, check_choice, check_range, parse_json_field
+from llmdistill.vllm_runtime import DTYPES
 from llmdistill.vllm_runtime import MODES as ENGINE_PROCESS_MODES
 
 BACKENDS = ("offline", "server")
@@ -102,7 +103,7 @@ class EngineConfig:
     model: str = field(default="", metadata={"help": "Teacher: a local checkpoint directory or a hub model id."})
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer path/id if not the model's."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the checkpoint."})
-    dtype: str = field(default="auto", metadata={"help": "auto | bfloat16 | float16 | float32."})
+    dtype: str = field(default="auto", metadata={"help": f"Model dtype for vLLM: {' | '.join(DTYPES)}."})
     max_model_len: int | None = field(
         default=None,
         metadata={"help": "Context length; longer prompts are skipped and counted. Unset: the model's (offline) "
@@ -135,7 +136,7 @@ class EngineConfig:
     def _check_engine(self) -> None:
         if not self.model:
             raise ConfigError("model is required: the teacher's checkpoint directory or hub id")
-        check_choice("dtype", self.dtype, ("auto", "bfloat16", "float16", "float32", "half", "float"))
+        check_choice("dtype", self.dtype, DTYPES)
         check_range("max_model_len", self.max_model_len, 2)
         check_range("tensor_parallel_size", self.tensor_parallel_size, 1)
         check_range("pipeline_parallel_size", self.pipeline_parallel_size, 1)

@@ -13,19 +13,22 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from llmdistill.benchmarks import BenchmarkSpec, Item, get_spec, load_benchmark
-from llmdistill.checking.checkers import score_all
-from llmdistill.checking.extract import THINK_OPEN, strip_think
+from llmdistill.checking.checkers import CHECKERS, Reference, Verdict, check_many
+from llmdistill.checking.extract import THINK_OPEN
 from llmdistill.config.base import ConfigError
 from llmdistill.config.eval import EvalConfig
 from llmdistill.eval.metrics import summarize
-from llmdistill.eval.report import plot_results, results_markdown, write_details
+from llmdistill.eval.report import plot_results, results_markdown
+from llmdistill.formats import DETAILS_SCHEMA, DETAILS_SCHEMA_VERSION, write_details
 from llmdistill.log import get_logger
 from llmdistill.manifest import write_json_atomic, write_manifest
+from llmdistill.prompts import PromptFormat
 
 logger = get_logger(__name__)
 
@@ -72,13 +75,14 @@ def _offline(config: EvalConfig, name: str) -> bool:
     return name in ("tiny", "humaneval") or config.data_path is not None
 
 
-def dry_run(config: EvalConfig) -> dict[str, Any]:
-    """Log what would run (benchmarks, problems, samples, token budget) without loading a model.
+def eval_plan(config: EvalConfig) -> dict[str, Any]:
+    """What an eval would run (benchmarks, problems, samples, token budget), without loading a model.
 
     Local data (tiny world, bundled HumanEval, ``data_path``) is loaded and counted; hub
     benchmarks are not downloaded: their canonical size is used.
     """
-    rows = {}
+    plan: dict[str, Any] = {"models": config.model_list or "(none given)"}
+    total = 0
     for name in config.benchmark_list:
         spec = get_spec(name)
         n, max_tokens = config.num_samples or spec.num_samples, config.max_tokens or spec.max_tokens
@@ -86,28 +90,21 @@ def dry_run(config: EvalConfig) -> dict[str, Any]:
             size, source = len(plan_benchmarks(replace(config, benchmarks=name))[0].items), "local"
         else:
             size, source = min(spec.size, config.limit or spec.size), f"hub: {spec.hub_id}"
-        rows[name] = {"num_problems": size, "num_samples": n, "max_tokens": max_tokens,
-                      "token_budget": size * n * max_tokens, "source": source}
-    models = config.model_list
-    total = sum(r["token_budget"] for r in rows.values())
-    logger.info("dry run: %d model(s): %s", len(models), ", ".join(models) or "(none given)")
-    for name, r in rows.items():
-        logger.info("%s: %d problems x %d samples x %d max tokens = %d tokens (%s)", name, r["num_problems"],
-                    r["num_samples"], r["max_tokens"], r["token_budget"], r["source"])
-    logger.info("token budget: %d per model, %d in total", total, total * max(1, len(models)))
-    return {"dry_run": True, "models": models, "benchmarks": rows, "token_budget_per_model": total,
-            "token_budget_total": total * max(1, len(models))}
+        total += size * n * max_tokens
+        plan[name] = f"{size} problems x {n} samples x {max_tokens} max tokens = {size * n * max_tokens} tokens ({source})"
+    plan["token budget per model"] = total
+    plan["token budget in all"] = total * max(1, len(config.model_list))
+    return plan
 
 
-def _prompt_ids(tokenizer: Any, item: Item, system_prompt: str | None) -> tuple[list[int], bool]:
-    """Chat-formatted prompt token ids, and whether the template already opened ``<think>``."""
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
-    messages.append({"role": "user", "content": item.prompt})
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        text = item.prompt
-    return tokenizer(text, add_special_tokens=False)["input_ids"], text.rstrip().endswith(THINK_OPEN)
+def _prompt_ids(tokenizer: Any, items: list[Item], system_prompt: str | None) -> list[tuple[list[int], bool]]:
+    """Prompt token ids of each item, and whether the rendered prompt already opened ``<think>``.
+
+    The model's chat template is used when it has one (a base model reads the plain prompt).
+    """
+    fmt = PromptFormat.from_settings(system_prompt, use_chat_template=bool(getattr(tokenizer, "chat_template", None)))
+    texts = [fmt.render(tokenizer, item.prompt, f"{item.id}") for item in items]
+    return [(ids, text.rstrip().endswith(THINK_OPEN)) for ids, text in zip(fmt.encode(tokenizer, texts), texts, strict=True)]
 
 
 def _request_seed(seed: int) -> int | None:
@@ -119,6 +116,32 @@ def _request_seed(seed: int) -> int | None:
     return None if current_platform.is_cpu() else seed
 
 
+def item_reference(item: Item) -> Reference:
+    """What a benchmark item's responses are checked against."""
+    reference = getattr(item, "reference", None)  # an Item that carries its Reference already
+    if isinstance(reference, Reference):
+        return reference
+    return Reference(answer=item.answer or None, tests=item.tests, entry_point=item.entry_point,
+                     code_prefix=item.code_prefix)
+
+
+def score_responses(checker: str, responses: Sequence[str], items: Sequence[Item],
+                    think_in_prompt: bool | Sequence[bool] = False, *, workers: int = 2, timeout_s: float = 10,
+                    memory_mb: int = 1024) -> list[Verdict]:
+    """Eval's scoring step (what :func:`run_benchmark` calls; no engine needed): the verdict on each
+    whole response (think block included) against its item, by the registry ``build`` verifies with.
+
+    Args:
+        checker: a key of :data:`~llmdistill.checking.checkers.CHECKERS` (the benchmark's scorer).
+        responses: the generated texts.
+        items: the item of each response.
+        think_in_prompt: whether the prompt already opened ``<think>``; one flag, or one per response.
+        workers, timeout_s, memory_mb: code sandbox concurrency and limits.
+    """
+    return check_many(checker, responses, [item_reference(item) for item in items], think_in_prompt=think_in_prompt,
+                      workers=workers, timeout_s=timeout_s, memory_mb=memory_mb)
+
+
 def run_benchmark(engine: Any, plan: BenchmarkPlan, model: str, config: EvalConfig) -> tuple[list[dict], dict]:
     """Sample, score and summarize one model on one benchmark.
 
@@ -127,7 +150,7 @@ def run_benchmark(engine: Any, plan: BenchmarkPlan, model: str, config: EvalConf
     """
     from vllm import SamplingParams
 
-    encoded = [_prompt_ids(engine.tokenizer, item, config.system_prompt) for item in plan.items]
+    encoded = _prompt_ids(engine.tokenizer, plan.items, config.system_prompt)
     params = SamplingParams(n=plan.num_samples, temperature=plan.temperature, top_p=plan.top_p,
                             max_tokens=plan.max_tokens, seed=_request_seed(config.seed))
     started = time.time()
@@ -139,9 +162,9 @@ def run_benchmark(engine: Any, plan: BenchmarkPlan, model: str, config: EvalConf
     n_tokens = sum(len(o.token_ids) for _, _, o in samples)
     logger.info("%s on %s: %d samples, %d tokens in %.1f s", model, plan.spec.name, len(samples), n_tokens,
                 time.time() - started)
-    answers = [strip_think(o.text, think_in_prompt=think) for _, think, o in samples]
-    scores = score_all(plan.spec.scorer, answers, [item for item, _, _ in samples], workers=config.code_workers,
-                       timeout_s=config.code_timeout_s, memory_mb=config.code_memory_mb)
+    scores = score_responses(plan.spec.scorer, [o.text for _, _, o in samples], [item for item, _, _ in samples],
+                             [think for _, think, _ in samples], workers=config.code_workers,
+                             timeout_s=config.code_timeout_s, memory_mb=config.code_memory_mb)
     rows = [
         {"model": model, "benchmark": plan.spec.name, "problem_id": item.id, "sample_index": i % plan.num_samples,
          "gold": item.answer, "response": out.text, "extracted": score.extracted, "correct": score.correct,
@@ -154,7 +177,8 @@ def run_benchmark(engine: Any, plan: BenchmarkPlan, model: str, config: EvalConf
 def _metrics(rows: list[dict], plan: BenchmarkPlan, config: EvalConfig) -> dict:
     n = plan.num_samples
     chunks = [rows[i : i + n] for i in range(0, len(rows), n)]
-    votes = None if plan.spec.scorer == "code" else [[r["extracted"] for r in c] for c in chunks]
+    # maj@k votes on the checker's normalised answers ("60" and "60.0" are one vote); code has none
+    votes = [[r["extracted"] for r in c] for c in chunks] if CHECKERS[plan.spec.scorer].votes else None
     return summarize([[r["correct"] for r in c] for c in chunks], votes, [r["finish_reason"] for r in rows],
                      [r["n_tokens"] for r in rows], ks=config.ks or None)
 
@@ -187,13 +211,13 @@ def evaluate_models(config: EvalConfig) -> dict[str, Any]:
 
     Returns:
         The content of ``results.json``: ``{"results": {model: {benchmark: metrics}},
-        "benchmarks": {benchmark: settings}, "models": [...], "output_dir": ...}``; for a dry
-        run, the plan (benchmarks, sample counts, token budgets) instead.
+        "benchmarks": {benchmark: settings}, "models": [...], "output_dir": ...}``. A dry run is
+        :func:`eval_plan` instead.
     """
     from llmdistill.eval.engine import open_engine
 
-    if config.dry_run:
-        return dry_run(config)
+    if not config.model_list:
+        raise ConfigError("models is empty: pass --models a,b (hub ids, checkpoints or adapter dirs)")
     started = time.time()
     # Load data and check the output dir before paying for an engine start
     plans = plan_benchmarks(config)
@@ -227,14 +251,12 @@ def _write_outputs(tmp: Path, summary: dict, details: list[dict], config: EvalCo
     write_manifest(tmp, "eval", config, inputs=inputs, started=started,
                    counts={"samples": len(details), "models": len(config.model_list),
                            "benchmarks": len(summary["benchmarks"])},
-                   details_schema="llmdistill.eval_details/1")
+                   details_schema=f"{DETAILS_SCHEMA}/{DETAILS_SCHEMA_VERSION}")
 
 
 def run_eval(config: EvalConfig) -> None:
     """CLI runner of ``llmdistill eval``: evaluate, then log the side-by-side table."""
     summary = evaluate_models(config)
-    if config.dry_run:
-        return
     for line in results_markdown(summary).splitlines():
         if line.startswith("|") or line.startswith("#"):
             logger.info(line)

@@ -1,62 +1,13 @@
-"""Eval outputs: the per-sample details table, results.json, a side-by-side markdown table, a chart.
+"""Eval outputs: results.json, a side-by-side markdown table and a chart.
 
-Eval details (``details.parquet``), one row per sample:
-
-====================  ===========  ======================================================
-model                 string       model id/path as given in ``models``
-benchmark             string       registry name
-problem_id            string       the item's id
-sample_index          int32        0 .. n-1
-gold                  string       the gold answer (empty for code)
-response              string       the full generated text
-extracted             string|null  the extracted answer (``null``: none found)
-correct               bool
-finish_reason         string       ``stop`` | ``length``
-n_tokens              int32        response length in tokens
-====================  ===========  ======================================================
+The per-sample details table is a data contract and lives in :mod:`llmdistill.formats`
+(:func:`~llmdistill.formats.write_details`, :func:`~llmdistill.formats.read_details`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
-
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from llmdistill.formats import SchemaError, shard_metadata, write_parquet_atomic
-
-DETAILS_SCHEMA = "llmdistill.eval_details"
-DETAILS_SCHEMA_VERSION = 1
-DETAILS_COLUMNS: dict[str, pa.DataType] = {
-    "model": pa.string(),
-    "benchmark": pa.string(),
-    "problem_id": pa.string(),
-    "sample_index": pa.int32(),
-    "gold": pa.string(),
-    "response": pa.string(),
-    "extracted": pa.string(),
-    "correct": pa.bool_(),
-    "finish_reason": pa.string(),
-    "n_tokens": pa.int32(),
-}
-
-
-def write_details(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """Write the per-sample details table atomically (schema in the module docstring)."""
-    table = pa.table({name: pa.array([r[name] for r in rows], type=typ) for name, typ in DETAILS_COLUMNS.items()})
-    meta = {b"llmdistill": json.dumps({"schema": DETAILS_SCHEMA, "schema_version": DETAILS_SCHEMA_VERSION}).encode()}
-    write_parquet_atomic(table.replace_schema_metadata(meta), path)
-
-
-def read_details(path: str | Path) -> pa.Table:
-    """Read a details table written by :func:`write_details`."""
-    meta = shard_metadata(path)
-    if (meta.get("schema"), meta.get("schema_version")) != (DETAILS_SCHEMA, DETAILS_SCHEMA_VERSION):
-        raise SchemaError(f"{path} holds {meta.get('schema')} v{meta.get('schema_version')}, expected "
-                          f"{DETAILS_SCHEMA} v{DETAILS_SCHEMA_VERSION}: re-run `llmdistill eval`")
-    return pq.read_table(path)
 
 
 def model_labels(models: list[str]) -> dict[str, str]:

@@ -16,8 +16,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from llmdistill.config.base import UserError
 from llmdistill.config.generate import GenerateConfig, ScoreConfig
 from llmdistill.log import get_logger
+from llmdistill.prompts import PromptError, PromptFormat, prompt_hash, stored_prompt
 
 logger = get_logger(__name__)
 
@@ -25,8 +27,32 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """Input data or paths that cannot be used; raised before the engine starts."""
+
+
+@dataclass
+class Formatter:
+    """The stage's prompt format bound to the teacher tokenizer."""
+
+    format: PromptFormat
+    tokenizer: Any
+
+    @classmethod
+    def of(cls, cfg: GenerateConfig | ScoreConfig, tokenizer: Any) -> Formatter:
+        """The configured format (inline text or files); fails on a missing chat template."""
+        try:
+            fmt = PromptFormat.from_settings(cfg.system_prompt, cfg.instruction_template, cfg.use_chat_template)
+            fmt.check_tokenizer(tokenizer)
+        except PromptError as err:
+            raise InputError(str(err)) from None
+        return cls(fmt, tokenizer)
+
+    def text(self, prompt: Any, location: str) -> str:
+        try:
+            return self.format.render(self.tokenizer, prompt, location)
+        except PromptError as err:
+            raise InputError(str(err)) from None
 
 
 @dataclass
@@ -57,13 +83,6 @@ def check_model_path(name: str, value: str) -> None:
     """Fail when ``value`` is meant as a local path (not a plausible hub id) and does not exist."""
     if not os.path.exists(os.path.expanduser(value)) and looks_like_local_path(value):
         raise InputError(f"{name} '{value}' does not exist (and is not a hub id like 'org/name'): fix the path")
-
-
-def read_text_or_file(value: str | None) -> str | None:
-    """A prompt piece given inline or as the path of a file holding it."""
-    if value and len(value) < 4096 and os.path.isfile(os.path.expanduser(value)):
-        return Path(os.path.expanduser(value)).read_text()
-    return value
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
@@ -146,75 +165,12 @@ def passthrough_types(rows: list[tuple[str, dict]], columns: list[str]) -> dict[
 
 
 # ---------------------------------------------------------------------------------------
-# Prompt formatting
-
-
-def prompt_hash(prompt: Any) -> str:
-    """Stable id of a prompt (text or messages): the first 16 hex digits of its SHA-256."""
-    return hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+# Prompt ids and requests
 
 
 def shard_of(prompt_id: str, count: int) -> int:
     """Which of ``count`` shards a prompt id belongs to (deterministic across machines)."""
     return int(hashlib.sha256(prompt_id.encode()).hexdigest()[:12], 16) % count
-
-
-class PromptFormatter:
-    """Turns a prompt (text or chat messages) into the teacher's input text.
-
-    Args:
-        cfg: the stage config (chat template switch, system prompt, instruction template).
-        tokenizer: the teacher tokenizer (its chat template is used).
-    """
-
-    def __init__(self, cfg: GenerateConfig | ScoreConfig, tokenizer: Any):
-        self.tokenizer = tokenizer
-        self.use_chat_template = cfg.use_chat_template
-        self.system = read_text_or_file(cfg.system_prompt)
-        self.template = read_text_or_file(cfg.instruction_template)
-        if self.template is not None and "{prompt}" not in self.template:
-            raise InputError("instruction_template must contain '{prompt}' where the prompt goes")
-        if self.use_chat_template and not getattr(tokenizer, "chat_template", None):
-            raise InputError(f"the tokenizer of {tokenizer.name_or_path} has no chat template: "
-                             f"set use_chat_template: false for a base model")
-
-    def messages(self, prompt: str | list[dict], location: str) -> list[dict]:
-        """The chat messages of a prompt, with system prompt and instruction template applied."""
-        if isinstance(prompt, str):
-            messages = [{"role": "user", "content": prompt}]
-        elif isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
-            messages = [dict(m) for m in prompt]
-        else:
-            raise InputError(f"{location}: the prompt must be text or a list of {{role, content}} messages")
-        if not messages or not any(str(m["content"]).strip() for m in messages):
-            raise InputError(f"{location}: the prompt is empty; remove the row or fill it in")
-        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-        if self.template is not None and users:
-            last = messages[users[-1]]
-            last["content"] = self.template.replace("{prompt}", str(last["content"]))
-        if self.system and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": self.system})
-        return messages
-
-    def text(self, prompt: str | list[dict], location: str) -> str:
-        """The exact text the teacher sees (ends with the generation prompt of the chat template)."""
-        messages = self.messages(prompt, location)
-        if self.use_chat_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if len(messages) > 2 or messages[-1]["role"] != "user":
-            raise InputError(f"{location}: multi-turn messages need use_chat_template: true")
-        return "\n\n".join(str(m["content"]) for m in messages)
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of formatted prompts; special tokens come from the template, else the tokenizer adds them."""
-        if not texts:
-            return []
-        return self.tokenizer(texts, add_special_tokens=not self.use_chat_template)["input_ids"]
-
-
-def as_given(prompt: Any) -> str:
-    """The ``prompt`` column of the output: text as is, messages as JSON."""
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
 
 
 def check_unique(requests: list[Request], locations: list[str]) -> None:
@@ -245,14 +201,14 @@ def input_columns(cfg: GenerateConfig | ScoreConfig) -> list[str]:
     return list(dict.fromkeys(c for c in columns if c))
 
 
-def prompt_requests(cfg: GenerateConfig, formatter: PromptFormatter, rows: list[tuple[str, dict]]) -> list[Request]:
+def prompt_requests(cfg: GenerateConfig, formatter: Formatter, rows: list[tuple[str, dict]]) -> list[Request]:
     """One request per input row (not yet tokenized: see :func:`tokenize_requests`)."""
     requests, locations = [], []
     for location, record in rows:
         prompt = record[cfg.prompt_column]
         requests.append(Request(
             prompt_id=_prompt_id(cfg, record, prompt, location),
-            prompt=as_given(prompt),
+            prompt=stored_prompt(prompt),
             prompt_text=formatter.text(prompt, location),
             prompt_token_ids=[],
             passthrough={c: record[c] for c in cfg.passthrough_columns},
@@ -274,7 +230,7 @@ def _split_pair(cfg: ScoreConfig, record: dict, location: str) -> tuple[Any, Any
     return messages[:-1], messages[-1].get("content")
 
 
-def score_requests(cfg: ScoreConfig, formatter: PromptFormatter, rows: list[tuple[str, dict]]) -> list[Request]:
+def score_requests(cfg: ScoreConfig, formatter: Formatter, rows: list[tuple[str, dict]]) -> list[Request]:
     """One request per (prompt, completion) row (not yet tokenized)."""
     requests, locations, seen = [], [], {}
     for location, record in rows:
@@ -289,7 +245,7 @@ def score_requests(cfg: ScoreConfig, formatter: PromptFormatter, rows: list[tupl
             seen[prompt_id] = sample_index + 1
         requests.append(Request(
             prompt_id=prompt_id,
-            prompt=as_given(prompt),
+            prompt=stored_prompt(prompt),
             prompt_text=formatter.text(prompt, location),
             prompt_token_ids=[],
             passthrough={c: record[c] for c in cfg.passthrough_columns},
@@ -301,13 +257,14 @@ def score_requests(cfg: ScoreConfig, formatter: PromptFormatter, rows: list[tupl
     return requests
 
 
-def tokenize_requests(requests: list[Request], formatter: PromptFormatter, append_eos: bool = False) -> None:
+def tokenize_requests(requests: list[Request], formatter: Formatter, append_eos: bool = False) -> None:
     """Fill in prompt token ids, and completion token ids of score requests.
 
     Prompt and completion are tokenized separately and concatenated, so the completion's ids
     (and so the positions that get scored) are known exactly.
     """
-    for req, ids in zip(requests, formatter.encode([r.prompt_text for r in requests]), strict=True):
+    encoded = formatter.format.encode(formatter.tokenizer, [r.prompt_text for r in requests])
+    for req, ids in zip(requests, encoded, strict=True):
         req.prompt_token_ids = list(ids)
     pairs = [r for r in requests if r.completion is not None]
     if not pairs:

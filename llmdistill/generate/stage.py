@@ -9,6 +9,7 @@ load. The engine is only started when something is left to do.
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,11 +19,17 @@ from typing import Any
 import pyarrow as pa
 
 from llmdistill.config.generate import GenerateConfig, ScoreConfig
-from llmdistill.formats import write_generation_shard
+from llmdistill.formats import (
+    GenerationInfo,
+    next_shard_index,
+    read_generation_keys,
+    shard_name,
+    write_generation_shard,
+)
 from llmdistill.generate.engines import OfflineEngine, ServerEngine
 from llmdistill.generate.inputs import (
+    Formatter,
     InputError,
-    PromptFormatter,
     Request,
     check_model_path,
     drop_too_long,
@@ -37,9 +44,7 @@ from llmdistill.generate.inputs import (
 from llmdistill.generate.store import (
     check_resumable,
     decode_completions,
-    done_keys,
     merge_shards,
-    next_shard_index,
     part_dir,
     remove_stale_temp_files,
     shard_rows,
@@ -54,13 +59,19 @@ logger = get_logger(__name__)
 class Plan:
     """What one job will do: its part's directory and the requests not yet written."""
 
-    stage: str
+    info: GenerationInfo
     directory: Path
     tokenizer: Any
     pending: list[Request]
     passthrough: dict[str, pa.DataType]
     done: set[tuple[str, int]]
     counts: dict[str, int]
+
+
+def resolve_model(name: str) -> str:
+    """A local model or tokenizer path made absolute (so later stages run from any directory); a hub id as is."""
+    path = os.path.expanduser(name)
+    return os.path.abspath(path) if os.path.exists(path) else name
 
 
 def load_tokenizer(cfg: GenerateConfig | ScoreConfig) -> Any:
@@ -116,7 +127,7 @@ def prepare(cfg: GenerateConfig | ScoreConfig, stage: str) -> Plan:
         raise InputError(f"logprobs_top_k={cfg.logprobs_top_k} exceeds the teacher's vocabulary ({len(tokenizer)})")
 
     # Input rows -> requests
-    formatter = PromptFormatter(cfg, tokenizer)
+    formatter = Formatter.of(cfg, tokenizer)
     rows = load_rows(cfg, input_columns(cfg))
     requests = score_requests(cfg, formatter, rows) if stage == "score" else prompt_requests(cfg, formatter, rows)
 
@@ -124,13 +135,15 @@ def prepare(cfg: GenerateConfig | ScoreConfig, stage: str) -> Plan:
     mine = [r for r in requests if shard_of(r.prompt_id, count) == index]
     tokenize_requests(mine, formatter, append_eos=getattr(cfg, "append_eos", False))
     fitting, too_long = drop_too_long(mine, context_length(cfg), room=1)
-    done = done_keys(directory)
+    done = read_generation_keys(directory)
     pending = [r for r in fitting if any(key not in done for key in _keys(r, cfg))]
     counts = {"input_rows": len(rows), "part_rows": len(mine), "skipped_too_long": too_long,
               "pending_at_start": len(pending)}
     logger.info("%s: %d input rows, %d in part %s, %d too long for the context, %d left to do",
                 stage, len(rows), len(mine), cfg.shard, too_long, len(pending))
-    return Plan(stage, directory, tokenizer, pending, passthrough_types(rows, cfg.passthrough_columns), done, counts)
+    info = GenerationInfo(stage=stage, teacher=resolve_model(cfg.model), tokenizer=resolve_model(cfg.tokenizer or cfg.model),
+                          k=cfg.logprobs_top_k, vocab_size=len(tokenizer), prompt_format=formatter.format)
+    return Plan(info, directory, tokenizer, pending, passthrough_types(rows, cfg.passthrough_columns), done, counts)
 
 
 def make_engine(cfg: GenerateConfig | ScoreConfig, scoring: bool) -> OfflineEngine | ServerEngine:
@@ -142,7 +155,7 @@ def make_engine(cfg: GenerateConfig | ScoreConfig, scoring: bool) -> OfflineEngi
 
 def teacher_rows(completions: list, batch: list[Request], plan: Plan) -> list[dict]:
     """The generation rows of one batch's teacher output (sampled: ``[[Completion]]``; scored: ``[Completion]``)."""
-    if plan.stage == "score":
+    if plan.info.stage == "score":
         return shard_rows(batch, [[c] for c in completions], None, plan.done)
     texts = decode_completions(plan.tokenizer, [c for comps in completions for c in comps])
     return shard_rows(batch, completions, texts, plan.done)
@@ -161,18 +174,18 @@ def write_batches(engine: OfflineEngine | ServerEngine, plan: Plan, cfg: Generat
     def write(completions: list, batch: list[Request], path: Path) -> None:
         rows = teacher_rows(completions, batch, plan)
         if rows:
-            write_generation_shard(rows, path, cfg.logprobs_top_k, cfg.model, plan.passthrough,
-                                   extra={"stage": plan.stage})
+            write_generation_shard(rows, path, cfg.logprobs_top_k, plan.info.teacher, plan.passthrough,
+                                   extra={"stage": plan.info.stage})
 
     with progress() as bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
-        task = bar.add_task(plan.stage, total=len(plan.pending))
+        task = bar.add_task(plan.info.stage, total=len(plan.pending))
         in_flight: Future | None = None
         for start in range(0, len(plan.pending), cfg.batch_size):
             batch = plan.pending[start:start + cfg.batch_size]
-            completions = engine.score(batch) if plan.stage == "score" else engine.sample(batch, cfg.num_samples)
+            completions = engine.score(batch) if plan.info.stage == "score" else engine.sample(batch, cfg.num_samples)
             if in_flight is not None:
                 in_flight.result()
-            in_flight = writer.submit(write, completions, batch, plan.directory / f"part-{index:06d}.parquet")
+            in_flight = writer.submit(write, completions, batch, plan.directory / shard_name(index))
             index += 1
             bar.advance(task, len(batch))
         if in_flight is not None:
@@ -182,11 +195,11 @@ def write_batches(engine: OfflineEngine | ServerEngine, plan: Plan, cfg: Generat
 def _run(cfg: GenerateConfig | ScoreConfig, stage: str) -> dict[str, Any]:
     started = time.time()
     plan = prepare(cfg, stage)
-    write_part_manifest(plan.directory, stage, cfg, plan.counts, started, complete=False)
+    write_part_manifest(plan.directory, cfg, plan.info, plan.counts, started, complete=False)
     if plan.pending:
         engine = make_engine(cfg, scoring=stage == "score")
         write_batches(engine, plan, cfg)
-    manifest = write_part_manifest(plan.directory, stage, cfg, plan.counts, started, complete=True)
+    manifest = write_part_manifest(plan.directory, cfg, plan.info, plan.counts, started, complete=True)
     logger.info("%s: %d rows, %d completion tokens in %s", stage, manifest["counts"]["rows"],
                 manifest["counts"]["completion_tokens"], plan.directory)
     return manifest

@@ -16,13 +16,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
 from llmdistill.config.base import ConfigError, config_to_dict
 from llmdistill.config.generate import OPERATIONAL_FIELDS, GenerateConfig, ScoreConfig
-from llmdistill.formats import GENERATION_SCHEMA, GENERATION_SCHEMA_VERSION
+from llmdistill.formats import (
+    GENERATION_INFO_KEY,
+    GENERATION_SCHEMA,
+    GENERATION_SCHEMA_VERSION,
+    SHARD_GLOB,
+    GenerationInfo,
+    generation_counts,
+)
 from llmdistill.generate.engines import Completion
 from llmdistill.generate.inputs import InputError, Request
 from llmdistill.manifest import MANIFEST, read_manifest, write_json_atomic, write_manifest
@@ -54,7 +57,7 @@ def check_resumable(directory: Path, cfg: GenerateConfig | ScoreConfig, stage: s
         ConfigError: naming each differing field.
     """
     if not (directory / MANIFEST).is_file():
-        if directory.is_dir() and any(directory.glob("*.parquet")):
+        if directory.is_dir() and any(directory.glob(SHARD_GLOB)):
             raise ConfigError(f"{directory} holds shards but no {MANIFEST}: it was not written by this stage; "
                               f"use another output_dir")
         return
@@ -67,28 +70,11 @@ def check_resumable(directory: Path, cfg: GenerateConfig | ScoreConfig, stage: s
                           f"Restore them to resume, or use a new output_dir")
 
 
-def done_keys(directory: Path) -> set[tuple[str, int]]:
-    """(prompt id, sample index) pairs already in the finished shards of ``directory``."""
-    if not directory.is_dir():
-        return set()
-    keys: set[tuple[str, int]] = set()
-    for path in directory.glob("part-*.parquet"):
-        table = pq.read_table(path, columns=["prompt_id", "sample_index"])
-        keys.update(zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True))
-    return keys
-
-
 def remove_stale_temp_files(directory: Path) -> None:
     """Delete temporary shard files a killed run left behind (never read: their names start with '.')."""
     if directory.is_dir():
         for path in directory.glob(".part-*.parquet.tmp-*"):
             path.unlink(missing_ok=True)
-
-
-def next_shard_index(directory: Path) -> int:
-    """Index for the next ``part-NNNNNN.parquet`` (after the existing ones)."""
-    numbers = [int(p.stem.split("-")[1]) for p in directory.glob("part-*.parquet")] if directory.is_dir() else []
-    return max(numbers, default=-1) + 1
 
 
 def decode_completions(tokenizer: Any, completions: list[Completion]) -> list[str]:
@@ -132,31 +118,19 @@ def shard_rows(
     return rows
 
 
-def summarize(directory: Path) -> dict[str, Any]:
-    """Counts of what the shards of ``directory`` hold."""
-    rows, tokens, prompts, finish = 0, 0, set(), {}
-    for path in directory.glob("part-*.parquet"):
-        table = pq.read_table(path, columns=["prompt_id", "completion_token_ids", "finish_reason"])
-        rows += table.num_rows
-        tokens += int(np.sum(pc.list_value_length(table["completion_token_ids"]).to_numpy()))
-        prompts.update(table["prompt_id"].to_pylist())
-        for reason in table["finish_reason"].to_pylist():
-            finish[reason] = finish.get(reason, 0) + 1
-    return {"rows": rows, "prompts_written": len(prompts), "completion_tokens": tokens, "finish_reasons": finish}
-
-
 def write_part_manifest(
-    directory: Path, stage: str, cfg: GenerateConfig | ScoreConfig, counts: dict[str, Any],
+    directory: Path, cfg: GenerateConfig | ScoreConfig, info: GenerationInfo, counts: dict[str, Any],
     started: float, complete: bool,
 ) -> dict[str, Any]:
     """The manifest of one part: written before the engine starts (incomplete) and at the end."""
     index, count = cfg.shard_index_count
     return write_manifest(
-        directory, stage, cfg, inputs={"dataset": cfg.dataset, "model": cfg.model},
-        counts={**counts, **(summarize(directory) if directory.is_dir() else {})}, started=started,
+        directory, info.stage, cfg, inputs={"dataset": cfg.dataset, "model": cfg.model},
+        counts={**counts, **(generation_counts(directory) if directory.is_dir() else {})}, started=started,
         complete=complete, shard={"index": index, "count": count},
         logprobs={"k": cfg.logprobs_top_k, "temperature": 1.0, "kind": "raw", "note": LOGPROBS_NOTE},
         schema={"name": GENERATION_SCHEMA, "version": GENERATION_SCHEMA_VERSION},
+        **{GENERATION_INFO_KEY: info.to_manifest()},
     )
 
 
@@ -174,8 +148,8 @@ def _sum_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def merge_shards(output_dir: str | Path) -> dict[str, Any]:
     """Check that all N parts of a ``--shard i/N`` run are complete and write the merged manifest.
 
-    The parts' shards stay where they are: every reader (:func:`llmdistill.formats.iter_generations`,
-    ``build``) reads ``output_dir`` recursively.
+    The parts' shards stay where they are: ``build`` (and :func:`llmdistill.formats.iter_generations`)
+    read ``output_dir`` recursively.
 
     Raises:
         InputError: no parts, parts of different N, or a part that is missing or unfinished.
@@ -205,7 +179,7 @@ def merge_shards(output_dir: str | Path) -> dict[str, Any]:
             raise ConfigError(f"part {i} of {output_dir} was generated with other settings than part 0: {'; '.join(diffs)}")
     data = write_manifest(output_dir, first["stage"], None, counts=_sum_counts([m["counts"] for m in manifests.values()]),
                           complete=True, parts=[found[i, n].name for i in range(n)], logprobs=first["logprobs"],
-                          schema=first["schema"])
+                          schema=first["schema"], **{GENERATION_INFO_KEY: first[GENERATION_INFO_KEY]})
     data["config"] = {k: v for k, v in first["config"].items() if k != "shard"}
     write_json_atomic(output_dir / MANIFEST, data)
     return data

@@ -1,53 +1,40 @@
-"""Built shards straight from a teacher checkpoint, for trainer tests and benchmarks.
+"""Built shards of tiny-world reference traces, for trainer tests and benchmarks, made by ``build``.
 
-The real pipeline gets here through ``generate`` (vLLM) and ``build``. For exercising the
-trainer alone, this module makes the same artifact directly: tiny-world problems with their
-reference completions, tokenized with the tiny tokenizer, packed first-fit into rows of
-``max_length`` tokens, and (optionally) the teacher's top-k log-probs of every completion
-token from one HF forward pass per document.
+The real pipeline gets built shards through ``generate``/``score`` (vLLM) and ``build``. To test
+the trainer without an engine, this module writes what ``llmdistill score`` would: generation
+shards of the problems' reference completions with the teacher's top-k at every completion
+token, from one transformers forward pass per batch (written by
+:func:`llmdistill.formats.write_generation_shard`, with the manifest entry build reads). Then
+it runs the build stage itself on them, so the trainer's tests consume exactly what ``build``
+writes. Without a teacher, the traces go to build as a plain dataset (the SFT-only path).
 """
 
 from __future__ import annotations
 
+import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from llmdistill.codec import encode_topk
-from llmdistill.formats import write_built_shard
-from llmdistill.tinyworld.task import Problem, reference_completion
+from llmdistill.formats import GenerationInfo, shard_name, write_generation_shard
+from llmdistill.manifest import write_manifest
+from llmdistill.prompts import PromptFormat
+from llmdistill.tinyworld.task import Problem, reference_completion, to_records, write_jsonl
+
+FORMAT = PromptFormat()  # the tiny world's prompts: the question as the user turn, ChatML template
 
 
 def encode_documents(tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem]) -> list[tuple[list[int], int]]:
     """(prompt + reference completion + eos token ids, prompt length) per problem."""
-    docs = []
-    for p in problems:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": p.question}],
-                                               tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(reference_completion(p) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        docs.append((prompt_ids + answer_ids, len(prompt_ids)))
-    return docs
-
-
-def pack_first_fit(lengths: Sequence[int], max_length: int) -> list[list[int]]:
-    """Document indices per packed row: each document goes to the first row it fits in."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i, n in enumerate(lengths):
-        if n > max_length:
-            raise ValueError(f"document {i} has {n} tokens, more than max_length={max_length}")
-        slot = next((r for r, free in enumerate(room) if free >= n), None)
-        if slot is None:
-            rows.append([])
-            room.append(max_length)
-            slot = len(rows) - 1
-        rows[slot].append(i)
-        room[slot] -= n
-    return rows
+    prompt_ids = FORMAT.token_ids(tokenizer, [p.question for p in problems])
+    answer_ids = tokenizer([reference_completion(p) + tokenizer.eos_token for p in problems],
+                           add_special_tokens=False)["input_ids"]
+    return [(p + a, len(p)) for p, a in zip(prompt_ids, answer_ids, strict=True)]
 
 
 @torch.no_grad()
@@ -76,6 +63,43 @@ def teacher_topk(model: torch.nn.Module, docs: Sequence[tuple[list[int], int]], 
     return out
 
 
+def write_scored_generation(out_dir: str | Path, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem],
+                            teacher_dir: str | Path, k: int) -> Path:
+    """Generation shards of the problems' reference traces, scored by the teacher (what ``score`` writes).
+
+    Args:
+        out_dir: destination directory (gets one shard and ``manifest.json``).
+        tokenizer: the teacher's tokenizer (the tiny world has one tokenizer).
+        problems: each becomes one trace.
+        teacher_dir: HF checkpoint of the teacher.
+        k: top-k entries per completion token.
+    """
+    started = time.time()
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
+    docs = encode_documents(tokenizer, problems)
+    topk = teacher_topk(teacher, docs, k)
+    prompts = [FORMAT.render(tokenizer, p.question) for p in problems]
+    rows = []
+    for problem, prompt_text, (ids, prompt_len), (top_ids, top_lps) in zip(problems, prompts, docs, topk, strict=True):
+        completion_ids = np.asarray(ids[prompt_len:], dtype=np.int32)
+        rows.append({
+            "prompt_id": problem.id, "sample_index": 0, "prompt": problem.question, "prompt_text": prompt_text,
+            "prompt_token_ids": ids[:prompt_len], "completion": reference_completion(problem),
+            "completion_token_ids": completion_ids, "finish_reason": "scored",
+            "topk_ids": top_ids.astype(np.int32), "topk_logprobs": top_lps.astype(np.float32),
+            # the sampled token's own log-prob is not needed by build; its top-1 stands in
+            "token_logprobs": top_lps[:, 0].astype(np.float32), "answer": problem.answer,
+        })
+    out = Path(out_dir)
+    teacher_path = str(Path(teacher_dir).resolve())
+    write_generation_shard(rows, out / shard_name(0), k, teacher_path, {"answer": pa.string()}, extra={"stage": "score"})
+    info = GenerationInfo(stage="score", teacher=teacher_path, tokenizer=teacher_path, k=k,
+                          vocab_size=len(tokenizer), prompt_format=FORMAT)
+    write_manifest(out, "score", None, counts={"rows": len(rows)}, started=started, complete=True,
+                   generation=info.to_manifest())
+    return out
+
+
 def write_tiny_built(
     out_dir: str | Path,
     tokenizer: PreTrainedTokenizerBase,
@@ -85,13 +109,13 @@ def write_tiny_built(
     max_length: int = 128,
     codec_bits: int = 12,
 ) -> Path:
-    """Write one built shard of the problems' reference traces (with teacher top-k when a teacher is given).
+    """Built shards of the problems' reference traces, written by the build stage.
 
     Args:
-        out_dir: destination directory (gets ``part-00000.parquet``).
-        tokenizer: the student tokenizer (its fingerprint goes into the metadata).
+        out_dir: the build's output directory.
+        tokenizer: the student tokenizer (also the teacher's: the tiny world has one).
         problems: tiny-world problems; each becomes one document.
-        teacher_dir: HF checkpoint of the teacher, or None for a ``kd: false`` shard.
+        teacher_dir: HF checkpoint of the teacher, or None for an SFT-only (``kd: false``) build.
         k: top-k entries per target token.
         max_length: packed-row capacity.
         codec_bits: top-k log-prob quantisation bits.
@@ -99,35 +123,22 @@ def write_tiny_built(
     Returns:
         ``out_dir``.
     """
-    from llmdistill.formats import tokenizer_fingerprint
+    from llmdistill.builder import run_build
+    from llmdistill.config.build import BuildConfig
 
-    docs = encode_documents(tokenizer, problems)
-    topk = None
-    if teacher_dir is not None:
-        teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
-        topk = teacher_topk(teacher, docs, k)
-    vocab = len(tokenizer)
-    rows = []
-    for members in pack_first_fit([len(ids) for ids, _ in docs], max_length):
-        rows.append(_packed_row(docs, members, topk, problems, vocab, codec_bits))
-    meta = {"kd": topk is not None, "k": k, "vocab_size": vocab, "codec_bits": codec_bits,
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "max_length": max_length}
-    write_built_shard(rows, Path(out_dir) / "part-00000.parquet", meta)
+    with tempfile.TemporaryDirectory(prefix="llmdistill-tiny-") as tmp:
+        tokenizer_dir = Path(tmp) / "tokenizer"
+        tokenizer.save_pretrained(str(tokenizer_dir))
+        if teacher_dir is not None:
+            source = write_scored_generation(Path(tmp) / "scored", tokenizer, problems, teacher_dir, k)
+        else:
+            records = [{**r, "completion": reference_completion(p)}
+                       for r, p in zip(to_records(problems), problems, strict=True)]
+            source = write_jsonl(Path(tmp) / "traces.jsonl", records)
+        run_build(BuildConfig(
+            input_path=str(source), student_tokenizer=str(tokenizer_dir), kd=teacher_dir is not None,
+            verifier="numeric", answer_column="answer", max_length=max_length, codec_bits=codec_bits,
+            dedup_prompts=False, dedup_completions=False, decontam_benchmarks=[], output_dir=str(out_dir),
+            overwrite=True,
+        ))
     return Path(out_dir)
-
-
-def _packed_row(docs, members, topk, problems, vocab: int, bits: int) -> dict:
-    input_ids, position_ids, loss_mask = [], [], []
-    for i in members:
-        ids, prompt_len = docs[i]
-        input_ids += ids
-        position_ids += list(range(len(ids)))
-        loss_mask += [0] * prompt_len + [1] * (len(ids) - prompt_len)
-    row = {"input_ids": input_ids, "position_ids": position_ids, "loss_mask": loss_mask,
-           "seq_lengths": [len(docs[i][0]) for i in members],
-           "doc_ids": [f"{problems[i].id}/0" for i in members], "topk": None}
-    if topk is not None:
-        ids = np.concatenate([topk[i][0] for i in members])
-        lps = np.concatenate([topk[i][1] for i in members])
-        row["topk"] = encode_topk(ids, lps, vocab, bits)
-    return row
