@@ -24,9 +24,11 @@ i.e. the bucket is tempered as if it were one token. This is exact at T=1, and e
 k covers the vocabulary (the bucket is empty). For T > 1 it gives the tail less weight than true
 per-token tempering would (``tail**(1/T) <= sum_v p_v**(1/T)``), and more for T < 1. Because both
 sides go through the same map, D is zero exactly when the student matches the teacher on the k+1
-points, for every T — a student that equals the teacher is always a minimiser.
+points, for every T — a student that equals the teacher is always a minimiser (up to terms of order
+:data:`TEACHER_PROB_FLOOR` on points the teacher rules out, see below).
 
-**Divergences** on the k+1 points, with q = exp(t_T) (teacher) and p = exp(s_T) (student):
+**Divergences** on the k+1 points, with q = exp(t_T) (teacher) and p = exp(s_T) (student); each is an
+entry of :data:`DIVERGENCES`, the one registry of names that the configs take their choices from:
 
 * ``forward_kl``: ``KL(q || p) = sum q (log q - log p)`` — mode-covering, the usual KD.
 * ``reverse_kl``: ``KL(p || q) = sum p (log p - log q)`` — mode-seeking.
@@ -36,24 +38,49 @@ points, for every T — a student that equals the teacher is always a minimiser.
   forward KL and ``beta = 1`` as reverse KL. Note JSD_beta itself tends to 0 at both ends (it scales
   like ``beta * KL(q || p)`` near 0), so these two endpoints are a switch, not a continuous limit.
 
-**Numerics.** Empty buckets (k = V, or a teacher whose top-k sums to 1 within rounding) would give
-``log 0``; both buckets get the dtype's smallest normal number (``finfo.tiny``) added, so every term
-stays finite and the bucket's contribution is ``O(tiny**(1/T))``. A teacher tail smaller than
-``k * eps`` of its log-prob dtype (at most 1e-4) is rounding noise, and is set to zero before that.
+**Numerics.** The teacher's bucket ``1 - sum_i exp(lp_t[i])`` is a difference of numbers close to 1,
+so it is computed in float64 whatever the dtype of the inputs and only then cast (in float32 a tail of
+~1e-6 came out 1-60% wrong). A teacher tail smaller than ``k * eps`` of its log-prob dtype (at most
+1e-4) is rounding noise of the stored values, and is set to zero.
+
+**Points the teacher rules out.** A teacher probability of zero (an empty bucket, a padded ``-inf``
+top-k entry) makes reverse KL ``+inf`` in exact arithmetic. Every teacher probability on the k+1 points
+is therefore floored at :data:`TEACHER_PROB_FLOOR` (``1e-30``), in log space and identically in float32
+and float64: ``log q = max(log q, log 1e-30)``, before tempering. A student mass ``p`` on such a point
+then costs a finite, dtype-independent ``p (log p - log 1e-30)`` at T=1 (about ``69 p`` nats, against
+O(1) for ordinary mismatches): reverse KL pushes mass off the point hard, with a bounded gradient.
+JSD with ``beta < 1`` is finite anyway (``m >= (1 - beta) p``) and forward KL gives such a point
+weight ``<= 1e-30``, so for them the floor changes nothing measurable. The student's side is exact:
+its k log-probs come from a log-softmax, and its bucket gets only the dtype's smallest normal number
+(``finfo.tiny``) added, which matters only when the bucket is empty (k = V).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from enum import StrEnum
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+#: Smallest probability the teacher is taken to give any of the k+1 points (see the module docstring,
+#: "Points the teacher rules out"). Applied as ``max(log q, log(TEACHER_PROB_FLOOR))`` with the same
+#: value in float32 and float64, so a loss does not depend on the dtype it is computed in. Why 1e-30:
+#: it is a normal float32 number eight decades above ``finfo(float32).tiny`` (1.2e-38), so
+#: ``exp(log 1e-30)`` and its tempered powers (T >= 1) are the same normal number in both dtypes, with
+#: no subnormals that a GPU may flush to zero; it lies 14 decades below float64's epsilon, so it never
+#: shifts a normaliser of order 1 in either dtype; and at T=1 it makes a ruled-out point cost
+#: ``-log(1e-30) = 69`` nats per unit of student mass, far above an ordinary per-token divergence yet
+#: with a bounded gradient. Teacher log-probs below ``log(1e-30) = -69.08`` (the codec stores down to
+#: -1000) are raised to it; they carry less than 1e-30 of mass, which forward KL and JSD cannot see.
+TEACHER_PROB_FLOOR = 1e-30
+_LOG_TEACHER_FLOOR = math.log(TEACHER_PROB_FLOOR)
+
 
 class Divergence(StrEnum):
-    """Which divergence the KD term uses (see the module docstring for the formulas)."""
+    """The divergence names of :data:`DIVERGENCES` (see the module docstring for the formulas)."""
 
     FORWARD_KL = "forward_kl"
     REVERSE_KL = "reverse_kl"
@@ -91,24 +118,26 @@ def teacher_support_logprobs(teacher_logprobs: torch.Tensor, dtype: torch.dtype 
     """The teacher's T=1 log-probs on the k ids plus the tail bucket.
 
     Args:
-        teacher_logprobs: (n, k) raw (T=1) top-k log-probs; ``-inf`` entries are allowed.
+        teacher_logprobs: (n, k) raw (T=1) top-k log-probs, any floating dtype; ``-inf`` entries
+            are allowed.
         dtype: Floating dtype of the result (default: that of ``teacher_logprobs``).
 
     Returns:
-        (n, k+1) log-probs: the k entries (floored at ``log(tiny)``), then ``log(tail + tiny)`` with
-        ``tail = 1 - sum exp(teacher_logprobs)``, zeroed when below ``min(k * eps, 1e-4)`` (the
-        rounding noise of summing k probabilities of that dtype; capped so that a bfloat16 teacher
-        does not lose a real tail).
+        (n, k+1) log-probs: the k entries, then ``log(tail)`` with ``tail = 1 - sum exp(teacher_logprobs)``
+        computed in float64 (whatever the input dtype) and zeroed when below ``min(k * eps, 1e-4)`` (the
+        rounding noise of k stored probabilities of the input dtype; capped so that a bfloat16 teacher
+        does not lose a real tail). All k+1 entries are floored at ``log(TEACHER_PROB_FLOOR)``, the same
+        value for every dtype, so none is ``-inf``.
     """
     dtype = dtype or teacher_logprobs.dtype
     k = teacher_logprobs.shape[-1]
     noise = min(k * torch.finfo(teacher_logprobs.dtype).eps, 1e-4)
-    lp = teacher_logprobs.to(dtype)
-    tail = -torch.expm1(torch.logsumexp(lp, dim=-1).clamp(max=0.0))
+    lp64 = teacher_logprobs.to(torch.float64)
+    tail = -torch.expm1(torch.logsumexp(lp64, dim=-1).clamp(max=0.0))
     tail = torch.where(tail > noise, tail, torch.zeros_like(tail))
-    tiny = _tiny(dtype)
-    return torch.cat([lp.clamp(min=math.log(tiny)),
-                      torch.log(tail + tiny).unsqueeze(-1)], dim=-1)
+    log_tail = torch.log(tail).clamp(min=_LOG_TEACHER_FLOOR).to(dtype)  # log(0) = -inf -> the floor
+    top = teacher_logprobs.to(dtype).clamp(min=_LOG_TEACHER_FLOOR)
+    return torch.cat([top, log_tail.unsqueeze(-1)], dim=-1)
 
 
 def student_support_logprobs(student_logits: torch.Tensor, teacher_ids: torch.Tensor) -> torch.Tensor:
@@ -143,32 +172,68 @@ def sparse_divergence(
     Args:
         student_logprobs: (n, k+1) student T=1 log-probs on the teacher ids then the bucket, as made by
             :func:`student_support_logprobs`. Differentiable.
-        teacher_logprobs: (n, k) raw (T=1) teacher top-k log-probs (the bucket is derived from them).
+        teacher_logprobs: (n, k) raw (T=1) teacher top-k log-probs (the bucket is derived from them, and
+            all k+1 points are floored at :data:`TEACHER_PROB_FLOOR`; see :func:`teacher_support_logprobs`).
         temperature: T > 0, applied to both sides on the k+1 points.
-        divergence: ``forward_kl``, ``reverse_kl`` or ``jsd``.
+        divergence: A name of :data:`DIVERGENCES` (``forward_kl``, ``reverse_kl`` or ``jsd``).
         beta: JSD mixture weight in [0, 1] (TRL convention; 0 = forward KL, 1 = reverse KL).
 
     Returns:
-        (n,) divergence per row, >= 0 (up to rounding).
+        (n,) divergence per row, >= 0 (up to rounding), in the dtype of ``student_logprobs``.
     """
     t = teacher_support_logprobs(teacher_logprobs, dtype=student_logprobs.dtype)
     s_t = F.log_softmax(student_logprobs / temperature, dim=-1)
     t_t = F.log_softmax(t / temperature, dim=-1)
-    return _divergence_from_logprobs(s_t, t_t, Divergence(divergence), beta)
+    return DIVERGENCES[Divergence(divergence)].per_row(s_t, t_t, beta)
 
 
-def _divergence_from_logprobs(s: torch.Tensor, t: torch.Tensor, div: Divergence, beta: float) -> torch.Tensor:
-    """D between two normalised finite log-prob tensors over their last axis; (n, m) -> (n,)."""
-    if div is Divergence.JSD and beta == 0.0:
-        div = Divergence.FORWARD_KL
-    elif div is Divergence.JSD and beta == 1.0:
-        div = Divergence.REVERSE_KL
-    if div is Divergence.FORWARD_KL:
-        return (t.exp() * (t - s)).sum(-1)
-    if div is Divergence.REVERSE_KL:
-        return (s.exp() * (s - t)).sum(-1)
+# ----------------------------------------------------------------------------------------------
+# The divergence registry: one entry per name, read by the configs for their choices and help
+# ----------------------------------------------------------------------------------------------
+
+
+def _forward_kl(s: torch.Tensor, t: torch.Tensor, beta: float) -> torch.Tensor:
+    return (t.exp() * (t - s)).sum(-1)
+
+
+def _reverse_kl(s: torch.Tensor, t: torch.Tensor, beta: float) -> torch.Tensor:
+    return (s.exp() * (s - t)).sum(-1)
+
+
+def _jsd(s: torch.Tensor, t: torch.Tensor, beta: float) -> torch.Tensor:
+    if beta == 0.0:  # TRL's convention: the endpoints are forward and reverse KL (a switch, not a limit)
+        return _forward_kl(s, t, beta)
+    if beta == 1.0:
+        return _reverse_kl(s, t, beta)
     m = torch.logaddexp(t + math.log(beta), s + math.log1p(-beta))
     return beta * (t.exp() * (t - m)).sum(-1) + (1.0 - beta) * (s.exp() * (s - m)).sum(-1)
+
+
+class DivergenceSpec(NamedTuple):
+    """One entry of :data:`DIVERGENCES`.
+
+    Attributes:
+        per_row: ``per_row(s, t, beta) -> (n,)``: D between the student's and the teacher's
+            normalised, finite log-probs ``s`` and ``t``, both (n, m), over their last axis.
+        help: One line for help texts.
+    """
+
+    per_row: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    help: str
+
+
+#: Every divergence the KD term can use, by name: the single list the training and demo configs
+#: accept (their choices and help texts are derived from it).
+DIVERGENCES: dict[Divergence, DivergenceSpec] = {
+    Divergence.FORWARD_KL: DivergenceSpec(_forward_kl, "KL(teacher || student), mode-covering, the usual KD"),
+    Divergence.REVERSE_KL: DivergenceSpec(_reverse_kl, "KL(student || teacher), mode-seeking"),
+    Divergence.JSD: DivergenceSpec(_jsd, "generalised Jensen-Shannon of GKD, mixture weight jsd_beta"),
+}
+
+
+def divergence_help() -> str:
+    """``name (what it is) | ...`` for help texts."""
+    return " | ".join(f"{name} ({spec.help})" for name, spec in DIVERGENCES.items())
 
 
 def dense_divergence(
@@ -187,7 +252,8 @@ def dense_divergence(
         student_logits: (n, V) student logits at T=1.
         teacher_logits: (n, V) teacher logits (or log-probs) at T=1.
         temperature: T > 0; both sides use ``log_softmax(logits / T)``.
-        divergence: ``forward_kl``, ``reverse_kl`` or ``jsd``.
+        divergence: ``forward_kl``, ``reverse_kl`` or ``jsd`` (written out here, independently of
+            :data:`DIVERGENCES`).
         beta: JSD mixture weight (0 = forward KL, 1 = reverse KL).
 
     Returns:
@@ -200,6 +266,8 @@ def dense_divergence(
         return F.kl_div(s, t, reduction="none", log_target=True).sum(-1)
     if div is Divergence.REVERSE_KL or (div is Divergence.JSD and beta == 1.0):
         return F.kl_div(t, s, reduction="none", log_target=True).sum(-1)
+    if div is not Divergence.JSD:
+        raise NotImplementedError(f"dense_divergence has no reference for divergence {div.value!r}")
     b = torch.tensor(beta, dtype=s.dtype)
     m = torch.logsumexp(torch.stack([s + torch.log1p(-b), t + torch.log(b)]), dim=0)
     kl_teacher = F.kl_div(m, t, reduction="none", log_target=True).sum(-1)
@@ -414,7 +482,9 @@ def chunked_distill_loss(
         alpha: KD weight in [0, 1]; 0 is plain CE (teacher tensors optional: if given, kd_sum is still
             reported).
         temperature: T > 0 for the KD term (CE is always at T=1).
-        divergence: ``forward_kl``, ``reverse_kl`` or ``jsd``.
+        divergence: A name of :data:`DIVERGENCES` (``forward_kl``, ``reverse_kl`` or ``jsd``). Teacher
+            probabilities are floored at :data:`TEACHER_PROB_FLOOR`, so reverse KL stays finite (and the
+            same in float32 and float64) where the teacher gives a point zero mass.
         beta: JSD mixture weight in [0, 1].
         chunk_size: Rows per chunk; peak extra memory is about ``chunk_size * V * 4`` bytes.
         lm_head_bias: Optional (V,) bias of the LM head.
@@ -448,7 +518,7 @@ def _check_inputs(hidden, weight, bias, target_ids, teacher_ids, teacher_logprob
     try:
         div = Divergence(divergence)
     except ValueError:
-        raise ValueError(f"divergence={divergence!r}: use one of {[d.value for d in Divergence]}") from None
+        raise ValueError(f"divergence={divergence!r}: use one of {[str(d) for d in DIVERGENCES]}") from None
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha} is outside [0, 1]: the loss is alpha*T^2*KD + (1-alpha)*CE")
     if not temperature > 0.0:

@@ -69,7 +69,7 @@ def build_trainer(config: TrainConfig) -> tuple[Any, dict[str, Any]]:
     from llmdistill.trainer import DistillTrainer
 
     table, meta = load_built(config.data_dir)
-    tokenizer = AutoTokenizer.from_pretrained(config.student_model)
+    tokenizer = AutoTokenizer.from_pretrained(config.student_model, trust_remote_code=config.trust_remote_code)
     check_compatible(config, meta, tokenizer)
     dataset = Dataset(table)
     logger.info("train data: %d packed rows from %s, kd=%s, k=%s", len(dataset), config.data_dir,
@@ -111,11 +111,16 @@ def check_compatible(config: TrainConfig, meta: dict[str, Any], tokenizer: Any) 
 
 
 def load_student(config: TrainConfig) -> tuple[Any, Any]:
-    """The student model and, with ``use_peft``, its LoRA config (QLoRA: 4-bit NF4 base weights)."""
+    """The student model and, with ``use_peft``, its LoRA config (QLoRA: 4-bit NF4 base weights).
+
+    ``model_init_kwargs`` go to ``from_pretrained`` (``attention`` and ``trust_remote_code`` fill
+    ``attn_implementation`` and ``trust_remote_code`` unless they set them).
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = dict(config.model_init_kwargs or {})
     kwargs.setdefault("attn_implementation", config.attention)
+    kwargs.setdefault("trust_remote_code", config.trust_remote_code)
     if config.load_in_4bit:
         kwargs["quantization_config"] = _four_bit_config(config)
     model = AutoModelForCausalLM.from_pretrained(config.student_model, **kwargs)

@@ -84,7 +84,9 @@ class DistillTrainer(SFTTrainer):
 
     Expects batches from :class:`llmdistill.collate.DistillCollator` and ``args`` a
     :class:`~llmdistill.config.train.TrainConfig`. ``max_length`` is the packed-row capacity
-    of the built shards (for the real-token fraction).
+    of the built shards (for the real-token fraction), not ``args.max_length``: the SFTConfig
+    options of TRL's data preparation and loss that this trainer replaces are refused by
+    TrainConfig (:data:`~llmdistill.config.train.UNSUPPORTED_SFT_FIELDS`).
     """
 
     def __init__(self, *args: Any, max_length: int, **kwargs: Any):

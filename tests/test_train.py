@@ -1,11 +1,12 @@
 """``llmdistill train``: loss wiring against references, refusals, configs, resume, LoRA/QLoRA.
 
-The built shards are made here from tiny-world problems and a teacher checkpoint
-(:mod:`llmdistill.tinyworld.kd_data`), not by the build stage.
+The built shards are made from tiny-world problems and a teacher checkpoint by
+:mod:`llmdistill.tinyworld.kd_data`, which runs the build stage itself on them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,13 +17,15 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from llmdistill import losses
 from llmdistill.collate import DistillCollator
-from llmdistill.config.base import ConfigError
-from llmdistill.config.train import TrainConfig
+from llmdistill.config.base import ConfigError, load_config, save_config
+from llmdistill.config.train import UNSUPPORTED_SFT_FIELDS, TrainConfig
 from llmdistill.formats import SchemaError, read_built, write_built_shard
-from llmdistill.tinyworld.kd_data import encode_documents, teacher_topk, write_tiny_built
+from llmdistill.tinyworld.bootstrap import encode_examples
+from llmdistill.tinyworld.kd_data import teacher_topk, write_tiny_built
 from llmdistill.tinyworld.task import generate_problems
-from llmdistill.train import build_trainer, run_train
+from llmdistill.train import build_trainer, load_student, run_train
 from llmdistill.trainer import schedule_value
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,11 +123,90 @@ def test_collator_flattens_rows_and_decodes_the_targets_topk(built_kd, tiny_toke
     # the first document's targets carry the teacher's top-k for exactly those positions
     teacher = AutoModelForCausalLM.from_pretrained(tiny_random_teacher_dir)
     problems = {p.id: p for p in generate_problems(64, seed=0)}
-    doc = encode_documents(tiny_tokenizer, [problems[rows[0]["doc_ids"][0].split("/")[0]]])
+    doc = encode_examples(tiny_tokenizer, [problems[rows[0]["doc_ids"][0].split("/")[0]]])
     ids, logprobs = teacher_topk(teacher, doc, meta["k"])[0]
     n = len(ids)
     assert torch.equal(batch["teacher_ids"][:n], torch.from_numpy(ids))
     assert torch.allclose(batch["teacher_logprobs"][:n], torch.from_numpy(logprobs), atol=0.01)
+
+
+@pytest.mark.unit
+def test_config_accepts_exactly_the_divergences_of_the_losses_registry(tmp_path):
+    from llmdistill.config import train as train_config
+
+    names = set(losses.DIVERGENCES)
+    assert set(train_config.DIVERGENCES) == names
+    for name in names:
+        assert TrainConfig(output_dir=str(tmp_path), divergence=name).divergence == name
+    with pytest.raises(ConfigError, match="divergence='kl' is not one of"):
+        TrainConfig(output_dir=str(tmp_path), divergence="kl")
+    meta = next(f for f in dataclasses.fields(TrainConfig) if f.name == "divergence").metadata
+    assert set(meta["choices"]) == names and all(f"{name} (" in meta["help"] for name in names)
+
+
+# An SFTConfig value other than the default for every field the distillation trainer does not honour.
+NON_DEFAULT_SFT_VALUES = {
+    "max_length": 2048, "packing": True, "packing_strategy": "wrapped", "eval_packing": True, "padding_free": True,
+    "pad_to_multiple_of": 8, "pad_token": "<pad>", "truncation_mode": "keep_end", "dataset_text_field": "content",
+    "dataset_num_proc": 4, "shuffle_dataset": True, "eos_token": "<|im_end|>", "chat_template_path": "chat.jinja",
+    "completion_only_loss": False, "assistant_only_loss": True, "loss_type": "dft", "label_smoothing_factor": 0.1,
+    "use_liger_kernel": True, "liger_kernel_config": {"rms_norm": True}, "router_aux_loss_coef": 0.01,
+    "average_tokens_across_devices": False,
+}
+
+
+@pytest.mark.unit
+def test_every_unsupported_sft_field_is_tested():
+    assert set(NON_DEFAULT_SFT_VALUES) == set(UNSUPPORTED_SFT_FIELDS)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", sorted(NON_DEFAULT_SFT_VALUES))
+def test_unsupported_sft_field_with_a_non_default_value_is_refused(tmp_path, name):
+    with pytest.raises(ConfigError, match=rf"^{name}=.* is not supported by llmdistill train: ") as err:
+        TrainConfig(output_dir=str(tmp_path), **{name: NON_DEFAULT_SFT_VALUES[name]})
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.unit
+@pytest.mark.filterwarnings("ignore:`loss_type='chunked_nll'` is deprecated:FutureWarning")
+def test_unsupported_sft_fields_at_their_defaults_pass(tmp_path):
+    from trl import SFTConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SFTConfig) if f.name in UNSUPPORTED_SFT_FIELDS}
+    TrainConfig(output_dir=str(tmp_path), **defaults)
+    # values that mean the same as the default: the deprecated alias of nll, no padding, no MoE loss,
+    # completion-only loss (what the shards' loss_mask does)
+    TrainConfig(output_dir=str(tmp_path), loss_type="chunked_nll", pad_to_multiple_of=None, router_aux_loss_coef=0.0,
+                completion_only_loss=True, dataset_kwargs='{"skip_prepare_dataset": true}')
+    for bad in ({"skip_prepare_dataset": False}, {"num_proc": 4}):
+        with pytest.raises(ConfigError, match=r"^dataset_kwargs=.*skip_prepare_dataset: true"):
+            TrainConfig(output_dir=str(tmp_path), dataset_kwargs=bad)
+
+
+@pytest.mark.unit
+def test_a_saved_train_config_loads_back(tmp_path):
+    """The values SFTConfig's __post_init__ resolves (pad_to_multiple_of, dataset_kwargs ...) load back."""
+    import yaml
+
+    cfg = TrainConfig(output_dir=str(tmp_path / "out"), alpha=0.3, divergence="jsd")
+    save_config(cfg, tmp_path / "train.yaml")
+    # TrainingArguments.to_dict masks every *_token field as "<NAME_TOKEN>": save_config leaves those out
+    saved = yaml.safe_load((tmp_path / "train.yaml").read_text())
+    assert not [k for k, v in saved.items() if v == f"<{k.upper()}>"]
+    again = load_config(TrainConfig, tmp_path / "train.yaml")
+    assert (again.alpha, again.divergence, again.dataset_kwargs) == (0.3, "jsd", {"skip_prepare_dataset": True})
+
+
+@pytest.mark.unit
+def test_trust_remote_code_reaches_from_pretrained(tmp_path, monkeypatch):
+    import transformers
+
+    seen = {}
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda path, **kwargs: seen.update(kwargs) or "model")
+    assert load_student(TrainConfig(output_dir=str(tmp_path), student_model="s", trust_remote_code=True)) == ("model", None)
+    assert seen["trust_remote_code"] is True and seen["attn_implementation"] == "sdpa"
 
 
 # ---- the loss inside the trainer, against references ----------------------------------------
@@ -387,7 +469,7 @@ def test_kd_student_gets_closer_to_the_teacher_than_sft_student(tmp_path, tiny_t
 
     run_train(config(tmp_path / "kd", tiny_student_dir, kd_data, alpha=0.9, learning_rate=1e-3, **run_args))
     run_train(config(tmp_path / "sft", tiny_student_dir, kd_data, alpha=0.0, learning_rate=1e-3, **run_args))
-    heldout = encode_documents(tiny_tokenizer, generate_problems(48, seed=0, split="heldout"))
+    heldout = encode_examples(tiny_tokenizer, generate_problems(48, seed=0, split="heldout"))
     kd_kl = _heldout_kl(teacher, tmp_path / "kd" / "out", heldout)
     sft_kl = _heldout_kl(teacher, tmp_path / "sft" / "out", heldout)
     print(f"held-out KL(teacher || student): kd {kd_kl:.4f}, sft {sft_kl:.4f}")

@@ -206,7 +206,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write a config as YAML that :func:`read_yaml` reads back."""
     names = set(_field_names(type(cfg)))
-    data = {k: v for k, v in config_to_dict(cfg).items() if k in names}
+    # transformers' to_dict() masks every *_token field as "<FIELD_NAME>": such a placeholder is not a value
+    data = {k: v for k, v in config_to_dict(cfg).items() if k in names and v != f"<{k.upper()}>"}
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
 
 

@@ -7,21 +7,74 @@ works as TRL users expect. The fields below add what distillation needs.
 
 Loss per target token: ``alpha * T**2 * D(teacher_T || student_T) + (1 - alpha) * CE``, see
 :func:`llmdistill.losses.chunked_distill_loss`.
+
+Some SFTConfig options belong to TRL's own data preparation and loss, which the distillation
+trainer replaces (the shards come tokenized and packed from ``llmdistill build``; the loss is
+llmdistill's chunked KD + CE). They are listed in :data:`UNSUPPORTED_SFT_FIELDS`: left at their
+SFTConfig default they are harmless, set to anything else they raise a :class:`ConfigError`
+saying why and what to use instead, rather than being ignored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from trl import SFTConfig
 
-from llmdistill.config.base import ConfigError, check_choice, check_range
+from llmdistill.config.base import ConfigError, check_choice, check_range, parse_json_field
+from llmdistill.losses import DIVERGENCES as _DIVERGENCE_REGISTRY
+from llmdistill.losses import divergence_help
 
 ALPHA_SCHEDULES = ("constant", "linear_warmup")
 TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = tuple(str(name) for name in _DIVERGENCE_REGISTRY)  # the names llmdistill.losses implements
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
+
+_BUILT = "the built shards come tokenized and packed from `llmdistill build`"
+_NO_PADDING = "the distillation collator concatenates packed rows into one unpadded sequence"
+_LOSS_MASK = "the trained tokens are the completion tokens marked by the shards' loss_mask (set by `llmdistill build`)"
+
+#: SFTConfig (and TrainingArguments) fields that the distillation trainer does not honour:
+#: name -> (values accepted besides the SFTConfig default, why it is ignored and what to use instead).
+UNSUPPORTED_SFT_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "max_length": ((), "the packed length is fixed by `llmdistill build --max_length` (read from the "
+                       "shards)"),
+    "packing": ((), f"{_BUILT}; leave packing false"),
+    "packing_strategy": ((), f"{_BUILT} (`llmdistill build --overlong drop|split` decides what happens to "
+                             "a long trace)"),
+    "eval_packing": ((), f"{_BUILT}, and llmdistill train has no eval dataset"),
+    "padding_free": ((), f"{_NO_PADDING} already (documents are separated by position_ids); leave it false"),
+    "pad_to_multiple_of": ((None, "none", "null", "None"), f"{_NO_PADDING}, so there is nothing to pad"),
+    "pad_token": ((), f"{_NO_PADDING}, so there is no pad token"),
+    "truncation_mode": ((), "nothing is truncated at train time: `llmdistill build --overlong drop|split` "
+                            "handles traces longer than its --max_length"),
+    "dataset_text_field": ((), f"{_BUILT}: there is no text column to read"),
+    "dataset_num_proc": ((), f"{_BUILT}, so TRL's dataset preparation is skipped"),
+    "shuffle_dataset": ((), f"{_BUILT}, so TRL's dataset preparation (and its shuffle) is skipped; the "
+                            "trainer already draws packed rows in random order (set data_seed)"),
+    "eos_token": ((), f"{_BUILT}, end-of-sequence tokens included: set the student tokenizer's eos token "
+                      "before building"),
+    "chat_template_path": ((), f"{_BUILT}, prompts rendered with the student tokenizer's chat template: "
+                               "change the template before building"),
+    "completion_only_loss": ((True,), f"{_LOSS_MASK}; prompt tokens are never trained"),
+    "assistant_only_loss": ((), f"{_LOSS_MASK}: the last assistant turn only"),
+    "loss_type": (("chunked_nll",), "the loss is alpha*T^2*KD + (1-alpha)*CE: choose it with alpha, "
+                                    "temperature and divergence"),
+    "label_smoothing_factor": ((), "the CE term is not smoothed; the KD term (alpha > 0) already trains on "
+                                   "the teacher's soft targets"),
+    "use_liger_kernel": ((), "Liger's fused linear cross-entropy cannot compute the KD term, and "
+                             "llmdistill's chunked KD loss already avoids materialising the (tokens x vocab) "
+                             "logits; for fused layer kernels on GPU use model_init_kwargs: {use_kernels: true}"),
+    "liger_kernel_config": ((), "it only configures use_liger_kernel, which llmdistill train does not use"),
+    "router_aux_loss_coef": ((0.0,), "the loss is computed from the student backbone's hidden states and "
+                                     "adds no MoE load-balancing loss"),
+    "average_tokens_across_devices": ((), "the loss is always divided by the target-token count of the whole "
+                                          "optimizer step, over all processes and accumulation steps"),
+}
+_SFT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SFTConfig)}
 
 
 def _has_accelerator() -> bool:
@@ -75,8 +128,8 @@ class TrainConfig(SFTConfig):
     )
     divergence: str = field(
         default="forward_kl",
-        metadata={"help": f"KD divergence on the teacher's top-k support plus a tail bucket: one of "
-                          f"{list(DIVERGENCES)}."},
+        metadata={"help": f"KD divergence on the teacher's top-k support plus a tail bucket: {divergence_help()}.",
+                  "choices": list(DIVERGENCES)},
     )
     jsd_beta: float = field(
         default=0.5, metadata={"help": "Mixture weight beta of the generalised JSD (divergence=jsd)."}
@@ -114,9 +167,10 @@ class TrainConfig(SFTConfig):
     def __post_init__(self):
         if self.output_dir is None:
             self.output_dir = "runs/train"
+        self._reject_unsupported_sft_fields()
         # The built shards are already tokenized and packed: TRL must neither re-tokenize them nor
         # drop the columns the distillation collator needs (loss_mask, topk).
-        self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        self.dataset_kwargs = {"skip_prepare_dataset": True}
         self.remove_unused_columns = False
         if not _has_accelerator():
             # Without this, torchrun/accelerate processes on a CPU-only host each see a world of one.
@@ -126,6 +180,17 @@ class TrainConfig(SFTConfig):
         super().__post_init__()
         self._check_loss_fields()
         self._check_student_fields()
+
+    def _reject_unsupported_sft_fields(self) -> None:
+        """A ConfigError for an SFTConfig option the distillation trainer would silently ignore."""
+        for name, (also_accepted, why) in UNSUPPORTED_SFT_FIELDS.items():
+            value = getattr(self, name)
+            if value != _SFT_DEFAULTS[name] and value not in also_accepted:
+                raise ConfigError(f"{name}={value!r} is not supported by llmdistill train: {why}")
+        kwargs = parse_json_field("dataset_kwargs", self.dataset_kwargs)
+        if set(kwargs) - {"skip_prepare_dataset"} or not kwargs.get("skip_prepare_dataset", True):
+            raise ConfigError(f"dataset_kwargs={kwargs!r} is not supported by llmdistill train: {_BUILT}, so "
+                              "TRL's dataset preparation is always skipped (skip_prepare_dataset: true)")
 
     def _check_loss_fields(self) -> None:
         check_range("alpha", self.alpha, 0.0, 1.0)
@@ -146,11 +211,6 @@ class TrainConfig(SFTConfig):
         check_range("lora_dropout", self.lora_dropout, 0.0, 1.0)
         if self.load_in_4bit and not self.use_peft:
             raise ConfigError("load_in_4bit=true (QLoRA) trains a LoRA adapter: set use_peft=true as well")
-        if self.padding_free or self.packing:
-            raise ConfigError(
-                "padding_free/packing are TRL's own packing; built shards are already packed and the "
-                "distillation collator flattens them: leave padding_free and packing false"
-            )
 
     @property
     def uses_kd(self) -> bool:
