@@ -26,10 +26,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from llmdistill import prompts
 from llmdistill.checking.checkers import Reference, check
 from llmdistill.config.base import check_range
 from llmdistill.log import get_logger
 from llmdistill.manifest import MANIFEST, read_manifest, write_manifest
+from llmdistill.prompts import PromptFormat
 from llmdistill.tinyworld import models, task, tokenizer
 from llmdistill.tinyworld.models import make_model, num_params, save_model
 from llmdistill.tinyworld.task import Problem, generate_problems, reference_completion
@@ -68,9 +70,9 @@ def cache_dir() -> Path:
 
 
 def _code_version() -> str:
-    """Hash of the tiny-world sources: editing the task, tokenizer, models or loop invalidates the cache."""
+    """Hash of the tiny-world sources: editing the task, tokenizer, models, prompt format or loop invalidates the cache."""
     h = hashlib.sha256()
-    for module in (task, tokenizer, models):
+    for module in (task, tokenizer, models, prompts):
         h.update(Path(module.__file__).read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()[:12]
@@ -116,16 +118,12 @@ def _build_cached(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
-def prompt_text(tok: PreTrainedTokenizerBase, problem: Problem) -> str:
-    """The chat-formatted prompt for a problem, ending with the assistant generation prompt."""
-    return tok.apply_chat_template([{"role": "user", "content": problem.question}],
-                                   tokenize=False, add_generation_prompt=True)
+PROMPT_FORMAT = PromptFormat()  # the question is the user turn, under the tokenizer's ChatML template
 
 
-def _encode_examples(tok: PreTrainedTokenizerBase, problems: Sequence[Problem]) -> list[tuple[list[int], int]]:
+def encode_examples(tok: PreTrainedTokenizerBase, problems: Sequence[Problem]) -> list[tuple[list[int], int]]:
     """(token ids of prompt + reference completion + eos, prompt length) per problem."""
-    prompts = [prompt_text(tok, p) for p in problems]
-    prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    prompt_ids = PROMPT_FORMAT.token_ids(tok, [p.question for p in problems])
     answer_ids = tok([reference_completion(p) + tok.eos_token for p in problems],
                      add_special_tokens=False)["input_ids"]
     return [(p + a, len(p)) for p, a in zip(prompt_ids, answer_ids, strict=True)]
@@ -155,7 +153,7 @@ def train_teacher(seed: int, settings: TeacherTrainSettings) -> tuple[torch.nn.M
     tok = build_tokenizer()
     model = make_model("teacher", tok, seed=seed)
     problems = generate_problems(settings.steps * settings.batch_size, seed=seed, split="train")
-    examples = _encode_examples(tok, problems)  # problems come in random order: batches are i.i.d.
+    examples = encode_examples(tok, problems)  # problems come in random order: batches are i.i.d.
     batches = [examples[i : i + settings.batch_size] for i in range(0, len(examples), settings.batch_size)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.95),
                                   weight_decay=settings.weight_decay)
@@ -203,8 +201,8 @@ def greedy_accuracy(model_dir: str | Path, problems: Sequence[Problem], batch_si
     correct = 0
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
-        enc = tok([prompt_text(tok, p) for p in chunk], add_special_tokens=False,
-                  padding=True, return_tensors="pt")
+        texts = [PROMPT_FORMAT.render(tok, p.question) for p in chunk]
+        enc = tok(texts, add_special_tokens=not PROMPT_FORMAT.use_chat_template, padding=True, return_tensors="pt")
         out = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -23,18 +23,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from llmdistill.formats import GenerationInfo, shard_name, write_generation_shard
 from llmdistill.manifest import write_manifest
-from llmdistill.prompts import PromptFormat
+from llmdistill.tinyworld.bootstrap import PROMPT_FORMAT, encode_examples
 from llmdistill.tinyworld.task import Problem, reference_completion, to_records, write_jsonl
-
-FORMAT = PromptFormat()  # the tiny world's prompts: the question as the user turn, ChatML template
-
-
-def encode_documents(tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem]) -> list[tuple[list[int], int]]:
-    """(prompt + reference completion + eos token ids, prompt length) per problem."""
-    prompt_ids = FORMAT.token_ids(tokenizer, [p.question for p in problems])
-    answer_ids = tokenizer([reference_completion(p) + tokenizer.eos_token for p in problems],
-                           add_special_tokens=False)["input_ids"]
-    return [(p + a, len(p)) for p, a in zip(prompt_ids, answer_ids, strict=True)]
 
 
 @torch.no_grad()
@@ -76,9 +66,9 @@ def write_scored_generation(out_dir: str | Path, tokenizer: PreTrainedTokenizerB
     """
     started = time.time()
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
-    docs = encode_documents(tokenizer, problems)
+    docs = encode_examples(tokenizer, problems)
     topk = teacher_topk(teacher, docs, k)
-    prompts = [FORMAT.render(tokenizer, p.question) for p in problems]
+    prompts = [PROMPT_FORMAT.render(tokenizer, p.question) for p in problems]
     rows = []
     for problem, prompt_text, (ids, prompt_len), (top_ids, top_lps) in zip(problems, prompts, docs, topk, strict=True):
         completion_ids = np.asarray(ids[prompt_len:], dtype=np.int32)
@@ -94,7 +84,7 @@ def write_scored_generation(out_dir: str | Path, tokenizer: PreTrainedTokenizerB
     teacher_path = str(Path(teacher_dir).resolve())
     write_generation_shard(rows, out / shard_name(0), k, teacher_path, {"answer": pa.string()}, extra={"stage": "score"})
     info = GenerationInfo(stage="score", teacher=teacher_path, tokenizer=teacher_path, k=k,
-                          vocab_size=len(tokenizer), prompt_format=FORMAT)
+                          vocab_size=len(tokenizer), prompt_format=PROMPT_FORMAT)
     write_manifest(out, "score", None, counts={"rows": len(rows)}, started=started, complete=True,
                    generation=info.to_manifest())
     return out
