@@ -145,7 +145,11 @@ def _metadata(schema: str, version: int, extra: dict[str, Any]) -> dict[bytes, b
 
 def shard_metadata(path: str | Path) -> dict[str, Any]:
     """The llmdistill metadata stored in a Parquet shard's footer."""
-    raw = pq.read_schema(path).metadata or {}
+    try:
+        raw = pq.read_schema(path).metadata or {}
+    except (pa.ArrowInvalid, OSError) as err:
+        raise SchemaError(f"{path} is not a readable Parquet file ({' '.join(str(err).split())[:200]}): it is "
+                          "truncated or corrupt; delete it and re-run the stage that wrote it") from None
     if b"llmdistill" not in raw:
         raise SchemaError(f"{path} has no llmdistill metadata: it was not written by llmdistill")
     return json.loads(raw[b"llmdistill"])
@@ -239,22 +243,91 @@ def write_generation_shard(
     write_parquet_atomic(table.replace_schema_metadata(meta), path)
 
 
-def read_generation_table(directory: str | Path, columns: list[str] | None = None) -> tuple[pa.Table, int]:
-    """All generation shards of a directory as one Arrow table, and ``k``.
+def _first(mask: np.ndarray) -> int | None:
+    hits = np.flatnonzero(mask)
+    return int(hits[0]) if len(hits) else None
+
+
+def check_generation_rows(path: Path, table: pa.Table, k: int, vocab_size: int | None = None) -> None:
+    """Check a generation shard's rows: types, a completion per row, top-k shape, log-probs and ids.
+
+    Log-probs must not be NaN or positive (``-inf``, zero probability, is allowed); ids must lie in
+    ``[0, vocab_size)`` when ``vocab_size`` is given. Only the columns present are checked.
 
     Raises:
-        SchemaError: a shard of another schema/version, or shards with different ``k``.
+        SchemaError: naming the shard, the row, the column and what to do.
+    """
+    import pyarrow.compute as pc
+
+    names = table.column_names
+    for name in names:
+        want = GENERATION_COLUMNS.get(name)
+        if want is not None and table.schema.field(name).type != want:
+            raise SchemaError(f"{path}: column '{name}' is {table.schema.field(name).type}, expected {want}: "
+                              "the shard was not written by llmdistill generate/score; regenerate it")
+    for name in ("completion", "completion_token_ids", "prompt_id"):
+        if name in names and (row := _first(table.column(name).is_null().to_numpy(zero_copy_only=False))) is not None:
+            raise SchemaError(f"{path} row {row}: '{name}' is null; regenerate the shard or remove the row")
+    if "completion_token_ids" not in names:
+        return
+    n_tokens = pc.list_value_length(table.column("completion_token_ids")).to_numpy(zero_copy_only=False)
+    for name in ("topk_ids", "topk_logprobs"):
+        if name not in names:
+            continue
+        lengths = pc.list_value_length(table.column(name)).fill_null(-1).to_numpy(zero_copy_only=False)
+        row = _first(lengths != n_tokens * k)
+        if row is not None:
+            raise SchemaError(f"{path} row {row}: '{name}' has {lengths[row]} entries for {n_tokens[row]} completion "
+                              f"tokens at k = {k} (expected {n_tokens[row] * k}); the shard is damaged: regenerate it")
+    offsets = np.concatenate([[0], np.cumsum(n_tokens * k)])
+
+    def row_of(flat: int) -> int:
+        return int(np.searchsorted(offsets, flat, side="right") - 1)
+
+    if "topk_logprobs" in names:
+        values = pc.list_flatten(table.column("topk_logprobs")).to_numpy(zero_copy_only=False)
+        bad = _first(np.isnan(values) | (values > 1e-3))
+        if bad is not None:
+            raise SchemaError(f"{path} row {row_of(bad)}: 'topk_logprobs' holds {values[bad]}, not a log-probability; "
+                              "the shard is damaged: regenerate it")
+    if "topk_ids" in names and vocab_size is not None:
+        ids = pc.list_flatten(table.column("topk_ids")).to_numpy(zero_copy_only=False)
+        bad = _first((ids < 0) | (ids >= vocab_size))
+        if bad is not None:
+            raise SchemaError(f"{path} row {row_of(bad)}: 'topk_ids' holds id {ids[bad]}, outside the student's "
+                              f"vocabulary of {vocab_size}: the traces come from another tokenizer (see `llmdistill "
+                              "score`) or the shard is damaged")
+
+
+def read_generation_table(directory: str | Path, columns: list[str] | None = None,
+                          vocab_size: int | None = None) -> tuple[pa.Table, int]:
+    """All generation shards of a directory as one Arrow table, and ``k``; every shard is checked
+    (:func:`check_generation_rows`) as it is read.
+
+    Raises:
+        SchemaError: an unreadable shard, a shard of another schema/version or with bad rows, or
+            shards with different ``k``; each names the shard (and the row).
         FileNotFoundError: no shard in the directory.
     """
     shards = list_shards(directory)
     if not shards:
-        raise FileNotFoundError(f"no generation shards (*.parquet) in {directory}")
+        raise FileNotFoundError(f"no generation shards ({SHARD_GLOB}) in {directory}")
     tables, ks = [], set()
     for path in shards:
         meta = shard_metadata(path)
         _check(path, meta, GENERATION_SCHEMA, GENERATION_SCHEMA_VERSION)
-        ks.add(int(meta["k"]))
-        tables.append(pq.read_table(path, columns=columns).replace_schema_metadata(None))
+        k = int(meta["k"])
+        ks.add(k)
+        try:
+            table = pq.read_table(path, columns=columns).replace_schema_metadata(None)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise SchemaError(f"{path} cannot be read ({' '.join(str(err).split())[:200]}): the file is truncated or "
+                              "corrupt; delete it and re-run generate/score, which write only what is missing") from None
+        missing = [c for c in (columns or GENERATION_COLUMNS) if c not in table.column_names]
+        if missing:
+            raise SchemaError(f"{path} lacks column(s) {missing}: it was not written by llmdistill generate/score")
+        check_generation_rows(path, table, k, vocab_size)
+        tables.append(table)
     if len(ks) > 1:
         raise SchemaError(f"shards in {directory} mix top-k sizes {sorted(ks)}: generate them with one logprobs_top_k")
     return pa.concat_tables(tables, promote_options="default"), ks.pop()

@@ -148,12 +148,12 @@ def test_empty_prompt_and_malformed_line_are_reported_by_line(tiny_tokenizer_dir
 
 @pytest.mark.unit
 def test_missing_model_path_fails_but_hub_ids_pass(prompts_file, tmp_path):
-    with pytest.raises(InputError, match=r"model '/no/such/teacher' does not exist"):
+    with pytest.raises(ConfigError, match=r"model '/no/such/teacher' does not exist"):
         prepare(gen_cfg(Path("/no/such/teacher"), prompts_file, tmp_path / "o"), "generate")
-    from llmdistill.generate.inputs import check_model_path
+    from llmdistill.config.base import check_model_path
 
     check_model_path("model", "Qwen/Qwen2.5-Math-7B-Instruct")  # plausible hub id: left to the loader
-    with pytest.raises(InputError):
+    with pytest.raises(ConfigError):
         check_model_path("model", "./checkpoints/teacher")
 
 

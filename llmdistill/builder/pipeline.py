@@ -8,11 +8,7 @@ dropped it (``traces.arrow``), so a build can be audited trace by trace.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +29,7 @@ from llmdistill.config.build import BuildConfig
 from llmdistill.formats import read_generation_info, shard_name, tokenizer_fingerprint, write_built_shard
 from llmdistill.log import get_logger
 from llmdistill.manifest import write_manifest
+from llmdistill.outputs import clean_stale, staged_output
 from llmdistill.prompts import prompt_problem
 
 logger = get_logger(__name__)
@@ -70,6 +67,7 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
     """Run the build and return its stats (also written to ``output_dir/stats.json``)."""
     started = time.time()
     output = Path(cfg.output_dir)
+    clean_stale(output)
     if output.exists() and not cfg.overwrite:
         raise ConfigError(f"output_dir {output} exists: choose another one or set overwrite: true")
     tokenizer = load_tokenizer(cfg.student_tokenizer, "student")
@@ -106,7 +104,7 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
 
     # Write everything into a staging directory, then rename
     meta = _shard_meta(cfg, tokenizer, traces)
-    with staging_dir(output, cfg.overwrite) as tmp:
+    with staged_output(output, cfg.overwrite) as tmp:
         signal_bytes = write_shards(tmp, docs, bins, traces, meta, cfg.rows_per_shard)
         stats = _stats(cfg, traces, ledger, hits, docs, bins, meta, signal_bytes)
         stats["prompt_template_mismatches"] = prompt_mismatches
@@ -247,19 +245,3 @@ def _write_fates(directory: Path, ledger: Ledger, correct: np.ndarray) -> None:
         "correct": correct,
         "dropped_by": pa.array(ledger.dropped_by.tolist(), pa.string()),
     }), str(directory / "traces.arrow"))
-
-
-@contextmanager
-def staging_dir(output: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory next to ``output`` that becomes ``output`` only when the body succeeds."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if output.exists() and overwrite:
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

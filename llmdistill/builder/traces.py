@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from llmdistill.config.base import ConfigError
+from llmdistill.config.base import ConfigError, looks_like_local_path
 from llmdistill.config.build import BuildConfig
-from llmdistill.formats import SchemaError, is_generation_dir, read_generation_table
+from llmdistill.formats import SHARD_GLOB, is_generation_dir, read_generation_table
 from llmdistill.log import get_logger
 from llmdistill.prompts import prompt_hash
 
@@ -97,11 +97,17 @@ def load_traces(cfg: BuildConfig, tokenizer: Any) -> Traces:
         SchemaError: a generation directory of another schema version (regenerate it).
         ConfigError: ``kd: true`` with a plain dataset (no teacher log-probs to distil).
     """
+    path = Path(cfg.input_path)
+    if path.is_dir() and not any(path.rglob(SHARD_GLOB)):
+        raise ConfigError(f"input_path {path} holds no shards ({SHARD_GLOB}): point it at the output_dir of "
+                          "`llmdistill generate` or `score`, or at a .jsonl/.parquet dataset file")
+    if not path.exists() and looks_like_local_path(cfg.input_path):
+        raise ConfigError(f"input_path {path} does not exist (and is not a hub dataset id): fix the path")
     kind = cfg.input_format
     if kind == "auto":
         kind = "generation" if is_generation_dir(cfg.input_path) else "dataset"
     if kind == "generation":
-        return _load_generation(cfg)
+        return _load_generation(cfg, len(tokenizer) if cfg.kd else None)
     if cfg.kd:
         raise ConfigError(
             f"{cfg.input_path} is a plain dataset of text traces: it has no teacher log-probs for token-level KD. "
@@ -126,12 +132,8 @@ def _dataset_passthrough(records: list[dict[str, Any]], cfg: BuildConfig) -> dic
     return out
 
 
-def _load_generation(cfg: BuildConfig) -> Traces:
-    try:
-        table, k = read_generation_table(cfg.input_path)
-    except SchemaError as err:
-        raise SchemaError(f"{err}. `llmdistill build` reads generation output through llmdistill.formats; "
-                          "re-run `llmdistill generate`/`score` with this version to convert it.") from err
+def _load_generation(cfg: BuildConfig, vocab_size: int | None) -> Traces:
+    table, k = read_generation_table(cfg.input_path, vocab_size=vocab_size)
     completion_ids = Ragged.from_arrow(table.column("completion_token_ids"))
     light = {
         "row": pa.array(np.arange(table.num_rows, dtype=np.int64)),
@@ -163,7 +165,8 @@ def _read_dataset(cfg: BuildConfig) -> list[dict[str, Any]]:
             raise ConfigError(f"input_path {path}: use a .jsonl, .json or .parquet file, or a generation directory")
         return datasets.load_dataset(builder, data_files=str(path), split="train").to_list()
     if path.is_dir():
-        raise ConfigError(f"input_path {path} is a directory without llmdistill generation shards (*.parquet)")
+        raise ConfigError(f"input_path {path} holds shards of another kind than generation output: point it at the "
+                          "output_dir of `llmdistill generate` or `score`")
     return datasets.load_dataset(cfg.input_path, split=cfg.dataset_split).to_list()
 
 

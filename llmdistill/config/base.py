@@ -12,6 +12,8 @@ import dataclasses
 import difflib
 import enum
 import json
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -209,6 +211,21 @@ def save_config(cfg: Any, path: str | Path) -> None:
     # transformers' to_dict() masks every *_token field as "<FIELD_NAME>": such a placeholder is not a value
     data = {k: v for k, v in config_to_dict(cfg).items() if k in names and v != f"<{k.upper()}>"}
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def looks_like_local_path(value: str) -> bool:
+    """True when ``value`` cannot be a hub id (``org/name``), so it must exist on disk."""
+    return (value.startswith(("/", ".", "~")) or value.endswith((".jsonl", ".json", ".parquet"))
+            or not _HUB_ID.fullmatch(value))
+
+
+def check_model_path(name: str, value: str) -> None:
+    """Fail when ``value`` is meant as a local path (not a plausible hub id) and does not exist."""
+    if not os.path.exists(os.path.expanduser(value)) and looks_like_local_path(value):
+        raise ConfigError(f"{name} '{value}' does not exist (and is not a hub id like 'org/name'): fix the path")
 
 
 def check_range(name: str, value: float | int | None, lo: float | None = None, hi: float | None = None) -> None:

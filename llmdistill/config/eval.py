@@ -94,6 +94,18 @@ class EvalConfig:
         check_choice("dtype", self.dtype, DTYPES)
         for k in self.ks:
             check_range("k_values", k, 1)
+        self._check_ks_fit(names)
+
+    def _check_ks_fit(self, names: list[str]) -> None:
+        """pass@k and maj@k need k <= n samples per problem: refuse a k no benchmark can report."""
+        from llmdistill.benchmarks import get_spec
+
+        for name in names:
+            n = self.num_samples or get_spec(name).num_samples
+            too_big = [k for k in self.ks if k > n]
+            if too_big:
+                raise ConfigError(f"k_values {too_big} exceed the {n} sample(s) per problem of benchmark '{name}': "
+                                  f"pass@k needs k <= n; lower k_values or raise num_samples")
 
     @property
     def model_list(self) -> list[str]:

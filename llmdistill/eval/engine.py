@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmdistill.config.base import ConfigError, check_model_path
 from llmdistill.config.eval import EvalConfig
 from llmdistill.log import get_logger
 from llmdistill.vllm_runtime import set_engine_process
@@ -46,8 +47,18 @@ def adapter_base(model: str) -> str | None:
         return None
     base = json.loads(config.read_text()).get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{config} has no 'base_model_name_or_path': cannot tell which model it adapts")
+        raise ConfigError(f"{config} has no 'base_model_name_or_path': cannot tell which model it adapts; "
+                          "add it, or pass the merged model")
     return base
+
+
+def check_models(models: list[str]) -> None:
+    """Fail before any engine starts when a model (or an adapter's base) cannot be found."""
+    for i, model in enumerate(models):
+        check_model_path(f"models[{i}]", model)
+        base = adapter_base(model)
+        if base is not None:
+            check_model_path(f"the base model of adapter {model}", base)
 
 
 def _tokenizer_source(model: str, base: str | None) -> str:

@@ -9,9 +9,10 @@ Outputs land in a temporary directory that is renamed to ``output_dir`` when com
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -21,13 +22,14 @@ from typing import Any
 from llmdistill.benchmarks import BenchmarkSpec, Item, get_spec, load_benchmark
 from llmdistill.checking.checkers import CHECKERS, Reference, Verdict, check_many
 from llmdistill.checking.extract import THINK_OPEN
-from llmdistill.config.base import ConfigError
+from llmdistill.config.base import ConfigError, config_to_dict
 from llmdistill.config.eval import EvalConfig
 from llmdistill.eval.metrics import summarize
 from llmdistill.eval.report import plot_results, results_markdown
-from llmdistill.formats import DETAILS_SCHEMA, DETAILS_SCHEMA_VERSION, write_details
+from llmdistill.formats import DETAILS_SCHEMA, DETAILS_SCHEMA_VERSION, read_details, write_details
 from llmdistill.log import get_logger
-from llmdistill.manifest import write_json_atomic, write_manifest
+from llmdistill.manifest import fingerprint, write_json_atomic, write_manifest
+from llmdistill.outputs import clean_stale, staged_output
 from llmdistill.prompts import PromptFormat
 
 logger = get_logger(__name__)
@@ -183,28 +185,41 @@ def _metrics(rows: list[dict], plan: BenchmarkPlan, config: EvalConfig) -> dict:
                      [r["n_tokens"] for r in rows], ks=config.ks or None)
 
 
-def _prepare_output(config: EvalConfig) -> tuple[Path, Path]:
-    """The final output dir (checked) and a fresh temporary sibling to write into."""
-    out = Path(config.output_dir)
-    if out.exists() and any(out.iterdir()) and not config.overwrite:
-        raise ConfigError(f"output_dir {out} exists and is not empty: pass --overwrite true or another --output_dir")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out, Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+def _model_key(model: str, config: EvalConfig) -> str:
+    """Identity of one model's results: the model (content fingerprint when local) and every setting
+    that changes them, so a re-run reuses a finished model's results only when they would be the same."""
+    settings = {k: v for k, v in config_to_dict(config).items() if k not in ("models", "output_dir", "overwrite", "plot")}
+    payload = {"model": model, "fingerprint": fingerprint(model) if Path(model).exists() else "hub", **settings}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Swap the finished temporary directory in for ``out``."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+def _model_results(model: str, plans: list[BenchmarkPlan], config: EvalConfig, partial: Path) -> tuple[list, dict]:
+    """One model on every benchmark, written to ``partial`` as soon as it is done (and read back from
+    there when a previous run already finished it): a later model's failure loses nothing."""
+    from llmdistill.eval.engine import open_engine
+
+    done = partial / _model_key(model, config)
+    if (done / "results.json").is_file():
+        logger.info("%s: reusing the results of an earlier run (%s)", model, done)
+        return read_details(done / "details.parquet").to_pylist(), json.loads((done / "results.json").read_text())
+    details, results = [], {}
+    with open_engine(model, config) as engine:
+        for plan in plans:
+            rows, results[plan.spec.name] = run_benchmark(engine, plan, model, config)
+            details += rows
+    done.mkdir(parents=True, exist_ok=True)
+    write_details(details, done / "details.parquet")
+    write_json_atomic(done / "results.json", results)  # written last: it marks the model as done
+    return details, results
 
 
 def evaluate_models(config: EvalConfig) -> dict[str, Any]:
     """Evaluate every model on every benchmark and write the outputs (see the module docstring).
+
+    Everything is checked before the first engine starts (models, benchmark data, the output
+    directory). Each model's results are kept beside the output (``.<output_dir>.partial``) as
+    soon as they are done, so a re-run after a failure evaluates only the models not yet done;
+    ``output_dir`` itself appears only whole.
 
     Args:
         config: the eval config.
@@ -214,28 +229,28 @@ def evaluate_models(config: EvalConfig) -> dict[str, Any]:
         "benchmarks": {benchmark: settings}, "models": [...], "output_dir": ...}``. A dry run is
         :func:`eval_plan` instead.
     """
-    from llmdistill.eval.engine import open_engine
+    from llmdistill.eval.engine import check_models
 
     if not config.model_list:
         raise ConfigError("models is empty: pass --models a,b (hub ids, checkpoints or adapter dirs)")
     started = time.time()
-    # Load data and check the output dir before paying for an engine start
+    # Check every model, load every benchmark and check the output dir before paying for an engine start
+    check_models(config.model_list)
     plans = plan_benchmarks(config)
-    out, tmp = _prepare_output(config)
-    try:
-        details, results = [], {}
-        for model in config.model_list:
-            with open_engine(model, config) as engine:
-                results[model] = {}
-                for plan in plans:
-                    rows, results[model][plan.spec.name] = run_benchmark(engine, plan, model, config)
-                    details += rows
-        summary = {"models": config.model_list, "benchmarks": {p.spec.name: p.settings() for p in plans},
-                   "results": results, "output_dir": str(out)}
+    out = Path(config.output_dir)
+    clean_stale(out)
+    if out.exists() and any(out.iterdir()) and not config.overwrite:
+        raise ConfigError(f"output_dir {out} exists and is not empty: pass --overwrite true or another --output_dir")
+    partial = out.with_name(f".{out.name}.partial")
+    details, results = [], {}
+    for model in config.model_list:
+        rows, results[model] = _model_results(model, plans, config, partial)
+        details += rows
+    summary = {"models": config.model_list, "benchmarks": {p.spec.name: p.settings() for p in plans},
+               "results": results, "output_dir": str(out)}
+    with staged_output(out, overwrite=True) as tmp:
         _write_outputs(tmp, summary, details, config, started)
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(partial, ignore_errors=True)
     return summary
 
 

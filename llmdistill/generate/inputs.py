@@ -9,14 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from llmdistill.config.base import UserError
+from llmdistill.config.base import UserError, looks_like_local_path
 from llmdistill.config.generate import GenerateConfig, ScoreConfig
 from llmdistill.log import get_logger
 from llmdistill.prompts import PromptError, PromptFormat, prompt_hash, stored_prompt
@@ -24,7 +23,6 @@ from llmdistill.prompts import PromptError, PromptFormat, prompt_hash, stored_pr
 logger = get_logger(__name__)
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 class InputError(UserError):
@@ -71,18 +69,6 @@ class Request:
 
 # ---------------------------------------------------------------------------------------
 # Paths and rows
-
-
-def looks_like_local_path(value: str) -> bool:
-    """True when ``value`` cannot be a hub id, so it must exist on disk."""
-    return (value.startswith(("/", ".", "~")) or value.endswith(LOCAL_SUFFIXES)
-            or not _HUB_ID.fullmatch(value))
-
-
-def check_model_path(name: str, value: str) -> None:
-    """Fail when ``value`` is meant as a local path (not a plausible hub id) and does not exist."""
-    if not os.path.exists(os.path.expanduser(value)) and looks_like_local_path(value):
-        raise InputError(f"{name} '{value}' does not exist (and is not a hub id like 'org/name'): fix the path")
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
@@ -133,11 +119,14 @@ def load_rows(cfg: GenerateConfig | ScoreConfig, columns: list[str]) -> list[tup
         rows = _load_hub(cfg, columns)
     if cfg.max_prompts is not None:
         rows = rows[: cfg.max_prompts]
+    settings = {getattr(cfg, name, None): name for name in ("prompt_column", "id_column", "completion_column",
+                                                             "sample_index_column")}
     for location, record in rows:
         for column in columns:
             if column not in record:
+                setting = settings.get(column, "passthrough_columns")
                 raise InputError(f"{location}: column '{column}' is missing (it has {sorted(record)}); "
-                                 f"fix the data or the *_column setting")
+                                 f"fix the data or the {setting} setting")
     return rows
 
 

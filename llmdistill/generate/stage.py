@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from llmdistill.config.base import check_model_path
 from llmdistill.config.generate import GenerateConfig, ScoreConfig
 from llmdistill.formats import (
     GenerationInfo,
@@ -31,7 +32,6 @@ from llmdistill.generate.inputs import (
     Formatter,
     InputError,
     Request,
-    check_model_path,
     drop_too_long,
     input_columns,
     load_rows,

@@ -1,0 +1,123 @@
+"""Stage outputs that appear only whole: write into a staging directory, then swap it in.
+
+A stage writes everything into ``.<name>.tmp-<pid>`` beside its output directory. When the
+stage has finished, the staging directory and the old output are exchanged in one atomic
+``renameat2(RENAME_EXCHANGE)``, so at every instant ``<name>`` is either the complete old output
+or the complete new one; the old one is deleted afterwards. A SIGKILL at any point leaves the
+previous output in place and at most a staging directory, which the next run of any stage
+writing there removes. Where the filesystem cannot exchange (``renameat2`` unsupported), the old
+output is first renamed to ``.<name>.old-<pid>`` and restored by the next run if the kill came
+between the two renames.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from llmdistill.config.base import ConfigError
+from llmdistill.log import get_logger
+
+logger = get_logger(__name__)
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+@functools.cache
+def _renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths; False where the system or filesystem cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner(path: Path) -> int | None:
+    try:
+        return int(path.name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def clean_stale(output: Path) -> None:
+    """Remove what killed runs left beside ``output``; put back an old output a kill left renamed away."""
+    if not output.parent.is_dir():
+        return
+    for kind in ("old", "tmp"):
+        for path in sorted(output.parent.glob(f".{output.name}.{kind}-*")):
+            pid = _owner(path)
+            if pid is not None and pid != os.getpid() and _alive(pid):
+                continue  # another run that is writing here right now
+            if kind == "old" and not output.exists():
+                logger.warning("restoring %s from %s (a run was killed while swapping it)", output, path.name)
+                os.replace(path, output)
+                continue
+            logger.info("removing %s left by a killed run", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def swap_in(staging: Path, output: Path) -> None:
+    """Make the complete ``staging`` directory the ``output``; the old output survives until then."""
+    if not output.exists():
+        os.replace(staging, output)
+        return
+    if exchange(staging, output):
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the old output
+        return
+    old = output.with_name(f".{output.name}.old-{os.getpid()}")
+    os.replace(output, old)
+    os.replace(staging, output)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_output(output: str | Path, overwrite: bool) -> Iterator[Path]:
+    """A fresh staging directory that becomes ``output`` only when the body completes.
+
+    Raises:
+        ConfigError: ``output`` exists, is not empty, and ``overwrite`` is false.
+    """
+    output = Path(output)
+    clean_stale(output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise ConfigError(f"output_dir {output} exists: choose another one or set overwrite: true")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        swap_in(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
