@@ -31,8 +31,9 @@ from llmdistill.config.eval import EvalConfig
 from llmdistill.config.generate import GenerateConfig
 from llmdistill.config.train import TrainConfig
 from llmdistill.demo_report import LABELS
+from llmdistill.formats import read_details
 from llmdistill.log import get_logger
-from llmdistill.manifest import fingerprint, write_json_atomic, write_manifest
+from llmdistill.manifest import MANIFEST, fingerprint, read_manifest, write_json_atomic, write_manifest
 
 logger = get_logger(__name__)
 
@@ -79,7 +80,7 @@ def run_stage(name: str, overrides: dict, run_dir: Path, reuse: bool, header: st
     config_path = run_dir / "configs" / f"{name}.yaml"
     # The header names what the stable model links point to, so a new teacher is never "the same config".
     text = header + yaml.safe_dump(overrides, sort_keys=False)
-    done = Path(overrides["output_dir"]) / "manifest.json"
+    done = Path(overrides["output_dir"]) / MANIFEST
     if reuse and done.is_file() and config_path.is_file() and config_path.read_text() == text:
         logger.info("%s: reusing %s (same config)", name, overrides["output_dir"])
         return 0.0
@@ -170,11 +171,9 @@ def teacher_signal(generate_dir: Path, temperature: float) -> dict[str, float]:
 
 def paired_kd_minus_sft(eval_dir: Path, sft: str, kd: str) -> dict[str, float]:
     """KD − SFT pass@1 on the held-out problems with its paired standard error (from the eval details)."""
-    import pyarrow.parquet as pq
-
     from llmdistill.eval.metrics import paired_difference
 
-    rows = pq.read_table(eval_dir / "details.parquet", columns=["model", "problem_id", "correct"]).to_pylist()
+    rows = read_details(eval_dir / "details.parquet", columns=["model", "problem_id", "correct"]).to_pylist()
     correct: dict[str, dict[str, list[bool]]] = {sft: {}, kd: {}}
     for row in rows:
         if row["model"] in correct:
@@ -185,7 +184,7 @@ def paired_kd_minus_sft(eval_dir: Path, sft: str, kd: str) -> dict[str, float]:
 
 def collect(run_dir: Path, timings: dict[str, float], models: list[str], temperature: float = 1.0) -> dict[str, Any]:
     """The numbers of one seed's run, read back from the stages' own outputs."""
-    gen = _read(run_dir / "generate" / "manifest.json")["counts"]
+    gen = read_manifest(run_dir / "generate")["counts"]
     stats = _read(run_dir / "build" / "stats.json")
     results = _read(run_dir / "eval" / "results.json")["results"]
     scores = {label: results[m]["tiny"] for label, m in zip(LABELS, models, strict=True)}

@@ -189,17 +189,16 @@ def test_teacher_signal_is_measured_on_the_loss_support(tmp_path):
 
 @pytest.mark.unit
 def test_kd_minus_sft_is_paired_by_problem_over_the_eval_details(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from llmdistill.demo import paired_kd_minus_sft
+    from llmdistill.formats import write_details
 
     # two problems, two samples each; the teacher's rows must be ignored
     rows = [("teacher", "p1", True), ("teacher", "p1", True),
             ("sft", "p1", True), ("sft", "p1", False), ("sft", "p2", False), ("sft", "p2", False),
             ("kd", "p2", True), ("kd", "p1", True), ("kd", "p2", False), ("kd", "p1", True)]
-    pq.write_table(pa.table({"model": [r[0] for r in rows], "problem_id": [r[1] for r in rows],
-                             "correct": [r[2] for r in rows]}), tmp_path / "details.parquet")
+    write_details([{"model": m, "benchmark": "tiny", "problem_id": p, "sample_index": 0, "gold": "1", "response": "",
+                    "extracted": None, "correct": c, "finish_reason": "stop", "n_tokens": 1} for m, p, c in rows],
+                  tmp_path / "details.parquet")
     got = paired_kd_minus_sft(tmp_path, "sft", "kd")
     # per-problem KD − SFT: p1 1 - 0.5 = 0.5, p2 0.5 - 0 = 0.5 → mean 0.5, no spread
     assert got == {"diff": pytest.approx(0.5), "se": pytest.approx(0.0)}
