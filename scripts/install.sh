@@ -8,6 +8,21 @@ VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
+# bubblewrap: the OS-level sandbox that runs model-written code (llmdistill/checking/sandbox.py).
+# Best effort: without it, code checking falls back to a much weaker Python-level guard.
+if ! command -v bwrap >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then
+    SUDO="sudo -n"
+  fi
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; }; then
+    echo "[install] installing bubblewrap (the code-checking sandbox)"
+    { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq bubblewrap >/dev/null; } \
+      || echo "[install] WARNING: could not install bubblewrap; code checking will use the weaker Python-level fallback"
+  else
+    echo "[install] WARNING: bubblewrap (bwrap) is missing and cannot be installed here (needs apt-get and root or sudo); code checking will use the weaker Python-level fallback"
+  fi
+fi
 PIP="$VENV/bin/python -m pip"
 $PIP install --quiet --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
