@@ -53,7 +53,8 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (another run may be writing here right now)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,7 +78,7 @@ def clean_stale(output: Path) -> None:
     for kind in ("old", "tmp"):
         for path in sorted(output.parent.glob(f".{output.name}.{kind}-*")):
             pid = _owner(path)
-            if pid is not None and pid != os.getpid() and _alive(pid):
+            if pid is not None and pid != os.getpid() and pid_alive(pid):
                 continue  # another run that is writing here right now
             if kind == "old" and not output.exists():
                 logger.warning("restoring %s from %s (a run was killed while swapping it)", output, path.name)

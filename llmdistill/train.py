@@ -6,13 +6,16 @@ machines: ``accelerate launch --config_file configs/accelerate/<ddp_cpu|deepspee
 
 The run reads top to bottom in :func:`run_train`: built data -> student (+ LoRA / QLoRA) ->
 trainer -> train -> save -> loss curve + ``manifest.json`` (written last: a directory with a
-manifest holds a finished run).
+manifest holds a finished run). Checkpoints and the final model are written whole, and
+``resume_from_checkpoint: latest`` resumes from the newest complete checkpoint: see
+:mod:`llmdistill.trainer`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ import torch
 from datasets import Dataset
 
 from llmdistill.collate import DistillCollator
+from llmdistill.config.base import UserError
 from llmdistill.config.train import TrainConfig
 from llmdistill.formats import SchemaError, read_built, tokenizer_fingerprint
 from llmdistill.log import get_logger
@@ -37,23 +41,36 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
             one the shards were built with.
         SchemaError: shards from another schema version.
     """
+    from llmdistill.checkpoints import is_disk_full, resolve_resume
+
     started = time.time()
+    # the checkpoint to resume from, before anything loads: `latest` -> newest complete one
+    resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     # Data, student and trainer
     trainer, meta = build_trainer(config)
 
     # Train
-    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
 
     # Save
     replicas = replica_fingerprints(trainer)
     save_student(trainer, config)
     if trainer.accelerator.is_main_process:
+        out = Path(config.output_dir)
         history = trainer.state.log_history
-        write_json_atomic(Path(config.output_dir) / "log_history.json", history)
-        plot_loss_curve(history, Path(config.output_dir) / "loss_curve.png")
-        write_manifest(config.output_dir, "train", config, inputs={"data": config.data_dir,
-                       "student": config.student_model}, counts=_counts(trainer, result),
-                       started=started, built=meta, replica_fingerprints=replicas)
+        try:
+            write_json_atomic(out / "log_history.json", history)
+            plot_loss_curve(history, out / "loss_curve.png")
+            write_manifest(config.output_dir, "train", config, inputs={"data": config.data_dir,
+                           "student": config.student_model}, counts=_counts(trainer, result),
+                           started=started, built=meta, replica_fingerprints=replicas)
+        except OSError as err:
+            if not is_disk_full(err, out):
+                raise
+            raise UserError(f"train: writing log_history.json, loss_curve.png and manifest.json into {out}: no "
+                            f"space left on the disk ({shutil.disk_usage(out).free} bytes free); the trained "
+                            f"model in {out} is complete, but without manifest.json the run does not count as "
+                            "finished: free some space and rerun") from err
     trainer.accelerator.wait_for_everyone()
     return result.metrics
 
@@ -172,7 +189,11 @@ def replica_fingerprints(trainer: Any) -> list[str] | None:
 
 
 def save_student(trainer: Any, config: TrainConfig) -> None:
-    """Final weights into ``output_dir``: the full model, the LoRA adapter, or the merged model."""
+    """Final weights into ``output_dir``: the full model, the LoRA adapter, or the merged model.
+
+    Written whole (:meth:`~llmdistill.trainer.DistillTrainer.save_whole`): staged beside the old
+    model, which stays until the new one is complete; a full disk raises a UserError.
+    """
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     out = Path(config.output_dir)
@@ -181,14 +202,18 @@ def save_student(trainer: Any, config: TrainConfig) -> None:
         logger.warning("use_peft + save_merged with sharded weights (ZeRO-3/FSDP): saving the adapter only; "
                        "merge it offline with peft's merge_and_unload")
     if not (config.use_peft and config.save_merged) or sharded:
-        trainer.save_model(str(out))  # full model, or the adapter alone
+        trainer.save_model(str(out))  # full model, or the adapter alone (staged, then swapped in whole)
         return
     trainer.accelerator.wait_for_everyone()
-    if trainer.accelerator.is_main_process:
-        peft_model = trainer.accelerator.unwrap_model(trainer.model)
-        merged = peft_model.merge_and_unload()
-        merged.save_pretrained(str(out))
-        trainer.processing_class.save_pretrained(str(out))
+
+    def write_merged(staging: Path) -> None:
+        if trainer.accelerator.is_main_process:
+            peft_model = trainer.accelerator.unwrap_model(trainer.model)
+            merged = peft_model.merge_and_unload()
+            merged.save_pretrained(str(staging))
+            trainer.processing_class.save_pretrained(str(staging))
+
+    trainer.save_whole(write_merged, "train: saving the merged model")
     trainer.accelerator.wait_for_everyone()
 
 

@@ -13,23 +13,49 @@ Only what distillation needs is overridden:
 
 The loss runs *inside* the wrapped model's forward (:func:`run_in_forward`): DDP only arms its
 gradient all-reduce in its own forward, and FSDP/ZeRO-3 only gather sharded weights there.
+
+Checkpoints and the final model are written whole and a full disk is one clear error: see
+:mod:`llmdistill.checkpoints`, which ``_save_checkpoint`` and ``save_model`` call.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from llmdistill.checkpoints import (
+    clean_stale,
+    complete_checkpoints,
+    dir_bytes,
+    free_bytes,
+    human_bytes,
+    is_disk_full,
+    latest_complete_checkpoint,
+    publish_checkpoint,
+    resolve_resume,
+    seal_checkpoint,
+    seal_model,
+    set_aside_and_delete,
+    swap_in_model,
+)
+from llmdistill.config.base import UserError
 from llmdistill.config.train import TrainConfig
+from llmdistill.log import get_logger
 from llmdistill.losses import chunked_distill_loss
+
+logger = get_logger(__name__)
 
 _STATS = ("ce_sum", "kd_sum", "n_targets", "n_tokens", "capacity")
 
@@ -79,6 +105,9 @@ def run_in_forward(wrapper: nn.Module, inner: nn.Module, fn: Callable[..., Any],
         inner.forward = original
 
 
+# ---- checkpoints that appear only whole ----------------------------------------------------
+
+#: Written last into a checkpoint, before it is renamed into place: ``{"step": N, "files": {path: bytes}}``.
 class DistillTrainer(SFTTrainer):
     """SFTTrainer whose loss is ``alpha*T^2*D(teacher_T||student_T) + (1-alpha)*CE`` per target token.
 
@@ -98,6 +127,10 @@ class DistillTrainer(SFTTrainer):
         self._stats_calls = 0
         self._window_start = time.perf_counter()
         self._last_schedule = (self.current_alpha(), self.current_temperature())
+        self._staging_root: Path | None = None  # set while a checkpoint is written (see _get_output_dir)
+        self._owner_pid = self._main_process_pid()  # names the staging directories, the same on every rank
+        if self.args.should_save:
+            clean_stale(self.args.output_dir)
 
     # ---- schedules ----------------------------------------------------------------------
     def _progress(self) -> float:
@@ -201,3 +234,163 @@ class DistillTrainer(SFTTrainer):
             "alpha": self._last_schedule[0],  # the values the window's last step used
             "temperature": self._last_schedule[1],
         }
+
+    # ---- checkpoints and the final model, written whole ---------------------------------
+    def _main_process_pid(self) -> int:
+        pid = [os.getpid()]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(pid)
+        return int(pid[0])
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
+              ignore_keys_for_eval: list[str] | None = None, **kwargs: Any):
+        """Trainer.train; ``resume_from_checkpoint`` ``latest``/True takes the newest *complete* checkpoint.
+
+        Raises:
+            ConfigError: an explicit checkpoint path that is not complete (:func:`resolve_resume`).
+        """
+        resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+                             **kwargs)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        # while _save_checkpoint runs, transformers writes `<this>/checkpoint-N`: the staging directory
+        staging = getattr(self, "_staging_root", None)
+        return str(staging) if staging is not None else super()._get_output_dir(trial)
+
+    def _all_succeeded(self, ok: bool) -> bool:
+        """Whether every process got here with ``ok`` (a barrier, so ranks fail together)."""
+        if self.accelerator.num_processes <= 1:
+            return ok
+        flag = torch.tensor([1.0 if ok else 0.0], device=self.accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """transformers' checkpoint save into a staging directory, sealed and renamed to ``checkpoint-N``."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = run_dir / f".{name}.tmp-{self._owner_pid}"
+        staged, final = staging_root / name, run_dir / name
+        last_good = latest_complete_checkpoint(run_dir, warn=False) if self.args.should_save else None
+        needed = self._checkpoint_bytes(last_good)
+        error: BaseException | None = None
+        self._staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as err:
+            error = err
+        finally:
+            self._staging_root = None
+        if not self._all_succeeded(error is None) and error is None:
+            error = RuntimeError(f"another process failed to save {name}")
+        if error is None and self.args.should_save:
+            try:
+                self._repoint_best_checkpoint(staging_root, run_dir, staged)
+                seal_checkpoint(staged, self.state.global_step)
+                publish_checkpoint(staged, final, self._owner_pid)
+            except Exception as err:
+                error = err
+        if error is not None:
+            intact = (f"the last good checkpoint {last_good} is intact" if last_good is not None
+                      else "there is no earlier complete checkpoint")
+            self._raise_save_error(error, f"train: saving {name}", staging_root, needed, intact)
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)
+            self._rotate_complete_checkpoints(run_dir, final)
+
+    def _repoint_best_checkpoint(self, staging_root: Path, run_dir: Path, staged: Path) -> None:
+        """transformers recorded the best checkpoint under the staging directory: point at its final name."""
+        best = self.state.best_model_checkpoint
+        if best and Path(best).parent == staging_root:
+            self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+            self.state.save_to_json(str(staged / "trainer_state.json"))
+
+    def _rotate_complete_checkpoints(self, run_dir: Path, newest: Path) -> None:
+        """``save_total_limit`` over complete checkpoints only, keeping ``newest`` and the best one."""
+        limit = self.args.save_total_limit
+        if not limit or limit <= 0:
+            return
+        protected = {newest.resolve()}
+        if self.state.best_model_checkpoint:
+            protected.add(Path(self.state.best_model_checkpoint).resolve())
+        complete = complete_checkpoints(run_dir, warn=False)
+        excess = len(complete) - max(limit, sum(p.resolve() in protected for p in complete))
+        for path in complete:
+            if excess <= 0:
+                break
+            if path.resolve() not in protected:
+                logger.info("deleting %s (save_total_limit=%d)", path, limit)
+                set_aside_and_delete(path, self._owner_pid)
+                excess -= 1
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer.save_model; into ``args.output_dir`` (the final model) it is staged and swapped in whole."""
+        target = output_dir if output_dir is not None else self.args.output_dir
+        if getattr(self, "_staging_root", None) is not None or os.path.abspath(target) != os.path.abspath(self.args.output_dir):
+            super().save_model(output_dir, _internal_call)
+            return
+        self.save_whole(lambda staging: super(DistillTrainer, self).save_model(str(staging), _internal_call=True))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def save_whole(self, write: Callable[[Path], None], what: str = "train: saving the final model") -> None:
+        """Run ``write(staging)`` on every process, then swap what it wrote into ``args.output_dir``.
+
+        The old model in ``output_dir`` stays until the new one is complete and fsync'd; a full
+        disk raises a UserError and leaves it untouched.
+        """
+        out = Path(self.args.output_dir)
+        staging = out / f".model.tmp-{self._owner_pid}"
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled  # every rank writes a part
+        last_good = latest_complete_checkpoint(out, warn=False) if self.args.should_save else None
+        if self.args.should_save:
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+        if sharded:
+            self.accelerator.wait_for_everyone()
+        try:
+            write(staging)
+            if sharded:
+                self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                staging.mkdir(exist_ok=True)
+                seal_model(staging, out)
+        except Exception as err:
+            intact = f"the previous model in {out} is untouched" + (
+                f" and the last good checkpoint {last_good} is intact" if last_good is not None else "")
+            self._raise_save_error(err, what, staging, self._param_bytes()[0], intact)
+        if self.args.should_save:
+            swap_in_model(staging, out)
+
+    def _raise_save_error(self, err: BaseException, what: str, partial: Path, needed: int, intact: str) -> None:
+        """Remove the partial copy; a full disk becomes a UserError saying what, where, how much and what is left."""
+        full = is_disk_full(err, partial, needed)
+        if self.args.should_save:
+            shutil.rmtree(partial, ignore_errors=True)
+        if not full:
+            raise err
+        free = free_bytes(partial.parent)
+        raise UserError(
+            f"{what}: no space left on the disk writing {partial}: it needs about {human_bytes(needed)} ({needed} bytes), "
+            f"{human_bytes(free)} ({free} bytes) are free; the partial copy was removed and {intact}. Free some space "
+            "(or lower save_total_limit), then rerun with resume_from_checkpoint: latest"
+        ) from err
+
+    def _param_bytes(self) -> tuple[int, int]:
+        """(bytes of the model's parameters, bytes of fp32 Adam moments for the trainable ones)."""
+        total = trainable = 0
+        for p in self.accelerator.unwrap_model(self.model).parameters():
+            numel = int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 keeps only a shard locally
+            total += numel * p.element_size()
+            trainable += 2 * numel * 4 if p.requires_grad else 0
+        return total, trainable
+
+    def _checkpoint_bytes(self, last_good: Path | None) -> int:
+        """The size of the last complete checkpoint, or else weights plus optimizer moments."""
+        if last_good is not None:
+            return dir_bytes(last_good)
+        weights, moments = self._param_bytes()
+        return weights + (0 if self.args.save_only_model else moments)

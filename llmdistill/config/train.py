@@ -2,8 +2,10 @@
 
 :class:`TrainConfig` extends TRL's :class:`~trl.SFTConfig`, so every Transformers/TRL training
 option (optimiser, LR schedule, ``bf16``, gradient checkpointing, ``report_to``,
-``push_to_hub``, ``resume_from_checkpoint``, DeepSpeed/FSDP through ``accelerate launch`` ...)
-works as TRL users expect. The fields below add what distillation needs.
+``push_to_hub``, DeepSpeed/FSDP through ``accelerate launch`` ...) works as TRL users expect.
+The fields below add what distillation needs. ``resume_from_checkpoint`` also takes ``latest``
+(or ``true``, as YAML and the command line write it): the newest *complete* ``checkpoint-N`` in
+``output_dir`` (see :mod:`llmdistill.trainer` for what complete means).
 
 Loss per target token: ``alpha * T**2 * D(teacher_T || student_T) + (1 - alpha) * CE``, see
 :func:`llmdistill.losses.chunked_distill_loss`.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NewType
 
 import torch
 from trl import SFTConfig
@@ -77,6 +79,40 @@ UNSUPPORTED_SFT_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
 _SFT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SFTConfig)}
 
 
+#: The type of ``resume_from_checkpoint``: a checkpoint path, or a word of :func:`normalize_resume`.
+#: Any YAML value passes the type check (a bool ``true`` included); ``normalize_resume`` judges it.
+CheckpointRef = NewType("CheckpointRef", str)
+#: ``resume_from_checkpoint`` after :func:`normalize_resume`: the newest complete checkpoint in output_dir.
+RESUME_LATEST = "latest"
+_RESUME_LATEST_WORDS = ("latest", "true")
+_RESUME_OFF_WORDS = ("", "false", "none", "null")
+
+
+def normalize_resume(value: Any) -> str | None:
+    """``resume_from_checkpoint`` as given (YAML bool, command-line text, path) -> a path, ``latest`` or None.
+
+    ``true``/``latest`` (any case, or the bool True) mean the newest complete checkpoint in
+    output_dir; ``false``/``none``/``null``/empty (or False/None) mean no resume; anything else is a
+    path (write ``./latest`` for a directory really called ``latest``).
+
+    Raises:
+        ConfigError: a value that is neither text nor a bool.
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        return RESUME_LATEST
+    if not isinstance(value, str):
+        raise ConfigError(f"resume_from_checkpoint={value!r}: expected a checkpoint directory, 'latest' (or true) "
+                          "for the newest complete checkpoint in output_dir, or false")
+    word = value.strip().lower()
+    if word in _RESUME_LATEST_WORDS:
+        return RESUME_LATEST
+    if word in _RESUME_OFF_WORDS:
+        return None
+    return value
+
+
 def _has_accelerator() -> bool:
     accel = getattr(torch, "accelerator", None)
     return bool(accel.is_available()) if accel is not None else torch.cuda.is_available()
@@ -86,6 +122,14 @@ def _has_accelerator() -> bool:
 class TrainConfig(SFTConfig):
     """Distillation training: TRL's SFTConfig plus the student, the built data and the KD loss."""
 
+    # ---- resume (replaces TrainingArguments' field: it also takes `latest`/true) ----------
+    resume_from_checkpoint: CheckpointRef | None = field(
+        default=None,
+        metadata={"help": "Resume training: `latest` (or true) takes the newest complete checkpoint-N in output_dir "
+                          "(training starts from scratch when there is none; incomplete ones, left by a killed run, "
+                          "are skipped with a warning); a path resumes from that checkpoint, which must be complete; "
+                          "false/null (the default) starts from scratch."},
+    )
     # ---- inputs -------------------------------------------------------------------------
     student_model: str = field(
         default="",
@@ -167,6 +211,7 @@ class TrainConfig(SFTConfig):
     def __post_init__(self):
         if self.output_dir is None:
             self.output_dir = "runs/train"
+        self.resume_from_checkpoint = normalize_resume(self.resume_from_checkpoint)
         self._reject_unsupported_sft_fields()
         # The built shards are already tokenized and packed: TRL must neither re-tokenize them nor
         # drop the columns the distillation collator needs (loss_mask, topk).
