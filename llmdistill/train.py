@@ -93,7 +93,7 @@ def build_trainer(config: TrainConfig) -> tuple[Any, dict[str, Any]]:
                 meta["kd"], meta.get("k"))
     model, peft_config = load_student(config)
     collator = DistillCollator(k=int(meta["k"]), vocab_size=int(meta["vocab_size"]),
-                               codec_bits=int(meta.get("codec_bits", 0)), with_topk=bool(meta["kd"]))
+                               codec_bits=int(meta.get("codec_bits") or 0), with_topk=bool(meta["kd"]))
     trainer = DistillTrainer(model=model, args=config, train_dataset=dataset, data_collator=collator,
                              processing_class=tokenizer, peft_config=peft_config,
                              max_length=int(meta["max_length"]))

@@ -210,3 +210,23 @@ def test_generate_plan_counts_local_prompts(tmp_path):
     assert plan["completions"] == 10
     assert plan["generated tokens (upper bound)"] == "1e+03"
     assert plan["GPUs over all N jobs"] == 2
+
+
+@pytest.mark.unit
+def test_build_plan_uses_the_runs_own_vocabulary_and_k(tmp_path):
+    """The estimate reads k and the vocabulary from the generation manifest, not Qwen's 151,936 and k = 20."""
+    from llmdistill.config.build import BuildConfig
+    from llmdistill.formats import GenerationInfo
+    from llmdistill.manifest import write_manifest
+    from llmdistill.plan import make_plan, topk_bytes_per_token
+    from llmdistill.prompts import PromptFormat
+
+    gen = tmp_path / "gen"
+    info = GenerationInfo(stage="generate", teacher="t", tokenizer="t", k=8, vocab_size=512, prompt_format=PromptFormat())
+    write_manifest(gen, "generate", None, counts={"rows": 3}, generation=info.to_manifest())
+    plan = make_plan("build", BuildConfig(input_path=str(gen), student_tokenizer="s", codec_bits=12))
+    key = "top-8 bytes per target token (vocab 512, 12 bits)"
+    assert plan[key] == round(topk_bytes_per_token(8, 512, 12), 1) < round(topk_bytes_per_token(20, 151_936, 12), 1)
+    assert plan["input counts (from its manifest)"] == {"rows": 3}
+    unknown = make_plan("build", BuildConfig(input_path=str(tmp_path / "not-yet"), student_tokenizer="s"))
+    assert "unknown until" in unknown["top-k bytes per target token"]
