@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "verify, filter, dedup, decontaminate, tokenize, align and pack traces"),
     "train": ("llmdistill.config.train:TrainConfig", "llmdistill.train:run_train",
               "train a student with sparse top-k KD + SFT (TRL, accelerate, DeepSpeed)"),
+    "onpolicy": ("llmdistill.config.onpolicy:OnPolicyConfig", "llmdistill.onpolicy:run_onpolicy",
+                 "on-policy distillation: the student samples, the teacher grades every token"),
     "eval": ("llmdistill.config.eval:EvalConfig", "llmdistill.eval.harness:run_eval",
              "benchmark models: pass@1, pass@k, maj@k, side-by-side report"),
     "demo": ("llmdistill.config.demo:DemoConfig", "llmdistill.demo:run_demo",

@@ -133,6 +133,18 @@ def _train_plan(cfg: Any) -> dict[str, Any]:
     return plan
 
 
+def _onpolicy_plan(cfg: Any) -> dict[str, Any]:
+    samples = cfg.prompts_per_step * cfg.samples_per_prompt
+    return {
+        "student": cfg.student_model, "teachers": cfg.teachers, "objective": cfg.objective,
+        "rollouts": f"{cfg.rollout_backend}: {samples} samples x <= {cfg.max_new_tokens} tokens per step, "
+                    f"weights synced every {cfg.sync_every} step(s)",
+        "rollout tokens (upper bound)": samples * cfg.max_new_tokens * cfg.max_steps,
+        "teacher scoring": f"{cfg.teacher_backend}, top-{cfg.logprobs_top_k} per completion token",
+        "optimizer steps": cfg.max_steps,
+    }
+
+
 def _demo_plan(cfg: Any) -> dict[str, Any]:
     from llmdistill.config.base import read_yaml
     from llmdistill.config.eval import EvalConfig
@@ -165,6 +177,8 @@ def make_plan(stage: str, cfg: Any) -> dict[str, Any]:
         from llmdistill.eval.harness import eval_plan
 
         plan = eval_plan(cfg)
+    elif stage == "onpolicy":
+        plan = _onpolicy_plan(cfg)
     elif stage == "demo":
         plan = _demo_plan(cfg)
     else:

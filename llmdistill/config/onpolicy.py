@@ -1,0 +1,150 @@
+"""Config of ``llmdistill onpolicy``: the student samples, the teacher grades every token, the student learns.
+
+:class:`OnPolicyConfig` is composed from one small dataclass per concern (prompts, teachers,
+rollouts, loss, optimisation); the command line stays flat (``--objective reverse_kl``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmdistill.config.base import ConfigError, check_choice, check_range
+from llmdistill.vllm_runtime import DTYPES
+
+ROLLOUT_BACKENDS = ("vllm", "transformers")
+TEACHER_BACKENDS = ("transformers",)
+OBJECTIVES = ("reverse_kl", "jsd", "sampled_reverse_kl")
+RESUME_LATEST = "latest"
+
+
+@dataclass
+class PromptsConfig:
+    """The prompt stream the student answers (read once, then drawn in a seeded order)."""
+
+    dataset: str = field(default="", metadata={"help": "Prompts: a local .jsonl/.json/.parquet file (one row per prompt)."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt (text or chat messages)."})
+    id_column: str | None = field(default="id", metadata={"help": "Column with a prompt id (else a hash of the prompt)."})
+    answer_column: str | None = field(default="answer", metadata={
+        "help": "Column with the reference answer, for the answer-checker reward (reward_weight > 0) and the logs."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System message (text or a file path)."})
+    instruction_template: str | None = field(default=None, metadata={
+        "help": "User-turn template with '{prompt}' (text or a file path)."})
+    use_chat_template: bool = field(default=True, metadata={"help": "Render prompts with the student's chat template."})
+
+
+@dataclass
+class TeachersConfig:
+    """Who grades the student's tokens."""
+
+    teacher_model: str = field(default="", metadata={
+        "help": "The teacher (path or hub id). Several teachers, one per domain: 'name=path,name=path' with "
+                "teacher_column naming each prompt's teacher. They must share the student's tokenizer."})
+    teacher_column: str | None = field(default=None, metadata={
+        "help": "Prompt column holding the teacher name of each prompt (multi-teacher routing)."})
+    teacher_backend: str = field(default="transformers", metadata={
+        "help": f"{' | '.join(TEACHER_BACKENDS)}: the teacher runs in this process, one prefill forward per step "
+                "(small teachers; large ones are scored by `llmdistill score` servers, see the recipe)."})
+    teacher_dtype: str = field(default="float32", metadata={"help": "Teacher weights dtype (float32 | bfloat16)."})
+    logprobs_top_k: int = field(default=20, metadata={
+        "help": "Teacher log-probs kept per completion token (the top-k plus one tail bucket form the loss support)."})
+
+
+@dataclass
+class RolloutConfig:
+    """How the current student samples."""
+
+    rollout_backend: str = field(default="vllm", metadata={
+        "help": "vllm: an in-process vLLM engine holding a copy of the student, weights synced every sync_every "
+                "steps | transformers: model.generate on the training weights (no copy, no sync)."})
+    prompts_per_step: int = field(default=16, metadata={"help": "Prompts per optimizer step."})
+    samples_per_prompt: int = field(default=1, metadata={"help": "Student completions per prompt."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Token budget of one student completion."})
+    rollout_temperature: float = field(default=1.0, metadata={"help": "Student sampling temperature."})
+    rollout_top_p: float = field(default=1.0, metadata={"help": "Student nucleus sampling top-p."})
+    sync_every: int = field(default=1, metadata={
+        "help": "Optimizer steps between weight syncs to the rollout engine (1: every rollout is on-policy)."})
+    dtype: str = field(default="float32", metadata={"help": f"Rollout engine dtype: {' | '.join(DTYPES)}."})
+    max_model_len: int | None = field(default=None, metadata={"help": "Rollout engine context length."})
+    enforce_eager: bool = field(default=True, metadata={"help": "vLLM: skip graph capture (faster start)."})
+    gpu_memory_utilization: float = field(default=0.3, metadata={
+        "help": "vLLM GPU memory fraction of the colocated rollout engine (the trainer shares the GPU)."})
+    kv_cache_space_gb: int | None = field(default=1, metadata={"help": "CPU only: vLLM KV cache size in GiB."})
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the student minimises on its own tokens."""
+
+    objective: str = field(default="reverse_kl", metadata={
+        "help": "reverse_kl: per-token KL(student || teacher) on the teacher's top-k plus the tail bucket | jsd: "
+                "generalized JSD(beta) on the same support | sampled_reverse_kl: the sampled-token estimate "
+                "log p_student(x) - log p_teacher(x) as a per-token advantage (policy gradient)."})
+    jsd_beta: float = field(default=0.5, metadata={"help": "beta of generalized JSD (0: forward KL, 1: reverse KL)."})
+    offline_data_dir: str | None = field(default=None, metadata={
+        "help": "Built shards of teacher traces (`llmdistill build`) to mix in, GKD's lambda < 1."})
+    on_policy_fraction: float = field(default=1.0, metadata={
+        "help": "GKD's lambda: the fraction of steps trained on the student's own samples; the others use a batch of "
+                "offline_data_dir (0: pure offline KD)."})
+    reward_weight: float = field(default=0.0, metadata={
+        "help": "Weight of an extra REINFORCE term with the answer checker's verdict as reward (0: off)."})
+    checker: str = field(default="numeric", metadata={"help": "Answer checker of the reward (llmdistill.checking)."})
+    loss_chunk_size: int = field(default=1024, metadata={"help": "Target tokens per chunk of the chunked loss."})
+
+
+@dataclass
+class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConfig):
+    """``llmdistill onpolicy``: sample → score → loss → step → sync, with checkpoints and cost accounting."""
+
+    student_model: str = field(default="", metadata={
+        "help": "The student to improve: a checkpoint (warm start from an SFT or KD run) or a hub id."})
+    output_dir: str = field(default="runs/onpolicy", metadata={"help": "Checkpoints, the final student and the manifest."})
+    max_steps: int = field(default=100, metadata={"help": "Optimizer steps."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak AdamW learning rate."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps, then linear decay to 0."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the prompt order, sampling and the engine."})
+    logging_steps: int = field(default=10, metadata={"help": "Steps between log lines."})
+    save_steps: int = field(default=0, metadata={"help": "Steps between checkpoints (0: only the final student)."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "A checkpoint directory, or 'latest' for the newest complete one in output_dir."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a finished run in output_dir."})
+
+    def __post_init__(self) -> None:
+        for name in ("dataset", "student_model", "teacher_model"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is required")
+        check_choice("rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS)
+        check_choice("teacher_backend", self.teacher_backend, TEACHER_BACKENDS)
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("teacher_dtype", self.teacher_dtype, ("float32", "bfloat16"))
+        for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "sync_every", "max_steps",
+                     "logprobs_top_k", "loss_chunk_size", "logging_steps"):
+            check_range(name, getattr(self, name), 1)
+        check_range("rollout_temperature", self.rollout_temperature, 0.0)
+        check_range("rollout_top_p", self.rollout_top_p, 0.0, 1.0)
+        check_range("jsd_beta", self.jsd_beta, 0.0, 1.0)
+        check_range("on_policy_fraction", self.on_policy_fraction, 0.0, 1.0)
+        check_range("reward_weight", self.reward_weight, 0.0)
+        check_range("learning_rate", self.learning_rate, 0.0)
+        check_range("warmup_steps", self.warmup_steps, 0, self.max_steps)
+        check_range("save_steps", self.save_steps, 0)
+        if self.on_policy_fraction < 1.0 and not self.offline_data_dir:
+            raise ConfigError("on_policy_fraction < 1 mixes in offline batches: set offline_data_dir to built shards")
+        if len(self.teachers) > 1 and not self.teacher_column:
+            raise ConfigError("several teachers need teacher_column: the prompt column that names each prompt's teacher")
+
+    @property
+    def teachers(self) -> dict[str, str]:
+        """Teacher name -> model: ``'a=path,b=path'``, or one unnamed teacher under ``'default'``."""
+        parts = [p.strip() for p in self.teacher_model.split(",") if p.strip()]
+        if len(parts) == 1 and "=" not in parts[0]:
+            return {"default": parts[0]}
+        out = {}
+        for part in parts:
+            name, sep, path = part.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"teacher_model: '{part}' is not name=path (several teachers are 'a=path,b=path')")
+            out[name.strip()] = path.strip()
+        return out

@@ -1,0 +1,575 @@
+"""``llmdistill onpolicy``: the student samples, the teacher grades every token, the student learns.
+
+Offline KD (``generate`` → ``build`` → ``train``) shows the student the teacher's own traces.
+On-policy distillation (GKD, Agarwal et al. 2024; Qwen3's strong-to-weak stage; Thinking
+Machines' on-policy distillation) shows it its own attempts instead, mistakes included, with
+the teacher's judgement of every token. Each optimizer step reads like a training loop:
+
+1. :func:`rollout` — the current student samples completions for a batch of prompts (an
+   in-process vLLM engine holding a copy of the student, or ``model.generate``);
+2. :func:`score` — the teacher reads prompt + the student's completion in one prefill and
+   returns its top-k log-probs (and the log-prob of the sampled token) at every completion
+   position, never a full ``[tokens × vocab]`` tensor;
+3. :func:`onpolicy_loss` — per-token reverse KL (or generalized JSD) on the teacher's top-k plus
+   the tail bucket through :func:`llmdistill.losses.chunked_distill_loss`, or the sampled-token
+   reverse-KL advantage as a policy gradient; optionally an answer-checker reward term;
+4. the AdamW step;
+5. :meth:`VllmRollout.sync` — every ``sync_every`` steps the rollout engine reloads the student's
+   weights in place (vLLM's ``reload_weights``), so the next rollouts come from the new policy.
+
+Checkpoints hold the student, the optimizer, the scheduler, the RNG states and the position in
+the prompt stream, so a resumed run continues with the prompts it would have seen. The manifest
+records the compute: optimizer steps, trained tokens, rollout tokens, teacher tokens scored and
+wall seconds per phase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmdistill.checking.checkers import Reference, check_many
+from llmdistill.config.base import ConfigError, check_model_path
+from llmdistill.config.onpolicy import RESUME_LATEST, OnPolicyConfig
+from llmdistill.log import get_logger
+from llmdistill.losses import chunked_distill_loss
+from llmdistill.manifest import MANIFEST, write_json_atomic, write_manifest
+from llmdistill.prompts import PromptFormat
+
+logger = get_logger(__name__)
+
+PHASES = ("rollout", "scoring", "training", "sync")
+STATE = "state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+
+
+# ---------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclass
+class PromptStream:
+    """The prompts in a seeded order, epoch after epoch: position ``p`` is always the same prompt.
+
+    A resumed run asks for the batch of its step and gets exactly the prompts the interrupted
+    run would have seen.
+    """
+
+    records: list[dict[str, Any]]
+    seed: int
+
+    def batch(self, step: int, size: int) -> list[int]:
+        """Indices into :attr:`records` of the prompts of optimizer step ``step``."""
+        n = len(self.records)
+        out = []
+        for position in range(step * size, (step + 1) * size):
+            epoch, offset = divmod(position, n)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            out.append(int(order[offset]))
+        return out
+
+
+def load_prompts(cfg: OnPolicyConfig) -> list[dict[str, Any]]:
+    """The prompt rows, checked for the columns the run reads (file, line and column named)."""
+    path = Path(cfg.dataset)
+    if not path.is_file():
+        raise ConfigError(f"dataset {path} does not exist: point it at a local .jsonl/.json/.parquet prompt file")
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ConfigError(f"{path} line {number} is not valid JSON ({err.msg})") from None
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    else:
+        rows = json.loads(path.read_text())
+    needed = [c for c in (cfg.prompt_column, cfg.teacher_column) if c]
+    if cfg.reward_weight > 0 and cfg.answer_column:
+        needed.append(cfg.answer_column)
+    for i, row in enumerate(rows):
+        missing = [c for c in needed if c not in row]
+        if missing:
+            raise ConfigError(f"{path} row {i}: column(s) {missing} missing (it has {sorted(row)})")
+        if cfg.teacher_column and row[cfg.teacher_column] not in cfg.teachers:
+            raise ConfigError(f"{path} row {i}: teacher '{row[cfg.teacher_column]}' is not one of "
+                              f"{sorted(cfg.teachers)} (teacher_model)")
+    if not rows:
+        raise ConfigError(f"{path} holds no prompts")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Rollouts
+
+
+@dataclass
+class Rollouts:
+    """The student's samples of one step: token ids, and which prompt and teacher each answers."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    records: list[dict[str, Any]]
+    teachers: list[str]
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c) for c in self.completion_ids)
+
+
+class VllmRollout:
+    """An in-process vLLM engine holding a copy of the student.
+
+    On a CPU host the engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``),
+    which is also what lets :meth:`sync` hand it tensors without a copy through a socket.
+    """
+
+    def __init__(self, model_dir: str, cfg: OnPolicyConfig):
+        from vllm import LLM
+
+        if cfg.kv_cache_space_gb is not None:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_space_gb))
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        kwargs: dict[str, Any] = {"dtype": cfg.dtype, "enforce_eager": cfg.enforce_eager, "seed": cfg.seed,
+                                  "gpu_memory_utilization": cfg.gpu_memory_utilization}
+        if cfg.max_model_len:
+            kwargs["max_model_len"] = cfg.max_model_len
+        self.llm = LLM(model=model_dir, tokenizer=model_dir, **kwargs)
+
+    def sample(self, prompt_ids: list[list[int]], cfg: OnPolicyConfig) -> list[list[int]]:
+        """``samples_per_prompt`` completions per prompt (token ids, the final EOS included)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=cfg.samples_per_prompt, temperature=cfg.rollout_temperature, top_p=cfg.rollout_top_p,
+                                max_tokens=cfg.max_new_tokens, detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        return [list(o.token_ids) for res in outputs for o in res.outputs]
+
+    def sync(self, model: torch.nn.Module) -> None:
+        """Load the trainer's current weights into the engine, in place, and drop cached prefixes."""
+        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        from llmdistill.eval.engine import shutdown
+
+        shutdown(self.llm)
+
+
+class TransformersRollout:
+    """Sampling with ``model.generate`` on the training weights themselves: nothing to sync."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any):
+        self.model, self.tokenizer = model, tokenizer
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: list[list[int]], cfg: OnPolicyConfig) -> list[list[int]]:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompt_ids):  # left padding: every prompt ends at the same column
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        self.model.eval()
+        out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=cfg.rollout_temperature > 0,
+                                  temperature=cfg.rollout_temperature or None, top_p=cfg.rollout_top_p,
+                                  max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.samples_per_prompt,
+                                  eos_token_id=self.tokenizer.eos_token_id, pad_token_id=pad)
+        self.model.train()
+        completions = []
+        for row in out[:, width:].tolist():
+            if self.tokenizer.eos_token_id in row:
+                row = row[: row.index(self.tokenizer.eos_token_id) + 1]
+            completions.append(row)
+        return completions
+
+    def sync(self, model: torch.nn.Module) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def rollout(engine: VllmRollout | TransformersRollout, stream: PromptStream, step: int, fmt: PromptFormat,
+            tokenizer: Any, cfg: OnPolicyConfig) -> Rollouts:
+    """Step 1: the current student's completions for this step's prompts."""
+    indices = stream.batch(step, cfg.prompts_per_step)
+    records = [stream.records[i] for i in indices]
+    prompt_ids = fmt.token_ids(tokenizer, [r[cfg.prompt_column] for r in records])
+    completions = engine.sample(prompt_ids, cfg)
+    n = cfg.samples_per_prompt
+    teachers = [r[cfg.teacher_column] if cfg.teacher_column else "default" for r in records]
+    return Rollouts(prompt_ids=[p for p in prompt_ids for _ in range(n)], completion_ids=completions,
+                    records=[r for r in records for _ in range(n)], teachers=[t for t in teachers for _ in range(n)])
+
+
+# ---------------------------------------------------------------------------------------
+# Teacher scoring
+
+
+def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Prompt + completion of every sample in one padding-free sequence (as the trainer's collator does).
+
+    Returns:
+        input_ids and position_ids (1, L) int64; target_index (N,) int64: the flat positions of the
+        completion tokens (each predicted from the position before it); target_ids (N,) int64;
+        seq_of_target (N,) int64: which sample each target belongs to.
+    """
+    ids, pos, targets, owners = [], [], [], []
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+        start = len(ids)
+        ids += list(p) + list(c)
+        pos += list(range(len(p) + len(c)))
+        targets += range(start + len(p), start + len(p) + len(c))
+        owners += [i] * len(c)
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    target_index = torch.tensor(targets, dtype=torch.long)
+    return {"input_ids": input_ids[None], "position_ids": torch.tensor(pos, dtype=torch.long)[None],
+            "target_index": target_index, "target_ids": input_ids[target_index],
+            "seq_of_target": torch.tensor(owners, dtype=torch.long)}
+
+
+def predicting_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.nn.Module]:
+    """The final hidden states that predict each target (N, H), and the LM head."""
+    hidden = model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                              use_cache=False).last_hidden_state[0]
+    return hidden[batch["target_index"] - 1], model.get_output_embeddings()
+
+
+@torch.no_grad()
+def topk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, target_ids: torch.Tensor, k: int,
+                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k ids and log-probs (N, k) and the targets' own log-probs (N,), chunk by chunk (fp32)."""
+    ids, lps, own = [], [], []
+    for start in range(0, len(hidden), chunk_size):
+        logits = head(hidden[start:start + chunk_size]).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        top = logp.topk(k, dim=-1)
+        ids.append(top.indices)
+        lps.append(top.values)
+        own.append(logp.gather(-1, target_ids[start:start + chunk_size, None])[:, 0])
+    return torch.cat(ids), torch.cat(lps), torch.cat(own)
+
+
+class TransformersTeacher:
+    """A teacher in this process: one prefill forward over the packed samples per step."""
+
+    def __init__(self, path: str, dtype: str):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def score(self, batch: dict[str, torch.Tensor], k: int, chunk_size: int) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            hidden, head = predicting_hidden(self.model, batch)
+            ids, lps, own = topk_logprobs(hidden, head, batch["target_ids"], k, chunk_size)
+        return {"teacher_ids": ids, "teacher_logprobs": lps, "teacher_token_logprobs": own}
+
+
+def score(teachers: dict[str, TransformersTeacher], rollouts: Rollouts, cfg: OnPolicyConfig) -> dict[str, torch.Tensor]:
+    """Step 2: each sample's teacher grades every one of its tokens; returns the packed batch with the grades."""
+    batch = pack(rollouts.prompt_ids, rollouts.completion_ids)
+    n = len(batch["target_ids"])
+    out = {"teacher_ids": torch.zeros(n, cfg.logprobs_top_k, dtype=torch.long),
+           "teacher_logprobs": torch.zeros(n, cfg.logprobs_top_k), "teacher_token_logprobs": torch.zeros(n)}
+    for name, teacher in teachers.items():
+        mine = [i for i, t in enumerate(rollouts.teachers) if t == name]
+        if not mine:
+            continue
+        sub = pack([rollouts.prompt_ids[i] for i in mine], [rollouts.completion_ids[i] for i in mine])
+        graded = teacher.score(sub, cfg.logprobs_top_k, cfg.loss_chunk_size)
+        rows = torch.isin(batch["seq_of_target"], torch.tensor(mine))  # targets of these samples, in order
+        for key, value in graded.items():
+            out[key][rows] = value.to(out[key].dtype)
+    return {**batch, **out}
+
+
+# ---------------------------------------------------------------------------------------
+# Loss
+
+
+def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, target_ids: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """The student's log-prob of each target (N,), with gradient; each chunk's logits are recomputed in
+    the backward pass (activation checkpointing), so at most one (chunk, V) block is alive."""
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_logprobs(h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        logits = head(h)
+        return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1).gather(-1, ids[:, None])[:, 0]
+
+    parts = [checkpoint(chunk_logprobs, hidden[s:s + chunk_size], target_ids[s:s + chunk_size], use_reentrant=False)
+             for s in range(0, len(hidden), chunk_size)]
+    return torch.cat(parts)
+
+
+def onpolicy_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: OnPolicyConfig,
+                  rewards: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Step 3: the mean per-token loss on the student's own tokens, and what to log.
+
+    Args:
+        model: the student (training mode).
+        batch: :func:`score`'s output: packed samples with the teacher's top-k per target.
+        cfg: objective, JSD beta, reward weight, chunk size.
+        rewards: (num_samples,) answer-checker verdicts (1 correct, 0 not) for the reward term.
+
+    Returns:
+        The loss (mean over target tokens) and ``reverse_kl`` (the sampled-token estimate
+        ``log p_student(x) - log p_teacher(x)`` averaged over tokens), ``loss``.
+    """
+    hidden, head = predicting_hidden(model, batch)
+    n = len(batch["target_ids"])
+    needs_token_lp = cfg.objective == "sampled_reverse_kl" or cfg.reward_weight > 0
+    student_lp = token_logprobs(hidden, head, batch["target_ids"], cfg.loss_chunk_size) if needs_token_lp else None
+    if cfg.objective == "sampled_reverse_kl":
+        assert student_lp is not None
+        advantage = (batch["teacher_token_logprobs"] - student_lp).detach()  # -(log p_S - log p_T), per token
+        loss = -(advantage * student_lp).sum() / n
+    else:
+        out = chunked_distill_loss(hidden, head.weight, batch["target_ids"], batch["teacher_ids"],
+                                   batch["teacher_logprobs"], alpha=1.0, divergence=cfg.objective, beta=cfg.jsd_beta,
+                                   chunk_size=cfg.loss_chunk_size, lm_head_bias=head.bias)
+        loss = out.loss / n
+    if rewards is not None and cfg.reward_weight > 0:
+        assert student_lp is not None
+        centred = (rewards - rewards.mean())[batch["seq_of_target"]]
+        loss = loss - cfg.reward_weight * (centred * student_lp).sum() / n
+    with torch.no_grad():
+        lp = student_lp if student_lp is not None else token_logprobs(hidden.detach(), head, batch["target_ids"],
+                                                                      cfg.loss_chunk_size)
+        kl = float((lp - batch["teacher_token_logprobs"]).mean())
+    return loss, {"loss": float(loss.detach()), "reverse_kl": kl}
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoints whose state file was written (it is written last), oldest first."""
+    found = [p for p in output_dir.glob("checkpoint-*") if (p / STATE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any]) -> Path:
+    """Write ``checkpoint-<step>`` under a temporary name, then rename it: never half a checkpoint."""
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+                "python_rng": random.getstate()}, tmp / "training_state.pt")
+    write_json_atomic(tmp / STATE, {**state, "step": step})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def resume_point(cfg: OnPolicyConfig) -> Path | None:
+    """The checkpoint to resume from: an explicit path, or the newest complete one for ``latest``."""
+    value = cfg.resume_from_checkpoint
+    if value in (None, "", "false", "none"):
+        return None
+    if value in (RESUME_LATEST, "true"):
+        found = complete_checkpoints(Path(cfg.output_dir))
+        if not found:
+            logger.info("resume_from_checkpoint=%s: no complete checkpoint in %s, starting fresh", value, cfg.output_dir)
+        return found[-1] if found else None
+    path = Path(value)
+    if not (path / STATE).is_file():
+        raise ConfigError(f"resume_from_checkpoint={value} is not a complete checkpoint (no {STATE}); "
+                          f"use 'latest' for the newest complete one in {cfg.output_dir}")
+    return path
+
+
+def restore(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """Optimizer, scheduler and RNG states of a checkpoint; returns its run state (step, counters)."""
+    saved = torch.load(path / "training_state.pt", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    np.random.set_state(saved["numpy_rng"])
+    random.setstate(saved["python_rng"])
+    return json.loads((path / STATE).read_text())
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class Counters:
+    """The compute a run spent (recorded in the manifest, and read by the demo's report)."""
+
+    optimizer_steps: int = 0
+    trained_tokens: int = 0
+    rollout_tokens: int = 0
+    teacher_tokens_scored: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+    def timed(self, phase: str, started: float) -> None:
+        self.seconds[phase] += time.perf_counter() - started
+
+
+def load_student(path: str) -> tuple[torch.nn.Module, Any]:
+    """The student in float32 (the optimizer's master weights) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def check_inputs(cfg: OnPolicyConfig) -> None:
+    """Everything that can fail before a model loads: paths, prompt columns, the output directory."""
+    check_model_path("student_model", cfg.student_model)
+    for name, path in cfg.teachers.items():
+        check_model_path(f"teacher '{name}'", path)
+    out = Path(cfg.output_dir)
+    if (out / MANIFEST).is_file() and not cfg.overwrite and not cfg.resume_from_checkpoint:
+        raise ConfigError(f"output_dir {out} holds a finished run: set overwrite: true or another output_dir")
+
+
+def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
+    """Run on-policy distillation (see the module docstring); returns the manifest."""
+    started = time.time()
+    check_inputs(cfg)
+    records = load_prompts(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    # Student, optimizer, schedule; resume
+    resume = resume_point(cfg)
+    model, tokenizer = load_student(str(resume) if resume else cfg.student_model)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))
+                                                  * max(0.0, 1 - s / cfg.max_steps))
+    counters, history, first = Counters(), [], 0
+    if resume is not None:
+        state = restore(resume, optimizer, scheduler)
+        first, history = state["step"], state["history"]
+        counters = Counters(**{k: v for k, v in state["counters"].items()})
+        logger.info("resuming from %s at step %d", resume, first)
+
+    # Teachers, rollout engine, prompts
+    teachers = {name: TransformersTeacher(path, cfg.teacher_dtype) for name, path in cfg.teachers.items()}
+    fmt = PromptFormat.from_settings(cfg.system_prompt, cfg.instruction_template, cfg.use_chat_template)
+    stream = PromptStream(records, cfg.seed)
+    if cfg.rollout_backend == "vllm":
+        engine: VllmRollout | TransformersRollout = VllmRollout(str(resume) if resume else cfg.student_model, cfg)
+    else:
+        engine = TransformersRollout(model, tokenizer)
+
+    # Train: sample -> score -> loss -> step -> sync
+    window = []
+    try:
+        for step in range(first, cfg.max_steps):
+            stats = train_step(step, model, optimizer, scheduler, engine, teachers, stream, fmt, tokenizer, cfg, counters)
+            window.append(stats)
+            if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps:
+                history.append(log_window(step + 1, window, counters))
+                window = []
+            if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
+                save_checkpoint(out, step + 1, model, tokenizer, optimizer, scheduler,
+                                {"history": history, "counters": counters.__dict__})
+    finally:
+        engine.close()
+
+    # Save the student and the run's record
+    return save_final(out, model, tokenizer, cfg, counters, history, started)
+
+
+def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+               engine: VllmRollout | TransformersRollout, teachers: dict[str, TransformersTeacher],
+               stream: PromptStream, fmt: PromptFormat, tokenizer: Any, cfg: OnPolicyConfig,
+               counters: Counters) -> dict[str, float]:
+    """One optimizer step on the student's own samples."""
+    t = time.perf_counter()
+    rollouts = rollout(engine, stream, step, fmt, tokenizer, cfg)
+    counters.timed("rollout", t)
+    counters.rollout_tokens += rollouts.num_tokens
+
+    t = time.perf_counter()
+    batch = score(teachers, rollouts, cfg)
+    counters.timed("scoring", t)
+    counters.teacher_tokens_scored += int(batch["input_ids"].shape[1])
+
+    t = time.perf_counter()
+    rewards = answer_rewards(rollouts, tokenizer, cfg) if cfg.reward_weight > 0 or cfg.answer_column else None
+    loss, stats = onpolicy_loss(model, batch, cfg, rewards if cfg.reward_weight > 0 else None)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    counters.timed("training", t)
+    counters.optimizer_steps += 1
+    counters.trained_tokens += len(batch["target_ids"])
+
+    if (step + 1) % cfg.sync_every == 0:
+        t = time.perf_counter()
+        engine.sync(model)
+        counters.timed("sync", t)
+    if rewards is not None:
+        stats["reward"] = float(rewards.mean())
+    stats["completion_tokens"] = rollouts.num_tokens / len(rollouts.completion_ids)
+    return stats
+
+
+def answer_rewards(rollouts: Rollouts, tokenizer: Any, cfg: OnPolicyConfig) -> torch.Tensor | None:
+    """1 where the answer checker accepts a sample's answer, else 0 (None without reference answers)."""
+    if not cfg.answer_column or any(cfg.answer_column not in r for r in rollouts.records):
+        return None
+    texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+    verdicts = check_many(cfg.checker, texts, [Reference(answer=str(r[cfg.answer_column])) for r in rollouts.records])
+    return torch.tensor([float(v.correct) for v in verdicts])
+
+
+def log_window(step: int, window: list[dict[str, float]], counters: Counters) -> dict[str, Any]:
+    entry = {"step": step, **{k: float(np.mean([w[k] for w in window])) for k in window[0]},
+             "seconds": {k: round(v, 3) for k, v in counters.seconds.items()}}
+    logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if isinstance(v, float)))
+    return entry
+
+
+def save_final(out: Path, model: torch.nn.Module, tokenizer: Any, cfg: OnPolicyConfig, counters: Counters,
+               history: list[dict[str, Any]], started: float) -> dict[str, Any]:
+    """The final student (a plain HF checkpoint in ``output_dir``), its log and the manifest, written last."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    tmp = out / f".model.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    for path in tmp.iterdir():
+        os.replace(path, out / path.name)
+    tmp.rmdir()
+    write_json_atomic(out / "log_history.json", history)
+    inputs = {"student": cfg.student_model, "dataset": cfg.dataset, **{f"teacher_{k}": v for k, v in cfg.teachers.items()}}
+    return write_manifest(out, "onpolicy", cfg, inputs=inputs, started=started,
+                          counts={"optimizer_steps": counters.optimizer_steps, "trained_tokens": counters.trained_tokens,
+                                  "rollout_tokens": counters.rollout_tokens,
+                                  "teacher_tokens_scored": counters.teacher_tokens_scored},
+                          compute={"seconds": {k: round(v, 3) for k, v in counters.seconds.items()}})
