@@ -125,7 +125,7 @@ def test_gpqa_options_are_shuffled_reproducibly(tmp_path):
 
 
 def test_tiny_benchmark_is_the_bootstraps_heldout_set():
-    from llmdistill.tinyworld.bootstrap import heldout_eval_problems
+    from llmdistill.tinyworld.recipe import heldout_eval_problems
 
     items = load_benchmark("tiny")
     assert len(items) == 500

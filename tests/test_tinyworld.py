@@ -12,15 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmdistill.checking.checkers import Reference, Verdict, check
 from llmdistill.manifest import read_manifest
-from llmdistill.tinyworld.bootstrap import (
-    EVAL_PROBLEMS,
-    _build_cached,
-    greedy_accuracy,
-    heldout_eval_problems,
-    student_init,
-    teacher_accuracy,
-)
+from llmdistill.tinyworld.bootstrap import _build_cached, student_init, teacher_accuracy
 from llmdistill.tinyworld.models import MODEL_SIZES, make_model, num_params
+from llmdistill.tinyworld.recipe import EVAL_PROBLEMS, greedy_accuracy, heldout_eval_problems
 from llmdistill.tinyworld.task import (
     Problem,
     generate_problems,
@@ -281,3 +275,32 @@ def test_untrained_student_scores_near_zero(heldout):
     assert student_init(seed=0) == student
     assert read_manifest(student)["counts"]["params"] < 200_000
     assert greedy_accuracy(student, heldout[:200]) <= 0.05
+
+
+@pytest.mark.unit
+def test_the_shipped_teacher_is_the_one_this_code_trains():
+    """Edit the task, tokenizer, models, recipe or prompt format, and this fails until
+    `python scripts/ship_teacher.py` ships the teacher the new code trains."""
+    from llmdistill.tinyworld.bootstrap import SHIPPED, _cache_key
+    from llmdistill.tinyworld.recipe import TeacherTrainSettings
+    from llmdistill.tinyworld.tokenizer import build_tokenizer
+
+    name = f"tiny-teacher-{_cache_key('teacher', 0, TeacherTrainSettings())}"
+    shipped = sorted(p.name for p in SHIPPED.glob("tiny-teacher-*"))
+    assert shipped == [name], f"shipped {shipped}, this code trains {name}: run scripts/ship_teacher.py"
+    tok = AutoTokenizer.from_pretrained(str(SHIPPED / name))
+    from llmdistill.formats import tokenizer_fingerprint
+
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(build_tokenizer())
+    assert read_manifest(SHIPPED / name)["heldout_accuracy"] >= 0.9
+
+
+@pytest.mark.slow
+def test_re_bootstrapping_reproduces_the_shipped_teachers_accuracy(tmp_path, monkeypatch):
+    """Minutes of training: the teacher this machine trains scores within 1 point of the shipped one."""
+    from llmdistill.tinyworld.bootstrap import SHIPPED, bootstrap_teacher
+
+    monkeypatch.setenv("LLMDISTILL_CACHE", str(tmp_path))
+    trained = bootstrap_teacher(0, use_shipped=False)
+    shipped = SHIPPED / trained.name
+    assert abs(teacher_accuracy(trained) - teacher_accuracy(shipped)) <= 0.01

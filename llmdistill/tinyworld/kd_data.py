@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from llmdistill.formats import GenerationInfo, shard_name, write_generation_shard
 from llmdistill.manifest import write_manifest
-from llmdistill.tinyworld.bootstrap import PROMPT_FORMAT, encode_examples
+from llmdistill.tinyworld.recipe import PROMPT_FORMAT, encode_examples
 from llmdistill.tinyworld.task import Problem, reference_completion, to_records, write_jsonl
 
 
