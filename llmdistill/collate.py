@@ -6,6 +6,12 @@ TRL's ``padding_free`` and :class:`transformers.DataCollatorWithFlattening` do) 
 position ids: with ``sdpa``/``eager`` transformers turns them into a block-diagonal causal
 mask (``masking_utils.find_packed_sequence_indices``, used when no attention mask is given),
 and with ``flash_attention_2`` into varlen cumulative lengths. No padding token is computed.
+That dense mask is (tokens x tokens): on CPU, 32k-token rows need gigabytes and minutes a step
+with ``sdpa``; long rows are for ``flash_attention_2`` on GPUs.
+
+The collator decodes the top-k, so it runs where the rows are fetched: in the DataLoader's
+workers with ``dataloader_num_workers >= 1`` (it is a small picklable dataclass; each worker maps
+the data files itself), ahead of the training step.
 
 Targets: the token at flat position ``t`` is a target when its ``loss_mask`` is 1; the hidden
 state at ``t - 1`` predicts it. A target at a document's first position has no predictor in

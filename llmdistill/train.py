@@ -6,9 +6,10 @@ machines: ``accelerate launch --config_file configs/accelerate/<ddp_cpu|deepspee
 
 The run reads top to bottom in :func:`run_train`: built data -> student (+ LoRA / QLoRA) ->
 trainer -> train -> save -> loss curve + ``manifest.json`` (written last: a directory with a
-manifest holds a finished run). Checkpoints and the final model are written whole, and
-``resume_from_checkpoint: latest`` resumes from the newest complete checkpoint: see
-:mod:`llmdistill.trainer`.
+manifest holds a finished run). The built data is memory-mapped, never loaded: its Parquet shards
+are converted once per machine into Arrow files that every process maps (:func:`load_built`).
+Checkpoints and the final model are written whole, and ``resume_from_checkpoint: latest`` resumes
+from the newest complete checkpoint at the exact data position: see :mod:`llmdistill.trainer`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
 
 from llmdistill.collate import DistillCollator
 from llmdistill.config.base import UserError
 from llmdistill.config.train import TrainConfig
-from llmdistill.formats import SchemaError, read_built, tokenizer_fingerprint
+from llmdistill.formats import (
+    SchemaError,
+    built_cache_dir,
+    convert_built_to_arrow,
+    open_built,
+    read_built_metadata,
+    tokenizer_fingerprint,
+)
 from llmdistill.log import get_logger
 from llmdistill.manifest import write_json_atomic, write_manifest
 
@@ -85,12 +92,11 @@ def build_trainer(config: TrainConfig) -> tuple[Any, dict[str, Any]]:
 
     from llmdistill.trainer import DistillTrainer
 
-    table, meta = load_built(config.data_dir)
+    dataset, meta = load_built(config)
     tokenizer = AutoTokenizer.from_pretrained(config.student_model, trust_remote_code=config.trust_remote_code)
     check_compatible(config, meta, tokenizer)
-    dataset = Dataset(table)
-    logger.info("train data: %d packed rows from %s, kd=%s, k=%s", len(dataset), config.data_dir,
-                meta["kd"], meta.get("k"))
+    logger.info("train data: %d packed rows from %s (memory-mapped from %s), kd=%s, k=%s", len(dataset),
+                config.data_dir, Path(dataset.cache_files[0]["filename"]).parent, meta["kd"], meta.get("k"))
     model, peft_config = load_student(config)
     collator = DistillCollator(k=int(meta["k"]), vocab_size=int(meta["vocab_size"]),
                                codec_bits=int(meta.get("codec_bits") or 0), with_topk=bool(meta["kd"]))
@@ -100,14 +106,30 @@ def build_trainer(config: TrainConfig) -> tuple[Any, dict[str, Any]]:
     return trainer, meta
 
 
-def load_built(data_dir: str) -> tuple[Any, dict[str, Any]]:
-    """Read the built shards, naming the fix when they come from another schema version."""
-    if not data_dir:
+def load_built(config: TrainConfig) -> tuple[Any, dict[str, Any]]:
+    """The built shards as a memory-mapped dataset, converted to Arrow once per machine.
+
+    The main process converts first (:func:`~llmdistill.formats.convert_built_to_arrow`), the
+    others wait. Where the other machines do not see its files (``data_cache_dir`` on node-local
+    disk), the main process of each machine then converts its own copy; where they do, that second
+    pass only finds the files. Every process then maps them (:func:`~llmdistill.formats.open_built`):
+    no process holds a table, and a machine's processes share one page-cache copy of the data.
+
+    Raises:
+        SchemaError: shards from another schema version, naming the fix.
+    """
+    if not config.data_dir:
         raise ValueError("data_dir is empty: point it at the output of `llmdistill build`")
+    cache_dir = built_cache_dir(config.data_dir, config.data_cache_dir or None)
     try:
-        return read_built(data_dir)
+        read_built_metadata(config.data_dir)  # every process, before any waits: a bad shard stops them all alike
+        for local in (False, True):
+            with config.main_process_first(local=local, desc="converting the built shards to Arrow"):
+                if (config.local_process_index if local else config.process_index) == 0:
+                    convert_built_to_arrow(config.data_dir, cache_dir)
+        return open_built(config.data_dir, cache_dir)
     except SchemaError as err:
-        raise SchemaError(f"cannot train on {data_dir}: {err}") from err
+        raise SchemaError(f"cannot train on {config.data_dir}: {err}") from err
 
 
 def check_compatible(config: TrainConfig, meta: dict[str, Any], tokenizer: Any) -> None:

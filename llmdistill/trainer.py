@@ -8,8 +8,11 @@ Only what distillation needs is overridden:
 * ``_get_num_items_in_batch`` counts the target tokens of the whole optimizer step (all
   gradient-accumulation micro-batches, all processes), so every token weighs the same whatever
   the packing, accumulation or world size;
+* ``get_batch_samples`` times the wait for the step's batches;
 * ``log`` adds ``ce_loss``, ``kd_loss``, ``tokens_per_s``, ``real_token_fraction``,
-  ``target_fraction``, ``alpha`` and ``temperature``.
+  ``target_fraction``, ``alpha`` and ``temperature``, and the cost of the run beside them:
+  ``data_wait_s`` (seconds per optimizer step spent waiting for data), ``data_wait_fraction``,
+  ``peak_rss_gib`` and, on GPUs, ``peak_accelerator_gib`` (see :meth:`DistillTrainer._window_metrics`).
 
 The loss runs *inside* the wrapped model's forward (:func:`run_in_forward`): DDP only arms its
 gradient all-reduce in its own forward, and FSDP/ZeRO-3 only gather sharded weights there.
@@ -20,9 +23,12 @@ Checkpoints and the final model are written whole and a full disk is one clear e
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +64,25 @@ from llmdistill.losses import chunked_distill_loss
 logger = get_logger(__name__)
 
 _STATS = ("ce_sum", "kd_sum", "n_targets", "n_tokens", "capacity")
+GIB = 1024**3
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size in bytes: Linux's ``VmHWM``, else ``ru_maxrss``.
+
+    ``VmHWM`` belongs to this address space; ``ru_maxrss`` would also carry the peak of the process
+    that started this one (it survives fork and exec). Both count the pages of the memory-mapped
+    data this process touched: page cache, shared by the machine's processes and evictable.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def schedule_value(kind: str, start: float, end: float, progress: float, warmup_ratio: float = 1.0) -> float:
@@ -125,7 +150,9 @@ class DistillTrainer(SFTTrainer):
         self.loss_is_scaled_for_ga = True
         self._stats = torch.zeros(len(_STATS), dtype=torch.float64)
         self._stats_calls = 0
-        self._window_start = time.perf_counter()
+        self._window_start: float | None = None  # the first batch fetch of a logging window starts its clock
+        self._data_wait = 0.0  # seconds spent waiting for batches in the window
+        self._window_steps = 0
         self._last_schedule = (self.current_alpha(), self.current_temperature())
         self._staging_root: Path | None = None  # set while a checkpoint is written (see _get_output_dir)
         self._owner_pid = self._main_process_pid()  # names the staging directories, the same on every rank
@@ -198,10 +225,15 @@ class DistillTrainer(SFTTrainer):
             )
 
     # ---- logging ------------------------------------------------------------------------
-    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._stats_calls == 0:  # the first micro-batch of a logging window starts its clock
-            self._window_start = time.perf_counter()
-        return super().training_step(*args, **kwargs)
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The micro-batches of one optimizer step; the time spent waiting for them counts as data loading."""
+        start = time.perf_counter()
+        if self._window_start is None:
+            self._window_start = start
+        batches = list(itertools.islice(epoch_iterator, num_batches))
+        self._data_wait += time.perf_counter() - start
+        self._window_steps += 1
+        return batches, self._get_num_items_in_batch(batches, device)
 
     def _record(self, inputs: dict[str, torch.Tensor], out: Any) -> None:
         n_tokens = inputs["input_ids"].shape[1]
@@ -216,16 +248,29 @@ class DistillTrainer(SFTTrainer):
         super().log(logs, start_time)
 
     def _window_metrics(self) -> dict[str, float]:
-        """Metrics of the steps since the last log, summed over processes."""
+        """Metrics of the steps since the last log: token counts summed over processes, costs of the slowest.
+
+        ``tokens_per_s`` and ``data_wait_fraction`` are over the window's wall time, from the first
+        batch fetch; ``data_wait_s`` is the mean wait per optimizer step for the batches (the
+        DataLoader's workers decode the top-k ahead of the step: with them the wait is near 0);
+        ``peak_rss_gib`` is the largest peak RSS of a process (:func:`peak_rss_bytes`) and
+        ``peak_accelerator_gib`` the largest peak of allocated accelerator memory.
+        """
+        elapsed = time.perf_counter() - (self._window_start or time.perf_counter())
         stats = self._stats.to(self.accelerator.device)
+        costs = torch.tensor([self._data_wait / max(self._window_steps, 1), self._data_wait / max(elapsed, 1e-9),
+                              peak_rss_bytes() / GIB, self._peak_accelerator_bytes() / GIB],
+                             dtype=torch.float64, device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             stats = self.accelerator.reduce(stats, reduction="sum")
+            torch.distributed.all_reduce(costs, op=torch.distributed.ReduceOp.MAX)
         s = dict(zip(_STATS, stats.tolist(), strict=True))
-        elapsed = time.perf_counter() - self._window_start
+        data_wait_s, data_wait_fraction, peak_rss_gib, peak_accelerator_gib = costs.tolist()
         self._stats.zero_()
         self._stats_calls = 0
+        self._window_start, self._data_wait, self._window_steps = None, 0.0, 0
         n = max(s["n_targets"], 1.0)
-        return {
+        metrics = {
             "ce_loss": s["ce_sum"] / n,
             "kd_loss": s["kd_sum"] / n,
             "tokens_per_s": s["n_tokens"] / max(elapsed, 1e-9),
@@ -233,7 +278,17 @@ class DistillTrainer(SFTTrainer):
             "target_fraction": s["n_targets"] / max(s["n_tokens"], 1.0),
             "alpha": self._last_schedule[0],  # the values the window's last step used
             "temperature": self._last_schedule[1],
+            "data_wait_s": data_wait_s,
+            "data_wait_fraction": data_wait_fraction,
+            "peak_rss_gib": peak_rss_gib,
         }
+        if self.accelerator.device.type != "cpu":
+            metrics["peak_accelerator_gib"] = peak_accelerator_gib
+        return metrics
+
+    def _peak_accelerator_bytes(self) -> int:
+        device = self.accelerator.device
+        return 0 if device.type == "cpu" else int(torch.accelerator.max_memory_allocated(device))
 
     # ---- checkpoints and the final model, written whole ---------------------------------
     def _main_process_pid(self) -> int:

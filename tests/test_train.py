@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from llmdistill import losses
@@ -22,8 +23,8 @@ from llmdistill.collate import DistillCollator
 from llmdistill.config.base import ConfigError, load_config, save_config
 from llmdistill.config.train import UNSUPPORTED_SFT_FIELDS, TrainConfig
 from llmdistill.formats import SchemaError, read_built, write_built_shard
-from llmdistill.tinyworld.bootstrap import encode_examples
 from llmdistill.tinyworld.kd_data import teacher_topk, write_tiny_built
+from llmdistill.tinyworld.recipe import encode_examples
 from llmdistill.tinyworld.task import generate_problems
 from llmdistill.train import build_trainer, load_student, run_train
 from llmdistill.trainer import schedule_value
@@ -320,29 +321,40 @@ def test_accelerate_configs_are_valid(name):
 # ---- real training steps --------------------------------------------------------------------
 
 
+def logged_steps(out: Path) -> dict[int, dict]:
+    """The training log entries of a run by optimizer step."""
+    return {h["step"]: h for h in json.loads((out / "log_history.json").read_text()) if "ce_loss" in h}
+
+
 @pytest.mark.integration
-def test_resume_reproduces_the_next_logged_losses(tmp_path, tiny_student_dir, built_kd):
-    schedules = dict(max_steps=6, save_strategy="steps", save_steps=3, alpha=0.8, alpha_schedule="linear_warmup",
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_continues_at_the_exact_data_position(tmp_path, tiny_student_dir, built_kd, workers):
+    """The 3 steps after a resume in the second epoch log the losses of an uninterrupted run, bit for bit.
+
+    33 packed rows, 2 a step: an epoch is 17 steps; the checkpoint at step 18 is one step into the
+    second epoch, so the resumed run must skip into a reshuffled epoch (with DataLoader workers too).
+    """
+    schedules = dict(max_steps=21, save_strategy="steps", save_steps=18, alpha=0.8, alpha_schedule="linear_warmup",
                      alpha_start=0.2, alpha_warmup_ratio=0.5, temperature=1.0, temperature_schedule="cosine",
-                     temperature_start=2.0)
+                     temperature_start=2.0, dataloader_num_workers=workers)
     run_train(config(tmp_path / "a", tiny_student_dir, built_kd, **schedules))
-    first = json.loads((tmp_path / "a" / "out" / "log_history.json").read_text())
-    resumed_cfg = config(tmp_path / "b", tiny_student_dir, built_kd, **schedules,
-                         resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-3"))
-    run_train(resumed_cfg)
-    second = json.loads((tmp_path / "b" / "out" / "log_history.json").read_text())
+    run_train(config(tmp_path / "b", tiny_student_dir, built_kd, **schedules,
+                     resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-18")))
 
-    def by_step(history):
-        return {h["step"]: h for h in history if "ce_loss" in h and h["step"] > 3}
-
-    a, b = by_step(first), by_step(second)
-    assert sorted(a) == sorted(b) == [4, 5, 6]
-    for step in a:
-        for key in ("loss", "ce_loss", "kd_loss", "alpha", "temperature", "learning_rate"):
-            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
-    assert len({a[s]["alpha"] for s in a}) == 1 and len({a[s]["temperature"] for s in a}) == 3
+    a, b = logged_steps(tmp_path / "a" / "out"), logged_steps(tmp_path / "b" / "out")
+    assert sorted(a) == sorted(b) == list(range(1, 22))
+    assert a[18]["epoch"] > 1.0 and len({a[s]["ce_loss"] for s in a}) == 21  # past an epoch; steps differ
+    for step in (19, 20, 21):
+        for key in ("loss", "grad_norm", "ce_loss", "kd_loss", "alpha", "temperature", "learning_rate"):
+            assert b[step][key] == a[step][key], (step, key)
+    weights = [load_file(tmp_path / run / "out" / "model.safetensors") for run in ("a", "b")]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    # the cost of each step is logged beside its speed
+    for entry in a.values():
+        assert entry["tokens_per_s"] > 0 and 0 <= entry["data_wait_fraction"] < 1
+        assert 0 <= entry["data_wait_s"] < 5 and 0.1 < entry["peak_rss_gib"] < 8
     manifest = json.loads((tmp_path / "b" / "out" / "manifest.json").read_text())
-    assert manifest["stage"] == "train" and manifest["counts"]["global_steps"] == 6
+    assert manifest["stage"] == "train" and manifest["counts"]["global_steps"] == 21
     assert (tmp_path / "b" / "out" / "loss_curve.png").stat().st_size > 1000
 
 
@@ -411,7 +423,6 @@ def test_two_processes_end_identical_and_equal_one_process_with_accumulation(tmp
     import sys
 
     import yaml
-    from safetensors.torch import load_file
 
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text(yaml.safe_dump({**_common_run(tiny_student_dir, built_kd), "output_dir": str(tmp_path / "out")}))

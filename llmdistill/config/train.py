@@ -140,6 +140,13 @@ class TrainConfig(SFTConfig):
         default="",
         metadata={"help": "Directory of built shards written by `llmdistill build`."},
     )
+    data_cache_dir: str = field(
+        default="",
+        metadata={"help": "Where the built shards are converted, once per machine, into the Arrow files that "
+                          "training memory-maps (about the size of the data, uncompressed). Empty: "
+                          "<data_dir>/.arrow_cache, or $HF_DATASETS_CACHE/llmdistill-built when data_dir is "
+                          "read-only. Put it on node-local disk when the nodes share no filesystem."},
+    )
     # ---- loss ---------------------------------------------------------------------------
     alpha: float = field(
         default=0.5,
