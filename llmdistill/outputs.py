@@ -8,12 +8,18 @@ previous output in place and at most a staging directory, which the next run of 
 writing there removes. Where the filesystem cannot exchange (``renameat2`` unsupported), the old
 output is first renamed to ``.<name>.old-<pid>`` and restored by the next run if the kill came
 between the two renames.
+
+A stage that resumes (``build``) stages into ``.<name>.tmp-<key>`` instead (:func:`resumable_output`),
+where ``key`` identifies its config and input: a re-run with the same key finds the finished work
+of a killed run there, while a run with another key removes it as stale. A lock held for the
+whole run (``flock``, released by the kernel even on SIGKILL) tells a live writer from a dead one.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import functools
 import os
 import shutil
@@ -21,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from llmdistill.config.base import ConfigError
+from llmdistill.config.base import ConfigError, UserError
 from llmdistill.log import get_logger
 
 logger = get_logger(__name__)
@@ -71,15 +77,40 @@ def _owner(path: Path) -> int | None:
         return None
 
 
-def clean_stale(output: Path) -> None:
-    """Remove what killed runs left beside ``output``; put back an old output a kill left renamed away."""
+LOCK = ".lock"
+
+
+def _locked_by_another(path: Path) -> bool:
+    """Whether a live run holds the lock of the resumable staging directory ``path``."""
+    try:
+        fd = os.open(path / LOCK, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock taken just now (and never one of another descriptor)
+    return False
+
+
+def clean_stale(output: Path, keep: Path | None = None) -> None:
+    """Remove what killed runs left beside ``output``; put back an old output a kill left renamed away.
+
+    Args:
+        output: the stage's output directory.
+        keep: a resumable staging directory (:func:`resumable_output`) to leave in place.
+    """
     if not output.parent.is_dir():
         return
     for kind in ("old", "tmp"):
         for path in sorted(output.parent.glob(f".{output.name}.{kind}-*")):
             pid = _owner(path)
-            if pid is not None and pid != os.getpid() and pid_alive(pid):
-                continue  # another run that is writing here right now
+            if path == keep or (pid is not None and pid != os.getpid() and pid_alive(pid)):
+                continue  # ours to resume, or another run that is writing here right now
+            if pid is None and _locked_by_another(path):
+                continue  # a resumable run that is writing here right now
             if kind == "old" and not output.exists():
                 logger.warning("restoring %s from %s (a run was killed while swapping it)", output, path.name)
                 os.replace(path, output)
@@ -122,3 +153,43 @@ def staged_output(output: str | Path, overwrite: bool) -> Iterator[Path]:
         swap_in(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def resumable_output(output: str | Path, key: str, overwrite: bool) -> Iterator[Path]:
+    """A staging directory named after ``key`` that survives a kill and becomes ``output`` when the body completes.
+
+    The body finds in it whatever a killed run with the same ``key`` finished (it decides what to
+    reuse). While the body runs, the directory is locked; a staging directory of another key
+    that no live run holds is removed as stale. When the body raises a
+    :class:`~llmdistill.config.base.UserError` (bad input or settings: a re-run would fail the same
+    way) the staging directory is removed; on any other error (a crash, a kill, a lost node) it is
+    kept for the next run.
+
+    Raises:
+        ConfigError: ``output`` exists, is not empty, and ``overwrite`` is false; or another run
+            with the same key is writing the staging directory now.
+    """
+    output = Path(output)
+    staging = output.with_name(f".{output.name}.tmp-{key}")
+    clean_stale(output, keep=staging)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise ConfigError(f"output_dir {output} exists: choose another one or set overwrite: true")
+    staging.mkdir(parents=True, exist_ok=True)
+    fd = os.open(staging / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"another run is writing {staging} right now (same config and input): wait for it "
+                          "to finish, or stop it") from None
+    try:
+        yield staging
+        (staging / LOCK).unlink(missing_ok=True)
+        swap_in(staging, output)
+        shutil.rmtree(staging, ignore_errors=True)  # the old output, after an exchange
+    except UserError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)

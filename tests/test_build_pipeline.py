@@ -191,7 +191,9 @@ def test_missing_reference_answers_fail_before_any_work(generation, tmp_path, ti
 
 
 def test_empty_result_is_an_error_with_counts_and_leaves_nothing(generation, tmp_path, tiny_tokenizer_dir):
-    with pytest.raises(EmptyBuildError, match=r"after step 'length'.*input \d+, truncated \d+, malformed \d+, length 0"):
+    # prompt-level steps run first, on the light columns
+    with pytest.raises(EmptyBuildError, match=r"after step 'length'.*input \d+, duplicate_prompt \d+, contaminated \d+, "
+                                              r"truncated \d+, malformed \d+, length 0"):
         run_build(config(generation, tmp_path, tiny_tokenizer_dir, max_completion_tokens=2))
     assert list(tmp_path.iterdir()) == []
 

@@ -161,6 +161,10 @@ def test_pass_rate_window_and_cap_per_prompt():
     np.testing.assert_array_equal(filters.pass_rate_mask(pids, correct, 0.2, 0.9), [1, 1, 1, 1, 0, 0, 0, 0])
     keep = filters.cap_per_prompt(pids, [3, 0, 2, 1, 0, 1, 0, 1], 2)
     np.testing.assert_array_equal(keep, [0, 1, 0, 1, 1, 1, 1, 1])
+    # only the samples still alive count towards the cap (prompt codes work as ids)
+    alive = np.array([1, 0, 1, 1, 1, 1, 0, 1], dtype=bool)
+    keep = filters.cap_per_prompt(np.array([0, 0, 0, 0, 1, 1, 2, 2]), [3, 0, 2, 1, 0, 1, 0, 1], 2, alive)
+    np.testing.assert_array_equal(keep, [0, 0, 1, 1, 1, 1, 0, 1])
 
 
 # ---------------------------------------------------------------------------------------
@@ -213,6 +217,20 @@ def test_minhash_estimates_jaccard_without_bias():
     estimate = (sig[1:] == sig[0]).mean(axis=1)
     err = estimate - np.asarray(exact)
     assert abs(err.mean()) < 0.02 and np.abs(err).max() < 0.15
+
+
+def test_signatures_and_band_keys_agree_across_calls_and_confirm_near_pairs():
+    rng = np.random.default_rng(2)
+    base = [f"w{i}" for i in rng.integers(0, 10**6, size=150)]
+    texts = [" ".join(base), _variant(base, rng, 1), _variant(base, rng, 40)]
+    sig = dedup.signatures(texts, 3, 128)
+    np.testing.assert_array_equal(sig[1:2], dedup.signatures(texts[1:2], 3, 128))  # word ids are hashes, not counters
+    bands, rows = dedup.lsh_params(0.9, 128)
+    keys = dedup.band_keys(sig, bands, rows)
+    assert (keys[0] == keys[1]).any() and not (keys[0] == keys[2]).any()
+    pairs = dedup.confirmed_pairs(np.array([7, 3, 9]), sig[[1, 0, 2]], 0.9)
+    np.testing.assert_array_equal(pairs, [[3, 7]])
+    assert dedup.text_hashes(["A b!"])[0] == dedup.text_hashes(["a  B"])[0]
 
 
 def test_short_texts_and_normalisation():
@@ -305,6 +323,18 @@ def test_packing_long_tailed_lengths_respects_capacity():
     assert packing_efficiency(int(lengths.sum()), len(bins), 8192) > 0.98
     with pytest.raises(ValueError, match="item sizes"):
         best_fit_decreasing([10, 9000], 8192)
+
+
+def test_topk_coverage_summary_from_a_merged_histogram():
+    from llmdistill.builder.report import coverage_summary
+
+    mass = np.random.default_rng(0).beta(8, 2, size=20_000)
+    counts = np.bincount((mass * 1000).astype(int), minlength=1000)
+    half = np.bincount((mass[:7000] * 1000).astype(int), minlength=1000)
+    summary = coverage_summary(half + (counts - half), float(mass.sum()))
+    assert summary["tokens"] == 20_000 and summary["mean"] == pytest.approx(mass.mean(), abs=1e-4)
+    assert summary["p5"] == pytest.approx(np.quantile(mass, 0.05), abs=2e-3)
+    assert summary["p50"] == pytest.approx(np.median(mass), abs=2e-3)
 
 
 def test_overlong_documents_are_dropped_or_split_and_counted():

@@ -8,10 +8,16 @@ The first occurrence of every group is kept.
 
 Per-record MinHash objects in Python cost ~1 ms each; here all shingles of a batch of texts are
 hashed at once (multiply-shift hashing on uint64), which does 100k texts in a few seconds.
+
+Words are hashed (not numbered in order of appearance), so signatures and exact-text hashes
+computed in different processes compare: :func:`text_hashes`, :func:`signatures` and
+:func:`band_keys` are what ``build`` stores per trace for duplicates across parts, and
+:func:`confirmed_pairs` is what one group of a Ray Data groupby over those keys runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import numpy as np
@@ -26,15 +32,38 @@ def normalize(text: str) -> str:
     return _SEPARATORS.sub(" ", text.lower()).strip()
 
 
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
 def word_ids(texts: list[str], normalized: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Words of the normalised texts as ids (>= 1), flat, with offsets per text."""
+    """Words of the normalised texts as 64-bit hashes (odd, so never 0), flat, with offsets per text.
+
+    The same word gets the same id in every call and every process.
+    """
     vocab: dict[str, int] = {}
     flat: list[int] = []
     offsets = [0]
     for text in texts:
-        flat.extend(vocab.setdefault(w, len(vocab) + 1) for w in (text if normalized else normalize(text)).split())
+        for w in (text if normalized else normalize(text)).split():
+            wid = vocab.get(w)
+            if wid is None:
+                wid = vocab[w] = _hash64(w) | 1
+            flat.append(wid)
         offsets.append(len(flat))
     return np.asarray(flat, dtype=np.uint64), np.asarray(offsets, dtype=np.int64)
+
+
+def text_hashes(texts: list[str], normalized: bool = False) -> np.ndarray:
+    """A 64-bit hash of each normalised text: equal for exact duplicates, in every process."""
+    return np.fromiter((_hash64(t if normalized else normalize(t)) for t in texts), dtype=np.uint64, count=len(texts))
+
+
+def signatures(texts: list[str], ngram: int, num_perm: int, seed: int = 0, normalized: bool = False) -> np.ndarray:
+    """MinHash signatures (n, num_perm) uint32 of the texts' word shingles (see :func:`minhash_signatures`)."""
+    words, offsets = word_ids(texts, normalized)
+    hashes, starts = shingle_hashes(words, offsets, ngram)
+    return minhash_signatures(hashes, starts, num_perm, seed)
 
 
 def _splitmix(x: np.ndarray) -> np.ndarray:
@@ -157,17 +186,52 @@ def _exact_jaccard(hashes: np.ndarray, starts: np.ndarray, left: np.ndarray, rig
     return inter / (set_size[left] + set_size[right] - inter)
 
 
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """LSH bucket of every text in every band: (n, bands) uint64, a hash of the band's values and its index.
+
+    Two texts share a bucket in some band with probability ``1 - (1 - J**rows)**bands``.
+    """
+    keys = np.zeros((sig.shape[0], bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for band in range(bands):
+            bucket = np.full(sig.shape[0], band + 1, dtype=np.uint64)
+            for col in range(band * rows, (band + 1) * rows):
+                bucket = _splitmix(bucket * _MIX + sig[:, col].astype(np.uint64))
+            keys[:, band] = bucket
+    return keys
+
+
+def confirmed_pairs(rows: np.ndarray, sig: np.ndarray, threshold: float) -> np.ndarray:
+    """Pairs (first, other) of one LSH bucket: its earliest text with each other text whose MinHash
+    estimate of the Jaccard similarity reaches ``threshold``.
+
+    Texts of different parts of a build are compared this way (their shingles are not kept), so
+    a pair within a standard deviation ``sqrt(J (1 - J) / num_perm)`` of the threshold can go
+    either way; within a part, :func:`near_duplicates` confirms pairs on their exact shingle sets.
+
+    Args:
+        rows: int64 (m,) global indices of the bucket's texts.
+        sig: uint32 (m, num_perm) their signatures.
+        threshold: the near-duplicate threshold.
+
+    Returns:
+        int64 (p, 2): pairs (earlier index, later index).
+    """
+    if len(rows) < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    head = int(np.argmin(rows))
+    estimate = (sig == sig[head]).mean(axis=1)
+    other = np.flatnonzero((estimate >= threshold) & (np.arange(len(rows)) != head))
+    return np.stack([np.full(len(other), rows[head], dtype=np.int64), rows[other].astype(np.int64)], axis=1)
+
+
 def _candidate_pairs(sig: np.ndarray, idx: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """Pairs (earlier, later) of texts sharing an LSH bucket, each paired with its bucket's first text."""
     n = sig.shape[0]
     keys = []
+    buckets = band_keys(sig[idx], bands, rows)
     for band in range(bands):
-        block = sig[idx, band * rows:(band + 1) * rows].astype(np.uint64)
-        bucket = np.zeros(len(idx), dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for col in range(rows):  # a 64-bit hash of the band's values (pairs are confirmed later)
-                bucket = _splitmix(bucket * _MIX + block[:, col])
-        _, first, inverse = np.unique(bucket, return_index=True, return_inverse=True)
+        _, first, inverse = np.unique(buckets[:, band], return_index=True, return_inverse=True)
         head = first[inverse]
         later = head != np.arange(len(idx))
         keys.append(idx[head[later]].astype(np.int64) * n + idx[later])

@@ -54,15 +54,26 @@ def pass_rate_mask(prompt_ids: list[str], correct: np.ndarray, lo: float, hi: fl
     return np.asarray([lo <= rates[p] <= hi for p in prompt_ids], dtype=bool)
 
 
-def cap_per_prompt(prompt_ids: list[str], sample_index: list[int], m: int | None) -> np.ndarray:
-    """Keep at most ``m`` samples per prompt: the ones with the lowest ``sample_index``."""
+def cap_per_prompt(prompt_ids: list[str] | np.ndarray, sample_index: list[int] | np.ndarray, m: int | None,
+                   alive: np.ndarray | None = None) -> np.ndarray:
+    """Keep at most ``m`` samples per prompt: the ones with the lowest ``sample_index``.
+
+    Args:
+        prompt_ids: prompt of each sample (ids or integer codes).
+        sample_index: sample index of each sample.
+        m: the cap (None: no cap).
+        alive: optional bool mask: only these samples take part (and count); the others are not kept.
+    """
+    n = len(sample_index)
+    alive = np.ones(n, dtype=bool) if alive is None else np.asarray(alive, dtype=bool)
     if m is None:
-        return np.ones(len(prompt_ids), dtype=bool)
-    order = sorted(range(len(prompt_ids)), key=lambda i: (prompt_ids[i], sample_index[i]))
-    keep = np.zeros(len(prompt_ids), dtype=bool)
-    taken: dict[str, int] = {}
-    for i in order:
-        if taken.get(prompt_ids[i], 0) < m:
-            taken[prompt_ids[i]] = taken.get(prompt_ids[i], 0) + 1
-            keep[i] = True
+        return alive.copy()
+    codes = np.unique(np.asarray(prompt_ids), return_inverse=True)[1].reshape(-1)
+    idx = np.flatnonzero(alive)
+    order = idx[np.lexsort((np.asarray(sample_index)[idx], codes[idx]))]
+    group = codes[order]
+    start = np.r_[True, group[1:] != group[:-1]]
+    rank = np.arange(len(order)) - np.maximum.accumulate(np.where(start, np.arange(len(order)), 0))
+    keep = np.zeros(n, dtype=bool)
+    keep[order[rank < m]] = True
     return keep

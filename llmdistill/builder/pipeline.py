@@ -1,247 +1,318 @@
-"""``llmdistill build``: teacher traces in, train-ready packed shards out.
+"""``llmdistill build``: teacher traces in, train-ready packed shards out, at any scale.
 
-Read top to bottom: load -> verify -> filter -> dedup -> decontaminate -> cap per prompt ->
-tokenise -> pack -> write. Every step is a small function returning a keep-mask; the
-:class:`Ledger` counts what each step removed and remembers, per input trace, which step
-dropped it (``traces.arrow``), so a build can be audited trace by trace.
+Read top to bottom, five phases:
+
+A. prompts (driver, light columns): duplicate and contaminated prompts (:mod:`.prompt_level`);
+B. verdicts (a Ray Data map over parts, medium columns): verify, filter, per-prompt dedup (:mod:`.rows`);
+C. decisions (driver, 8 bytes per trace): pass rate, dedup across parts, cap per prompt (:mod:`.decide`);
+D. shards (a Ray Data map over parts, heavy columns of kept rows): tokenise, align, pack, encode,
+   write bounded shards (:mod:`.shards`);
+E. finish (driver): number the shards in part order, merge the statistics, write the report,
+   ``traces.arrow`` and the manifest, and swap the output in.
+
+A part is whole row groups of one generation shard (:mod:`.traces`): the output depends on the
+input and the config, never on the number of workers. Everything is written into a staging
+directory named after the config and the input (:func:`llmdistill.outputs.resumable_output`),
+so a killed build, run again, reuses every part that finished and redoes the others.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.feather as feather
 
-from llmdistill.builder import dedup, filters
-from llmdistill.builder.decontam import build_index, contaminated
-from llmdistill.builder.pack import best_fit_decreasing, pack_row, packing_efficiency, split_overlong
-from llmdistill.builder.report import length_histogram, write_report
-from llmdistill.builder.tokenize import Document, load_tokenizer, make_documents, resolve_prompt_format
-from llmdistill.builder.traces import Traces, load_traces
-from llmdistill.builder.verify import check_references, reference_column, verify_all
-from llmdistill.codec import encode_topk
-from llmdistill.config.base import ConfigError
-from llmdistill.config.build import BuildConfig
-from llmdistill.formats import read_generation_info, shard_name, tokenizer_fingerprint, write_built_shard
+import llmdistill
+from llmdistill.builder.cluster import Runtime, map_parts, start_ray, warm_up
+from llmdistill.builder.decide import EmptyBuildError, Ledger, decide, read_verdicts
+from llmdistill.builder.pack import packing_efficiency
+from llmdistill.builder.prompt_level import KEPT, Prompts, prompt_fates
+from llmdistill.builder.report import coverage_summary, length_histogram, write_report
+from llmdistill.builder.rows import RowsContext, check_reference_column, part_rows, read_rows_result
+from llmdistill.builder.shards import ShardsContext, part_dir, part_shards, read_done
+from llmdistill.builder.tokenize import (
+    DocumentSpec,
+    load_tokenizer,
+    resolve_prompt_format,
+    teacher_ids_usable,
+)
+from llmdistill.builder.traces import BuildInput, Part, find_input, open_dataset, open_generation, plan_parts
+from llmdistill.config.base import ConfigError, config_to_dict
+from llmdistill.config.build import OPERATIONAL_FIELDS, BuildConfig
+from llmdistill.formats import read_generation_info, shard_name, tokenizer_fingerprint
 from llmdistill.log import get_logger
-from llmdistill.manifest import write_manifest
-from llmdistill.outputs import clean_stale, staged_output
-from llmdistill.prompts import prompt_problem
+from llmdistill.manifest import MANIFEST, fingerprint, read_manifest, write_manifest
+from llmdistill.outputs import resumable_output
 
 logger = get_logger(__name__)
 
+__all__ = ["EmptyBuildError", "Ledger", "run_build"]
+WORK = "_work"
 
-class EmptyBuildError(ValueError):
-    """Every trace was removed: nothing to write."""
 
+class Laps(dict):
+    """Wall seconds of each phase: ``laps("name")`` closes the phase that ran since the last call."""
 
-class Ledger:
-    """Counts after every step, and the step that dropped each input trace."""
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = time.time()
 
-    def __init__(self, traces: Traces) -> None:
-        n = traces.table.num_rows
-        self.steps: list[dict[str, Any]] = [{"step": "input", "dropped": 0, "remaining": n}]
-        self.ids = traces.table.select(["prompt_id", "sample_index"])
-        self.dropped_by = np.full(n, "", dtype=object)
-
-    def apply(self, step: str, traces: Traces, keep: np.ndarray) -> Traces:
-        """Drop the traces where ``keep`` is false, recording ``step``; error when none is left."""
-        keep = np.asarray(keep, dtype=bool)
-        rows = np.asarray(traces.column("row"), dtype=np.int64)
-        self.dropped_by[rows[~keep]] = step
-        self.steps.append({"step": step, "dropped": int((~keep).sum()), "remaining": int(keep.sum())})
-        if not keep.any():
-            raise EmptyBuildError(f"no trace is left after step '{step}'. Counts per step: {self.summary()}. "
-                                  "Check the verifier, answer_column and the filter settings.")
-        return traces.filter(keep)
-
-    def summary(self) -> str:
-        return ", ".join(f"{s['step']} {s['remaining']}" for s in self.steps)
+    def __call__(self, name: str) -> None:
+        now = time.time()
+        self[name] = round(now - self._last, 3)
+        self._last = now
 
 
 def run_build(cfg: BuildConfig) -> dict[str, Any]:
     """Run the build and return its stats (also written to ``output_dir/stats.json``)."""
-    started = time.time()
+    laps = Laps()
     output = Path(cfg.output_dir)
-    clean_stale(output)
-    if output.exists() and not cfg.overwrite:
+    if output.exists() and any(output.iterdir()) and not cfg.overwrite:
         raise ConfigError(f"output_dir {output} exists: choose another one or set overwrite: true")
     tokenizer = load_tokenizer(cfg.student_tokenizer, "student")
+    kind = find_input(cfg)
+    key = resume_key(cfg, kind)
+    with resumable_output(output, key, cfg.overwrite) as staging:
+        if _finished(staging, key):  # killed after the last write, before the swap
+            return json.loads((staging / "stats.json").read_text())
+        work = staging / WORK
+        inp = (open_generation(cfg, _needed_columns(cfg)) if kind == "generation"
+               else open_dataset(cfg, work / "input"))
+        parts = plan_parts(inp, cfg.part_mb)
+        reference = check_reference_column(cfg, inp.columns, kind)
+        laps("setup")
+        runtime = start_ray(cfg.workers, cfg.ray_address)
+        warm_up(runtime, cfg.student_tokenizer)
+        laps("ray_start")
 
-    # Load, and check what the verifier needs before any work
-    traces = load_traces(cfg, tokenizer)
-    references = _references(traces, cfg)
-    ledger = Ledger(traces)
+        # A. prompts (driver)
+        prompts = prompt_fates(cfg, parts)
+        laps("prompts")
 
-    # Verify
-    correct = verify_all(traces.column("completion"), references, cfg)
-    traces.table = traces.table.append_column("correct", pa.array(correct))
-    logger.info("verified %d traces with '%s': %d correct", len(correct), cfg.verifier, int(correct.sum()))
+        # B. verdicts (Ray Data, per part)
+        rows_ctx = RowsContext(cfg, kind, reference, str(work), cfg.student_tokenizer)
+        verdict_runs = _run_verdicts(parts, prompts, cfg, rows_ctx, runtime)
+        spec, meta = _document_spec(cfg, inp, tokenizer), _shard_meta(cfg, tokenizer, inp)
+        laps("verdicts")
 
-    # Filter, dedup, decontaminate, cap
-    traces = filter_traces(traces, cfg, ledger)
-    traces = dedup_traces(traces, cfg, ledger)
-    traces, hits = decontaminate(traces, cfg, ledger)
-    traces = ledger.apply("samples_per_prompt", traces, filters.cap_per_prompt(
-        traces.column("prompt_id"), traces.column("sample_index"), cfg.max_samples_per_prompt))
+        # C. decisions (driver)
+        ledger = decide(cfg, parts, prompts, read_verdicts(str(work), parts), runtime, str(work))
+        logger.info("kept %d of %d traces: %s", int(ledger.keep.sum()), len(ledger.keep), ledger.summary())
+        laps("decide")
 
-    # Tokenise and pack
-    info = read_generation_info(cfg.input_path) if traces.kind == "generation" else None
-    teacher_tokenizer = cfg.teacher_tokenizer or (info.tokenizer if info else traces.teacher)
-    fmt = resolve_prompt_format(cfg, info.prompt_format if info else None)
-    docs, prompt_mismatches = make_documents(traces, tokenizer, cfg, fmt, teacher_tokenizer)
-    docs, overlong_dropped, overlong_split = split_overlong(docs, cfg.max_length, cfg.overlong)
-    ledger.steps.append({"step": "overlong", "dropped": overlong_dropped, "remaining": len(docs)})
-    if not docs:
-        raise EmptyBuildError(f"every trace is longer than max_length={cfg.max_length}. Counts per step: "
-                              f"{ledger.summary()}. Raise max_length or set overlong: split.")
-    bins = best_fit_decreasing([len(d) for d in docs], cfg.max_length)
-    logger.info("packed %d documents into %d sequences of %d", len(docs), len(bins), cfg.max_length)
+        # D. shards (Ray Data, per part)
+        shards_ctx = ShardsContext(cfg, spec, meta, str(work))
+        shard_runs = _run_shards(parts, ledger, shards_ctx, runtime)
+        laps("shards")
 
-    # Write everything into a staging directory, then rename
-    meta = _shard_meta(cfg, tokenizer, traces)
-    with staged_output(output, cfg.overwrite) as tmp:
-        signal_bytes = write_shards(tmp, docs, bins, traces, meta, cfg.rows_per_shard)
-        stats = _stats(cfg, traces, ledger, hits, docs, bins, meta, signal_bytes)
-        stats["prompt_template_mismatches"] = prompt_mismatches
-        stats["packing"] |= {"overlong_dropped": overlong_dropped, "overlong_split": overlong_split}
-        lengths = np.asarray([len(d) for d in docs])
-        stats["length_histogram"] = length_histogram(lengths, cfg.max_length)
-        write_report(tmp, stats, lengths, cfg.max_length)
-        _write_fates(tmp, ledger, correct)
-        write_manifest(tmp, "build", cfg, inputs={"input": cfg.input_path}, started=started,
-                       counts={s["step"]: s["remaining"] for s in ledger.steps} | {"rows": len(bins)},
-                       built=meta)
+        # E. finish (driver)
+        stats = _finish(staging, cfg, inp, parts, prompts, ledger, meta, runtime,
+                        {"verdicts": verdict_runs, "shards": shard_runs}, laps, key)
     logger.info("wrote %s: %s", output, ledger.summary())
     return stats
 
 
-def _references(traces: Traces, cfg: BuildConfig) -> list[str | None]:
-    """The verifier's reference per trace (answers or tests), checked for gaps."""
-    column = reference_column(cfg)
-    names = traces.table.column_names
-    refs = traces.column(column) if column is not None and column in names else None
-    source_column = cfg.answer_column if column == "reference" else cfg.tests_column
-    check_references(names, refs, cfg, source_column, traces.column("prompt_id"))
-    return refs if refs is not None else [None] * traces.table.num_rows
+def resume_key(cfg: BuildConfig, kind: str) -> str:
+    """``build`` + 12 hex digits naming the output-affecting config, the input and the code."""
+    h = hashlib.sha256()
+    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in OPERATIONAL_FIELDS}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(llmdistill.__version__.encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(source.read_bytes())
+    path = Path(cfg.input_path)
+    if kind == "generation":
+        for shard in sorted(path.rglob("part-*.parquet")):
+            size = shard.stat().st_size
+            with open(shard, "rb") as fh:  # the footer: schema, row groups and column statistics
+                fh.seek(max(0, size - (1 << 16)))
+                h.update(f"{shard.relative_to(path)}:{size}".encode() + fh.read())
+    else:
+        h.update(fingerprint(path).encode() if path.exists() else cfg.input_path.encode())
+    return "build" + h.hexdigest()[:12]
 
 
-def filter_traces(traces: Traces, cfg: BuildConfig, ledger: Ledger) -> Traces:
-    """Step 2: pass-rate window, truncation, malformed reasoning, length bounds, wrong answers."""
-    correct = np.asarray(traces.column("correct"), dtype=bool)
-    if cfg.min_pass_rate > 0 or cfg.max_pass_rate < 1:
-        traces = ledger.apply("pass_rate", traces, filters.pass_rate_mask(
-            traces.column("prompt_id"), correct, cfg.min_pass_rate, cfg.max_pass_rate))
-    if cfg.drop_truncated:
-        traces = ledger.apply("truncated", traces, filters.not_truncated(traces.column("finish_reason")))
-    if cfg.require_think:
-        traces = ledger.apply("malformed", traces, filters.well_formed_mask(traces.column("completion")))
-    traces = ledger.apply("length", traces, filters.length_mask(
-        traces.table.column("n_tokens").to_numpy(), cfg.min_completion_tokens, cfg.max_completion_tokens))
-    if not cfg.keep_incorrect:
-        traces = ledger.apply("incorrect", traces, np.asarray(traces.column("correct"), dtype=bool))
-    return traces
+def _finished(staging: Path, key: str) -> bool:
+    """Whether ``staging`` holds a complete build of ``key``; clears it when it holds anything else."""
+    if not (staging / MANIFEST).is_file():
+        return False
+    if read_manifest(staging).get("resume_key") == key:
+        return not (staging / WORK).exists()
+    for path in staging.iterdir():  # an old output that a kill during the swap left here
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.name != ".lock":
+            path.unlink()
+    return False
 
 
-def _first_of_each(prompt_ids: list[str]) -> tuple[list[int], np.ndarray]:
-    """Index of the first row of every prompt id, and for each row its prompt's position there."""
-    first: dict[str, int] = {}
-    which = np.fromiter((first.setdefault(p, len(first)) for p in prompt_ids), dtype=np.int64, count=len(prompt_ids))
-    rows = np.zeros(len(first), dtype=np.int64)
-    rows[which[::-1]] = np.arange(len(prompt_ids))[::-1]
-    return rows.tolist(), which
+def _needed_columns(cfg: BuildConfig) -> list[str]:
+    cols = ["prompt_id", "sample_index", "prompt", "completion", "completion_token_ids", "finish_reason"]
+    return cols + (["prompt_token_ids", "topk_ids", "topk_logprobs"] if cfg.kd else [])
 
 
-def dedup_traces(traces: Traces, cfg: BuildConfig, ledger: Ledger) -> Traces:
-    """Step 3: duplicate prompts (all their samples go), then duplicate completions (per prompt, or global)."""
-    near = dict(near=cfg.near_dedup, threshold=cfg.dedup_threshold, ngram=cfg.dedup_ngram,
-                num_perm=cfg.minhash_num_perm, seed=cfg.seed)
-    if cfg.dedup_prompts:
-        prompts = traces.column("prompt")
-        first, which = _first_of_each(traces.column("prompt_id"))
-        dup = dedup.duplicates([prompt_problem(prompts[i]) for i in first], **near)
-        traces = ledger.apply("duplicate_prompt", traces, ~dup[which])
-    if cfg.dedup_completions:
-        groups = _first_of_each(traces.column("prompt_id"))[1] if cfg.dedup_completion_scope == "prompt" else None
-        dup = dedup.duplicates(traces.column("completion"), **near, groups=groups)
-        traces = ledger.apply("duplicate_completion", traces, ~dup)
-    return traces
+def _document_spec(cfg: BuildConfig, inp: BuildInput, tokenizer: Any) -> DocumentSpec:
+    info = read_generation_info(cfg.input_path) if inp.kind == "generation" else None
+    teacher = cfg.teacher_tokenizer or (info.tokenizer if info else inp.teacher)
+    same = inp.kind == "generation" and teacher_ids_usable(tokenizer, teacher, cfg.kd)
+    fmt = resolve_prompt_format(cfg, info.prompt_format if info else None)
+    return DocumentSpec(kind=inp.kind, same_tokenizer=same, fmt=fmt, k=inp.k)
 
 
-def decontaminate(traces: Traces, cfg: BuildConfig, ledger: Ledger) -> tuple[Traces, dict[str, int]]:
-    """Step 4: drop traces whose prompt overlaps a benchmark problem; hits counted per benchmark (prompts)."""
-    if not cfg.decontam_benchmarks and not cfg.decontam_extra_file:
-        return traces, {}
-    index = build_index(cfg, cfg.data_paths)
-    prompts = traces.column("prompt")
-    first, which = _first_of_each(traces.column("prompt_id"))
-    found, hits = contaminated([prompt_problem(prompts[i]) for i in first], index)
-    for name, count in sorted(hits.items()):
-        logger.warning("decontamination: %d prompt(s) overlap %s", count, name)
-    clean = np.asarray([not names for names in found], dtype=bool)
-    return ledger.apply("contaminated", traces, clean[which]), dict(hits)
-
-
-def _shard_meta(cfg: BuildConfig, tokenizer: Any, traces: Traces) -> dict[str, Any]:
-    return {"kd": cfg.kd, "k": traces.k if cfg.kd else 0, "vocab_size": len(tokenizer),
+def _shard_meta(cfg: BuildConfig, tokenizer: Any, inp: BuildInput) -> dict[str, Any]:
+    return {"kd": cfg.kd, "k": inp.k if cfg.kd else 0, "vocab_size": len(tokenizer),
             "codec": "llmdistill.codec/v1" if cfg.kd else None, "codec_bits": cfg.codec_bits if cfg.kd else None,
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "max_length": cfg.max_length,
             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
 
 
-def topk_block(docs: list[Document], traces: Traces) -> tuple[np.ndarray, np.ndarray]:
-    """The teacher top-k rows of every target of ``docs``, in order: ids and log-probs (n_targets, k)."""
-    assert traces.topk_ids is not None and traces.topk_logprobs is not None
-    k = traces.k
-    ids = [traces.topk_ids[d.row].reshape(-1, k)[d.target_rows] for d in docs]
-    lps = [traces.topk_logprobs[d.row].reshape(-1, k)[d.target_rows] for d in docs]
-    return np.concatenate(ids), np.concatenate(lps)
+def _run_verdicts(parts: list[Part], prompts: Prompts, cfg: BuildConfig, ctx: RowsContext,
+                  runtime: Runtime) -> dict[int, dict[str, Any]]:
+    """Phase B on every part not finished yet; returns every part's result (finished ones from disk)."""
+    results = {p.index: r for p in parts if (r := read_rows_result(ctx.work, p.index)) is not None}
+    for r in results.values():
+        r["resumed"] = True
+    cross_scope = cfg.dedup_completion_scope == "global"
+    tasks = []
+    for part in parts:
+        if part.index in results:
+            continue
+        codes = prompts.codes[prompts.rows(part)]
+        tasks.append({"part": part, "alive": prompts.fate[codes] == KEPT,
+                      "cross": np.ones(len(codes), bool) if cross_scope else prompts.split[codes]})
+    logger.info("phase B (verdicts): %d part(s) to run, %d finished before", len(tasks), len(results))
+    for result in map_parts(part_rows, tasks, ctx, runtime):
+        results[result["part"]] = result
+    return results
 
 
-def write_shards(directory: Path, docs: list[Document], bins: list[list[int]], traces: Traces,
-                 meta: dict[str, Any], rows_per_shard: int) -> int:
-    """Write the packed rows as built shards; returns the bytes of teacher signal written."""
-    signal_bytes = 0
-    for shard, start in enumerate(range(0, len(bins), rows_per_shard)):
-        rows = []
-        for members in bins[start:start + rows_per_shard]:
-            packed = [docs[i] for i in members]
-            row = pack_row(packed)
-            if meta["kd"]:
-                ids, lps = topk_block(packed, traces)
-                row["topk"] = encode_topk(ids, lps, meta["vocab_size"], meta["codec_bits"])
-                signal_bytes += len(row["topk"])
-            rows.append(row)
-        write_built_shard(rows, directory / shard_name(shard), meta)
-    return signal_bytes
+def _run_shards(parts: list[Part], ledger: Ledger, ctx: ShardsContext, runtime: Runtime) -> dict[int, dict[str, Any]]:
+    """Phase D on every part with kept traces and no ``done.json``; returns every part's result."""
+    results = {}
+    tasks = []
+    for part in parts:
+        keep = ledger.keep[part.offset:part.offset + part.num_rows]
+        if not keep.any():
+            continue
+        done = read_done(ctx.work, part.index)
+        if done is not None:
+            results[part.index] = done | {"resumed": True}
+        else:
+            tasks.append({"part": part, "keep": keep})
+    logger.info("phase D (shards): %d part(s) to run, %d finished before", len(tasks), len(results))
+    for result in map_parts(part_shards, tasks, ctx, runtime):
+        results[result["part"]] = result
+        logger.info("part %d: %d rows in %d shard(s), %.1f s", result["part"], result["rows"], len(result["shards"]),
+                    result["wall_s"])
+    return results
 
 
-def _stats(cfg: BuildConfig, traces: Traces, ledger: Ledger, hits: dict[str, int], docs: list[Document],
-           bins: list[list[int]], meta: dict[str, Any], signal_bytes: int) -> dict[str, Any]:
-    tokens = sum(len(d) for d in docs)
-    targets = int(sum(int(d.loss_mask.sum()) for d in docs))
+def _link_shards(staging: Path, work: Path, parts: list[Part], results: dict[int, dict[str, Any]]) -> list[int]:
+    """Hard-link every part's shards into ``staging`` as ``part-NNNNNN.parquet``, in part order."""
+    sizes = []
+    for part in parts:
+        for shard in results.get(part.index, {}).get("shards", []):
+            final = staging / shard_name(len(sizes))
+            tmp = final.with_name(f".{final.name}.link")
+            tmp.unlink(missing_ok=True)
+            os.link(part_dir(work, part.index) / shard["name"], tmp)
+            os.replace(tmp, final)
+            sizes.append(shard["bytes"])
+    return sizes
+
+
+def _write_fates(staging: Path, parts: list[Part], prompts: Prompts, ledger: Ledger, correct: np.ndarray,
+                 verified: np.ndarray) -> None:
+    """``traces.arrow``: per input trace, its verdict (null when its prompt was dropped before
+    verification) and the step that dropped it (empty: kept); written part by part."""
+    schema = pa.schema([("prompt_id", pa.string()), ("sample_index", pa.int32()), ("correct", pa.bool_()),
+                        ("dropped_by", pa.string())])
+    tmp = staging / ".traces.arrow.tmp"
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for part in parts:
+            rows = prompts.rows(part)
+            writer.write_table(pa.table({
+                "prompt_id": pa.array([prompts.ids[c] for c in prompts.codes[rows]], pa.string()),
+                "sample_index": pa.array(prompts.sample_index[rows]),
+                "correct": pa.array(correct[rows], mask=~verified[rows]),
+                "dropped_by": pa.array(ledger.fates(rows), pa.string()),
+            }, schema=schema))
+    os.replace(tmp, staging / "traces.arrow")
+
+
+def _sum(results: list[dict[str, Any]], key: str) -> int:
+    return int(sum(r[key] for r in results))
+
+
+def _finish(staging: Path, cfg: BuildConfig, inp: BuildInput, parts: list[Part], prompts: Prompts, ledger: Ledger,
+            meta: dict[str, Any], runtime: Runtime, runs: dict[str, dict[int, dict[str, Any]]], laps: Laps,
+            key: str) -> dict[str, Any]:
+    """Phase E: overlong fates, shard numbering, merged statistics, report, traces.arrow, manifest."""
+    work = staging / WORK
+    shard_runs = [runs["shards"][i] for i in sorted(runs["shards"])]
+    ledger.names.append("overlong")
+    for part in parts:
+        done = runs["shards"].get(part.index)
+        if done and done["overlong_rows"]:
+            ledger.dropped_by[part.offset + np.asarray(done["overlong_rows"])] = len(ledger.names)
+    ledger.count("overlong", _sum(shard_runs, "overlong_dropped"))
+    documents, rows = _sum(shard_runs, "documents"), _sum(shard_runs, "rows")
+    if not documents:
+        raise EmptyBuildError(f"every trace is longer than max_length={cfg.max_length}. Counts per step: "
+                              f"{ledger.summary()}. Raise max_length or set overlong: split.")
+    sizes = _link_shards(staging, work, parts, runs["shards"])
+    tokens, targets = _sum(shard_runs, "tokens"), _sum(shard_runs, "target_tokens")
+    lengths = length_histogram(np.zeros(0), cfg.max_length)
+    lengths["counts"] = np.sum([r["length_counts"] for r in shard_runs], axis=0).tolist()
     stats: dict[str, Any] = {
-        "output_dir": cfg.output_dir, "input": cfg.input_path, "input_kind": traces.kind,
-        "verifier": cfg.verifier, "kd": cfg.kd, "steps": ledger.steps,
-        "contamination_hits": hits,
-        "packing": {"documents": len(docs), "rows": len(bins), "tokens": tokens, "target_tokens": targets,
-                    "max_length": cfg.max_length, "efficiency": packing_efficiency(tokens, len(bins), cfg.max_length)},
+        "output_dir": cfg.output_dir, "input": cfg.input_path, "input_kind": inp.kind, "verifier": cfg.verifier,
+        "kd": cfg.kd, "steps": ledger.steps, "contamination_hits": prompts.hits,
+        "prompt_template_mismatches": _sum(shard_runs, "prompt_template_mismatches"),
+        "packing": {"documents": documents, "rows": rows, "tokens": tokens, "target_tokens": targets,
+                    "max_length": cfg.max_length, "efficiency": packing_efficiency(tokens, rows, cfg.max_length),
+                    "overlong_dropped": _sum(shard_runs, "overlong_dropped"),
+                    "overlong_split": _sum(shard_runs, "overlong_split")},
+        "length_histogram": lengths,
+        "shards": {"count": len(sizes), "bytes": int(sum(sizes)), "largest_bytes": int(max(sizes))},
+        "run": _run_stats(parts, runs, runtime),
     }
     if cfg.kd:
-        stats["teacher_signal"] = {"k": meta["k"], "bytes": signal_bytes, "bytes_per_token": signal_bytes / max(targets, 1),
+        signal = _sum(shard_runs, "signal_bytes")
+        stats["teacher_signal"] = {"k": meta["k"], "bytes": signal, "bytes_per_token": signal / max(targets, 1),
                                    "codec_bits": meta["codec_bits"], "vocab_size": meta["vocab_size"]}
+        stats["teacher_topk_coverage"] = coverage_summary(np.sum([r["coverage_counts"] for r in shard_runs], axis=0),
+                                                          sum(r["coverage_sum"] for r in shard_runs))
+    verdicts = read_verdicts(str(work), parts)
+    _write_fates(staging, parts, prompts, ledger, verdicts.correct, verdicts.verified)
+    laps("finish")
+    stats["run"] |= {"phase_s": dict(laps), "wall_s": round(sum(laps.values()), 3)}
+    write_report(staging, stats)
+    counts = {s["step"]: s["remaining"] for s in ledger.steps} | {"rows": rows}
+    write_manifest(staging, "build", cfg, inputs={"input": cfg.input_path}, counts=counts, built=meta,
+                   started=time.time() - stats["run"]["wall_s"], resume_key=key, runtime=runtime.to_dict())
+    shutil.rmtree(work)
     return stats
 
 
-def _write_fates(directory: Path, ledger: Ledger, correct: np.ndarray) -> None:
-    """``traces.arrow``: per input trace, its verdict and the step that dropped it (empty: kept)."""
-    feather.write_feather(pa.table({
-        "prompt_id": ledger.ids.column("prompt_id"),
-        "sample_index": ledger.ids.column("sample_index"),
-        "correct": correct,
-        "dropped_by": pa.array(ledger.dropped_by.tolist(), pa.string()),
-    }), str(directory / "traces.arrow"))
+def _run_stats(parts: list[Part], runs: dict[str, dict[int, dict[str, Any]]], runtime: Runtime) -> dict[str, Any]:
+    """Per-part timings and the CPU seconds of every step, summed over parts."""
+    timings, seconds = [], {"verdicts": {}, "shards": {}}
+    for part in parts:
+        b, d = runs["verdicts"].get(part.index, {}), runs["shards"].get(part.index, {})
+        timings.append({"part": part.index, "rows": part.num_rows, "completion_tokens": part.completion_tokens,
+                        "verdicts_s": b.get("wall_s", 0.0), "shards_s": d.get("wall_s", 0.0),
+                        "worker": d.get("worker") or b.get("worker") or "", "resumed": bool(d.get("resumed"))})
+        for phase, result in (("verdicts", b), ("shards", d)):
+            for step, value in result.get("seconds", {}).items():
+                seconds[phase][step] = round(seconds[phase].get(step, 0.0) + value, 4)
+    resumed = sum(1 for r in runs["shards"].values() if r.get("resumed"))
+    return {"parts": len(parts), "resumed": resumed,
+            "resumed_verdicts": sum(1 for r in runs["verdicts"].values() if r.get("resumed")),
+            "runtime": runtime.to_dict(), "cpu_s": seconds, "timings": timings}

@@ -9,12 +9,14 @@ vocabulary and merges (:func:`llmdistill.formats.tokenizer_fingerprint`), not on
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from llmdistill.builder.traces import Traces
+from llmdistill.builder.traces import Ragged
 from llmdistill.config.base import ConfigError, UserError
 from llmdistill.config.build import PackConfig
 from llmdistill.formats import tokenizer_fingerprint
@@ -28,6 +30,10 @@ class TokenizerMismatchError(UserError):
     """Teacher and student tokenizers differ where token-level KD needs them to be equal."""
 
 
+class PromptMismatchError(UserError):
+    """The student's chat template gives other prompt tokens than the teacher saw."""
+
+
 @dataclass
 class Document:
     """One training document before packing.
@@ -36,9 +42,11 @@ class Document:
         doc_id: ``prompt_id/sample_index`` (``#part`` appended for pieces of a split trace).
         input_ids: int32 (length,): prompt then completion tokens.
         loss_mask: int8 (length,): 1 on completion tokens (the targets).
-        row: index of the trace in the source (to find its teacher top-k).
+        row: index of the trace in its part.
         target_rows: int64 (sum(loss_mask),): for each target, in order, its row in the
             trace's teacher top-k block; None without teacher signal.
+        topk_ids: int32 (n_tokens, k): the trace's teacher top-k ids (None without teacher signal).
+        topk_logprobs: float32 (n_tokens, k): their log-probs.
     """
 
     doc_id: str
@@ -46,9 +54,16 @@ class Document:
     loss_mask: np.ndarray
     row: int
     target_rows: np.ndarray | None
+    topk_ids: np.ndarray | None = None
+    topk_logprobs: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def topk(self) -> tuple[np.ndarray, np.ndarray]:
+        """The teacher top-k rows of this document's targets, in order: ids and log-probs (n_targets, k)."""
+        assert self.topk_ids is not None and self.topk_logprobs is not None and self.target_rows is not None
+        return self.topk_ids[self.target_rows], self.topk_logprobs[self.target_rows]
 
 
 def load_tokenizer(path: str, what: str) -> Any:
@@ -60,6 +75,12 @@ def load_tokenizer(path: str, what: str) -> Any:
     except (OSError, ValueError) as err:
         raise ConfigError(f"could not load the {what} tokenizer from '{path}': {err}. Set {what}_tokenizer "
                           "to a local directory holding tokenizer files.") from err
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer_cached(path: str) -> Any:
+    """:func:`load_tokenizer` once per process (a Ray worker builds many parts)."""
+    return load_tokenizer(path, "student")
 
 
 def teacher_ids_usable(student: Any, teacher_path: str | None, kd: bool) -> bool:
@@ -110,60 +131,97 @@ def student_prompt_ids(prompts: list[str], tokenizer: Any, fmt: PromptFormat) ->
     return fmt.token_ids(tokenizer, [prompt_messages(p) for p in prompts])
 
 
-def make_documents(traces: Traces, tokenizer: Any, cfg: PackConfig, fmt: PromptFormat,
-                   teacher_tokenizer: str | None) -> tuple[list[Document], int]:
-    """Tokenise every trace for the student.
+@dataclass(frozen=True)
+class DocumentSpec:
+    """How a part's traces become documents (decided once, on the driver).
+
+    Attributes:
+        kind: ``generation`` or ``dataset``.
+        same_tokenizer: the teacher's completion ids are the student's tokens (checked on the
+            tokenizers' fingerprints); otherwise the student re-tokenises the completion text.
+        fmt: the student's prompt format.
+        k: teacher top-k entries per position.
+    """
+
+    kind: str
+    same_tokenizer: bool
+    fmt: PromptFormat
+    k: int
+
+    def columns(self, kd: bool) -> list[str]:
+        """The columns a part reads to make its documents."""
+        cols = ["prompt_id", "sample_index", "prompt"]
+        if self.kind == "generation" and self.same_tokenizer:
+            cols += ["prompt_token_ids", "completion_token_ids"]
+        else:
+            cols += ["completion", "finish_reason"]
+        return cols + (["topk_ids", "topk_logprobs"] if kd else [])
+
+
+def batch_documents(batch: pa.RecordBatch, rows: np.ndarray, tokenizer: Any, cfg: PackConfig, spec: DocumentSpec,
+                    prompt_cache: dict[str, np.ndarray]) -> tuple[list[Document], int]:
+    """Tokenise the traces of one batch for the student.
 
     Args:
-        traces: the surviving traces.
+        batch: the traces (the columns of :meth:`DocumentSpec.columns`).
+        rows: int (batch rows,): each trace's row in its part.
         tokenizer: the student tokenizer.
-        cfg: the pack config (kd, teacher tokenizer, prompt-mismatch policy).
-        fmt: system prompt and instruction template of the prompts.
-        teacher_tokenizer: path of the teacher's tokenizer (generation input).
+        cfg: the pack config (kd, prompt-mismatch policy).
+        spec: how traces become documents.
+        prompt_cache: the student's prompt ids by prompt text, shared by the batches of a part.
 
     Returns:
-        The documents, in trace order, and the number of prompts whose student tokens differ
-        from the teacher's (0 unless ``allow_prompt_mismatch``).
+        The documents, in trace order, and the number of prompts whose student tokens differ from
+        the teacher's (0 unless ``allow_prompt_mismatch``).
 
     Raises:
-        TokenizerMismatchError: kd with different tokenizers.
-        ValueError: the student's prompt tokens differ from the teacher's (naming the row).
+        PromptMismatchError: the student's prompt tokens differ from the teacher's (naming the trace).
     """
-    same = traces.kind == "generation" and teacher_ids_usable(tokenizer, teacher_tokenizer, cfg.kd)
-    rows = np.asarray(traces.column("row"), dtype=np.int64)
-    prompts = traces.column("prompt")
-    unique = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-    encoded = student_prompt_ids(list(unique), tokenizer, fmt)
-    prompt_ids = [np.asarray(encoded[unique[p]], dtype=np.int32) for p in prompts]
-    if traces.kind == "generation" and not same:  # other tokenizer: the student reads the text again
-        completions = traces.column("completion")
-        retok = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    prompts = batch.column("prompt").to_pylist()
+    new = [p for p in dict.fromkeys(prompts) if p not in prompt_cache]
+    for text, ids in zip(new, student_prompt_ids(new, tokenizer, spec.fmt), strict=True):
+        prompt_cache[text] = np.asarray(ids, dtype=np.int32)
+    prompt_ids = [prompt_cache[p] for p in prompts]
+    if spec.kind == "generation" and spec.same_tokenizer:
+        completions = Ragged.from_arrow(batch.column("completion_token_ids"))
+        completion_ids = [completions[i] for i in range(batch.num_rows)]
+    else:  # a plain dataset, or another tokenizer: the student reads the text (EOS when the teacher stopped)
+        retok = tokenizer(batch.column("completion").to_pylist(), add_special_tokens=False)["input_ids"]
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        stops = [r != "length" for r in traces.column("finish_reason")]
-        completion_ids = [np.asarray(ids + (eos if stop else []), dtype=np.int32) for ids, stop in zip(retok, stops, strict=True)]
-    else:
-        completion_ids = [traces.completion_ids[r] for r in rows]
-    mismatches = _check_prompts(traces, prompt_ids, rows, cfg) if same else 0
-    doc_ids = [f"{p}/{s}" for p, s in zip(traces.column("prompt_id"), traces.column("sample_index"), strict=True)]
+        stops = [r != "length" for r in batch.column("finish_reason").to_pylist()]
+        completion_ids = [np.asarray(ids + (eos if stop else []), dtype=np.int32)
+                          for ids, stop in zip(retok, stops, strict=True)]
+    doc_ids = [f"{p}/{s}" for p, s in zip(batch.column("prompt_id").to_pylist(),
+                                          batch.column("sample_index").to_pylist(), strict=True)]
+    mismatches = _check_prompts(batch, prompt_ids, doc_ids, cfg) if spec.kind == "generation" and spec.same_tokenizer else 0
+    topk = _topk_rows(batch, spec.k) if cfg.kd else None
     docs = []
-    for doc_id, row, p_ids, c_ids in zip(doc_ids, rows.tolist(), prompt_ids, completion_ids, strict=True):
+    for i, (doc_id, p_ids, c_ids) in enumerate(zip(doc_ids, prompt_ids, completion_ids, strict=True)):
         mask = np.concatenate([np.zeros(len(p_ids), np.int8), np.ones(len(c_ids), np.int8)])
+        ids, lps = (topk[0][i], topk[1][i]) if topk is not None else (None, None)
         targets = np.arange(len(c_ids), dtype=np.int64) if cfg.kd else None
-        docs.append(Document(doc_id, np.concatenate([p_ids, c_ids]).astype(np.int32), mask, row, targets))
+        docs.append(Document(doc_id, np.concatenate([p_ids, c_ids]).astype(np.int32), mask, int(rows[i]), targets,
+                             ids, lps))
     return docs, mismatches
 
 
-def _check_prompts(traces: Traces, prompt_ids: list[np.ndarray], rows: np.ndarray, cfg: PackConfig) -> int:
+def _topk_rows(batch: pa.RecordBatch, k: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per trace, its teacher top-k as (n_tokens, k) ids and log-probs."""
+    ids, lps = Ragged.from_arrow(batch.column("topk_ids")), Ragged.from_arrow(batch.column("topk_logprobs"))
+    return ([ids[i].reshape(-1, k) for i in range(len(ids))], [lps[i].reshape(-1, k) for i in range(len(lps))])
+
+
+def _check_prompts(batch: pa.RecordBatch, prompt_ids: list[np.ndarray], doc_ids: list[str], cfg: PackConfig) -> int:
     """Compare the student's prompt tokens with the teacher's; fail (or count) mismatches."""
-    assert traces.prompt_ids is not None
-    bad = [i for i, (ids, r) in enumerate(zip(prompt_ids, rows.tolist(), strict=True))
-           if not np.array_equal(ids, traces.prompt_ids[r])]
+    teacher = Ragged.from_arrow(batch.column("prompt_token_ids"))
+    bad = [i for i, ids in enumerate(prompt_ids) if not np.array_equal(ids, teacher[i])]
     if bad and not cfg.allow_prompt_mismatch:
         i = bad[0]
-        raise ValueError(
+        pid, _, sample = doc_ids[i].rpartition("/")
+        raise PromptMismatchError(
             f"{len(bad)} trace(s) get other prompt tokens from the student's chat template than the teacher saw "
-            f"(first: prompt_id {traces.column('prompt_id')[i]}, sample {traces.column('sample_index')[i]}: "
-            f"student {prompt_ids[i][:12].tolist()}..., teacher {traces.prompt_ids[rows[i]][:12].tolist()}...). "
+            f"(first: prompt_id {pid}, sample {sample}: "
+            f"student {prompt_ids[i][:12].tolist()}..., teacher {teacher[i][:12].tolist()}...). "
             "Give the generation's system_prompt / instruction_template and chat template, or set "
             "allow_prompt_mismatch: true to train on the student's template anyway."
         )

@@ -1,27 +1,46 @@
-"""Loading the build's input: generation output or a plain dataset of text traces.
+"""The build's input: generation shards (or a plain dataset of text traces) cut into parts.
 
-Both inputs become one :class:`Traces`: a light Arrow table that the filtering steps shrink
-(``row`` points back into the source), plus the heavy columns (token ids, teacher top-k)
-as flat numpy arrays with offsets, read only for the rows that survive.
+Nothing here holds a whole input. A generation directory is described by its shards' footers
+(:func:`llmdistill.formats.read_generation_footer`); the work is cut into :class:`Part` s of
+whole Parquet row groups of at most ``part_mb`` on disk, and a part is read a bounded batch at a
+time, only the columns a step needs (:func:`read_part`). A plain dataset (the SFT-only path) is
+first written as Parquet parts of the same shape into the build's work directory, so both inputs
+run through one code path.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from llmdistill.config.base import ConfigError, looks_like_local_path
 from llmdistill.config.build import BuildConfig
-from llmdistill.formats import SHARD_GLOB, is_generation_dir, read_generation_table
+from llmdistill.formats import (
+    SHARD_GLOB,
+    GenerationShard,
+    RowGroup,
+    SchemaError,
+    is_generation_dir,
+    iter_generation_batches,
+    list_shards,
+    read_generation_footer,
+    shard_name,
+)
 from llmdistill.log import get_logger
 from llmdistill.prompts import prompt_hash
 
 logger = get_logger(__name__)
+
+BATCH_BYTES = 32 << 20  # uncompressed bytes of one batch read from a part
+DATASET_ROWS_PER_GROUP = 2048
 
 
 @dataclass
@@ -32,10 +51,14 @@ class Ragged:
     offsets: np.ndarray
 
     @classmethod
-    def from_arrow(cls, column: pa.ChunkedArray) -> Ragged:
-        arr = column.combine_chunks()
-        offsets = arr.offsets.to_numpy().astype(np.int64)
-        return cls(values=arr.values.to_numpy(zero_copy_only=False), offsets=offsets)
+    def from_arrow(cls, array: pa.Array | pa.ChunkedArray) -> Ragged:
+        """One batch's list column (a chunked column must have one chunk: batches are never joined)."""
+        if isinstance(array, pa.ChunkedArray):
+            if array.num_chunks != 1:
+                raise ValueError(f"expected one chunk, got {array.num_chunks}: read the column batch by batch")
+            array = array.chunk(0)
+        offsets = array.offsets.to_numpy().astype(np.int64)
+        return cls(values=array.flatten().to_numpy(zero_copy_only=False), offsets=offsets - offsets[0])
 
     @classmethod
     def from_lists(cls, rows: list[list[int]], dtype: Any = np.int32) -> Ragged:
@@ -50,52 +73,64 @@ class Ragged:
     def __getitem__(self, i: int) -> np.ndarray:
         return self.values[self.offsets[i]:self.offsets[i + 1]]
 
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
 
-@dataclass
-class Traces:
-    """The build's working set.
+
+@dataclass(frozen=True)
+class Part:
+    """A unit of work: consecutive row groups of one shard.
 
     Attributes:
-        table: light columns, one row per trace: ``row`` (index into the heavy arrays),
-            ``prompt_id``, ``sample_index``, ``prompt``, ``completion``, ``finish_reason``,
-            ``n_tokens``, and ``reference``/``tests`` when the input has them.
-        completion_ids: completion token ids per source row (teacher ids for generation input).
-        prompt_ids: the teacher's prompt token ids per source row (generation input only).
-        topk_ids, topk_logprobs: flat teacher top-k per source row, ``n_tokens * k`` entries.
-        k: top-k size (0 without teacher signal).
-        teacher: teacher model path recorded in the generation shards (None for a dataset).
-        kind: ``generation`` or ``dataset``.
+        index: position in the build (parts are numbered in input order).
+        path: the shard.
+        row_groups: its row groups (file indices).
+        first_row: row number (in the shard) of the part's first row.
+        offset: number of input traces before this part (its first row's global index).
+        num_rows: traces in the part.
+        completion_tokens: completion tokens in the part (0 for a dataset).
+        batch_rows: rows per read batch (about :data:`BATCH_BYTES` each).
     """
 
-    table: pa.Table
-    completion_ids: Ragged
-    prompt_ids: Ragged | None
-    topk_ids: Ragged | None
-    topk_logprobs: Ragged | None
+    index: int
+    path: str
+    row_groups: tuple[int, ...]
+    first_row: int
+    offset: int
+    num_rows: int
+    completion_tokens: int
+    batch_rows: int
+
+
+@dataclass(frozen=True)
+class BuildInput:
+    """What the build reads.
+
+    Attributes:
+        kind: ``generation`` or ``dataset``.
+        shards: the shards (a dataset: the Parquet files it was written to).
+        k: top-k entries per position (0 for a dataset).
+        teacher: the teacher recorded in the shards (None for a dataset).
+        columns: columns every shard has.
+    """
+
+    kind: str
+    shards: tuple[GenerationShard, ...]
     k: int
     teacher: str | None
-    kind: str
+    columns: frozenset[str]
 
-    def filter(self, keep: np.ndarray) -> Traces:
-        """The same traces with only the rows where ``keep`` is true."""
-        out = Traces(**self.__dict__)
-        out.table = self.table.filter(pa.array(np.asarray(keep, dtype=bool)))
-        return out
-
-    def column(self, name: str) -> list[Any]:
-        return self.table.column(name).to_pylist()
+    @property
+    def num_rows(self) -> int:
+        return sum(s.num_rows for s in self.shards)
 
 
-def load_traces(cfg: BuildConfig, tokenizer: Any) -> Traces:
-    """Read the configured input (see :class:`~llmdistill.config.build.BuildInputConfig`).
-
-    Args:
-        cfg: the build config.
-        tokenizer: the student tokenizer, used to count the tokens of a plain dataset's completions.
+def find_input(cfg: BuildConfig) -> str:
+    """``generation`` or ``dataset``: the kind of ``input_path``, checked before any work.
 
     Raises:
-        SchemaError: a generation directory of another schema version (regenerate it).
-        ConfigError: ``kd: true`` with a plain dataset (no teacher log-probs to distil).
+        ConfigError: a path that does not exist, a directory without shards, or ``kd: true`` with a
+            plain dataset (no teacher log-probs to distil).
     """
     path = Path(cfg.input_path)
     if path.is_dir() and not any(path.rglob(SHARD_GLOB)):
@@ -106,53 +141,80 @@ def load_traces(cfg: BuildConfig, tokenizer: Any) -> Traces:
     kind = cfg.input_format
     if kind == "auto":
         kind = "generation" if is_generation_dir(cfg.input_path) else "dataset"
-    if kind == "generation":
-        return _load_generation(cfg, len(tokenizer) if cfg.kd else None)
-    if cfg.kd:
+    if kind == "dataset" and cfg.kd:
         raise ConfigError(
             f"{cfg.input_path} is a plain dataset of text traces: it has no teacher log-probs for token-level KD. "
             "Build it SFT-only with `kd: false`, or score it first with `llmdistill score` and build from that output."
         )
-    return _load_dataset(cfg, tokenizer)
+    return kind
 
 
-def _passthrough(table: pa.Table, cfg: BuildConfig) -> dict[str, pa.Array]:
-    out = {}
-    for ours, col in (("reference", cfg.answer_column), ("tests", cfg.tests_column)):
-        if col in table.column_names:
-            out[ours] = table.column(col).cast(pa.string())
-    return out
+def open_generation(cfg: BuildConfig, needed: list[str]) -> BuildInput:
+    """The footers of every generation shard, checked: schema, version, columns, one ``k``.
+
+    Raises:
+        SchemaError: naming the shard.
+    """
+    paths = list_shards(cfg.input_path)
+    shards = tuple(read_generation_footer(p, needed) for p in paths)
+    ks = sorted({s.k for s in shards})
+    if len(ks) > 1:
+        raise SchemaError(f"shards in {cfg.input_path} mix top-k sizes {ks}: generate them with one logprobs_top_k")
+    columns = frozenset.intersection(*(frozenset(s.columns) for s in shards))
+    logger.info("%d generation shard(s), %d traces, %d completion tokens (top-%d) in %s", len(shards),
+                sum(s.num_rows for s in shards), sum(g.completion_tokens for s in shards for g in s.row_groups),
+                ks[0], cfg.input_path)
+    return BuildInput("generation", shards, ks[0], shards[0].teacher, columns)
 
 
-def _dataset_passthrough(records: list[dict[str, Any]], cfg: BuildConfig) -> dict[str, pa.Array]:
-    out = {}
-    for ours, col in (("reference", cfg.answer_column), ("tests", cfg.tests_column)):
-        if records and col in records[0]:
-            out[ours] = pa.array([None if r.get(col) is None else str(r[col]) for r in records], pa.string())
-    return out
+def plan_parts(inp: BuildInput, part_mb: int) -> list[Part]:
+    """Cut the input into parts of consecutive row groups of at most ``part_mb`` MB on disk
+    (a larger row group is a part of its own). Depends on the input and ``part_mb`` only."""
+    parts: list[Part] = []
+    offset = 0
+    budget = part_mb << 20
+    for shard in inp.shards:
+        run: list[RowGroup] = []
+        for group in (*shard.row_groups, None):
+            if run and (group is None or sum(g.compressed_bytes for g in run) + group.compressed_bytes > budget):
+                rows = sum(g.num_rows for g in run)
+                per_row = max(1, sum(g.bytes for g in run) // max(rows, 1))
+                parts.append(Part(len(parts), str(shard.path), tuple(g.index for g in run), run[0].first_row, offset,
+                                  rows, sum(g.completion_tokens for g in run), max(1, min(4096, BATCH_BYTES // per_row))))
+                offset += rows
+                run = []
+            if group is not None and group.num_rows:
+                run.append(group)
+    return parts
 
 
-def _load_generation(cfg: BuildConfig, vocab_size: int | None) -> Traces:
-    table, k = read_generation_table(cfg.input_path, vocab_size=vocab_size)
-    completion_ids = Ragged.from_arrow(table.column("completion_token_ids"))
-    light = {
-        "row": pa.array(np.arange(table.num_rows, dtype=np.int64)),
-        **{c: table.column(c) for c in ("prompt_id", "sample_index", "prompt", "completion", "finish_reason")},
-        "n_tokens": pa.array(completion_ids.lengths()),
-        **_passthrough(table, cfg),
-    }
-    teachers = table.column("teacher").unique().to_pylist()
-    logger.info("read %d traces (top-%d) from %s", table.num_rows, k, cfg.input_path)
-    return Traces(
-        table=pa.table(light),
-        completion_ids=completion_ids,
-        prompt_ids=Ragged.from_arrow(table.column("prompt_token_ids")),
-        topk_ids=Ragged.from_arrow(table.column("topk_ids")),
-        topk_logprobs=Ragged.from_arrow(table.column("topk_logprobs")),
-        k=k,
-        teacher=teachers[0] if teachers else None,
-        kind="generation",
-    )
+def read_part(part: Part, columns: list[str], batch_rows: int | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """The rows of a part, batch by batch: ``(row index in the part, batch)``; columns as asked.
+
+    ``batch_rows`` (default: the part's, about :data:`BATCH_BYTES` of all columns) can be larger
+    when only light columns are read.
+    """
+    for first, batch in iter_generation_batches(part.path, columns, list(part.row_groups),
+                                                batch_rows or part.batch_rows):
+        yield first - part.first_row, batch
+
+
+def select_rows(batches: Iterable[tuple[int, pa.RecordBatch]],
+                keep: np.ndarray) -> Iterator[tuple[int, np.ndarray, pa.RecordBatch]]:
+    """The kept rows of each batch, batch by batch (batches are never joined, so a list column may
+    hold more values in all than one Arrow array can): ``(first row, kept rows, their batch)``.
+
+    Args:
+        batches: ``(row index of the first row, batch)`` as :func:`read_part` yields them.
+        keep: bool per row of all the batches.
+    """
+    for first, batch in batches:
+        mask = keep[first:first + batch.num_rows]
+        yield first, first + np.flatnonzero(mask), batch.filter(pa.array(mask)) if not mask.all() else batch
+
+
+# ---------------------------------------------------------------------------------------
+# A plain dataset of text traces (SFT only)
 
 
 def _read_dataset(cfg: BuildConfig) -> list[dict[str, Any]]:
@@ -187,7 +249,8 @@ def _split_record(rec: dict[str, Any], cfg: BuildConfig, index: int) -> tuple[st
     return str(rec[cfg.prompt_column]), str(rec[cfg.completion_column])
 
 
-def _load_dataset(cfg: BuildConfig, tokenizer: Any) -> Traces:
+def dataset_table(cfg: BuildConfig) -> pa.Table:
+    """A plain dataset as the columns of generation shards that a text trace has (no token ids)."""
     records = _read_dataset(cfg)
     prompts, completions, ids, samples = [], [], [], []
     seen: dict[str, int] = {}
@@ -199,19 +262,35 @@ def _load_dataset(cfg: BuildConfig, tokenizer: Any) -> Traces:
         prompts.append(prompt)
         completions.append(completion)
         ids.append(pid)
-    # a plain dataset's completions end where the assistant turn ends: EOS is the last target
-    encoded = tokenizer(completions, add_special_tokens=False)["input_ids"]
-    completion_ids = Ragged.from_lists([e + [tokenizer.eos_token_id] for e in encoded])
-    table = pa.table({
-        "row": pa.array(np.arange(len(records), dtype=np.int64)),
+    columns = {
         "prompt_id": pa.array(ids, pa.string()),
         "sample_index": pa.array(samples, pa.int32()),
         "prompt": pa.array(prompts, pa.string()),
         "completion": pa.array(completions, pa.string()),
         "finish_reason": pa.array(["stop"] * len(records), pa.string()),
-        "n_tokens": pa.array(completion_ids.lengths()),
-        **_dataset_passthrough(records, cfg),
-    })
+    }
+    for col in {cfg.answer_column, cfg.tests_column}:
+        if records and col in records[0]:
+            columns[col] = pa.array([None if r.get(col) is None else str(r[col]) for r in records], pa.string())
     logger.info("read %d text traces from %s (SFT only)", len(records), cfg.input_path)
-    return Traces(table=table, completion_ids=completion_ids, prompt_ids=None, topk_ids=None,
-                  topk_logprobs=None, k=0, teacher=None, kind="dataset")
+    return pa.table(columns)
+
+
+def open_dataset(cfg: BuildConfig, directory: Path) -> BuildInput:
+    """Write a plain dataset as Parquet parts in ``directory`` (once: a resumed build reuses them)."""
+    path = directory / shard_name(0)
+    if not path.is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        pq.write_table(dataset_table(cfg), tmp, row_group_size=DATASET_ROWS_PER_GROUP, compression="zstd")
+        os.replace(tmp, path)
+    footer = pq.ParquetFile(path).metadata
+    groups, first = [], 0
+    for i in range(footer.num_row_groups):
+        g = footer.row_group(i)
+        disk = sum(g.column(c).total_compressed_size for c in range(g.num_columns))
+        groups.append(RowGroup(i, first, g.num_rows, g.total_byte_size, disk, 0))
+        first += g.num_rows
+    schema = pq.read_schema(path)
+    shard = GenerationShard(path, 0, None, {n: schema.field(n).type for n in schema.names}, tuple(groups))
+    return BuildInput("dataset", (shard,), 0, None, frozenset(shard.columns))

@@ -1,8 +1,9 @@
 """Config of ``llmdistill build``: teacher traces -> verified, deduplicated, packed training shards.
 
 :class:`BuildConfig` is composed from one small dataclass per step (input, verify, filter,
-dedup, decontaminate, tokenize/pack, output). The command line stays flat
-(``--verifier math --max_length 4096``) because the parts are mixed in, not nested.
+dedup, decontaminate, tokenize/pack, output) and one for where it runs (:class:`ScaleConfig`).
+The command line stays flat (``--verifier math --max_length 4096``) because the parts are
+mixed in, not nested.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ class DedupConfig:
     dedup_completion_scope: str = field(
         default="prompt",
         metadata={"help": "prompt: a completion is a duplicate of another sample of the same prompt | global: of any "
-                          "completion (drops valid pairs when different prompts share an answer text)."},
+                          "completion (drops valid pairs when different prompts share an answer text; runs as a Ray "
+                          "Data groupby over exact hashes and MinHash LSH band keys, never one in-memory index)."},
     )
     near_dedup: bool = field(default=True, metadata={"help": "Also drop near-duplicates (MinHash LSH), not only exact ones."})
     dedup_threshold: float = field(default=0.9, metadata={"help": "Jaccard similarity of word shingles above which two texts are near-duplicates."})
@@ -196,11 +198,55 @@ class PackConfig:
 
 
 @dataclass
-class BuildConfig(PackConfig, DecontamConfig, DedupConfig, FilterConfig, VerifyConfig, BuildInputConfig):
+class ScaleConfig:
+    """Where build runs and how it bounds its memory and its shards (see llmdistill.builder.cluster)."""
+
+    workers: int | None = field(
+        default=None,
+        metadata={"help": "Parts processed at once, one CPU each. Default: the machine's cores (a local Ray is started "
+                          "with that many CPUs), or all CPUs of the cluster given by ray_address."},
+    )
+    ray_address: str | None = field(
+        default=None,
+        metadata={"help": "Address of a running Ray cluster to run on (e.g. 10.0.0.1:6379); default: the RAY_ADDRESS "
+                          "environment variable, else a local Ray. The output_dir must be on storage every node sees."},
+    )
+    part_mb: int = field(
+        default=512,
+        metadata={"help": "Work is split into parts of at most this many MB of a generation shard on disk (whole "
+                          "Parquet row groups): the unit of parallelism and of resume."},
+    )
+    pack_window_tokens: int = field(
+        default=2_000_000,
+        metadata={"help": "Documents are packed best-fit within windows of about this many tokens of a part; a "
+                          "worker holds one window (about 200 B per token at top-20)."},
+    )
+    max_shard_mb: int = field(default=256, metadata={"help": "Largest built shard, MB (one shard is written at a time)."})
+    max_row_group_mb: int = field(default=64, metadata={"help": "Largest Parquet row group of a built shard, MB."})
+
+    def _check_scale(self) -> None:
+        check_range("workers", self.workers, 1)
+        check_range("part_mb", self.part_mb, 1)
+        check_range("pack_window_tokens", self.pack_window_tokens, 1)
+        check_range("max_shard_mb", self.max_shard_mb, 1)
+        check_range("max_row_group_mb", self.max_row_group_mb, 1)
+        if self.max_row_group_mb > self.max_shard_mb:
+            raise ConfigError(f"max_row_group_mb={self.max_row_group_mb} > max_shard_mb={self.max_shard_mb}: "
+                              "a row group cannot be larger than its shard")
+
+
+# fields that change where and how fast build runs, never what it writes (left out of the resume key)
+OPERATIONAL_FIELDS = ("output_dir", "overwrite", "workers", "ray_address")
+
+
+@dataclass
+class BuildConfig(ScaleConfig, PackConfig, DecontamConfig, DedupConfig, FilterConfig, VerifyConfig, BuildInputConfig):
     """``llmdistill build``: verify, filter, dedup, decontaminate, tokenize and pack teacher traces."""
 
-    output_dir: str = field(default="runs/build", metadata={"help": "Where the built shards, manifest and report go."})
-    rows_per_shard: int = field(default=2000, metadata={"help": "Packed sequences per Parquet shard."})
+    output_dir: str = field(default="runs/build", metadata={"help": "Where the built shards, manifest and report go. "
+                                                                    "A killed build resumes from .<output_dir>.tmp-*."})
+    rows_per_shard: int = field(default=2000, metadata={"help": "Most packed sequences per Parquet shard "
+                                                                "(max_shard_mb bounds its size too)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output_dir."})
     seed: int = field(default=0, metadata={"help": "Seed of the MinHash permutations of near-duplicate detection. "
                                                    "(Which samples are kept per prompt is not random: the lowest "
@@ -213,6 +259,7 @@ class BuildConfig(PackConfig, DecontamConfig, DedupConfig, FilterConfig, VerifyC
         self._check_dedup()
         self._check_decontam()
         self._check_pack()
+        self._check_scale()
         check_range("rows_per_shard", self.rows_per_shard, 1)
 
     @property
