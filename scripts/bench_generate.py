@@ -4,9 +4,11 @@ One vLLM engine (in a subprocess: vLLM needs a ``__main__`` guard), the tiny-wor
 (random init: it writes until max_tokens, so every variant produces the same token count), the
 same prompts and sampling settings for both variants:
 
-- plain:    ``LLM.generate`` with default SamplingParams options (text, no log-probs, nothing written)
-- llmdistill: ``write_batches`` — the code path of ``llmdistill generate``: flat top-20 log-probs,
-            numpy conversion, batch detokenization, atomic zstd Parquet shards.
+- plain:    ``LLM.generate`` of all prompts with default SamplingParams options (text, no log-probs,
+            nothing written)
+- llmdistill: ``write_stream`` — the code path of ``llmdistill generate``: vLLM's step loop fed a
+            window of single-sample requests, top-20 log-prob blocks kept as numpy, detokenization,
+            atomic zstd Parquet shards written in the background every ``flush_every`` completions.
 
 The engine is warmed up, then the variants alternate ``--repeats`` times (5); the fastest run of each counts
 (other processes on a shared machine add noise to single runs).
@@ -44,21 +46,22 @@ def worker(args: argparse.Namespace) -> dict[str, float | str]:
     """Runs in the subprocess: one engine, both variants, alternating."""
     from llmdistill.config.generate import GenerateConfig
     from llmdistill.generate.engines import OfflineEngine
-    from llmdistill.generate.stage import prepare, write_batches
+    from llmdistill.generate.stage import prepare, write_stream
 
     workdir = Path(args.workdir)
     teacher, prompts = _setup(workdir, args.prompts)
     cfg = GenerateConfig(model=str(teacher), dataset=str(prompts), id_column="id", passthrough_columns=["answer"],
                          output_dir=str(workdir / "out"), num_samples=args.samples, max_tokens=args.max_tokens,
                          temperature=1.0, top_p=1.0, logprobs_top_k=20, dtype="bfloat16", max_model_len=256,
-                         enforce_eager=True, batch_size=256)
+                         enforce_eager=True, flush_every=256)
     plan = prepare(cfg, "generate")
     engine = OfflineEngine(cfg)
 
     from vllm.inputs import TokensPrompt
 
-    prompts_in = [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in plan.pending]
-    plain_params = engine.sampling_params(cfg.num_samples, logprobs=False)
+    prompts_in = [TokensPrompt(prompt_token_ids=r.prompt_token_ids.tolist()) for r in plan.pending]
+    plain_params = engine.sampling_params(logprobs=False)
+    plain_params.n = cfg.num_samples
 
     def plain() -> int:
         outs = engine.llm.generate(prompts_in, plain_params, use_tqdm=False)
@@ -66,7 +69,7 @@ def worker(args: argparse.Namespace) -> dict[str, float | str]:
 
     def ours(run: int) -> Path:
         plan.directory = workdir / f"out-{run}"
-        write_batches(engine, plan, cfg)
+        write_stream(engine, plan, cfg)
         return plan.directory
 
     engine.llm.generate(prompts_in[:32], plain_params, use_tqdm=False)  # warm-up

@@ -1,8 +1,9 @@
 """``llmdistill generate`` / ``score``: input checks, sharding, resume, and top-k against a reference.
 
 Engine starts in this file (each ~10-40 s): one killed + one resumed ``generate`` run, one
-``score`` run, one OpenAI-compatible server. Every engine runs in a CLI subprocess, in fp32, so
-the stored log-probs can be held to 1e-3 nats of an independent transformers forward pass.
+``score`` run. Every engine runs in a CLI subprocess, in fp32, so the stored log-probs can be
+held to 1e-3 nats of an independent transformers forward pass. The server backend (a pool of
+real vLLM servers, one killed mid-run) is tested in ``test_generate_scale.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +27,7 @@ from llmdistill.config.base import ConfigError
 from llmdistill.config.generate import GenerateConfig, ScoreConfig
 from llmdistill.formats import iter_generations, read_generation_table
 from llmdistill.generate import InputError, merge_shards, prepare
-from llmdistill.generate.engines import Completion, split_flat
+from llmdistill.generate.engines import Completion, split_columns
 from llmdistill.generate.store import decode_completions, part_dir, write_part_manifest
 from llmdistill.tinyworld.task import generate_problems, reference_completion, to_records, write_jsonl
 
@@ -178,7 +178,7 @@ def test_resume_with_changed_config_is_refused_naming_fields(tiny_tokenizer_dir,
     with pytest.raises(ConfigError, match=r"max_tokens: 4096 -> 99; temperature: 0.6 -> 0.7"):
         prepare(changed, "generate")
     # execution-only settings may change between runs
-    assert prepare(gen_cfg(tiny_tokenizer_dir, prompts_file, tmp_path / "o", batch_size=3), "generate").pending
+    assert prepare(gen_cfg(tiny_tokenizer_dir, prompts_file, tmp_path / "o", flush_every=3), "generate").pending
     with pytest.raises(ConfigError, match="holds 'generate' output, not 'score'"):
         prepare(ScoreConfig(model=str(tiny_tokenizer_dir), dataset=str(prompts_file), output_dir=str(tmp_path / "o"),
                             max_model_len=256), "score")
@@ -219,23 +219,26 @@ def test_score_reads_messages_and_numbers_samples(tiny_tokenizer, tiny_tokenizer
         {"role": "assistant", "content": "\\boxed{5}"}]}) + "\n")
     cfg = ScoreConfig(model=str(tiny_tokenizer_dir), dataset=str(data), prompt_column="messages",
                       completion_column=None, output_dir=str(tmp_path / "o"), max_model_len=256)
-    a, b = prepare(cfg, "score").pending
+    plan = prepare(cfg, "score")
+    a, b = plan.pending
     assert (a.prompt_id, a.sample_index, b.sample_index) == (b.prompt_id, 0, 1)
-    assert a.completion_token_ids == tiny_tokenizer(conv[1]["content"], add_special_tokens=False)["input_ids"] \
-        + [tiny_tokenizer.eos_token_id]
+    assert a.completion_token_ids is None  # tokenized only as the pair is handed to the engine
+    work = list(plan.work())
+    assert [w.key for w in work] == [(a.prompt_id, 0), (a.prompt_id, 1)]
+    assert work[0].request.completion_token_ids.tolist() == tiny_tokenizer(
+        conv[1]["content"], add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
     assert a.prompt_text.endswith("<|im_start|>assistant\n")
 
 
 @pytest.mark.unit
-def test_flat_logprobs_layout_is_split_per_sequence():
-    k, lengths = 2, [2, 1]
+def test_vllm_logprob_columns_are_split_into_token_and_topk():
     # per position: [chosen, top1, top2]
-    ids = [5, 5, 7, 9, 1, 2, 3, 4, 3]
-    lps = [-0.1, -0.1, -2.0, -3.0, -0.5, -0.6, -4.0, -0.2, -4.0]
-    first, second = split_flat(ids, lps, lengths, k, ["stop", "length"])
-    assert first.token_ids.tolist() == [5, 9] and first.topk_ids.tolist() == [[5, 7], [1, 2]]
-    assert first.token_logprobs.tolist() == pytest.approx([-0.1, -3.0])
-    assert second.topk_logprobs[0].tolist() == pytest.approx([-0.2, -4.0]) and second.finish_reason == "length"
+    ids = np.asarray([[5, 5, 7], [9, 1, 2]], dtype=np.int32)
+    lps = np.asarray([[-0.1, -0.1, -2.0], [-3.0, -0.5, -0.6]], dtype=np.float32)
+    c = split_columns(ids, lps, "stop")
+    assert c.token_ids.tolist() == [5, 9] and c.topk_ids.tolist() == [[5, 7], [1, 2]]
+    assert c.token_logprobs.tolist() == pytest.approx([-0.1, -3.0])
+    assert c.topk_logprobs[1].tolist() == pytest.approx([-0.5, -0.6]) and c.finish_reason == "stop"
 
 
 @pytest.mark.unit
@@ -278,7 +281,7 @@ def generated(teacher_dir, prompts_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("generate") / "out"
     argv = cli("generate", "--model", str(teacher_dir), "--dataset", str(prompts_file), "--id_column", "id",
                "--passthrough_columns", "answer", "difficulty", "--output_dir", str(out), "--num_samples",
-               str(N_SAMPLES), "--max_tokens", str(MAX_TOKENS), "--batch_size", "2", *ENGINE_FLAGS)
+               str(N_SAMPLES), "--max_tokens", str(MAX_TOKENS), "--flush_every", "2", *ENGINE_FLAGS)
     proc = subprocess.Popen(argv, env={**os.environ, **ENGINE_ENV}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -314,13 +317,16 @@ def test_generate_resume_after_sigkill(generated):
         assert (out / name).read_bytes() == data
     assert len(list(out.glob("part-*.parquet"))) > len(at_kill)
     assert not list(out.glob(".*tmp*"))
+    # completions are written as they finish, flush_every (2) at a time, not a batch of prompts per shard
+    sizes = [len(pq.read_table(p, columns=["prompt_id"])) for p in out.glob("part-*.parquet")]
+    assert max(sizes) <= 2 and sum(sizes) == N_PROMPTS * N_SAMPLES
 
 
 @pytest.fixture(scope="module")
 def scored(teacher_dir, pairs_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("score") / "out"
     run_cli(cli("score", "--model", str(teacher_dir), "--dataset", str(pairs_file), "--id_column", "id",
-                "--passthrough_columns", "answer", "--output_dir", str(out), "--batch_size", "8", *ENGINE_FLAGS))
+                "--passthrough_columns", "answer", "--output_dir", str(out), "--flush_every", "8", *ENGINE_FLAGS))
     return out
 
 
@@ -332,65 +338,6 @@ def test_score_topk_matches_transformers(scored, teacher_dir, tiny_tokenizer):
     ref = next(r for r in rows if r.sample_index == 0)
     assert ref.finish_reason == "scored" and ref.completion.startswith("<think>")
     assert ref.completion_token_ids[-1] == tiny_tokenizer.eos_token_id
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(teacher_dir):
-    """A real OpenAI-compatible vLLM server on 127.0.0.1 (killed at the end of the module)."""
-    import requests
-
-    port = _free_port()
-    argv = [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", str(teacher_dir), "--host", "127.0.0.1",
-            "--port", str(port), "--max-logprobs", str(K), "--enforce-eager", "--dtype", "float32",
-            "--max-model-len", "256", "--distributed-executor-backend", "uni"]
-    proc = subprocess.Popen(argv, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            assert proc.poll() is None, "the vLLM server exited at start"
-            try:
-                if requests.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-@pytest.mark.integration
-def test_server_backend_generate_and_score(server, teacher_dir, prompts_file, pairs_file, scored, tmp_path):
-    common = ["--model", str(teacher_dir), "--id_column", "id", "--backend", "server", "--server_urls", server,
-              "--max_concurrency", "4", "--max_retries", "2"]
-    gen_out = tmp_path / "gen"
-    run_cli(cli("generate", *common, "--dataset", str(prompts_file), "--output_dir", str(gen_out),
-                "--num_samples", str(N_SAMPLES), "--max_tokens", "16", "--max_prompts", "8", "--batch_size", "4"))
-    assert sorted(pairs(gen_out)) == sorted((r["id"], s) for r in to_records(generate_problems(N_PROMPTS, seed=0))[:8]
-                                            for s in range(N_SAMPLES))
-    assert_matches_reference(gen_out, teacher_dir)
-
-    score_out = tmp_path / "score"
-    run_cli(cli("score", *common, "--dataset", str(pairs_file), "--output_dir", str(score_out)))
-    offline = {(r.prompt_id, r.sample_index): r for r in iter_generations(scored)}
-    for row in iter_generations(score_out):  # the server's prompt log-probs equal the offline engine's
-        ref = offline[row.prompt_id, row.sample_index]
-        np.testing.assert_array_equal(row.completion_token_ids, ref.completion_token_ids)
-        np.testing.assert_allclose(row.topk_logprobs, ref.topk_logprobs, atol=1e-4)
-        np.testing.assert_allclose(row.token_logprobs, ref.token_logprobs, atol=1e-4)
-    assert len(pq.read_table(next(score_out.glob("part-*.parquet")))) == 30
 
 
 # ---------------------------------------------------------------------------------------

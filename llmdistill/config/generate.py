@@ -24,10 +24,13 @@ VLLM_DEFAULT_MAX_LOGPROBS = 20
 # Fields that only change how a run is executed, not what it writes: a resumed run may change
 # them. Every other field must match the run being resumed.
 OPERATIONAL_FIELDS = frozenset({
-    "output_dir", "batch_size", "max_prompts", "merge", "backend", "server_urls", "server_model",
-    "max_concurrency", "request_timeout", "max_retries", "retry_backoff", "tensor_parallel_size",
-    "pipeline_parallel_size", "distributed_executor_backend", "gpu_memory_utilization", "enforce_eager",
-    "max_logprobs", "vllm_multiprocessing",
+    "output_dir", "flush_every", "flush_seconds", "max_in_flight", "max_prompts", "merge", "backend",
+    "server_urls", "server_model", "concurrency_per_server", "progress_timeout", "max_retries", "retry_backoff",
+    "health_interval", "stream_interval", "tensor_parallel_size", "pipeline_parallel_size",
+    "distributed_executor_backend", "gpu_memory_utilization", "enforce_eager", "max_logprobs",
+    "vllm_multiprocessing",
+    # fields of earlier versions, so their runs can be resumed
+    "batch_size", "max_concurrency", "request_timeout",
 })
 
 
@@ -127,6 +130,12 @@ class EngineConfig:
         metadata={"help": "Further vllm.LLM keyword arguments as a JSON object, e.g. '{\"max_num_seqs\": 512}'."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the engine's sampling."})
+    max_in_flight: int | None = field(
+        default=None,
+        metadata={"help": "Offline: sequences handed to the engine at once; a new one is added as one finishes, so "
+                          "memory does not grow with the number of prompts. Unset: 2 x the engine's max_num_seqs "
+                          "(vLLM's own choice for its offline pooling), enough to keep the scheduler full."},
+    )
     vllm_multiprocessing: str = field(
         default="auto",
         metadata={"help": "auto | on | off: vLLM's engine core in its own process (on, vLLM's default) or in this "
@@ -145,6 +154,7 @@ class EngineConfig:
             check_choice("distributed_executor_backend", self.distributed_executor_backend, EXECUTOR_BACKENDS)
         check_range("gpu_memory_utilization", self.gpu_memory_utilization, 0.01, 1.0)
         check_range("max_logprobs", self.max_logprobs, 0)
+        check_range("max_in_flight", self.max_in_flight, 1)
         self.engine_kwargs_dict  # noqa: B018 - fails fast on malformed JSON
 
     @property
@@ -155,11 +165,11 @@ class EngineConfig:
 
 @dataclass
 class ServerConfig:
-    """``backend: server``: OpenAI-compatible vLLM servers instead of an in-process engine."""
+    """``backend: server``: a pool of OpenAI-compatible vLLM servers instead of an in-process engine."""
 
     backend: str = field(
         default="offline",
-        metadata={"help": "offline: an in-process vllm.LLM | server: requests to running `vllm serve` endpoints."},
+        metadata={"help": "offline: an in-process vLLM engine | server: requests to running vLLM servers."},
     )
     server_urls: list[str] = field(
         default_factory=list, metadata={"help": "Base URLs of the servers, e.g. http://node1:8000 (backend server)."}
@@ -167,19 +177,44 @@ class ServerConfig:
     server_model: str | None = field(
         default=None, metadata={"help": "Model name the servers serve (--served-model-name). Unset: model."}
     )
-    max_concurrency: int = field(default=32, metadata={"help": "Requests in flight at once, over all servers."})
-    request_timeout: float = field(default=600.0, metadata={"help": "Seconds before a request is abandoned and retried."})
-    max_retries: int = field(default=5, metadata={"help": "Retries of a failed request (connection, timeout, 5xx, 429)."})
+    concurrency_per_server: int | None = field(
+        default=None,
+        metadata={"help": "Requests in flight per server. Unset: read from the server (max_num_seqs x data-parallel "
+                          "size, from /server_info, which vLLM serves with VLLM_SERVER_DEV_MODE=1), else 64. Set it "
+                          "to the servers' --max-num-seqs divided by the number of clients sharing them."},
+    )
+    progress_timeout: float = field(
+        default=600.0,
+        metadata={"help": "Seconds without a new token (score: without the answer) after which a request has failed "
+                          "and is retried on another server. Waiting in a server's queue does not count; a server "
+                          "whose requests all stall that long is taken out of the pool."},
+    )
+    max_retries: int = field(
+        default=5, metadata={"help": "Retries of one failed request (connection, stall, HTTP 5xx/429), each on "
+                                     "another server when there is one. Only the failed request is retried."}
+    )
     retry_backoff: float = field(default=1.0, metadata={"help": "First retry delay in seconds; doubles each retry."})
+    health_interval: float = field(
+        default=10.0,
+        metadata={"help": "Seconds between health checks (GET /health) of each server. A server that fails one is "
+                          "taken out of the pool and its requests go to the others; it rejoins when healthy."},
+    )
+    stream_interval: int = field(
+        default=16,
+        metadata={"help": "Tokens per streamed chunk (vLLM's per-request stream_interval): fewer, larger chunks "
+                          "cost the server and the client less per token."},
+    )
 
     def _check_server(self) -> None:
         check_choice("backend", self.backend, BACKENDS)
         if self.backend == "server" and not self.server_urls:
             raise ConfigError("backend 'server' needs server_urls, e.g. --server_urls http://127.0.0.1:8000")
-        check_range("max_concurrency", self.max_concurrency, 1)
-        check_range("request_timeout", self.request_timeout, 0.1)
+        check_range("concurrency_per_server", self.concurrency_per_server, 1)
+        check_range("progress_timeout", self.progress_timeout, 0.1)
         check_range("max_retries", self.max_retries, 0)
         check_range("retry_backoff", self.retry_backoff, 0.0)
+        check_range("health_interval", self.health_interval, 0.1)
+        check_range("stream_interval", self.stream_interval, 1)
 
 
 @dataclass
@@ -192,9 +227,15 @@ class OutputConfig:
         metadata={"help": "Top-k log-probs stored per completion token (raw, T = 1). 0 stores only the "
                           "log-prob of each completion token."},
     )
-    batch_size: int = field(
-        default=256, metadata={"help": "Prompts per engine call and per shard. A shard is written while the next batch "
-                                   "generates, so a kill loses at most two batches (never a partial shard)."}
+    flush_every: int = field(
+        default=256,
+        metadata={"help": "Completions per shard: finished completions are written (in the background, atomically) "
+                          "every flush_every completions or flush_seconds seconds, whichever comes first. A kill "
+                          "loses only what was not yet written."},
+    )
+    flush_seconds: float = field(
+        default=60.0,
+        metadata={"help": "The longest a finished completion waits before its shard is written (see flush_every)."},
     )
     shard: str = field(
         default="0/1",
@@ -211,7 +252,8 @@ class OutputConfig:
         if not self.output_dir:
             raise ConfigError("output_dir is required")
         check_range("logprobs_top_k", self.logprobs_top_k, 0)
-        check_range("batch_size", self.batch_size, 1)
+        check_range("flush_every", self.flush_every, 1)
+        check_range("flush_seconds", self.flush_seconds, 0.0)
         parse_shard(self.shard)
 
     @property

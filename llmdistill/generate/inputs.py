@@ -1,18 +1,22 @@
 """Input side of ``generate`` and ``score``: load rows, check them, format and tokenize prompts.
 
 Everything here runs before the engine starts, so a bad input fails in seconds with the file,
-the line or row and the column named, instead of after a model load.
+the line or row and the column named, instead of after a model load. A ``--shard i/N`` job
+computes each row's prompt id from the raw row first and formats only its own part's rows.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from llmdistill.config.base import UserError, looks_like_local_path
@@ -55,111 +59,212 @@ class Formatter:
 
 @dataclass
 class Request:
-    """One unit of teacher work: a prompt to sample from, or a (prompt, completion) pair to score."""
+    """A prompt to sample from, or a (prompt, completion) pair to score.
+
+    Token ids are int32 arrays (4 bytes a token, not a Python int's 36): a part's prompts stay in
+    memory for the run. A pair's completion is tokenized only when it is about to be scored
+    (:func:`tokenized_pairs`), so ``completion_token_ids`` is None until then.
+    """
 
     prompt_id: str
     prompt: str
     prompt_text: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: np.ndarray
     passthrough: dict[str, Any] = field(default_factory=dict)
     sample_index: int = 0
     completion: str | None = None
-    completion_token_ids: list[int] | None = None
+    completion_token_ids: np.ndarray | None = None
+
+
+@dataclass
+class PartRows:
+    """The input rows of one part (``--shard i/N``), read before any prompt is formatted.
+
+    Attributes:
+        rows: ``(location, record)`` of the part's rows; location names the file and line/row.
+        total: input rows read (all parts, after ``max_prompts``).
+        types: Arrow types of the passthrough columns from the input's schema (hub, Parquet);
+            None for JSON/JSONL, whose types are inferred from the part's values.
+    """
+
+    rows: list[tuple[str, dict]]
+    total: int
+    types: dict[str, pa.DataType] | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Prompt ids: computed from the raw row, before formatting, so a part formats only its own rows
+
+
+def shard_of(prompt_id: str, count: int) -> int:
+    """Which of ``count`` shards a prompt id belongs to (deterministic across machines).
+
+    Rows with the same id always share a part, so duplicates are found within one part.
+    """
+    return int(hashlib.sha256(prompt_id.encode()).hexdigest()[:12], 16) % count
+
+
+def _split_pair(cfg: ScoreConfig, record: dict, location: str) -> tuple[Any, Any]:
+    """(prompt, completion) of a score row: two columns, or messages ending with the assistant's turn."""
+    if cfg.completion_column:
+        return record[cfg.prompt_column], record[cfg.completion_column]
+    messages = record[cfg.prompt_column]
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict) \
+            or messages[-1].get("role") != "assistant":
+        raise InputError(f"{location}: without completion_column, '{cfg.prompt_column}' must hold chat messages "
+                         f"whose last turn is the assistant's completion")
+    return messages[:-1], messages[-1].get("content")
+
+
+def _prompt_of(cfg: GenerateConfig | ScoreConfig, record: dict, location: str) -> Any:
+    if isinstance(cfg, ScoreConfig) and not cfg.completion_column:
+        return _split_pair(cfg, record, location)[0]
+    return record[cfg.prompt_column]
+
+
+def _prompt_id(cfg: GenerateConfig | ScoreConfig, record: dict, prompt: Any, location: str) -> str:
+    if cfg.id_column is None:
+        return prompt_hash(prompt)
+    value = record[cfg.id_column]
+    if value is None or str(value) == "":
+        raise InputError(f"{location}: the id column '{cfg.id_column}' is empty")
+    return str(value)
+
+
+def _id_columns(cfg: GenerateConfig | ScoreConfig) -> list[str]:
+    """The columns a row's prompt id is computed from."""
+    return [cfg.id_column] if cfg.id_column else [cfg.prompt_column]
+
+
+def _check_columns(cfg: GenerateConfig | ScoreConfig, record: dict, location: str, columns: list[str]) -> None:
+    for column in columns:
+        if column not in record:
+            settings = {getattr(cfg, name, None): name for name in ("prompt_column", "id_column", "completion_column",
+                                                                     "sample_index_column")}
+            setting = settings.get(column, "passthrough_columns")
+            raise InputError(f"{location}: column '{column}' is missing (it has {sorted(record)}); "
+                             f"fix the data or the {setting} setting")
+
+
+def row_prompt_id(cfg: GenerateConfig | ScoreConfig, record: dict, location: str) -> str:
+    """The prompt id of an input row: its id column, or a stable hash of its prompt."""
+    _check_columns(cfg, record, location, _id_columns(cfg))
+    prompt = None if cfg.id_column else _prompt_of(cfg, record, location)
+    return _prompt_id(cfg, record, prompt, location)
 
 
 # ---------------------------------------------------------------------------------------
 # Paths and rows
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
-    rows = []
+def _read_jsonl(path: Path, keep: Callable[[str, dict], bool], limit: int | None) -> PartRows:
+    rows, total = [], 0
     with path.open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
+            if limit is not None and total >= limit:
+                break
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise InputError(f"{path} line {number} is not valid JSON ({err.msg}): fix or remove that line") from None
             if not isinstance(record, dict):
                 raise InputError(f"{path} line {number} is a JSON {type(record).__name__}, expected an object")
-            rows.append((f"{path} line {number}", record))
-    return rows
+            total += 1
+            location = f"{path} line {number}"
+            if keep(location, record):
+                rows.append((location, record))
+    return PartRows(rows, total)
 
 
-def _read_local(path: Path) -> list[tuple[str, dict]]:
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        records = pq.read_table(path).to_pylist()
-    else:
-        records = json.loads(path.read_text())
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise InputError(f"{path} must hold a JSON list of objects (one per row)")
-    return [(f"{path} row {i}", r) for i, r in enumerate(records)]
+def _read_json(path: Path, keep: Callable[[str, dict], bool], limit: int | None) -> PartRows:
+    records = json.loads(path.read_text())
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise InputError(f"{path} must hold a JSON list of objects (one per row)")
+    records = records[:limit]
+    rows = [(f"{path} row {i}", r) for i, r in enumerate(records)]
+    return PartRows([(loc, r) for loc, r in rows if keep(loc, r)], len(records))
 
 
-def load_rows(cfg: GenerateConfig | ScoreConfig, columns: list[str]) -> list[tuple[str, dict]]:
-    """The input rows as ``(location, record)``, where location names the file and line/row.
+def _select_table(cfg: GenerateConfig | ScoreConfig, table: pa.Table, name: str, columns: list[str],
+                  keep: Callable[[str, dict], bool]) -> PartRows:
+    """The part's rows of a Parquet or hub table: ids from the id column first, then only those rows' records."""
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise InputError(f"{name} has no column(s) {missing}; its columns are {table.column_names}")
+    id_cols = _id_columns(cfg)
+    keys = table.select(id_cols).to_pylist()
+    kept = [i for i, record in enumerate(keys) if keep(f"{name} row {i}", record)]
+    part = table.select(columns).take(pa.array(kept, type=pa.int64()))
+    types = {c: table.schema.field(c).type for c in cfg.passthrough_columns}
+    return PartRows([(f"{name} row {i}", r) for i, r in zip(kept, part.to_pylist(), strict=True)], len(table), types)
+
+
+def load_rows(cfg: GenerateConfig | ScoreConfig, columns: list[str], part: tuple[int, int] = (0, 1)) -> PartRows:
+    """The input rows of part ``i`` of ``N`` (by prompt id), each with its location (file and line/row).
+
+    Rows of other parts are read only as far as needed to compute their prompt id, and are
+    never formatted or kept.
 
     Raises:
         InputError: missing file, malformed JSONL line, or a missing column.
     """
+    index, count = part
+
+    def keep(location: str, record: dict) -> bool:
+        if count == 1:
+            return True
+        return shard_of(row_prompt_id(cfg, record, location), count) == index
+
     source = os.path.expanduser(cfg.dataset)
     if os.path.exists(source):
         path = Path(source)
         if path.suffix not in LOCAL_SUFFIXES:
             raise InputError(f"{path}: unsupported input file type; use one of {', '.join(LOCAL_SUFFIXES)}")
-        rows = _read_local(path)
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            table = table.slice(0, cfg.max_prompts) if cfg.max_prompts is not None else table
+            loaded = _select_table(cfg, table, str(path), columns, keep)
+        else:
+            read = _read_jsonl if path.suffix == ".jsonl" else _read_json
+            loaded = read(path, keep, cfg.max_prompts)
     elif looks_like_local_path(cfg.dataset):
         raise InputError(f"dataset '{cfg.dataset}' does not exist (and is not a hub dataset id): fix the path")
     else:
-        rows = _load_hub(cfg, columns)
-    if cfg.max_prompts is not None:
-        rows = rows[: cfg.max_prompts]
-    settings = {getattr(cfg, name, None): name for name in ("prompt_column", "id_column", "completion_column",
-                                                             "sample_index_column")}
-    for location, record in rows:
-        for column in columns:
-            if column not in record:
-                setting = settings.get(column, "passthrough_columns")
-                raise InputError(f"{location}: column '{column}' is missing (it has {sorted(record)}); "
-                                 f"fix the data or the {setting} setting")
-    return rows
+        loaded = _load_hub(cfg, columns, keep)
+    for location, record in loaded.rows:
+        _check_columns(cfg, record, location, columns)
+    return loaded
 
 
-def _load_hub(cfg: GenerateConfig | ScoreConfig, columns: list[str]) -> list[tuple[str, dict]]:
+def _load_hub(cfg: GenerateConfig | ScoreConfig, columns: list[str], keep: Callable[[str, dict], bool]) -> PartRows:
     import datasets
 
     ds = datasets.load_dataset(cfg.dataset, name=cfg.dataset_config, split=cfg.dataset_split)
-    missing = [c for c in columns if c not in ds.column_names]
-    if missing:
-        raise InputError(f"dataset {cfg.dataset} ({cfg.dataset_split}) has no column(s) {missing}; "
-                         f"its columns are {ds.column_names}")
+    table = ds.data.table  # memory-mapped Arrow: only the rows taken below are decoded
     if cfg.max_prompts is not None:
-        ds = ds.select(range(min(cfg.max_prompts, len(ds))))
-    name = f"{cfg.dataset}[{cfg.dataset_split}]"
-    return [(f"{name} row {i}", r) for i, r in enumerate(ds.select_columns(columns).to_list())]
+        table = table.slice(0, cfg.max_prompts)
+    return _select_table(cfg, table, f"dataset {cfg.dataset} ({cfg.dataset_split})", columns, keep)
 
 
-def passthrough_types(rows: list[tuple[str, dict]], columns: list[str]) -> dict[str, pa.DataType]:
-    """Arrow type of each passthrough column, inferred from its values (all-null: string)."""
+def passthrough_types(loaded: PartRows, columns: list[str]) -> dict[str, pa.DataType]:
+    """Arrow type of each passthrough column: the input's schema when it has one, else inferred from the
+    part's values (all-null: string)."""
     types = {}
     for column in columns:
-        typ = pa.array([r[column] for _, r in rows]).type if rows else pa.string()
+        if loaded.types is not None:
+            typ = loaded.types[column]
+        else:
+            typ = pa.array([r[column] for _, r in loaded.rows]).type if loaded.rows else pa.string()
         types[column] = pa.string() if pa.types.is_null(typ) else typ
     return types
 
 
 # ---------------------------------------------------------------------------------------
-# Prompt ids and requests
-
-
-def shard_of(prompt_id: str, count: int) -> int:
-    """Which of ``count`` shards a prompt id belongs to (deterministic across machines)."""
-    return int(hashlib.sha256(prompt_id.encode()).hexdigest()[:12], 16) % count
+# Requests
 
 
 def check_unique(requests: list[Request], locations: list[str]) -> None:
@@ -173,15 +278,6 @@ def check_unique(requests: list[Request], locations: list[str]) -> None:
         seen[key] = location
 
 
-def _prompt_id(cfg: GenerateConfig | ScoreConfig, record: dict, prompt: Any, location: str) -> str:
-    if cfg.id_column is None:
-        return prompt_hash(prompt)
-    value = record[cfg.id_column]
-    if value is None or str(value) == "":
-        raise InputError(f"{location}: the id column '{cfg.id_column}' is empty")
-    return str(value)
-
-
 def input_columns(cfg: GenerateConfig | ScoreConfig) -> list[str]:
     """The input columns a stage reads (all must exist in every row)."""
     columns = [cfg.prompt_column, cfg.id_column, *cfg.passthrough_columns]
@@ -190,8 +286,11 @@ def input_columns(cfg: GenerateConfig | ScoreConfig) -> list[str]:
     return list(dict.fromkeys(c for c in columns if c))
 
 
+NO_TOKENS = np.zeros(0, dtype=np.int32)
+
+
 def prompt_requests(cfg: GenerateConfig, formatter: Formatter, rows: list[tuple[str, dict]]) -> list[Request]:
-    """One request per input row (not yet tokenized: see :func:`tokenize_requests`)."""
+    """One request per input row (not yet tokenized: see :func:`tokenize_prompts`)."""
     requests, locations = [], []
     for location, record in rows:
         prompt = record[cfg.prompt_column]
@@ -199,24 +298,12 @@ def prompt_requests(cfg: GenerateConfig, formatter: Formatter, rows: list[tuple[
             prompt_id=_prompt_id(cfg, record, prompt, location),
             prompt=stored_prompt(prompt),
             prompt_text=formatter.text(prompt, location),
-            prompt_token_ids=[],
+            prompt_token_ids=NO_TOKENS,
             passthrough={c: record[c] for c in cfg.passthrough_columns},
         ))
         locations.append(location)
     check_unique(requests, locations)
     return requests
-
-
-def _split_pair(cfg: ScoreConfig, record: dict, location: str) -> tuple[Any, Any]:
-    """(prompt, completion) of a score row: two columns, or messages ending with the assistant's turn."""
-    if cfg.completion_column:
-        return record[cfg.prompt_column], record[cfg.completion_column]
-    messages = record[cfg.prompt_column]
-    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict) \
-            or messages[-1].get("role") != "assistant":
-        raise InputError(f"{location}: without completion_column, '{cfg.prompt_column}' must hold chat messages "
-                         f"whose last turn is the assistant's completion")
-    return messages[:-1], messages[-1].get("content")
 
 
 def score_requests(cfg: ScoreConfig, formatter: Formatter, rows: list[tuple[str, dict]]) -> list[Request]:
@@ -236,7 +323,7 @@ def score_requests(cfg: ScoreConfig, formatter: Formatter, rows: list[tuple[str,
             prompt_id=prompt_id,
             prompt=stored_prompt(prompt),
             prompt_text=formatter.text(prompt, location),
-            prompt_token_ids=[],
+            prompt_token_ids=NO_TOKENS,
             passthrough={c: record[c] for c in cfg.passthrough_columns},
             sample_index=sample_index,
             completion=completion,
@@ -246,30 +333,50 @@ def score_requests(cfg: ScoreConfig, formatter: Formatter, rows: list[tuple[str,
     return requests
 
 
-def tokenize_requests(requests: list[Request], formatter: Formatter, append_eos: bool = False) -> None:
-    """Fill in prompt token ids, and completion token ids of score requests.
+TOKENIZE_CHUNK = 512  # texts per tokenizer call: bounds the Python lists a call builds
 
-    Prompt and completion are tokenized separately and concatenated, so the completion's ids
-    (and so the positions that get scored) are known exactly.
+
+def tokenize_prompts(requests: list[Request], formatter: Formatter) -> None:
+    """Fill in the prompt token ids (int32 arrays), ``TOKENIZE_CHUNK`` prompts per tokenizer call."""
+    for start in range(0, len(requests), TOKENIZE_CHUNK):
+        chunk = requests[start:start + TOKENIZE_CHUNK]
+        for req, ids in zip(chunk, formatter.format.encode(formatter.tokenizer, [r.prompt_text for r in chunk]),
+                            strict=True):
+            req.prompt_token_ids = np.asarray(ids, dtype=np.int32)
+
+
+def eos_suffix(tokenizer: Any, append_eos: bool) -> list[int]:
+    """The token ids scored after each completion: ``[eos]`` with ``append_eos``.
+
+    Raises:
+        InputError: ``append_eos`` with a tokenizer that has no EOS token.
     """
-    encoded = formatter.format.encode(formatter.tokenizer, [r.prompt_text for r in requests])
-    for req, ids in zip(requests, encoded, strict=True):
-        req.prompt_token_ids = list(ids)
-    pairs = [r for r in requests if r.completion is not None]
-    if not pairs:
-        return
-    tokenizer = formatter.tokenizer
     if append_eos and tokenizer.eos_token_id is None:
         raise InputError(f"append_eos is set but the tokenizer of {tokenizer.name_or_path} has no eos_token")
-    encoded = tokenizer([r.completion for r in pairs], add_special_tokens=False)["input_ids"]
-    for req, ids in zip(pairs, encoded, strict=True):
-        req.completion_token_ids = list(ids) + ([tokenizer.eos_token_id] if append_eos else [])
+    return [tokenizer.eos_token_id] if append_eos else []
+
+
+def tokenized_pairs(requests: Iterable[Request], tokenizer: Any, suffix: list[int]) -> Iterator[Request]:
+    """Score requests with their completion token ids, tokenized ``TOKENIZE_CHUNK`` at a time as they are needed.
+
+    Prompt and completion are tokenized separately and concatenated, so the completion's ids
+    (and so the positions that get scored) are known exactly. The given requests are not
+    changed: each is yielded as a copy holding its ids, which are dropped once it is written.
+    """
+    it = iter(requests)
+    while chunk := list(itertools.islice(it, TOKENIZE_CHUNK)):
+        encoded = tokenizer([r.completion for r in chunk], add_special_tokens=False)["input_ids"]
+        for req, ids in zip(chunk, encoded, strict=True):
+            yield replace(req, completion_token_ids=np.asarray(ids + suffix, dtype=np.int32))
+
+
+def fits(req: Request, max_model_len: int | None, room: int) -> bool:
+    """Whether prompt + completion + ``room`` tokens fit in the context."""
+    completion = 0 if req.completion_token_ids is None else len(req.completion_token_ids)
+    return max_model_len is None or len(req.prompt_token_ids) + completion + room <= max_model_len
 
 
 def drop_too_long(requests: list[Request], max_model_len: int | None, room: int) -> tuple[list[Request], int]:
     """Requests that fit in the context (prompt + completion + ``room`` tokens), and how many did not."""
-    if max_model_len is None:
-        return requests, 0
-    kept = [r for r in requests
-            if len(r.prompt_token_ids) + len(r.completion_token_ids or ()) + room <= max_model_len]
+    kept = [r for r in requests if fits(r, max_model_len, room)]
     return kept, len(requests) - len(kept)

@@ -1,17 +1,19 @@
 """``llmdistill generate`` and ``llmdistill score``, top to bottom.
 
-check inputs -> plan this job's part -> (engine) -> one shard per batch -> manifest.
+check inputs -> plan this job's part -> (engine) -> stream: a shard every ``flush_every``
+completions or ``flush_seconds`` seconds -> manifest.
 
 All checks of :func:`prepare` run before the engine starts: a bad column, an empty prompt, a
 malformed JSONL line, a missing model or a changed config fails in seconds, not after a model
-load. The engine is only started when something is left to do.
+load. The engine is only started when something is left to do. Completions are written as
+they finish, so a kill loses only those not yet flushed, and a re-run does only what is missing.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,28 +22,26 @@ import pyarrow as pa
 
 from llmdistill.config.base import check_model_path
 from llmdistill.config.generate import GenerateConfig, ScoreConfig
-from llmdistill.formats import (
-    GenerationInfo,
-    next_shard_index,
-    read_generation_keys,
-    shard_name,
-    write_generation_shard,
-)
-from llmdistill.generate.engines import OfflineEngine, ServerEngine
+from llmdistill.formats import GenerationInfo, read_generation_keys
+from llmdistill.generate.engines import Finished, OfflineEngine, Work
 from llmdistill.generate.inputs import (
     Formatter,
     InputError,
     Request,
     drop_too_long,
+    eos_suffix,
+    fits,
     input_columns,
     load_rows,
     passthrough_types,
     prompt_requests,
     score_requests,
-    shard_of,
-    tokenize_requests,
+    tokenize_prompts,
+    tokenized_pairs,
 )
+from llmdistill.generate.pool import ServerPool
 from llmdistill.generate.store import (
+    ShardWriter,
     check_resumable,
     decode_completions,
     merge_shards,
@@ -57,7 +57,7 @@ logger = get_logger(__name__)
 
 @dataclass
 class Plan:
-    """What one job will do: its part's directory and the requests not yet written."""
+    """What one job will do: its part's directory and the requests with work left."""
 
     info: GenerationInfo
     directory: Path
@@ -65,7 +65,33 @@ class Plan:
     pending: list[Request]
     passthrough: dict[str, pa.DataType]
     done: set[tuple[str, int]]
-    counts: dict[str, int]
+    counts: dict[str, Any]
+    max_model_len: int | None = None
+    num_samples: int = 1
+    append_eos: bool = False
+
+    def work(self) -> Iterator[Work]:
+        """The units of work left, in input order: each missing (prompt, sample), or each pair to score.
+
+        Score pairs are tokenized here, as they are handed out; a pair longer than the context
+        is skipped and counted (``skipped_too_long``).
+        """
+        if self.info.stage == "generate":
+            for req in self.pending:
+                yield from (Work(req, s) for s in range(self.num_samples) if (req.prompt_id, s) not in self.done)
+            return
+        for req in tokenized_pairs(self.pending, self.tokenizer, eos_suffix(self.tokenizer, self.append_eos)):
+            if fits(req, self.max_model_len, room=1):
+                yield Work(req, req.sample_index)
+            else:
+                self.counts["skipped_too_long"] += 1
+
+    @property
+    def units(self) -> int:
+        """Completions left to write (score: before pairs too long for the context are skipped)."""
+        if self.info.stage == "score":
+            return len(self.pending)
+        return sum((r.prompt_id, s) not in self.done for r in self.pending for s in range(self.num_samples))
 
 
 def resolve_model(name: str) -> str:
@@ -90,7 +116,9 @@ def context_length(cfg: GenerateConfig | ScoreConfig) -> int | None:
     if cfg.max_model_len is not None:
         return cfg.max_model_len
     if cfg.backend == "server":
-        return ServerEngine(cfg).max_model_len()
+        pool = ServerPool(cfg)
+        pool.probe()
+        return pool.max_model_len
     from transformers import AutoConfig
 
     try:
@@ -126,70 +154,66 @@ def prepare(cfg: GenerateConfig | ScoreConfig, stage: str) -> Plan:
     if cfg.logprobs_top_k > len(tokenizer):
         raise InputError(f"logprobs_top_k={cfg.logprobs_top_k} exceeds the teacher's vocabulary ({len(tokenizer)})")
 
-    # Input rows -> requests
+    # This job's rows (shard before formatting) -> requests, minus what a previous run already wrote
     formatter = Formatter.of(cfg, tokenizer)
-    rows = load_rows(cfg, input_columns(cfg))
-    requests = score_requests(cfg, formatter, rows) if stage == "score" else prompt_requests(cfg, formatter, rows)
-
-    # This job's part, minus what a previous run already wrote
-    mine = [r for r in requests if shard_of(r.prompt_id, count) == index]
-    tokenize_requests(mine, formatter, append_eos=getattr(cfg, "append_eos", False))
-    fitting, too_long = drop_too_long(mine, context_length(cfg), room=1)
+    loaded = load_rows(cfg, input_columns(cfg), (index, count))
+    mine = (score_requests(cfg, formatter, loaded.rows) if stage == "score"
+            else prompt_requests(cfg, formatter, loaded.rows))
+    eos_suffix(tokenizer, getattr(cfg, "append_eos", False))  # fails now, not when the first pair is scored
+    tokenize_prompts(mine, formatter)
+    max_model_len = context_length(cfg)
+    fitting, too_long = drop_too_long(mine, max_model_len, room=1)
     done = read_generation_keys(directory)
     pending = [r for r in fitting if any(key not in done for key in _keys(r, cfg))]
-    counts = {"input_rows": len(rows), "part_rows": len(mine), "skipped_too_long": too_long,
+    counts = {"input_rows": loaded.total, "part_rows": len(mine), "skipped_too_long": too_long,
               "pending_at_start": len(pending)}
     logger.info("%s: %d input rows, %d in part %s, %d too long for the context, %d left to do",
-                stage, len(rows), len(mine), cfg.shard, too_long, len(pending))
+                stage, loaded.total, len(mine), cfg.shard, too_long, len(pending))
     info = GenerationInfo(stage=stage, teacher=resolve_model(cfg.model), tokenizer=resolve_model(cfg.tokenizer or cfg.model),
                           k=cfg.logprobs_top_k, vocab_size=len(tokenizer), prompt_format=formatter.format)
-    return Plan(info, directory, tokenizer, pending, passthrough_types(rows, cfg.passthrough_columns), done, counts)
+    return Plan(info, directory, tokenizer, pending, passthrough_types(loaded, cfg.passthrough_columns), done, counts,
+                max_model_len=max_model_len, num_samples=getattr(cfg, "num_samples", 1),
+                append_eos=getattr(cfg, "append_eos", False))
 
 
-def make_engine(cfg: GenerateConfig | ScoreConfig, scoring: bool) -> OfflineEngine | ServerEngine:
-    """The in-process vLLM engine or the server client, per ``cfg.backend``."""
+def make_engine(cfg: GenerateConfig | ScoreConfig, scoring: bool) -> OfflineEngine | ServerPool:
+    """The in-process vLLM engine or the server pool, per ``cfg.backend``."""
     if cfg.backend == "server":
-        return ServerEngine(cfg)
+        return ServerPool(cfg, scoring=scoring)
     return OfflineEngine(cfg, scoring=scoring)
 
 
-def teacher_rows(completions: list, batch: list[Request], plan: Plan) -> list[dict]:
-    """The generation rows of one batch's teacher output (sampled: ``[[Completion]]``; scored: ``[Completion]``)."""
+def teacher_rows(finished: list[Finished], plan: Plan) -> list[dict]:
+    """The generation rows of finished work (sampled completions are detokenized here)."""
     if plan.info.stage == "score":
-        return shard_rows(batch, [[c] for c in completions], None, plan.done)
-    texts = decode_completions(plan.tokenizer, [c for comps in completions for c in comps])
-    return shard_rows(batch, completions, texts, plan.done)
+        return shard_rows(finished, None)
+    return shard_rows(finished, decode_completions(plan.tokenizer, [c for _, c in finished]))
 
 
-def write_batches(engine: OfflineEngine | ServerEngine, plan: Plan, cfg: GenerateConfig | ScoreConfig) -> None:
-    """One engine call and one atomically written shard per ``batch_size`` pending requests.
+def write_stream(engine: OfflineEngine | ServerPool, plan: Plan, cfg: GenerateConfig | ScoreConfig) -> None:
+    """Stream the plan's work through the engine and write what finishes, shard by shard.
 
-    A batch's shard (detokenization, Arrow conversion, zstd, fsync) is written by a background
-    thread while the engine runs the next batch; at most one shard is in flight, and a failed
-    write stops the run at the next batch.
+    A shard is flushed every ``flush_every`` completions, or once the oldest unwritten one has
+    waited ``flush_seconds``, whichever comes first; a background thread writes it while the
+    engine keeps going (:class:`~llmdistill.generate.store.ShardWriter`).
     """
     remove_stale_temp_files(plan.directory)
-    index = next_shard_index(plan.directory)
-
-    def write(completions: list, batch: list[Request], path: Path) -> None:
-        rows = teacher_rows(completions, batch, plan)
-        if rows:
-            write_generation_shard(rows, path, cfg.logprobs_top_k, plan.info.teacher, plan.passthrough,
-                                   extra={"stage": plan.info.stage})
-
-    with progress() as bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
-        task = bar.add_task(plan.info.stage, total=len(plan.pending))
-        in_flight: Future | None = None
-        for start in range(0, len(plan.pending), cfg.batch_size):
-            batch = plan.pending[start:start + cfg.batch_size]
-            completions = engine.score(batch) if plan.info.stage == "score" else engine.sample(batch, cfg.num_samples)
-            if in_flight is not None:
-                in_flight.result()
-            in_flight = writer.submit(write, completions, batch, plan.directory / shard_name(index))
-            index += 1
-            bar.advance(task, len(batch))
-        if in_flight is not None:
-            in_flight.result()
+    with progress() as bar, ShardWriter(plan.directory, lambda done: teacher_rows(done, plan), plan.info,
+                                        plan.passthrough) as writer:
+        task = bar.add_task(plan.info.stage, total=plan.units)
+        buffer: list[Finished] = []
+        oldest = 0.0
+        for finished in engine.stream(plan.work()):
+            if finished is not None:
+                if not buffer:
+                    oldest = time.monotonic()
+                buffer.append(finished)
+                bar.advance(task)
+            if buffer and (len(buffer) >= cfg.flush_every or time.monotonic() - oldest >= cfg.flush_seconds):
+                writer.submit(buffer)
+                buffer = []
+        if buffer:
+            writer.submit(buffer)
 
 
 def _run(cfg: GenerateConfig | ScoreConfig, stage: str) -> dict[str, Any]:
@@ -198,7 +222,9 @@ def _run(cfg: GenerateConfig | ScoreConfig, stage: str) -> dict[str, Any]:
     write_part_manifest(plan.directory, cfg, plan.info, plan.counts, started, complete=False)
     if plan.pending:
         engine = make_engine(cfg, scoring=stage == "score")
-        write_batches(engine, plan, cfg)
+        write_stream(engine, plan, cfg)
+        if isinstance(engine, ServerPool):
+            plan.counts.update(engine.stats())
     manifest = write_part_manifest(plan.directory, cfg, plan.info, plan.counts, started, complete=True)
     logger.info("%s: %d rows, %d completion tokens in %s", stage, manifest["counts"]["rows"],
                 manifest["counts"]["completion_tokens"], plan.directory)

@@ -3,16 +3,18 @@
 Layout of ``output_dir``::
 
     manifest.json            one part (shard 0/1), or the merged manifest of N parts
-    part-000000.parquet ...  generation shards (one per batch of prompts), shard 0/1
+    part-000000.parquet ...  generation shards (the completions finished in one flush interval), shard 0/1
     shard-00003-of-00008/    part 3 of 8 (``--shard 3/8``): its own part-*.parquet + manifest.json
 
-Every shard is written under a temporary name and renamed, so a killed run leaves only whole
-shards; a re-run reads the (prompt id, sample index) pairs they hold and skips them.
+Every shard is written under a temporary name, fsync'd and renamed, so a killed run leaves
+only whole shards; a re-run reads the (prompt id, sample index) pairs they hold and skips them.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,12 @@ from llmdistill.formats import (
     SHARD_GLOB,
     GenerationInfo,
     generation_counts,
+    next_shard_index,
+    shard_name,
+    write_generation_shard,
 )
-from llmdistill.generate.engines import Completion
-from llmdistill.generate.inputs import InputError, Request
+from llmdistill.generate.engines import Completion, Finished
+from llmdistill.generate.inputs import InputError
 from llmdistill.manifest import MANIFEST, read_manifest, write_json_atomic, write_manifest
 
 PART_DIR = re.compile(r"shard-(\d+)-of-(\d+)")
@@ -89,33 +94,78 @@ def decode_completions(tokenizer: Any, completions: list[Completion]) -> list[st
     return tokenizer.batch_decode(ids, skip_special_tokens=False)
 
 
-def shard_rows(
-    requests: list[Request], completions: list[list[Completion]], texts: list[str] | None, done: set[tuple[str, int]]
-) -> list[dict[str, Any]]:
-    """Generation rows of a batch (see :mod:`llmdistill.formats`), leaving out pairs already written.
+def shard_rows(finished: list[Finished], texts: list[str] | None) -> list[dict[str, Any]]:
+    """Generation rows (see :mod:`llmdistill.formats`) of finished work.
 
     Args:
-        requests: the batch.
-        completions: per request, its completions (sample index = position).
-        texts: completion texts in the same flattened order, or ``None`` to use ``request.completion``.
-        done: pairs to leave out.
+        finished: ``(work, completion)`` pairs.
+        texts: the completion texts in the same order, or ``None`` to use ``request.completion`` (score).
     """
-    rows, flat = [], 0
-    for req, comps in zip(requests, completions, strict=True):
-        for offset, comp in enumerate(comps):
-            sample_index = req.sample_index + offset
-            text = req.completion if texts is None else texts[flat]
-            flat += 1
-            if (req.prompt_id, sample_index) in done:
-                continue
-            rows.append({
-                "prompt_id": req.prompt_id, "sample_index": sample_index, "prompt": req.prompt,
-                "prompt_text": req.prompt_text, "prompt_token_ids": req.prompt_token_ids, "completion": text,
-                "completion_token_ids": comp.token_ids, "finish_reason": comp.finish_reason,
-                "topk_ids": comp.topk_ids, "topk_logprobs": comp.topk_logprobs,
-                "token_logprobs": comp.token_logprobs, **req.passthrough,
-            })
+    rows = []
+    for i, (work, comp) in enumerate(finished):
+        req = work.request
+        rows.append({
+            "prompt_id": req.prompt_id, "sample_index": work.sample_index, "prompt": req.prompt,
+            "prompt_text": req.prompt_text, "prompt_token_ids": req.prompt_token_ids,
+            "completion": req.completion if texts is None else texts[i],
+            "completion_token_ids": comp.token_ids, "finish_reason": comp.finish_reason,
+            "topk_ids": comp.topk_ids, "topk_logprobs": comp.topk_logprobs,
+            "token_logprobs": comp.token_logprobs, **req.passthrough,
+        })
     return rows
+
+
+class ShardWriter:
+    """Writes generation shards ``part-NNNNNN.parquet`` in order, in a background thread.
+
+    :meth:`submit` hands over the completions of one flush; the thread turns them into rows
+    (``to_rows``: detokenization, Arrow conversion), compresses and writes them atomically
+    while the engine keeps generating. At most one shard is being written: a second
+    :meth:`submit` waits for the first (so a slow disk slows the run instead of filling
+    memory), and a failed write stops the run there.
+
+    Args:
+        directory: the part's directory.
+        to_rows: finished work -> generation rows.
+        info: the run's :class:`GenerationInfo` (k, teacher, stage).
+        passthrough: Arrow types of the passthrough columns.
+    """
+
+    def __init__(self, directory: Path, to_rows: Callable[[list[Finished]], list[dict[str, Any]]],
+                 info: GenerationInfo, passthrough: dict[str, Any]):
+        self.directory, self.to_rows, self.info, self.passthrough = directory, to_rows, info, passthrough
+        self.index = next_shard_index(directory)
+        self.written = 0
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._pending: Future | None = None
+
+    def submit(self, finished: list[Finished]) -> None:
+        """Write ``finished`` as the next shard (returns once the previous shard is on disk)."""
+        self.wait()
+        path = self.directory / shard_name(self.index)
+        self.index += 1
+        self._pending = self._thread.submit(self._write, finished, path)
+
+    def _write(self, finished: list[Finished], path: Path) -> None:
+        rows = self.to_rows(finished)
+        write_generation_shard(rows, path, self.info.k, self.info.teacher, self.passthrough,
+                               extra={"stage": self.info.stage})
+        self.written += len(rows)
+
+    def wait(self) -> None:
+        """Block until the shard being written is on disk (re-raising its error)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.wait()  # what finished before an error is still written
+        finally:
+            self._thread.shutdown()
 
 
 def write_part_manifest(

