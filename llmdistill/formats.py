@@ -43,6 +43,8 @@ Built shards (``llmdistill build``)
     The target token at position ``t`` (``loss_mask[t] == 1``) has the teacher row that
     predicts it; the student's logits at ``t - 1`` are compared with it. Metadata holds ``kd``,
     ``k``, ``vocab_size``, the codec parameters and the student tokenizer's fingerprint.
+    Training never loads them: :func:`convert_built_to_arrow` copies them once per machine into
+    uncompressed Arrow files that :func:`open_built` memory-maps.
 
 Eval details (``llmdistill eval``: ``details.parquet``)
     One row per sample. Columns:
@@ -81,6 +83,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmdistill.config.base import UserError
+from llmdistill.outputs import pid_alive
 from llmdistill.prompts import PromptFormat
 
 SHARD_GLOB = "part-*.parquet"
@@ -248,16 +251,27 @@ def _first(mask: np.ndarray) -> int | None:
     return int(hits[0]) if len(hits) else None
 
 
-def check_generation_rows(path: Path, table: pa.Table, k: int, vocab_size: int | None = None) -> None:
+def check_generation_rows(path: Path, table: pa.Table | pa.RecordBatch, k: int, vocab_size: int | None = None,
+                          first_row: int = 0) -> None:
     """Check a generation shard's rows: types, a completion per row, top-k shape, log-probs and ids.
 
     Log-probs must not be NaN or positive (``-inf``, zero probability, is allowed); ids must lie in
     ``[0, vocab_size)`` when ``vocab_size`` is given. Only the columns present are checked.
 
+    Args:
+        path: the shard (for messages).
+        table: some of its rows (a table or one batch of :func:`iter_generation_batches`).
+        k: top-k entries per position.
+        vocab_size: the student's vocabulary size, or None to skip the id range check.
+        first_row: the row number of ``table``'s first row in the shard (for messages).
+
     Raises:
         SchemaError: naming the shard, the row, the column and what to do.
     """
     import pyarrow.compute as pc
+
+    if isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
 
     names = table.column_names
     for name in names:
@@ -267,7 +281,7 @@ def check_generation_rows(path: Path, table: pa.Table, k: int, vocab_size: int |
                               "the shard was not written by llmdistill generate/score; regenerate it")
     for name in ("completion", "completion_token_ids", "prompt_id"):
         if name in names and (row := _first(table.column(name).is_null().to_numpy(zero_copy_only=False))) is not None:
-            raise SchemaError(f"{path} row {row}: '{name}' is null; regenerate the shard or remove the row")
+            raise SchemaError(f"{path} row {first_row + row}: '{name}' is null; regenerate the shard or remove the row")
     if "completion_token_ids" not in names:
         return
     n_tokens = pc.list_value_length(table.column("completion_token_ids")).to_numpy(zero_copy_only=False)
@@ -277,12 +291,12 @@ def check_generation_rows(path: Path, table: pa.Table, k: int, vocab_size: int |
         lengths = pc.list_value_length(table.column(name)).fill_null(-1).to_numpy(zero_copy_only=False)
         row = _first(lengths != n_tokens * k)
         if row is not None:
-            raise SchemaError(f"{path} row {row}: '{name}' has {lengths[row]} entries for {n_tokens[row]} completion "
+            raise SchemaError(f"{path} row {first_row + row}: '{name}' has {lengths[row]} entries for {n_tokens[row]} completion "
                               f"tokens at k = {k} (expected {n_tokens[row] * k}); the shard is damaged: regenerate it")
     offsets = np.concatenate([[0], np.cumsum(n_tokens * k)])
 
     def row_of(flat: int) -> int:
-        return int(np.searchsorted(offsets, flat, side="right") - 1)
+        return first_row + int(np.searchsorted(offsets, flat, side="right") - 1)
 
     if "topk_logprobs" in names:
         values = pc.list_flatten(table.column("topk_logprobs")).to_numpy(zero_copy_only=False)
@@ -299,10 +313,126 @@ def check_generation_rows(path: Path, table: pa.Table, k: int, vocab_size: int |
                               "score`) or the shard is damaged")
 
 
+@dataclass(frozen=True)
+class RowGroup:
+    """One Parquet row group of a generation shard, as its footer describes it.
+
+    Attributes:
+        index: its position in the file.
+        first_row: the file row number of its first row.
+        num_rows: rows.
+        bytes: uncompressed size of all its columns.
+        compressed_bytes: size on disk.
+        completion_tokens: values of ``completion_token_ids`` (0 when the column is absent).
+    """
+
+    index: int
+    first_row: int
+    num_rows: int
+    bytes: int
+    compressed_bytes: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationShard:
+    """A generation shard as its footer describes it: read without reading any row.
+
+    Attributes:
+        path: the file.
+        k: top-k entries per completion position.
+        teacher: the teacher named in the metadata (None when absent).
+        columns: column name -> Arrow type.
+        row_groups: its row groups, in file order.
+    """
+
+    path: Path
+    k: int
+    teacher: str | None
+    columns: dict[str, pa.DataType]
+    row_groups: tuple[RowGroup, ...]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(g.num_rows for g in self.row_groups)
+
+
+def read_generation_footer(path: str | Path, columns: list[str] | None = None) -> GenerationShard:
+    """The footer of one generation shard: schema, ``k`` and row groups, checked; no row is read.
+
+    Args:
+        path: the shard.
+        columns: columns that must be present (default: all of :data:`GENERATION_COLUMNS`).
+
+    Raises:
+        SchemaError: an unreadable file, another schema or version, a missing column or a column
+            of the wrong type; each names the shard.
+    """
+    path = Path(path)
+    meta = shard_metadata(path)
+    _check(path, meta, GENERATION_SCHEMA, GENERATION_SCHEMA_VERSION)
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise SchemaError(f"{path} cannot be read ({' '.join(str(err).split())[:200]}): the file is truncated or "
+                          "corrupt; delete it and re-run generate/score, which write only what is missing") from None
+    schema = parquet.schema_arrow
+    types = {name: schema.field(name).type for name in schema.names}
+    missing = [c for c in (columns if columns is not None else GENERATION_COLUMNS) if c not in types]
+    if missing:
+        raise SchemaError(f"{path} lacks column(s) {missing}: it was not written by llmdistill generate/score")
+    for name, typ in types.items():
+        want = GENERATION_COLUMNS.get(name)
+        if want is not None and typ != want:
+            raise SchemaError(f"{path}: column '{name}' is {typ}, expected {want}: the shard was not written by "
+                              "llmdistill generate/score; regenerate it")
+    footer = parquet.metadata
+    leaf = {footer.schema.column(i).path.split(".")[0]: i for i in range(footer.num_columns)}
+    groups, first = [], 0
+    for i in range(footer.num_row_groups):
+        group = footer.row_group(i)
+        tokens = group.column(leaf["completion_token_ids"]).num_values if "completion_token_ids" in leaf else 0
+        groups.append(RowGroup(i, first, group.num_rows, group.total_byte_size,
+                               sum(group.column(c).total_compressed_size for c in range(group.num_columns)), tokens))
+        first += group.num_rows
+    return GenerationShard(path, int(meta["k"]), meta.get("teacher"), types, tuple(groups))
+
+
+def iter_generation_batches(path: str | Path, columns: list[str], row_groups: list[int] | None = None,
+                            batch_rows: int = 256) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """Rows of a generation shard, a bounded batch at a time: ``(first row number, batch)``.
+
+    Only ``columns`` of ``row_groups`` (default: all) are read, page by page, and no two batches
+    are ever joined: a list column may hold any number of values in all (more than the 2**31 an
+    Arrow list array can address), as long as one batch holds fewer.
+
+    Raises:
+        SchemaError: the file cannot be read (truncated, corrupt), naming it.
+    """
+    path = Path(path)
+    try:
+        parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 22)
+        groups = list(range(parquet.metadata.num_row_groups)) if row_groups is None else list(row_groups)
+        starts = np.concatenate([[0], np.cumsum([parquet.metadata.row_group(i).num_rows
+                                                 for i in range(parquet.metadata.num_row_groups)])])
+        for group in groups:
+            first = int(starts[group])
+            for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns,
+                                              use_threads=False):
+                yield first, batch
+                first += batch.num_rows
+    except (pa.ArrowInvalid, OSError) as err:
+        raise SchemaError(f"{path} cannot be read ({' '.join(str(err).split())[:200]}): the file is truncated or "
+                          "corrupt; delete it and re-run generate/score, which write only what is missing") from None
+
+
 def read_generation_table(directory: str | Path, columns: list[str] | None = None,
                           vocab_size: int | None = None) -> tuple[pa.Table, int]:
-    """All generation shards of a directory as one Arrow table, and ``k``; every shard is checked
-    (:func:`check_generation_rows`) as it is read.
+    """All generation shards of a directory as one Arrow table (one chunk per batch, never joined),
+    and ``k``; every shard is checked (:func:`check_generation_rows`) as it is read.
+
+    For small outputs (tests, the demo's statistics): the table is in memory. ``build`` reads
+    shard by shard and batch by batch (:func:`read_generation_footer`, :func:`iter_generation_batches`).
 
     Raises:
         SchemaError: an unreadable shard, a shard of another schema/version or with bad rows, or
@@ -312,25 +442,16 @@ def read_generation_table(directory: str | Path, columns: list[str] | None = Non
     shards = list_shards(directory)
     if not shards:
         raise FileNotFoundError(f"no generation shards ({SHARD_GLOB}) in {directory}")
-    tables, ks = [], set()
+    batches, ks = [], set()
     for path in shards:
-        meta = shard_metadata(path)
-        _check(path, meta, GENERATION_SCHEMA, GENERATION_SCHEMA_VERSION)
-        k = int(meta["k"])
-        ks.add(k)
-        try:
-            table = pq.read_table(path, columns=columns).replace_schema_metadata(None)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise SchemaError(f"{path} cannot be read ({' '.join(str(err).split())[:200]}): the file is truncated or "
-                              "corrupt; delete it and re-run generate/score, which write only what is missing") from None
-        missing = [c for c in (columns or GENERATION_COLUMNS) if c not in table.column_names]
-        if missing:
-            raise SchemaError(f"{path} lacks column(s) {missing}: it was not written by llmdistill generate/score")
-        check_generation_rows(path, table, k, vocab_size)
-        tables.append(table)
+        shard = read_generation_footer(path, columns)
+        ks.add(shard.k)
+        for first, batch in iter_generation_batches(path, columns or list(shard.columns)):
+            check_generation_rows(path, batch, shard.k, vocab_size, first_row=first)
+            batches.append(pa.Table.from_batches([batch]))
     if len(ks) > 1:
         raise SchemaError(f"shards in {directory} mix top-k sizes {sorted(ks)}: generate them with one logprobs_top_k")
-    return pa.concat_tables(tables, promote_options="default"), ks.pop()
+    return pa.concat_tables(batches, promote_options="default"), ks.pop()
 
 
 def is_generation_dir(path: str | Path) -> bool:
@@ -435,33 +556,34 @@ class GenerationRow:
 
 
 def iter_generations(directory: str | Path) -> Iterator[GenerationRow]:
-    """Generation output as decoded rows (top-k as [n_tokens, k] arrays), shard by shard.
+    """Generation output as decoded rows (top-k as [n_tokens, k] arrays), shard by shard and
+    batch by batch.
 
     For users who want the teacher signal as arrays; the stages read columns instead
-    (:func:`read_generation_table`).
+    (:func:`iter_generation_batches`).
     """
     for path in list_shards(directory):
-        meta = shard_metadata(path)
-        _check(path, meta, GENERATION_SCHEMA, GENERATION_SCHEMA_VERSION)
-        k = int(meta["k"])
-        for rec in pq.read_table(path).to_pylist():
-            n = len(rec["completion_token_ids"])
-            extra = {c: rec[c] for c in rec if c not in GENERATION_COLUMNS}
-            yield GenerationRow(
-                prompt_id=rec["prompt_id"],
-                sample_index=rec["sample_index"],
-                prompt=rec["prompt"],
-                prompt_text=rec["prompt_text"],
-                prompt_token_ids=np.asarray(rec["prompt_token_ids"], dtype=np.int32),
-                completion=rec["completion"],
-                completion_token_ids=np.asarray(rec["completion_token_ids"], dtype=np.int32),
-                finish_reason=rec["finish_reason"],
-                topk_ids=np.asarray(rec["topk_ids"], dtype=np.int32).reshape(n, k),
-                topk_logprobs=np.asarray(rec["topk_logprobs"], dtype=np.float32).reshape(n, k),
-                token_logprobs=np.asarray(rec["token_logprobs"], dtype=np.float32),
-                teacher=rec["teacher"],
-                extra=extra,
-            )
+        shard = read_generation_footer(path, columns=[])
+        k = shard.k
+        for _, batch in iter_generation_batches(path, list(shard.columns)):
+            for rec in batch.to_pylist():
+                n = len(rec["completion_token_ids"])
+                extra = {c: rec[c] for c in rec if c not in GENERATION_COLUMNS}
+                yield GenerationRow(
+                    prompt_id=rec["prompt_id"],
+                    sample_index=rec["sample_index"],
+                    prompt=rec["prompt"],
+                    prompt_text=rec["prompt_text"],
+                    prompt_token_ids=np.asarray(rec["prompt_token_ids"], dtype=np.int32),
+                    completion=rec["completion"],
+                    completion_token_ids=np.asarray(rec["completion_token_ids"], dtype=np.int32),
+                    finish_reason=rec["finish_reason"],
+                    topk_ids=np.asarray(rec["topk_ids"], dtype=np.int32).reshape(n, k),
+                    topk_logprobs=np.asarray(rec["topk_logprobs"], dtype=np.float32).reshape(n, k),
+                    token_logprobs=np.asarray(rec["token_logprobs"], dtype=np.float32),
+                    teacher=rec["teacher"],
+                    extra=extra,
+                )
 
 
 # ---------------------------------------------------------------------------------------
@@ -479,16 +601,17 @@ def write_built_shard(rows: list[dict[str, Any]], path: str | Path, meta: dict[s
     write_parquet_atomic(table, path)
 
 
-def read_built(directory: str | Path) -> tuple[pa.Table, dict[str, Any]]:
-    """All built shards of a directory as one table, and their (shared) metadata.
+def read_built_metadata(directory: str | Path) -> tuple[list[Path], dict[str, Any]]:
+    """The built shards of a directory and their shared metadata, checked from the Parquet footers alone.
 
     Raises:
+        FileNotFoundError: no shard in the directory.
         SchemaError: another schema/version, or shards built with different settings.
     """
     shards = list_shards(directory)
     if not shards:
         raise FileNotFoundError(f"no built shards (*.parquet) in {directory}: run `llmdistill build` first")
-    tables, first = [], None
+    first: dict[str, Any] | None = None
     for path in shards:
         meta = shard_metadata(path)
         _check(path, meta, BUILT_SCHEMA, BUILT_SCHEMA_VERSION)
@@ -496,9 +619,188 @@ def read_built(directory: str | Path) -> tuple[pa.Table, dict[str, Any]]:
             first = meta
         elif meta != first:
             raise SchemaError(f"{path} was built with other settings than {shards[0]}: rebuild the directory")
-        tables.append(pq.read_table(path).replace_schema_metadata(None))
     assert first is not None
-    return pa.concat_tables(tables), first
+    return shards, first
+
+
+def read_built(directory: str | Path) -> tuple[pa.Table, dict[str, Any]]:
+    """All built shards of a directory as one in-memory table, and their (shared) metadata.
+
+    For small data (tests, inspection): training memory-maps the shards instead (:func:`open_built`).
+
+    Raises:
+        SchemaError: another schema/version, or shards built with different settings.
+    """
+    shards, meta = read_built_metadata(directory)
+    return pa.concat_tables([pq.read_table(path).replace_schema_metadata(None) for path in shards]), meta
+
+
+#: Where the Arrow copy of a built directory goes by default: inside it, so a rebuild (which replaces
+#: the directory whole) takes the stale copy away with it.
+BUILT_ARROW_CACHE = ".arrow_cache"
+#: Target size of one Arrow record batch while converting: the converter's memory, whatever the shards' row groups.
+_ARROW_BATCH_BYTES = 64 << 20
+
+
+def built_cache_dir(directory: str | Path, root: str | Path | None = None) -> Path:
+    """The directory that holds the Arrow copy of the built shards in ``directory``.
+
+    Args:
+        directory: a built directory.
+        root: where to put the copy; None: ``<directory>/.arrow_cache``, or, when ``directory`` is
+            not writable, under the datasets cache (``$HF_DATASETS_CACHE/llmdistill-built``).
+
+    Returns:
+        ``<directory>/.arrow_cache``, or ``<root>/<directory name>-<hash of its absolute path>``.
+    """
+    directory = Path(directory).resolve()
+    if root is None:
+        if os.access(directory, os.W_OK):
+            return directory / BUILT_ARROW_CACHE
+        import datasets.config
+
+        root = Path(datasets.config.HF_DATASETS_CACHE) / "llmdistill-built"
+    return Path(root) / f"{directory.name}-{hashlib.sha256(str(directory).encode()).hexdigest()[:12]}"
+
+
+def _arrow_name(directory: Path, shard: Path) -> str:
+    """The Arrow file name of a shard: its path, and a key that changes when the shard does."""
+    rel = shard.relative_to(directory)
+    stat = shard.stat()
+    key = hashlib.sha256(f"{BUILT_SCHEMA_VERSION}\n{rel}\n{stat.st_size}\n{stat.st_mtime_ns}".encode()).hexdigest()
+    return f"{'.'.join(rel.with_suffix('').parts)}-{key[:12]}.arrow"
+
+
+def convert_built_to_arrow(directory: str | Path, cache_dir: str | Path) -> list[Path]:
+    """Write the Arrow copy of every built shard that ``cache_dir`` lacks; return the Arrow files in shard order.
+
+    Each file is written under a temporary name, fsync'd, then linked into place only if absent: a
+    file that exists is whole and is never replaced, so running this on several machines at once
+    over a shared filesystem is safe (a reader elsewhere keeps its mapping). Memory: record batches
+    of about 64 MiB, plus pyarrow's copy of a shard's whole ``topk`` column chunk (about twice its
+    bytes: pyarrow reads a binary column chunk whole), so it is bounded by the row-group size the
+    shards were written with, not by the data size. Arrow files of shards that are gone or changed,
+    and temporary files of dead converters on this machine, are deleted.
+
+    Raises:
+        SchemaError: a shard of another schema/version or settings, or an unreadable shard.
+        UserError: the disk of ``cache_dir`` is full (naming it, the bytes needed and the fix).
+    """
+    directory, cache_dir = Path(directory).resolve(), Path(cache_dir)
+    shards, _ = read_built_metadata(directory)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    files = [cache_dir / _arrow_name(directory, shard) for shard in shards]
+    _remove_stale_arrow(cache_dir, {f.name for f in files})
+    for shard, target in zip(shards, files, strict=True):
+        if not target.exists():
+            _shard_to_arrow(shard, target)
+            pa.default_memory_pool().release_unused()  # give the read buffers back to the OS
+    return files
+
+
+def _shard_to_arrow(shard: Path, target: Path) -> None:
+    import errno
+    import shutil
+    import socket
+
+    tmp = target.with_name(f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    try:
+        # buffer_size: read column chunks page by page (not the binary top-k column: see the docstring)
+        parquet = pq.ParquetFile(shard, buffer_size=8 << 20)
+        info = parquet.metadata
+        row_bytes = sum(info.row_group(i).total_byte_size for i in range(info.num_row_groups)) / max(info.num_rows, 1)
+        schema = pa.schema([parquet.schema_arrow.field(name) for name in BUILT_COLUMNS])
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for batch in parquet.iter_batches(batch_size=max(1, int(_ARROW_BATCH_BYTES // max(row_bytes, 1.0))),
+                                              columns=list(BUILT_COLUMNS), use_threads=False):
+                writer.write_batch(batch)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, target)  # never replaces a file that another process may have mapped
+        except FileExistsError:
+            pass  # another machine converted it first: its file is whole and the same
+        except OSError:  # a filesystem without hard links
+            if not target.exists():
+                os.replace(tmp, target)
+    except (pa.ArrowInvalid, KeyError) as err:
+        raise SchemaError(f"{shard} cannot be read as a built shard ({' '.join(str(err).split())[:200]}): it is "
+                          "truncated or corrupt; rebuild the directory") from None
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise UserError(f"converting {shard} to Arrow in {target.parent}: no space left on the disk "
+                        f"({shutil.disk_usage(target.parent).free} bytes free; the copy takes about "
+                        f"{int(row_bytes * info.num_rows)} bytes). Free some space, or set data_cache_dir to a "
+                        "larger disk (node-local when the nodes share no filesystem)") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_arrow(cache_dir: Path, keep: set[str]) -> None:
+    """Delete Arrow files not in ``keep`` and temporary files of converters on this machine that died."""
+    import socket
+
+    host = socket.gethostname()
+    for path in cache_dir.iterdir():
+        if path.name.endswith(".arrow") and not path.name.startswith(".") and path.name not in keep:
+            path.unlink(missing_ok=True)
+        elif ".arrow.tmp-" in path.name:
+            owner, _, pid = path.name.rpartition(".arrow.tmp-")[2].rpartition("-")
+            if owner == host and pid.isdigit() and not pid_alive(int(pid)):
+                path.unlink(missing_ok=True)
+
+
+def built_footprint(directory: str | Path) -> dict[str, int]:
+    """Rows, tokens and bytes of a built directory, from its shard footers alone (nothing is decoded).
+
+    Returns:
+        ``rows``, ``tokens``, ``parquet_bytes`` (on disk) and ``arrow_bytes`` (about what
+        :func:`convert_built_to_arrow` writes: 4 + 4 + 1 bytes per token for the ids, positions
+        and loss mask, the top-k blobs, and offsets).
+    """
+    shards, _ = read_built_metadata(directory)
+    rows = tokens = parquet_bytes = topk_bytes = 0
+    for path in shards:
+        info = pq.ParquetFile(path).metadata
+        parquet_bytes += path.stat().st_size
+        rows += info.num_rows
+        for g in range(info.num_row_groups):
+            group = info.row_group(g)
+            for c in range(group.num_columns):
+                column = group.column(c)
+                name = column.path_in_schema.split(".")[0]
+                if name == "input_ids":
+                    tokens += column.num_values
+                elif name == "topk":
+                    topk_bytes += column.total_uncompressed_size
+    return {"rows": rows, "tokens": tokens, "parquet_bytes": parquet_bytes,
+            "arrow_bytes": 9 * tokens + topk_bytes + 64 * rows}
+
+
+def open_built(directory: str | Path, cache_dir: str | Path) -> tuple[Any, dict[str, Any]]:
+    """The built shards as one memory-mapped :class:`datasets.Dataset`, and their metadata.
+
+    The dataset reads its Arrow copy in ``cache_dir`` (:func:`convert_built_to_arrow`) through the
+    page cache: a process holds no table in memory, the processes of a machine share one copy of
+    the pages, and the dataset pickles as file paths (DataLoader workers map the files again).
+    Columns: :data:`BUILT_COLUMNS`; rows in shard order, as Python values.
+
+    Raises:
+        FileNotFoundError: the Arrow copy of a shard is missing (convert first).
+        SchemaError: another schema/version, or shards built with different settings.
+    """
+    from datasets import Dataset, concatenate_datasets
+
+    directory = Path(directory).resolve()
+    shards, meta = read_built_metadata(directory)
+    files = [Path(cache_dir) / _arrow_name(directory, shard) for shard in shards]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"the Arrow copy of {len(missing)} built shard(s) of {directory} is missing "
+                                f"(first: {missing[0]}): convert them with convert_built_to_arrow first")
+    parts = [Dataset.from_file(str(f)) for f in files]
+    return (parts[0] if len(parts) == 1 else concatenate_datasets(parts)), meta
 
 
 # ---------------------------------------------------------------------------------------

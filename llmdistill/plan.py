@@ -110,10 +110,15 @@ def _build_plan(cfg: Any) -> dict[str, Any]:
     elif cfg.kd:
         plan["top-k bytes per target token"] = (f"unknown until {cfg.input_path}/manifest.json exists: it records "
                                                 "the teacher's k and vocabulary size")
+    from llmdistill.builder.estimate import build_estimate
+
+    plan.update(build_estimate(cfg, info.k if info else None, info.vocab_size if info else None))
     return plan
 
 
 def _train_plan(cfg: Any) -> dict[str, Any]:
+    from llmdistill.formats import built_footprint
+
     plan: dict[str, Any] = {"student": cfg.student_model, "data": cfg.data_dir,
                             "loss": f"alpha={cfg.alpha} ({cfg.alpha_schedule}) x T^2 x {cfg.divergence} + CE",
                             "GPUs": "as launched: `accelerate launch --num_processes N` (see configs/accelerate/)"}
@@ -128,9 +133,32 @@ def _train_plan(cfg: Any) -> dict[str, Any]:
                 f"{total / GIB:.0f} GiB in all; / N GPUs under ZeRO-3 (e.g. {total / GIB / 16:.1f} GiB on 16)")
     if (Path(cfg.data_dir) / MANIFEST).is_file():
         plan["built data (from its manifest)"] = read_manifest(cfg.data_dir).get("counts", {})
+    # The data is memory-mapped from an Arrow copy made once per machine (llmdistill.train.load_built)
+    cache = cfg.data_cache_dir or f"{cfg.data_dir}/.arrow_cache"
+    try:
+        size = built_footprint(cfg.data_dir)
+        plan["built data (from the shards)"] = (f"{size['rows']} packed rows, {size['tokens']:.4g} tokens, "
+                                                f"{size['parquet_bytes'] / GIB:.2f} GiB of Parquet")
+        plan["Arrow cache per machine (disk)"] = f"about {size['arrow_bytes'] / GIB:.2f} GiB in {cache}"
+    except FileNotFoundError:
+        vocab = _vocab_size(cfg.student_model) or 151_936
+        per_token = 9 + topk_bytes_per_token(20, vocab, 12)
+        plan["Arrow cache per machine (disk)"] = (
+            f"not built yet: about {per_token:.0f} B per packed token at top-20 over {vocab:,} ids (9 B of ids, "
+            f"positions and mask + the top-k of a target token), {per_token * 1e9 / GIB:.0f} GiB per 1e9 tokens, "
+            f"in {cache}")
+    plan["host RAM per process for data"] = (
+        "independent of the data size: rows are read from the memory-mapped Arrow files through the page cache "
+        "(one copy per machine, shared by its processes, evicted under memory pressure); each step holds its "
+        f"micro-batches only ({cfg.dataloader_num_workers} DataLoader worker(s) per process decode the top-k)")
     plan["micro-batch"] = f"{cfg.per_device_train_batch_size} packed rows x grad-accum {cfg.gradient_accumulation_steps}"
     plan["epochs / max_steps"] = f"{cfg.num_train_epochs} / {cfg.max_steps}"
     return plan
+
+
+def _vocab_size(model: str) -> int | None:
+    cfg = Path(model) / "config.json"
+    return json.loads(cfg.read_text()).get("vocab_size") if cfg.is_file() else None
 
 
 def _onpolicy_plan(cfg: Any) -> dict[str, Any]:

@@ -235,9 +235,12 @@ def test_bad_input_is_one_clear_line(case, fixtures, tmp_path, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main([case.stage, *args])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2, err
-    assert "\n" not in err and "Traceback" not in err, err
+    captured = capsys.readouterr().err
+    # third-party import chatter (bitsandbytes' kernel notice) may precede it: llmdistill says one line
+    ours = [line for line in captured.splitlines() if line.startswith("llmdistill ")]
+    assert exit_info.value.code == 2, captured
+    assert len(ours) == 1 and "Traceback" not in captured, captured
+    err = ours[0]
     for needle in case.needles:
         assert needle in err, (needle, err)
     assert not (tmp_path / "out").exists(), "a failed stage must leave no output"
