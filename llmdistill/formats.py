@@ -404,7 +404,8 @@ def iter_generation_batches(path: str | Path, columns: list[str], row_groups: li
 
     Only ``columns`` of ``row_groups`` (default: all) are read, page by page, and no two batches
     are ever joined: a list column may hold any number of values in all (more than the 2**31 an
-    Arrow list array can address), as long as one batch holds fewer.
+    Arrow list array can address), as long as one batch holds fewer. A batch may span consecutive
+    row groups.
 
     Raises:
         SchemaError: the file cannot be read (truncated, corrupt), naming it.
@@ -415,10 +416,11 @@ def iter_generation_batches(path: str | Path, columns: list[str], row_groups: li
         groups = list(range(parquet.metadata.num_row_groups)) if row_groups is None else list(row_groups)
         starts = np.concatenate([[0], np.cumsum([parquet.metadata.row_group(i).num_rows
                                                  for i in range(parquet.metadata.num_row_groups)])])
-        for group in groups:
-            first = int(starts[group])
-            for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns,
-                                              use_threads=False):
+        runs = np.split(groups, np.flatnonzero(np.diff(groups) != 1) + 1) if groups else []
+        for run in runs:  # consecutive row groups are read together, so a batch is batch_rows rows
+            first = int(starts[run[0]])
+            for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[int(g) for g in run],
+                                              columns=columns, use_threads=False):
                 yield first, batch
                 first += batch.num_rows
     except (pa.ArrowInvalid, OSError) as err:

@@ -8,7 +8,7 @@ same prompts and sampling settings for both variants:
             nothing written)
 - llmdistill: ``write_stream`` — the code path of ``llmdistill generate``: vLLM's step loop fed a
             window of single-sample requests, top-20 log-prob blocks kept as numpy, detokenization,
-            atomic zstd Parquet shards written in the background every ``flush_every`` completions.
+            atomic zstd Parquet shards written in the background every ``flush_every / 2`` completions.
 
 The engine is warmed up, then the variants alternate ``--repeats`` times (5); the fastest run of each counts
 (other processes on a shared machine add noise to single runs).
@@ -53,7 +53,7 @@ def worker(args: argparse.Namespace) -> dict[str, float | str]:
     cfg = GenerateConfig(model=str(teacher), dataset=str(prompts), id_column="id", passthrough_columns=["answer"],
                          output_dir=str(workdir / "out"), num_samples=args.samples, max_tokens=args.max_tokens,
                          temperature=1.0, top_p=1.0, logprobs_top_k=20, dtype="bfloat16", max_model_len=256,
-                         enforce_eager=True, flush_every=256)
+                         enforce_eager=True, flush_every=1024)  # shards of 512, as batch_size 256 x 2 samples before
     plan = prepare(cfg, "generate")
     engine = OfflineEngine(cfg)
 

@@ -281,7 +281,7 @@ def generated(teacher_dir, prompts_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("generate") / "out"
     argv = cli("generate", "--model", str(teacher_dir), "--dataset", str(prompts_file), "--id_column", "id",
                "--passthrough_columns", "answer", "difficulty", "--output_dir", str(out), "--num_samples",
-               str(N_SAMPLES), "--max_tokens", str(MAX_TOKENS), "--flush_every", "2", *ENGINE_FLAGS)
+               str(N_SAMPLES), "--max_tokens", str(MAX_TOKENS), "--flush_every", "4", *ENGINE_FLAGS)
     proc = subprocess.Popen(argv, env={**os.environ, **ENGINE_ENV}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -317,7 +317,7 @@ def test_generate_resume_after_sigkill(generated):
         assert (out / name).read_bytes() == data
     assert len(list(out.glob("part-*.parquet"))) > len(at_kill)
     assert not list(out.glob(".*tmp*"))
-    # completions are written as they finish, flush_every (2) at a time, not a batch of prompts per shard
+    # completions are written as they finish, flush_every / 2 (2) at a time, not a batch of prompts per shard
     sizes = [len(pq.read_table(p, columns=["prompt_id"])) for p in out.glob("part-*.parquet")]
     assert max(sizes) <= 2 and sum(sizes) == N_PROMPTS * N_SAMPLES
 
@@ -389,6 +389,31 @@ def test_row_blocks_equal_what_vllms_own_code_collects():
     ours._update_sample_logprobs(extra)
     np.testing.assert_array_equal(ours.logprobs.arrays()[0][-1], extra.logprob_token_ids[0])
     assert ours.logprobs.arrays()[0].shape == (4, k + 1)
+
+
+@pytest.mark.unit
+def test_row_blocks_are_copied_out_of_vllms_step_arrays(monkeypatch):
+    """A long sequence keeps its own rows, not views that hold every step's whole batch alive."""
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+    from vllm.v1.outputs import LogprobsLists
+
+    from llmdistill.generate import vllm_patch
+
+    assert vllm_patch.install()
+    monkeypatch.setattr(vllm_patch, "COMPACT_EVERY", 2)
+    k, rng = 3, np.random.default_rng(0)
+    processor = LogprobsProcessor(tokenizer=None, logprobs=vllm_patch.row_logprobs_class()(), prompt_logprobs=None,
+                                  cumulative_logprob=0.0, num_logprobs=k, num_prompt_logprobs=None)
+    batches = [LogprobsLists(rng.integers(0, 100, (4, k + 1)).astype(np.int32),
+                             -rng.random((4, k + 1)).astype(np.float32), np.ones(4, dtype=np.int64), None)
+               for _ in range(5)]
+    for batch in batches:  # this request is row 1 of every step's batch of 4
+        processor._update_sample_logprobs(batch.slice_request(1, 1))
+    blocks = processor.logprobs.blocks
+    assert [b[0].base is None for b in blocks] == [True, True, False]  # 2 + 2 copied, the last still a view
+    ids, lps = processor.logprobs.arrays()
+    np.testing.assert_array_equal(ids, np.stack([b.logprob_token_ids[1] for b in batches]))
+    np.testing.assert_array_equal(lps, np.stack([b.logprobs[1] for b in batches]))
 
 
 @pytest.mark.unit

@@ -18,6 +18,7 @@ from llmdistill.config.build import BuildConfig
 
 RATES = Path(__file__).with_name("rates.json")
 GB = 1e9
+NODE_CPUS = 64  # the recipe's nodes (slurm/build.sbatch): RAM is reported per node of this many workers
 
 
 def load_rates() -> dict[str, Any] | None:
@@ -41,7 +42,7 @@ def input_size(cfg: BuildConfig) -> dict[str, Any] | None:
         counts = manifest.get("counts", {})
         if "rows" in counts and "completion_tokens" in counts:
             return {"traces": counts["rows"], "completion_tokens": counts["completion_tokens"], "disk_bytes": None,
-                    "k": manifest.get("generation", {}).get("k"), "source": f"{path / MANIFEST} counts"}
+                    "k": manifest.get("generation", {}).get("k"), "source": f"counts of its {MANIFEST}"}
     return None
 
 
@@ -73,17 +74,25 @@ def build_estimate(cfg: BuildConfig, k: int | None, vocab_size: int | None) -> d
     seconds = tokens / (rates["tokens_per_s_per_core"] * workers) + rates["ray_start_s"]
     if cfg.verifier == "math":
         seconds += traces * rates["math_verify_s_per_trace"] / workers
+    local = not cfg.ray_address and workers <= (os.cpu_count() or 1)
+    node = workers if local else min(workers, NODE_CPUS)
+    in_bytes = size.get("disk_bytes") or tokens * rates["input_disk_bytes_per_token"]
     return {
         "input (upper bound: all kept)": f"{traces:,} traces, {tokens:.3g} completion tokens ({size['source']})",
         "parts": f"about {math.ceil(tokens / per_part):,} of {per_part:.3g} tokens ({cfg.part_mb} MB on disk)",
         "peak RAM per worker": f"{worker_ram / GB:.2f} GB (a pack window of {window:.3g} tokens)",
         "peak RAM of the driver": f"{driver_ram / GB:.2f} GB ({traces:,} traces' light columns)",
-        "peak RAM of the machine (driver + Ray + workers)":
-            f"{(driver_ram + rates['ray_system_rss_bytes'] + workers * worker_ram) / GB:.1f} GB on one node",
+        ("peak RAM of this machine (driver + Ray + workers)" if local else
+         f"peak RAM of a node of {node} workers (+ the driver on the head node)"):
+            f"{((driver_ram if local else 0) + rates['ray_system_rss_bytes'] + node * worker_ram) / GB:.1f} GB",
         "disk: built shards": f"{out_bytes / GB:,.1f} GB ({out_bytes / tokens:.1f} B per token)",
-        "disk: input read": f"{size['disk_bytes'] / GB:,.1f} GB" if size.get("disk_bytes") else
-            f"about {tokens * rates['input_disk_bytes_per_token'] / GB:,.0f} GB",
-        "wall time": f"{seconds / 3600:,.1f} h on {workers} CPU(s) ({rates['tokens_per_s_per_core']:,.0f} tokens/s "
-                     f"per core{' + math-verify' if cfg.verifier == 'math' else ''})",
+        "disk: input read": f"{in_bytes / GB:,.0f} GB, {in_bytes / seconds / GB:.1f} GB/s at the estimated pace "
+                            "(slower storage sets the pace)",
+        "wall time": f"{_duration(seconds)} on {workers} CPU(s) ({rates['tokens_per_s_per_core']:,.0f} tokens/s "
+                     f"per core{', + math-verify per trace' if cfg.verifier == 'math' else ''})",
         "rates measured": f"{rates['measured']} on {rates['machine']} by scripts/bench_build.py",
     }
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:,.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"

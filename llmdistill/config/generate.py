@@ -228,14 +228,15 @@ class OutputConfig:
                           "log-prob of each completion token."},
     )
     flush_every: int = field(
-        default=256,
-        metadata={"help": "Completions per shard: finished completions are written (in the background, atomically) "
-                          "every flush_every completions or flush_seconds seconds, whichever comes first. A kill "
-                          "loses only what was not yet written."},
+        default=512,
+        metadata={"help": "The most finished completions a kill can lose: completions are written as they finish, "
+                          "a shard of flush_every / 2 at a time (atomically, in the background, while the next half "
+                          "fills). See flush_seconds; whichever comes first."},
     )
     flush_seconds: float = field(
-        default=60.0,
-        metadata={"help": "The longest a finished completion waits before its shard is written (see flush_every)."},
+        default=120.0,
+        metadata={"help": "The longest a finished completion stays unwritten (a shard is written every "
+                          "flush_seconds / 2 at least): what a kill can lose, in time. See flush_every."},
     )
     shard: str = field(
         default="0/1",

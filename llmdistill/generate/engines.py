@@ -186,7 +186,7 @@ class OfflineEngine:
             ``(work, completion)`` for every finished unit, and ``None`` after each engine step
             (so the caller can flush on time while long sequences run).
         """
-        from vllm.inputs import TokensPrompt
+        from vllm.inputs import tokens_input
 
         engine = self.llm.llm_engine
         items, running, window = iter(work), {}, self.max_in_flight
@@ -194,7 +194,8 @@ class OfflineEngine:
             while True:
                 while len(running) < window and (item := next(items, None)) is not None:
                     request_id = f"llmdistill-{next(self._ids)}"
-                    engine.add_request(request_id, TokensPrompt(prompt_token_ids=item.token_ids), self.params_for(item))
+                    # an engine input (already "rendered" token ids): vLLM does not re-render it per request
+                    engine.add_request(request_id, tokens_input(item.token_ids), self.params_for(item))
                     running[request_id] = item
                 if not running:
                     return

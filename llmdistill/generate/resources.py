@@ -13,7 +13,8 @@ from llmdistill.config.generate import GenerateConfig, ScoreConfig
 
 GIB = 1024**3
 STREAM_TEXT_BYTES = 1 << 20  # raw reply text a stream keeps before parsing (responses.PARSE_EVERY_BYTES)
-ARROW_COPIES = 3  # a flush's completions: the buffer, its rows, its Arrow table, while the next buffer fills
+# the half of flush_every being written (arrays, rows, Arrow table) and the half filling: ~2 x flush_every
+FLUSH_COPIES = 2
 VLLM_DEFAULT_MAX_NUM_SEQS = 256  # vLLM's offline default on most GPUs (1024 on H100/H200-class ones)
 
 
@@ -45,7 +46,7 @@ def job_resources(cfg: GenerateConfig | ScoreConfig, completions: int | None) ->
     seqs, how = in_flight(cfg)
     window = seqs * tokens * per_token
     text = seqs * STREAM_TEXT_BYTES if cfg.backend == "server" else 0
-    flush = ARROW_COPIES * cfg.flush_every * tokens * per_token
+    flush = FLUSH_COPIES * cfg.flush_every * tokens * per_token
     plan: dict[str, Any] = {
         "sequences in flight": f"{seqs} ({how})",
         "host RAM per job (upper bound)": f"{(window + text + flush) / GIB:.1f} GiB: in flight {window / GIB:.1f} + "

@@ -110,24 +110,25 @@ class CompletionStream:
         """
         buf = self._rest + data if self._rest else data
         pos = 0
-        while (end := buf.find(b"\n\n", pos)) >= 0:  # JSON holds no raw newline
-            if buf.startswith(b"data: ", pos):
-                self._event(buf, pos + 6, end)
+        while True:  # events are "data: {...}\n\n"; JSON holds no raw newline
+            start = buf.find(TOP_KEY, pos)  # "text" comes before it, and no string holds the key unescaped
+            if start >= 0 and buf.find(b"\n\n", pos, start) < 0:  # an event with tokens: scan its body once
+                close = buf.find(b"]", start + len(TOP_KEY))  # token-id keys and numbers hold no ']'
+                end = buf.find(b"\n\n", close) if close >= 0 else -1
+            else:
+                end = buf.find(b"\n\n", pos)
+                start = -1
+            if end < 0:
+                break
+            if start >= 0:
+                self._tokens(buf, pos, start + len(TOP_KEY), close, end)
+            elif buf.startswith(b"data: ", pos):
+                self._bare(buf[pos + 6:end])
             pos = end + 2
         self._rest = buf[pos:]
 
-    def _event(self, buf: bytes, pos: int, end: int) -> None:
-        """One event's body, ``buf[pos:end]``: only its top_logprobs bytes are kept."""
-        start = buf.find(TOP_KEY, pos, end)  # "text" comes before it, and no string holds the key unescaped
-        if start < 0:  # [DONE], an error event, or a chunk without tokens
-            body = buf[pos:end]
-            if body == b"[DONE]":
-                self.done = True
-            else:
-                self._other(orjson.loads(body))
-            return
-        start += len(TOP_KEY)
-        close = buf.index(b"]", start, end)  # token-id keys and numbers hold no ']'
+    def _tokens(self, buf: bytes, pos: int, start: int, close: int, end: int) -> None:
+        """An event with tokens: only its top_logprobs bytes, ``buf[start:close]``, are kept."""
         if close > start:
             self.segments.append(buf[start:close])
             self.chunks += 1
@@ -136,7 +137,14 @@ class CompletionStream:
                 self._parsed.append(parse_top_logprobs(self.segments, self.k))
                 self.segments, self._pending_bytes = [], 0
         if buf.find(FINISH_NULL, close, end) < 0:
-            self._other(orjson.loads(buf[pos:start] + buf[close:end]))
+            self._other(orjson.loads(buf[pos + 6:start] + buf[close:end]))
+
+    def _bare(self, body: bytes) -> None:
+        """An event without tokens: [DONE], an error, or a chunk with only a finish reason."""
+        if body == b"[DONE]":
+            self.done = True
+        else:
+            self._other(orjson.loads(body))
 
     def _other(self, obj: dict) -> None:
         if "error" in obj or obj.get("object") == "error":

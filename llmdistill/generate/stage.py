@@ -1,7 +1,7 @@
 """``llmdistill generate`` and ``llmdistill score``, top to bottom.
 
-check inputs -> plan this job's part -> (engine) -> stream: a shard every ``flush_every``
-completions or ``flush_seconds`` seconds -> manifest.
+check inputs -> plan this job's part -> (engine) -> stream: a shard every ``flush_every / 2``
+completions or ``flush_seconds / 2`` seconds -> manifest.
 
 All checks of :func:`prepare` run before the engine starts: a bad column, an empty prompt, a
 malformed JSONL line, a missing model or a changed config fails in seconds, not after a model
@@ -193,27 +193,32 @@ def teacher_rows(finished: list[Finished], plan: Plan) -> list[dict]:
 def write_stream(engine: OfflineEngine | ServerPool, plan: Plan, cfg: GenerateConfig | ScoreConfig) -> None:
     """Stream the plan's work through the engine and write what finishes, shard by shard.
 
-    A shard is flushed every ``flush_every`` completions, or once the oldest unwritten one has
-    waited ``flush_seconds``, whichever comes first; a background thread writes it while the
-    engine keeps going (:class:`~llmdistill.generate.store.ShardWriter`).
+    Double-buffered, so that a kill loses at most ``flush_every`` completions and at most
+    ``flush_seconds`` of them: a shard is handed to the background writer
+    (:class:`~llmdistill.generate.store.ShardWriter`) at half of either, while the other half
+    fills. A shard due while the previous one is still being written waits for it, and the
+    engine waits with it (the server pool keeps receiving meanwhile).
     """
     remove_stale_temp_files(plan.directory)
+    every, seconds = max(1, cfg.flush_every // 2), cfg.flush_seconds / 2
     with progress() as bar, ShardWriter(plan.directory, lambda done: teacher_rows(done, plan), plan.info,
                                         plan.passthrough) as writer:
         task = bar.add_task(plan.info.stage, total=plan.units)
         buffer: list[Finished] = []
         oldest = 0.0
-        for finished in engine.stream(plan.work()):
-            if finished is not None:
-                if not buffer:
-                    oldest = time.monotonic()
-                buffer.append(finished)
-                bar.advance(task)
-            if buffer and (len(buffer) >= cfg.flush_every or time.monotonic() - oldest >= cfg.flush_seconds):
+        try:
+            for finished in engine.stream(plan.work()):
+                if finished is not None:
+                    if not buffer:
+                        oldest = time.monotonic()
+                    buffer.append(finished)
+                    bar.advance(task)
+                if buffer and (len(buffer) >= every or time.monotonic() - oldest >= seconds):
+                    writer.submit(buffer)
+                    buffer = []
+        finally:  # the end, or an engine error: what finished is written either way
+            if buffer:
                 writer.submit(buffer)
-                buffer = []
-        if buffer:
-            writer.submit(buffer)
 
 
 def _run(cfg: GenerateConfig | ScoreConfig, stage: str) -> dict[str, Any]:

