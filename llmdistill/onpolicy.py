@@ -17,6 +17,12 @@ the teacher's judgement of every token. Each optimizer step reads like a trainin
 5. :meth:`VllmRollout.sync` — every ``sync_every`` steps the rollout engine reloads the student's
    weights in place (vLLM's ``reload_weights``), so the next rollouts come from the new policy.
 
+With ``on_policy_fraction`` (GKD's lambda) below 1, a seeded choice per step index sends some
+steps to :class:`OfflineBatches` instead: a batch of built shards (the teacher's own traces with
+its top-k, read as ``train`` reads them) and the same divergence, with no rollout and no scoring.
+The teacher runs in this process (:class:`TransformersTeacher`) or on a pool of ``vllm serve``
+servers (:class:`ServerTeacher`, the ``score`` stage's client).
+
 Checkpoints hold the student, the optimizer, the scheduler, the RNG states and the position in
 the prompt stream, so a resumed run continues with the prompts it would have seen. The manifest
 records the compute: optimizer steps, trained tokens, rollout tokens, teacher tokens scored and
@@ -38,8 +44,17 @@ import numpy as np
 import torch
 
 from llmdistill.checking.checkers import Reference, check_many
+from llmdistill.collate import DistillCollator
 from llmdistill.config.base import ConfigError, check_model_path
 from llmdistill.config.onpolicy import RESUME_LATEST, OnPolicyConfig
+from llmdistill.formats import (
+    SchemaError,
+    built_cache_dir,
+    convert_built_to_arrow,
+    open_built,
+    read_built_metadata,
+    tokenizer_fingerprint,
+)
 from llmdistill.log import get_logger
 from llmdistill.losses import chunked_distill_loss
 from llmdistill.manifest import MANIFEST, write_json_atomic, write_manifest
@@ -49,10 +64,26 @@ logger = get_logger(__name__)
 
 PHASES = ("rollout", "scoring", "training", "sync")
 STATE = "state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+OFFLINE_STREAM = 1  # keeps the seeds of the offline step choice and row order apart from the prompt order's
 
 
 # ---------------------------------------------------------------------------------------
 # Prompts
+
+
+def seeded_batch(n: int, key: list[int], index: int, size: int) -> list[int]:
+    """Items ``index * size ...`` of a seeded order of ``range(n)``, reshuffled every epoch (each item once per epoch).
+
+    Position ``p`` is always the same item for the same ``key``: a resumed run finds its batch again.
+    """
+    orders: dict[int, np.ndarray] = {}
+    out = []
+    for position in range(index * size, (index + 1) * size):
+        epoch, offset = divmod(position, n)
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([*key, epoch]).permutation(n)
+        out.append(int(orders[epoch][offset]))
+    return out
 
 
 @dataclass
@@ -68,13 +99,7 @@ class PromptStream:
 
     def batch(self, step: int, size: int) -> list[int]:
         """Indices into :attr:`records` of the prompts of optimizer step ``step``."""
-        n = len(self.records)
-        out = []
-        for position in range(step * size, (step + 1) * size):
-            epoch, offset = divmod(position, n)
-            order = np.random.default_rng([self.seed, epoch]).permutation(n)
-            out.append(int(order[offset]))
-        return out
+        return seeded_batch(len(self.records), [self.seed], step, size)
 
 
 def load_prompts(cfg: OnPolicyConfig) -> list[dict[str, Any]]:
@@ -186,6 +211,7 @@ class TransformersRollout:
             ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
         self.model.eval()
+        ids, mask = ids.to(self.model.device), mask.to(self.model.device)
         out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=cfg.rollout_temperature > 0,
                                   temperature=cfg.rollout_temperature or None, top_p=cfg.rollout_top_p,
                                   max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.samples_per_prompt,
@@ -244,6 +270,12 @@ def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> dict[s
             "seq_of_target": torch.tensor(owners, dtype=torch.long)}
 
 
+def on_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The batch's tensors on the model's device (a no-op on a CPU host)."""
+    device = next(model.parameters()).device
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 def predicting_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.nn.Module]:
     """The final hidden states that predict each target (N, H), and the LM head."""
     hidden = model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
@@ -269,21 +301,98 @@ def topk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, target_ids: torch
 class TransformersTeacher:
     """A teacher in this process: one prefill forward over the packed samples per step."""
 
-    def __init__(self, path: str, dtype: str):
+    def __init__(self, path: str, dtype: str, device: torch.device | str = "cpu"):
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
     def score(self, batch: dict[str, torch.Tensor], k: int, chunk_size: int) -> dict[str, torch.Tensor]:
+        batch = on_device(batch, self.model)
         with torch.no_grad():
             hidden, head = predicting_hidden(self.model, batch)
             ids, lps, own = topk_logprobs(hidden, head, batch["target_ids"], k, chunk_size)
         return {"teacher_ids": ids, "teacher_logprobs": lps, "teacher_token_logprobs": own}
 
 
-def score(teachers: dict[str, TransformersTeacher], rollouts: Rollouts, cfg: OnPolicyConfig) -> dict[str, torch.Tensor]:
+def unpack(batch: dict[str, torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`pack`'s samples again, as int32 (prompt ids, completion ids), for each sample with a completion token."""
+    ids = batch["input_ids"][0].numpy().astype(np.int32)
+    starts = np.flatnonzero(batch["position_ids"][0].numpy() == 0)
+    ends = np.append(starts[1:], len(ids))
+    owners, targets = batch["seq_of_target"].numpy(), batch["target_index"].numpy()
+    samples = np.unique(owners)
+    firsts = targets[np.searchsorted(owners, samples)]  # each sample's first completion position
+    return [(ids[starts[i]:first], ids[first:ends[i]]) for i, first in zip(samples, firsts, strict=True)]
+
+
+class ServerTeacher:
+    """A teacher on a pool of ``vllm serve`` servers: the ``score`` stage's client.
+
+    Each sample is one ``prompt_logprobs`` request over its prompt + completion token ids
+    (:class:`~llmdistill.generate.pool.ServerPool`, least-loaded routing, retries, health checks);
+    the reply is parsed straight to arrays (:func:`~llmdistill.generate.responses.parse_scored`):
+    the top-k and the sampled token's log-prob at every completion position.
+
+    Args:
+        model: the model name the servers serve.
+        urls: the servers' base URLs.
+        cfg: top-k, the servers' max_logprobs, timeout.
+    """
+
+    def __init__(self, model: str, urls: list[str], cfg: OnPolicyConfig):
+        from llmdistill.config.generate import ScoreConfig
+        from llmdistill.generate.pool import ServerPool
+
+        self.config = ScoreConfig(model=model, dataset=cfg.dataset or "prompts", backend="server", server_urls=urls,
+                                  logprobs_top_k=cfg.logprobs_top_k, max_logprobs=cfg.teacher_max_logprobs,
+                                  progress_timeout=cfg.teacher_timeout,
+                                  health_interval=max(0.1, min(10.0, cfg.teacher_timeout / 4)))
+        self.pool = ServerPool(self.config, scoring=True)
+
+    def probe(self) -> None:
+        """Wait up to ``teacher_timeout`` for a server to answer; fail in one line naming the URLs otherwise."""
+        from llmdistill.generate.pool import ServerError
+
+        try:
+            self.pool.probe()
+        except ServerError as err:
+            raise ServerError(f"teacher '{self.config.model}': {str(err).replace('progress_timeout', 'teacher_timeout')}"
+                              "; start the teacher servers or fix teacher_urls") from None
+
+    def score(self, batch: dict[str, torch.Tensor], k: int, chunk_size: int) -> dict[str, torch.Tensor]:
+        """The same grades as :meth:`TransformersTeacher.score`, from the servers (``chunk_size`` is unused)."""
+        from llmdistill.generate.engines import Work
+        from llmdistill.generate.inputs import Request
+
+        if k != self.pool.k:
+            raise ValueError(f"the teacher servers were asked for top-{self.pool.k}, not top-{k}")
+        samples = unpack(batch)
+        work = [Work(Request(str(i), "", "", prompt, completion_token_ids=completion), 0)
+                for i, (prompt, completion) in enumerate(samples)]
+        graded: dict[int, Any] = {}
+        for finished in self.pool.stream(work):
+            if finished is not None:
+                graded[int(finished[0].request.prompt_id)] = finished[1]
+        parts = [graded[i] for i in range(len(samples))]
+        return {"teacher_ids": torch.from_numpy(np.concatenate([c.topk_ids for c in parts]).astype(np.int64)),
+                "teacher_logprobs": torch.from_numpy(np.concatenate([c.topk_logprobs for c in parts])),
+                "teacher_token_logprobs": torch.from_numpy(np.concatenate([c.token_logprobs for c in parts]))}
+
+
+Teacher = TransformersTeacher | ServerTeacher
+
+
+def load_teachers(cfg: OnPolicyConfig, device: torch.device | str = "cpu") -> dict[str, Teacher]:
+    """Every teacher by name: loaded in this process (on ``device``), or a client of its servers."""
+    if cfg.teacher_backend == "server":
+        pools = cfg.teacher_url_pools
+        return {name: ServerTeacher(model, pools[name], cfg) for name, model in cfg.teachers.items()}
+    return {name: TransformersTeacher(path, cfg.teacher_dtype, device) for name, path in cfg.teachers.items()}
+
+
+def score(teachers: dict[str, Teacher], rollouts: Rollouts, cfg: OnPolicyConfig) -> dict[str, torch.Tensor]:
     """Step 2: each sample's teacher grades every one of its tokens; returns the packed batch with the grades."""
     batch = pack(rollouts.prompt_ids, rollouts.completion_ids)
     n = len(batch["target_ids"])
@@ -297,8 +406,69 @@ def score(teachers: dict[str, TransformersTeacher], rollouts: Rollouts, cfg: OnP
         graded = teacher.score(sub, cfg.logprobs_top_k, cfg.loss_chunk_size)
         rows = torch.isin(batch["seq_of_target"], torch.tensor(mine))  # targets of these samples, in order
         for key, value in graded.items():
-            out[key][rows] = value.to(out[key].dtype)
+            out[key][rows] = value.to("cpu", out[key].dtype)
     return {**batch, **out}
+
+
+# ---------------------------------------------------------------------------------------
+# Offline batches (GKD's lambda < 1)
+
+
+def offline_steps(seed: int, on_policy_fraction: float, num_steps: int) -> np.ndarray:
+    """(num_steps,) bool: which optimizer steps train on offline built data instead of the student's samples.
+
+    Step ``s`` is offline when the ``s``-th draw of a generator seeded by ``seed`` is at least
+    ``on_policy_fraction``: about a (1 - lambda) fraction of the steps, each decided by its index alone
+    (the draws are a prefix of one stream whatever ``num_steps``), so a resumed run makes the same choices.
+    """
+    return np.random.default_rng([seed, OFFLINE_STREAM]).random(num_steps) >= on_policy_fraction
+
+
+def check_offline_data(directory: str, meta: dict[str, Any], tokenizer: Any = None) -> None:
+    """Refuse built shards an offline step cannot use: no teacher top-k, or another tokenizer than the student's."""
+    if not meta.get("kd"):
+        raise ConfigError(f"offline_data_dir {directory} was built without teacher top-k (kd: false): offline steps "
+                          "distil the top-k; rebuild it with kd: true")
+    if tokenizer is not None and tokenizer_fingerprint(tokenizer) != meta.get("tokenizer_fingerprint"):
+        raise ConfigError(f"offline_data_dir {directory} was built with another tokenizer (fingerprint "
+                          f"{meta.get('tokenizer_fingerprint')}) than the student's ({tokenizer_fingerprint(tokenizer)}): "
+                          "rebuild it with the student's tokenizer")
+
+
+class OfflineBatches:
+    """The batches of the offline steps: built shards read as ``train`` reads them.
+
+    The shards are memory-mapped through their Arrow copy (:func:`~llmdistill.formats.open_built`,
+    converted once) and collated by :class:`~llmdistill.collate.DistillCollator` (padding-free, the
+    teacher's top-k decoded). The ``i``-th offline step of the run takes batch ``i`` of a seeded row
+    order, ``i`` counted from the step index, so a resumed run continues with the rows it would have seen.
+    """
+
+    def __init__(self, cfg: OnPolicyConfig, tokenizer: Any):
+        directory = cfg.offline_data_dir
+        cache = built_cache_dir(directory)
+        convert_built_to_arrow(directory, cache)
+        self.rows, meta = open_built(directory, cache)
+        check_offline_data(directory, meta, tokenizer)
+        self.collator = DistillCollator(k=int(meta["k"]), vocab_size=int(meta["vocab_size"]),
+                                        codec_bits=int(meta.get("codec_bits") or 0), with_topk=True)
+        self.offline = offline_steps(cfg.seed, cfg.on_policy_fraction, cfg.max_steps)
+        self.index = np.concatenate([[0], np.cumsum(self.offline)])  # offline steps before each step
+        self.seed, self.size = cfg.seed, cfg.offline_rows_per_step
+
+    def takes(self, step: int) -> bool:
+        """Whether optimizer step ``step`` is an offline one."""
+        return bool(self.offline[step])
+
+    def row_indices(self, step: int) -> list[int]:
+        """Rows of the built data in the batch of offline step ``step``."""
+        return seeded_batch(len(self.rows), [self.seed, OFFLINE_STREAM], int(self.index[step]), self.size)
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """The collated rows of step ``step``, with ``target_ids`` (N,): what :func:`onpolicy_loss` reads."""
+        batch = self.collator([self.rows[i] for i in self.row_indices(step)])
+        batch["target_ids"] = batch["input_ids"][0, batch["target_index"]]
+        return batch
 
 
 # ---------------------------------------------------------------------------------------
@@ -325,14 +495,17 @@ def onpolicy_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: O
 
     Args:
         model: the student (training mode).
-        batch: :func:`score`'s output: packed samples with the teacher's top-k per target.
+        batch: :func:`score`'s output: packed samples with the teacher's top-k per target; or an
+            offline batch (:meth:`OfflineBatches.batch`: no ``teacher_token_logprobs``, a top-k objective).
         cfg: objective, JSD beta, reward weight, chunk size.
         rewards: (num_samples,) answer-checker verdicts (1 correct, 0 not) for the reward term.
 
     Returns:
-        The loss (mean over target tokens) and ``reverse_kl`` (the sampled-token estimate
-        ``log p_student(x) - log p_teacher(x)`` averaged over tokens), ``loss``.
+        The loss (mean over target tokens) and ``loss``, ``reverse_kl`` (the sampled-token estimate
+        ``log p_student(x) - log p_teacher(x)`` averaged over tokens; not for an offline batch).
     """
+    batch = on_device(batch, model)
+    rewards = rewards.to(batch["target_ids"].device) if rewards is not None else None
     hidden, head = predicting_hidden(model, batch)
     n = len(batch["target_ids"])
     needs_token_lp = cfg.objective == "sampled_reverse_kl" or cfg.reward_weight > 0
@@ -350,11 +523,13 @@ def onpolicy_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: O
         assert student_lp is not None
         centred = (rewards - rewards.mean())[batch["seq_of_target"]]
         loss = loss - cfg.reward_weight * (centred * student_lp).sum() / n
-    with torch.no_grad():
-        lp = student_lp if student_lp is not None else token_logprobs(hidden.detach(), head, batch["target_ids"],
-                                                                      cfg.loss_chunk_size)
-        kl = float((lp - batch["teacher_token_logprobs"]).mean())
-    return loss, {"loss": float(loss.detach()), "reverse_kl": kl}
+    stats = {"loss": float(loss.detach())}
+    if "teacher_token_logprobs" in batch:
+        with torch.no_grad():
+            lp = student_lp if student_lp is not None else token_logprobs(hidden.detach(), head, batch["target_ids"],
+                                                                          cfg.loss_chunk_size)
+            stats["reverse_kl"] = float((lp - batch["teacher_token_logprobs"]).mean())
+    return loss, stats
 
 
 # ---------------------------------------------------------------------------------------
@@ -377,7 +552,9 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, tokeniz
     tokenizer.save_pretrained(str(tmp))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-                "python_rng": random.getstate()}, tmp / "training_state.pt")
+                "python_rng": random.getstate(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               tmp / "training_state.pt")
     write_json_atomic(tmp / STATE, {**state, "step": step})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -407,6 +584,8 @@ def restore(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dic
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
+    if saved.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
     np.random.set_state(saved["numpy_rng"])
     random.setstate(saved["python_rng"])
     return json.loads((path / STATE).read_text())
@@ -421,6 +600,7 @@ class Counters:
     """The compute a run spent (recorded in the manifest, and read by the demo's report)."""
 
     optimizer_steps: int = 0
+    offline_steps: int = 0  # of the optimizer steps, those on an offline batch (GKD's lambda < 1)
     trained_tokens: int = 0
     rollout_tokens: int = 0
     teacher_tokens_scored: int = 0
@@ -439,10 +619,17 @@ def load_student(path: str) -> tuple[torch.nn.Module, Any]:
 
 
 def check_inputs(cfg: OnPolicyConfig) -> None:
-    """Everything that can fail before a model loads: paths, prompt columns, the output directory."""
+    """Everything that can fail before a model loads: paths, the offline data, the output directory."""
     check_model_path("student_model", cfg.student_model)
-    for name, path in cfg.teachers.items():
-        check_model_path(f"teacher '{name}'", path)
+    if cfg.on_policy_fraction > 0 and cfg.teacher_backend == "transformers":
+        for name, path in cfg.teachers.items():
+            check_model_path(f"teacher '{name}'", path)
+    if cfg.on_policy_fraction < 1:
+        try:
+            _, meta = read_built_metadata(cfg.offline_data_dir)
+        except (FileNotFoundError, SchemaError) as err:
+            raise ConfigError(f"offline_data_dir: {err}") from None
+        check_offline_data(cfg.offline_data_dir, meta)
     out = Path(cfg.output_dir)
     if (out / MANIFEST).is_file() and not cfg.overwrite and not cfg.resume_from_checkpoint:
         raise ConfigError(f"output_dir {out} holds a finished run: set overwrite: true or another output_dir")
@@ -452,7 +639,12 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     """Run on-policy distillation (see the module docstring); returns the manifest."""
     started = time.time()
     check_inputs(cfg)
-    records = load_prompts(cfg)
+    on_policy = cfg.on_policy_fraction > 0  # else pure offline KD: no prompt, no rollout, no teacher
+    records = load_prompts(cfg) if on_policy else []
+    # teacher servers answer before any model loads: an unreachable one fails here, in one line
+    teachers = load_teachers(cfg) if on_policy and cfg.teacher_backend == "server" else {}
+    for teacher in teachers.values():
+        teacher.probe()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -462,7 +654,8 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     # Student, optimizer, schedule; resume
     resume = resume_point(cfg)
     model, tokenizer = load_student(str(resume) if resume else cfg.student_model)
-    model.train()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # one device: the loop is one process
+    model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))
                                                   * max(0.0, 1 - s / cfg.max_steps))
@@ -473,20 +666,24 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
         counters = Counters(**{k: v for k, v in state["counters"].items()})
         logger.info("resuming from %s at step %d", resume, first)
 
-    # Teachers, rollout engine, prompts
-    teachers = {name: TransformersTeacher(path, cfg.teacher_dtype) for name, path in cfg.teachers.items()}
+    # Teachers, rollout engine, prompts, offline batches
+    if on_policy and cfg.teacher_backend == "transformers":
+        teachers = load_teachers(cfg, device)
     fmt = PromptFormat.from_settings(cfg.system_prompt, cfg.instruction_template, cfg.use_chat_template)
     stream = PromptStream(records, cfg.seed)
-    if cfg.rollout_backend == "vllm":
-        engine: VllmRollout | TransformersRollout = VllmRollout(str(resume) if resume else cfg.student_model, cfg)
-    else:
+    offline = OfflineBatches(cfg, tokenizer) if cfg.on_policy_fraction < 1 else None
+    engine: VllmRollout | TransformersRollout | None = None
+    if on_policy and cfg.rollout_backend == "vllm":
+        engine = VllmRollout(str(resume) if resume else cfg.student_model, cfg)
+    elif on_policy:
         engine = TransformersRollout(model, tokenizer)
 
-    # Train: sample -> score -> loss -> step -> sync
+    # Train: sample -> score -> loss -> step -> sync (or, on an offline step: built batch -> loss -> step)
     window = []
     try:
         for step in range(first, cfg.max_steps):
-            stats = train_step(step, model, optimizer, scheduler, engine, teachers, stream, fmt, tokenizer, cfg, counters)
+            stats = train_step(step, model, optimizer, scheduler, engine, teachers, stream, fmt, tokenizer, cfg,
+                               counters, offline)
             window.append(stats)
             if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps:
                 history.append(log_window(step + 1, window, counters))
@@ -495,30 +692,38 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
                 save_checkpoint(out, step + 1, model, tokenizer, optimizer, scheduler,
                                 {"history": history, "counters": counters.__dict__})
     finally:
-        engine.close()
+        if engine is not None:
+            engine.close()
 
     # Save the student and the run's record
     return save_final(out, model, tokenizer, cfg, counters, history, started)
 
 
 def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               engine: VllmRollout | TransformersRollout, teachers: dict[str, TransformersTeacher],
+               engine: VllmRollout | TransformersRollout | None, teachers: dict[str, Teacher],
                stream: PromptStream, fmt: PromptFormat, tokenizer: Any, cfg: OnPolicyConfig,
-               counters: Counters) -> dict[str, float]:
-    """One optimizer step on the student's own samples."""
-    t = time.perf_counter()
-    rollouts = rollout(engine, stream, step, fmt, tokenizer, cfg)
-    counters.timed("rollout", t)
-    counters.rollout_tokens += rollouts.num_tokens
+               counters: Counters, offline: OfflineBatches | None = None) -> dict[str, float]:
+    """One optimizer step on the student's own samples, or on an offline batch when ``offline`` takes the step."""
+    rollouts, rewards = None, None
+    if offline is not None and offline.takes(step):
+        t = time.perf_counter()
+        batch = offline.batch(step)
+        loss, stats = onpolicy_loss(model, batch, cfg)
+        counters.offline_steps += 1
+    else:
+        t = time.perf_counter()
+        rollouts = rollout(engine, stream, step, fmt, tokenizer, cfg)
+        counters.timed("rollout", t)
+        counters.rollout_tokens += rollouts.num_tokens
 
-    t = time.perf_counter()
-    batch = score(teachers, rollouts, cfg)
-    counters.timed("scoring", t)
-    counters.teacher_tokens_scored += int(batch["input_ids"].shape[1])
+        t = time.perf_counter()
+        batch = score(teachers, rollouts, cfg)
+        counters.timed("scoring", t)
+        counters.teacher_tokens_scored += int(batch["input_ids"].shape[1])
 
-    t = time.perf_counter()
-    rewards = answer_rewards(rollouts, tokenizer, cfg) if cfg.reward_weight > 0 or cfg.answer_column else None
-    loss, stats = onpolicy_loss(model, batch, cfg, rewards if cfg.reward_weight > 0 else None)
+        t = time.perf_counter()
+        rewards = answer_rewards(rollouts, tokenizer, cfg) if cfg.reward_weight > 0 or cfg.answer_column else None
+        loss, stats = onpolicy_loss(model, batch, cfg, rewards if cfg.reward_weight > 0 else None)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.max_grad_norm > 0:
@@ -529,13 +734,16 @@ def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     counters.optimizer_steps += 1
     counters.trained_tokens += len(batch["target_ids"])
 
-    if (step + 1) % cfg.sync_every == 0:
+    if engine is not None and (step + 1) % cfg.sync_every == 0:
         t = time.perf_counter()
         engine.sync(model)
         counters.timed("sync", t)
+    if offline is not None:
+        stats["offline"] = float(rollouts is None)
     if rewards is not None:
         stats["reward"] = float(rewards.mean())
-    stats["completion_tokens"] = rollouts.num_tokens / len(rollouts.completion_ids)
+    if rollouts is not None:
+        stats["completion_tokens"] = rollouts.num_tokens / len(rollouts.completion_ids)
     return stats
 
 
@@ -549,7 +757,9 @@ def answer_rewards(rollouts: Rollouts, tokenizer: Any, cfg: OnPolicyConfig) -> t
 
 
 def log_window(step: int, window: list[dict[str, float]], counters: Counters) -> dict[str, Any]:
-    entry = {"step": step, **{k: float(np.mean([w[k] for w in window])) for k in window[0]},
+    """The mean of each statistic over the window's steps that have it (offline steps have no rollout stats)."""
+    keys = dict.fromkeys(k for w in window for k in w)
+    entry = {"step": step, **{k: float(np.mean([w[k] for w in window if k in w])) for k in keys},
              "seconds": {k: round(v, 3) for k, v in counters.seconds.items()}}
     logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if isinstance(v, float)))
     return entry
@@ -567,9 +777,14 @@ def save_final(out: Path, model: torch.nn.Module, tokenizer: Any, cfg: OnPolicyC
         os.replace(path, out / path.name)
     tmp.rmdir()
     write_json_atomic(out / "log_history.json", history)
-    inputs = {"student": cfg.student_model, "dataset": cfg.dataset, **{f"teacher_{k}": v for k, v in cfg.teachers.items()}}
+    inputs = {"student": cfg.student_model}
+    if cfg.on_policy_fraction > 0:
+        inputs.update({"dataset": cfg.dataset, **{f"teacher_{k}": v for k, v in cfg.teachers.items()}})
+    if cfg.on_policy_fraction < 1:
+        inputs["offline_data"] = cfg.offline_data_dir
     return write_manifest(out, "onpolicy", cfg, inputs=inputs, started=started,
-                          counts={"optimizer_steps": counters.optimizer_steps, "trained_tokens": counters.trained_tokens,
+                          counts={"optimizer_steps": counters.optimizer_steps, "offline_steps": counters.offline_steps,
+                                  "trained_tokens": counters.trained_tokens,
                                   "rollout_tokens": counters.rollout_tokens,
                                   "teacher_tokens_scored": counters.teacher_tokens_scored},
                           compute={"seconds": {k: round(v, 3) for k, v in counters.seconds.items()}})

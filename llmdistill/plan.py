@@ -162,15 +162,56 @@ def _vocab_size(model: str) -> int | None:
 
 
 def _onpolicy_plan(cfg: Any) -> dict[str, Any]:
+    from llmdistill.onpolicy import offline_steps
+
+    offline = int(offline_steps(cfg.seed, cfg.on_policy_fraction, cfg.max_steps).sum())
+    steps = cfg.max_steps - offline
+    plan: dict[str, Any] = {"student": cfg.student_model, "objective": cfg.objective,
+                            "optimizer steps": f"{cfg.max_steps}: {steps} on-policy, {offline} on offline batches "
+                                               f"(on_policy_fraction {cfg.on_policy_fraction})"}
+    if offline:
+        plan["offline batches"] = f"{cfg.offline_rows_per_step} packed built rows of {cfg.offline_data_dir} per step"
+    if steps:
+        plan.update(_onpolicy_steps(cfg, steps))
+    params = params_from_name(cfg.student_model)
+    if params:
+        plan["student parameters"] = f"{params / 1e9:.2f} B"
+        plan["student weights + grads + AdamW (fp32)"] = (
+            f"{params * 16 / GIB:.0f} GiB, in the one training process (the loop has no LoRA or sharding)")
+    return plan
+
+
+def _onpolicy_steps(cfg: Any, steps: int) -> dict[str, Any]:
+    """Per on-policy step: the rollouts, the tokens the teacher scores, and the GPUs of each phase."""
     samples = cfg.prompts_per_step * cfg.samples_per_prompt
-    return {
-        "student": cfg.student_model, "teachers": cfg.teachers, "objective": cfg.objective,
-        "rollouts": f"{cfg.rollout_backend}: {samples} samples x <= {cfg.max_new_tokens} tokens per step, "
-                    f"weights synced every {cfg.sync_every} step(s)",
-        "rollout tokens (upper bound)": samples * cfg.max_new_tokens * cfg.max_steps,
-        "teacher scoring": f"{cfg.teacher_backend}, top-{cfg.logprobs_top_k} per completion token",
-        "optimizer steps": cfg.max_steps,
+    rollout = samples * cfg.max_new_tokens
+    engine = (f"in-process vLLM engine colocated with the trainer (gpu_memory_utilization {cfg.gpu_memory_utilization}), "
+              f"weights synced every {cfg.sync_every} step(s)" if cfg.rollout_backend == "vllm"
+              else "model.generate on the training weights")
+    plan: dict[str, Any] = {
+        "teachers": cfg.teachers,
+        "rollouts per step": f"{cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples = {samples}, "
+                             f"<= {cfg.max_new_tokens} new tokens each: {engine}",
+        "rollout tokens per step (upper bound)": rollout,
+        "rollout tokens, whole run (upper bound)": f"{rollout * steps:.3g}",
     }
+    read = f"{samples * cfg.max_model_len}" if cfg.max_model_len else f"{rollout} + the {samples} prompts"
+    plan["teacher tokens scored per step (upper bound: prompt + completion)"] = read
+    plan["teacher scoring"] = (f"{cfg.teacher_backend}: one prefill per sample, top-{cfg.logprobs_top_k} and the "
+                               "sampled token's log-prob at every completion position")
+    plan["GPUs: rollout + training"] = "1: one process holds the student, its optimizer and the rollout engine"
+    if cfg.teacher_backend == "server":
+        servers = len(cfg.teacher_urls)
+        if cfg.teacher_server_gpus:
+            gpus = servers * cfg.teacher_server_gpus
+            plan["GPUs: teacher scoring"] = f"{servers} vLLM server(s) x {cfg.teacher_server_gpus} = {gpus}"
+            plan["GPUs in all"] = 1 + gpus
+        else:
+            plan["GPUs: teacher scoring"] = f"held by {servers} vLLM server(s) (set teacher_server_gpus to count them)"
+    else:
+        plan["GPUs: teacher scoring"] = "0 more: the teacher runs in the student's process"
+        plan["GPUs in all"] = 1
+    return plan
 
 
 def _demo_plan(cfg: Any) -> dict[str, Any]:

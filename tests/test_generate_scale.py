@@ -336,6 +336,26 @@ def test_recipe_allocations_match_the_configs():
     train = _sbatch("train.sbatch")
     assert f"GPUS_PER_NODE={train['gpus-per-node']}" in (RECIPE / "slurm" / "train.sbatch").read_text()
 
+    # onpolicy: one job holds the student's GPU and its teacher servers' GPUs, as onpolicy.yaml records them
+    onpolicy = yaml.safe_load((RECIPE / "onpolicy.yaml").read_text())
+    job, text = _sbatch("onpolicy.sbatch"), (RECIPE / "slurm" / "onpolicy.sbatch").read_text()
+    tp, pp = _flag(text, "tensor-parallel-size", 1), _flag(text, "pipeline-parallel-size", 1)
+    servers = text.count("vllm.entrypoints.openai.api_server")
+    assert servers == len(onpolicy["teacher_urls"]) and onpolicy["teacher_backend"] == "server"
+    assert onpolicy["teacher_server_gpus"] == tp * pp
+    gpus = int(job["nodes"]) * int(job["gpus-per-node"])
+    assert gpus == 1 + servers * tp * pp  # the student's process uses one device
+    visible = [set(d.split(",")) for d in re.findall(r"CUDA_VISIBLE_DEVICES=([\d,]+)", text)]
+    assert sorted(map(len, visible)) == sorted([1] + [tp * pp] * servers)
+    assert len(set().union(*visible)) == gpus  # disjoint: no process shares another's GPU
+    # the servers serve what the client asks for: the model name, top-k, context
+    assert f"TEACHER={onpolicy['teacher_model']}" in text and '--served-model-name "$TEACHER"' in text
+    assert _flag(text, "max-logprobs", 20) == onpolicy["teacher_max_logprobs"] >= onpolicy["logprobs_top_k"]
+    assert _flag(text, "max-model-len", 0) >= onpolicy["max_model_len"]
+    port = re.search(r"PORT=\$\{PORT:-(\d+)\}", text)[1]
+    assert onpolicy["teacher_urls"] == [f"http://127.0.0.1:{port}"]
+    assert '--teacher_urls "http://127.0.0.1:$PORT"' in text
+
 
 # ---------------------------------------------------------------------------------------
 # integration: two real vLLM servers behind the pool

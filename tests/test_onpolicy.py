@@ -1,5 +1,6 @@
 """``llmdistill onpolicy``: the loss against a dense reference, the teacher's grades against a plain
-forward, the rollout engine against the trainer after a weight sync, and an exact resume."""
+forward (and a pool of servers against what they were given), the rollout engine against the trainer
+after a weight sync, an exact resume, and GKD's mix of offline built batches."""
 
 from __future__ import annotations
 
@@ -11,13 +12,19 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import llmdistill.onpolicy as op
+from llmdistill.collate import DistillCollator
 from llmdistill.config.base import ConfigError
 from llmdistill.config.onpolicy import OnPolicyConfig
-from llmdistill.onpolicy import PromptStream, load_student, onpolicy_loss, pack, score
+from llmdistill.formats import read_built
+from llmdistill.losses import TEACHER_PROB_FLOOR
+from llmdistill.onpolicy import PromptStream, load_student, offline_steps, onpolicy_loss, pack, score
+from llmdistill.tinyworld.kd_data import write_tiny_built
 from llmdistill.tinyworld.task import generate_problems, to_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("op") / "prompts.jsonl", to_records(generate_problems(40, seed=7)))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_tokenizer, tiny_random_teacher_dir) -> Path:
+    """Built shards (``llmdistill build``) of 48 tiny-world traces with the random teacher's top-8."""
+    return write_tiny_built(tmp_path_factory.mktemp("op_built"), tiny_tokenizer, generate_problems(48, seed=3),
+                            tiny_random_teacher_dir, k=8, max_length=128)
 
 
 def config(prompts: Path, student: Path, teacher: Path, out: Path, **overrides) -> OnPolicyConfig:
@@ -66,7 +80,40 @@ def test_config_needs_its_inputs_and_names_multi_teacher_routing():
         OnPolicyConfig(**{**base, "teacher_model": "math=a,code=b"})
     with pytest.raises(ConfigError, match="offline_data_dir"):
         OnPolicyConfig(**base, on_policy_fraction=0.5)
+    with pytest.raises(ConfigError, match="objective must be one of"):
+        OnPolicyConfig(**base, on_policy_fraction=0.5, offline_data_dir="b", objective="sampled_reverse_kl")
+    # pure offline KD needs neither prompts nor a teacher
+    assert OnPolicyConfig(student_model="s", on_policy_fraction=0.0, offline_data_dir="b").max_steps == 100
 
+
+@pytest.mark.unit
+def test_config_of_teacher_servers():
+    base = dict(dataset="p.jsonl", student_model="s", teacher_model="t", teacher_backend="server")
+    with pytest.raises(ConfigError, match="needs teacher_urls"):
+        OnPolicyConfig(**base)
+    assert OnPolicyConfig(**base, teacher_urls=["http://a:1", "http://b:1/?x=1"]).teacher_url_pools == \
+        {"default": ["http://a:1", "http://b:1/?x=1"]}
+    two = {**base, "teacher_model": "math=M,code=C", "teacher_column": "domain"}
+    assert OnPolicyConfig(**two, teacher_urls=["math=http://a:1", "code=http://b:1", "math=http://c:1"]
+                          ).teacher_url_pools == {"math": ["http://a:1", "http://c:1"], "code": ["http://b:1"]}
+    with pytest.raises(ConfigError, match=r"no URL in teacher_urls for teacher\(s\) \['code'\]"):
+        OnPolicyConfig(**two, teacher_urls=["math=http://a:1"])
+    with pytest.raises(ConfigError, match="must be 'name=url'"):
+        OnPolicyConfig(**two, teacher_urls=["http://a:1"])
+    with pytest.raises(ConfigError, match="max_logprobs=20.*--max-logprobs"):
+        OnPolicyConfig(**base, teacher_urls=["http://a:1"], logprobs_top_k=32)
+    assert OnPolicyConfig(**base, teacher_urls=["http://a:1"], logprobs_top_k=32, teacher_max_logprobs=32)
+    with pytest.raises(ConfigError, match="teacher_urls are for teacher_backend: server"):
+        OnPolicyConfig(**{**base, "teacher_backend": "transformers"}, teacher_urls=["http://a:1"])
+
+
+@pytest.mark.unit
+def test_the_offline_steps_are_a_seeded_choice_by_step_index():
+    chosen = offline_steps(seed=0, on_policy_fraction=0.25, num_steps=400)
+    assert 0.65 < chosen.mean() < 0.85  # about 1 - lambda of the steps
+    assert np.array_equal(offline_steps(0, 0.25, 37), chosen[:37])  # a step's choice does not depend on max_steps
+    assert not np.array_equal(offline_steps(1, 0.25, 400), chosen)
+    assert offline_steps(0, 0.0, 50).all() and not offline_steps(0, 1.0, 50).any()
 
 def _dense_reference(student, batch, teacher_logits, objective):
     """Per-token mean loss from full-vocabulary logits, float64, by the textbook formulas."""
@@ -215,3 +262,216 @@ def test_the_cli_runs_and_records_the_compute(prompts, tiny_student_dir, tiny_ra
     assert set(seconds) == {"rollout", "scoring", "training", "sync"} and all(v > 0 for v in seconds.values())
     history = json.loads((out / "log_history.json").read_text())
     assert [h["step"] for h in history] == [1, 2] and "reverse_kl" in history[0]
+
+
+# ---- GKD's lambda: offline built batches ------------------------------------------------------
+
+
+def _dense_topk_reverse_kl(student, batch) -> torch.Tensor:
+    """Per-token mean KL(student || teacher) on the teacher's top-k + tail bucket, from full-vocabulary
+    logits in float64, by the formulas of llmdistill.losses (teacher floored at TEACHER_PROB_FLOOR)."""
+    with torch.no_grad():
+        hidden = student.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                               use_cache=False).last_hidden_state[0]
+        s = torch.log_softmax(student.lm_head(hidden[batch["target_index"] - 1]).double(), -1)
+    top = s.gather(-1, batch["teacher_ids"])
+    rest = s.scatter(-1, batch["teacher_ids"], float("-inf")).logsumexp(-1, keepdim=True)
+    t_top = batch["teacher_logprobs"].double()
+    t_rest = torch.log((1 - t_top.exp().sum(-1, keepdim=True)).clamp(min=0))
+    p = torch.cat([top, rest], -1)
+    q = torch.cat([t_top, t_rest], -1).clamp(min=float(np.log(TEACHER_PROB_FLOOR)))
+    return (p.exp() * (p - q)).sum(-1).mean()
+
+
+@pytest.mark.integration
+def test_a_mixed_run_trains_on_offline_batches_on_exactly_the_seeded_steps(
+        prompts, built, tiny_student_dir, tiny_random_teacher_dir, tmp_path, monkeypatch):
+    """lambda = 0.5: the seed's steps take an offline batch (no rollout, no scoring) whose loss is reverse KL on it."""
+    cfg = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "mix", rollout_backend="transformers",
+                 on_policy_fraction=0.5, offline_data_dir=str(built), offline_rows_per_step=2, max_steps=6,
+                 max_new_tokens=16)
+    expected = offline_steps(cfg.seed, 0.5, 6)
+    assert expected.any() and not expected.all()
+    rollout_steps, offline_batches, weights = [], {}, []
+    real_rollout, real_batch, real_loss = op.rollout, op.OfflineBatches.batch, op.onpolicy_loss
+
+    def spy_rollout(engine, stream, step, *args):
+        rollout_steps.append(step)
+        return real_rollout(engine, stream, step, *args)
+
+    def spy_batch(self, step):
+        offline_batches[step] = (real_batch(self, step), self.row_indices(step))
+        return offline_batches[step][0]
+
+    def spy_loss(model, batch, cfg, rewards=None):
+        if "teacher_token_logprobs" not in batch:  # an offline batch: keep the weights it is computed with
+            weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_loss(model, batch, cfg, rewards)
+
+    monkeypatch.setattr(op, "rollout", spy_rollout)
+    monkeypatch.setattr(op.OfflineBatches, "batch", spy_batch)
+    monkeypatch.setattr(op, "onpolicy_loss", spy_loss)
+    counts = op.run_onpolicy(cfg)["counts"]
+
+    assert sorted(offline_batches) == [s for s in range(6) if expected[s]]
+    assert rollout_steps == [s for s in range(6) if not expected[s]]
+    assert counts["offline_steps"] == int(expected.sum()) and counts["optimizer_steps"] == 6
+    offline_targets = sum(len(b["target_index"]) for b, _ in offline_batches.values())
+    assert counts["trained_tokens"] == offline_targets + counts["rollout_tokens"]
+    history = json.loads((tmp_path / "mix" / "log_history.json").read_text())
+    assert [h["offline"] for h in history] == [float(x) for x in expected]
+
+    # the batches: consecutive positions of one seeded row order, collated from the rows read_built reads
+    table, meta = read_built(built)
+    rows = table.to_pylist()
+    collate = DistillCollator(k=meta["k"], vocab_size=meta["vocab_size"], codec_bits=meta["codec_bits"], with_topk=True)
+    used = [i for s in sorted(offline_batches) for i in offline_batches[s][1]]
+    assert len(set(used)) == len(used) == 2 * int(expected.sum())
+    fresh = op.OfflineBatches(cfg, load_student(str(tiny_student_dir))[1])  # a resumed run: by step index alone
+    last = max(offline_batches)
+    assert fresh.row_indices(last) == offline_batches[last][1]
+    for batch, indices in offline_batches.values():
+        ref = collate([rows[i] for i in indices])
+        for key in ("input_ids", "position_ids", "target_index", "teacher_ids", "teacher_logprobs"):
+            assert torch.equal(batch[key], ref[key]), key
+
+    # each offline step's loss is reverse KL on its batch with the weights of that step
+    student, _ = load_student(str(tiny_student_dir))
+    for step, state in zip(sorted(offline_batches), weights, strict=True):
+        student.load_state_dict(state)
+        direct = float(_dense_topk_reverse_kl(student, offline_batches[step][0]))
+        assert history[step]["loss"] == pytest.approx(direct, rel=1e-5)
+
+
+@pytest.mark.integration
+def test_a_mixed_run_resumes_with_the_same_step_choices_and_offline_rows(
+        prompts, built, tiny_student_dir, tiny_random_teacher_dir, tmp_path, monkeypatch):
+    """Stopped after checkpoint-2 and resumed, a lambda = 0.5 run ends bit-identical to an uninterrupted one."""
+    common = dict(rollout_backend="transformers", on_policy_fraction=0.5, offline_data_dir=str(built),
+                  offline_rows_per_step=2, max_steps=6, save_steps=2, max_new_tokens=12, seed=1)
+    assert offline_steps(1, 0.5, 6)[2:].any() and not offline_steps(1, 0.5, 6)[2:].all()  # both kinds after the stop
+    whole = op.run_onpolicy(config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "whole", **common))
+    real = op.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        path = real(*args, **kwargs)
+        if path.name == "checkpoint-2":
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(op, "save_checkpoint", save_then_stop)
+    stopped = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "stopped", **common)
+    with pytest.raises(KeyboardInterrupt):
+        op.run_onpolicy(stopped)
+    monkeypatch.setattr(op, "save_checkpoint", real)
+    resumed = op.run_onpolicy(OnPolicyConfig(**{**stopped.__dict__, "resume_from_checkpoint": "latest"}))
+    a = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    b = load_file(str(tmp_path / "stopped" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["counts"] == whole["counts"]
+
+
+@pytest.mark.integration
+def test_pure_offline_kd_never_samples_nor_asks_a_teacher(built, tiny_student_dir, tmp_path, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("on_policy_fraction 0 must not sample or score")
+
+    for name in ("VllmRollout", "TransformersRollout", "rollout", "load_teachers", "score"):
+        monkeypatch.setattr(op, name, forbidden)
+    cfg = OnPolicyConfig(student_model=str(tiny_student_dir), output_dir=str(tmp_path / "off"), on_policy_fraction=0.0,
+                         offline_data_dir=str(built), offline_rows_per_step=2, max_steps=3, learning_rate=1e-3,
+                         logging_steps=1)
+    counts = op.run_onpolicy(cfg)["counts"]
+    assert counts["optimizer_steps"] == counts["offline_steps"] == 3 and counts["trained_tokens"] > 0
+    assert counts["rollout_tokens"] == counts["teacher_tokens_scored"] == 0
+    before, after = load_file(str(tiny_student_dir / "model.safetensors")), load_file(str(tmp_path / "off" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+# ---- the teacher on a pool of vLLM servers --------------------------------------------------------
+
+
+@pytest.fixture
+def synthetic_servers():
+    """Synthetic OpenAI-compatible servers that answer in vLLM's format (llmdistill.generate.synthetic_server)."""
+    from llmdistill.generate.synthetic_server import SyntheticServer, scored_body
+
+    scored_body([1, 2], 1)  # import vLLM's protocol classes now, not in a server's first reply
+    started = []
+
+    def start(**kwargs):
+        started.append(SyntheticServer(**kwargs).start())
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.mark.unit
+def test_a_teacher_on_servers_grades_exactly_what_the_servers_score(synthetic_servers):
+    """Each sample's grades are the server's prompt log-probs at its completion positions; routing by teacher."""
+    from llmdistill.generate.synthetic_server import scored_arrays
+
+    math, code = synthetic_servers(model="math-teacher"), synthetic_servers(model="code-teacher")
+    cfg = OnPolicyConfig(dataset="p.jsonl", student_model="s", teacher_model="math=math-teacher,code=code-teacher",
+                         teacher_column="domain", teacher_backend="server", logprobs_top_k=5,
+                         teacher_urls=[f"math={math.url}", f"code={code.url}"])
+    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14], [40, 41]]
+    completions = [[20, 21, 22, 23], [], [30, 31], [151_000, 7, 8]]
+    rollouts = op.Rollouts(prompt_ids=prompts, completion_ids=completions, records=[{}] * 4,
+                           teachers=["math", "code", "code", "math"])
+    graded = score(op.load_teachers(cfg), rollouts, cfg)
+    assert graded["teacher_ids"].dtype == torch.long and graded["teacher_logprobs"].dtype == torch.float32
+    row = 0
+    for p, c in zip(prompts, completions, strict=True):
+        _, ids, lps, own = scored_arrays(p + c, 5)  # one row per position after the first
+        rows = slice(row, row + len(c))
+        assert graded["teacher_ids"][rows].tolist() == ids[len(p) - 1:].tolist()
+        assert np.array_equal(graded["teacher_logprobs"][rows].numpy(), lps[len(p) - 1:])
+        assert np.array_equal(graded["teacher_token_logprobs"][rows].numpy(), own[len(p) - 1:])
+        row += len(c)
+    assert row == len(graded["target_ids"])
+    assert (math.requests, code.requests) == (2, 1)  # one request per sample with tokens, to its own teacher
+
+
+@pytest.mark.unit
+def test_an_unreachable_teacher_server_fails_in_one_line_before_a_model_loads(prompts, tmp_path, monkeypatch):
+    import re
+    import socket
+    import time
+
+    from llmdistill.cli import one_line
+    from llmdistill.generate.pool import ServerError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(op, "load_student", lambda *a: pytest.fail("a model loaded before the servers answered"))
+    cfg = OnPolicyConfig(dataset=str(prompts), student_model=str(tmp_path), teacher_model="served-teacher",
+                         teacher_backend="server", teacher_urls=[f"http://127.0.0.1:{port}"], teacher_timeout=1.0,
+                         output_dir=str(tmp_path / "out"))
+    started = time.monotonic()
+    with pytest.raises(ServerError) as err:
+        op.run_onpolicy(cfg)
+    assert time.monotonic() - started < 10 and not (tmp_path / "out").exists()
+    assert one_line(err.value) == str(err.value)
+    assert re.fullmatch(rf"teacher 'served-teacher': no server of \['http://127.0.0.1:{port}'\] answered /health "
+                        r"within 1s \(teacher_timeout\); start the teacher servers or fix teacher_urls", str(err.value))
+
+
+# ---- the real recipe ------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_the_recipe_dry_runs_with_tokens_and_gpus_per_step():
+    recipe = ROOT / "configs" / "recipes" / "r1-qwen7b" / "onpolicy.yaml"
+    res = subprocess.run([sys.executable, "-m", "llmdistill", "onpolicy", "--config", str(recipe), "--dry_run"],
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "COLUMNS": "250"}, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = " ".join(res.stdout.split())
+    for needle in ("150: 150 on-policy, 0 on offline batches", "512 prompts x 4 samples = 2048",
+                   "rollout tokens per step (upper bound) │ 33554432", "1 vLLM server(s) x 2 = 2", "GPUs in all │ 3",
+                   "student weights + grads + AdamW (fp32) │ 104 GiB"):
+        assert needle in text, (needle, text[-3000:])
+    assert not (ROOT / "runs" / "r1-qwen7b").exists(), "a dry run must write nothing"

@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmdistill.config.base import ConfigError, check_choice, check_range
+from llmdistill.config.generate import VLLM_DEFAULT_MAX_LOGPROBS
 from llmdistill.vllm_runtime import DTYPES
 
 ROLLOUT_BACKENDS = ("vllm", "transformers")
-TEACHER_BACKENDS = ("transformers",)
+TEACHER_BACKENDS = ("transformers", "server")
 OBJECTIVES = ("reverse_kl", "jsd", "sampled_reverse_kl")
+TOPK_OBJECTIVES = ("reverse_kl", "jsd")  # the divergences an offline batch (teacher top-k, no sampled log-prob) supports
 RESUME_LATEST = "latest"
 
 
@@ -42,8 +44,23 @@ class TeachersConfig:
     teacher_column: str | None = field(default=None, metadata={
         "help": "Prompt column holding the teacher name of each prompt (multi-teacher routing)."})
     teacher_backend: str = field(default="transformers", metadata={
-        "help": f"{' | '.join(TEACHER_BACKENDS)}: the teacher runs in this process, one prefill forward per step "
-                "(small teachers; large ones are scored by `llmdistill score` servers, see the recipe)."})
+        "help": "transformers: the teacher runs in this process, one prefill forward per step (small teachers) | "
+                "server: a pool of `vllm serve` servers (teacher_urls) scores each sample by one prompt_logprobs "
+                "request over prompt + completion, the `llmdistill score` code path; teacher_model is then the "
+                "model name the servers serve."})
+    teacher_urls: list[str] = field(default_factory=list, metadata={
+        "help": "teacher_backend server: base URLs of the teacher's vLLM servers, e.g. http://node1:8000. With "
+                "several teachers, each URL is 'name=url' for the teacher it serves."})
+    teacher_max_logprobs: int | None = field(default=None, metadata={
+        "help": f"teacher_backend server: the --max-logprobs the servers run with (unset: vLLM's default "
+                f"{VLLM_DEFAULT_MAX_LOGPROBS}); logprobs_top_k may not exceed it."})
+    teacher_server_gpus: int | None = field(default=None, metadata={
+        "help": "teacher_backend server: GPUs each teacher server holds (its tensor x pipeline parallel size). The "
+                "client does not use it: the dry-run plan counts GPUs with it, and the recipe's test checks it "
+                "against the job that starts the servers."})
+    teacher_timeout: float = field(default=600.0, metadata={
+        "help": "teacher_backend server: seconds to wait for a server to answer /health at the start, and for a "
+                "scoring reply before it is retried on another server."})
     teacher_dtype: str = field(default="float32", metadata={"help": "Teacher weights dtype (float32 | bfloat16)."})
     logprobs_top_k: int = field(default=20, metadata={
         "help": "Teacher log-probs kept per completion token (the top-k plus one tail bucket form the loss support)."})
@@ -81,10 +98,14 @@ class ObjectiveConfig:
                 "log p_student(x) - log p_teacher(x) as a per-token advantage (policy gradient)."})
     jsd_beta: float = field(default=0.5, metadata={"help": "beta of generalized JSD (0: forward KL, 1: reverse KL)."})
     offline_data_dir: str | None = field(default=None, metadata={
-        "help": "Built shards of teacher traces (`llmdistill build`) to mix in, GKD's lambda < 1."})
+        "help": "Built shards of teacher traces with their top-k (`llmdistill build`, kd: true) to mix in, GKD's "
+                "lambda < 1."})
     on_policy_fraction: float = field(default=1.0, metadata={
-        "help": "GKD's lambda: the fraction of steps trained on the student's own samples; the others use a batch of "
-                "offline_data_dir (0: pure offline KD)."})
+        "help": "GKD's lambda: the fraction of steps trained on the student's own samples. The others (a seeded "
+                "choice per step index) train on a batch of offline_data_dir with the same divergence: no rollout, "
+                "no scoring (0: pure offline KD)."})
+    offline_rows_per_step: int = field(default=4, metadata={
+        "help": "Packed built rows in the batch of an offline step (each up to the build's max_length tokens)."})
     reward_weight: float = field(default=0.0, metadata={
         "help": "Weight of an extra REINFORCE term with the answer checker's verdict as reward (0: off)."})
     checker: str = field(default="numeric", metadata={"help": "Answer checker of the reward (llmdistill.checking)."})
@@ -111,7 +132,9 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished run in output_dir."})
 
     def __post_init__(self) -> None:
-        for name in ("dataset", "student_model", "teacher_model"):
+        # pure offline KD (on_policy_fraction 0) samples no prompt and asks no teacher
+        needed = ("student_model",) if self.on_policy_fraction == 0 else ("dataset", "student_model", "teacher_model")
+        for name in needed:
             if not getattr(self, name):
                 raise ConfigError(f"{name} is required")
         check_choice("rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS)
@@ -120,7 +143,7 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("teacher_dtype", self.teacher_dtype, ("float32", "bfloat16"))
         for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "sync_every", "max_steps",
-                     "logprobs_top_k", "loss_chunk_size", "logging_steps"):
+                     "logprobs_top_k", "loss_chunk_size", "logging_steps", "offline_rows_per_step"):
             check_range(name, getattr(self, name), 1)
         check_range("rollout_temperature", self.rollout_temperature, 0.0)
         check_range("rollout_top_p", self.rollout_top_p, 0.0, 1.0)
@@ -132,8 +155,32 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
         check_range("save_steps", self.save_steps, 0)
         if self.on_policy_fraction < 1.0 and not self.offline_data_dir:
             raise ConfigError("on_policy_fraction < 1 mixes in offline batches: set offline_data_dir to built shards")
+        if self.on_policy_fraction < 1.0 and self.objective not in TOPK_OBJECTIVES:
+            raise ConfigError(f"on_policy_fraction < 1: offline batches hold the teacher's top-k, not its log-prob of "
+                              f"a student's token, so objective must be one of {list(TOPK_OBJECTIVES)}, "
+                              f"not {self.objective}")
+        if self.on_policy_fraction > 0:
+            self._check_teachers()
+
+    def _check_teachers(self) -> None:
         if len(self.teachers) > 1 and not self.teacher_column:
             raise ConfigError("several teachers need teacher_column: the prompt column that names each prompt's teacher")
+        if self.teacher_backend != "server":
+            if self.teacher_urls:
+                raise ConfigError("teacher_urls are for teacher_backend: server (the teacher runs in this process "
+                                  f"with teacher_backend: {self.teacher_backend})")
+            return
+        if not self.teacher_urls:
+            raise ConfigError("teacher_backend server needs teacher_urls, e.g. --teacher_urls http://127.0.0.1:8000")
+        self.teacher_url_pools  # noqa: B018 - fails now on a URL of no teacher, or a teacher without one
+        check_range("teacher_timeout", self.teacher_timeout, 0.1)
+        check_range("teacher_max_logprobs", self.teacher_max_logprobs, 1)
+        check_range("teacher_server_gpus", self.teacher_server_gpus, 1)
+        cap = self.teacher_max_logprobs or VLLM_DEFAULT_MAX_LOGPROBS
+        if self.logprobs_top_k > cap:
+            raise ConfigError(f"logprobs_top_k={self.logprobs_top_k} exceeds the teacher servers' max_logprobs={cap}: "
+                              "lower logprobs_top_k, or start the servers with --max-logprobs and set "
+                              "teacher_max_logprobs to match")
 
     @property
     def teachers(self) -> dict[str, str]:
@@ -148,3 +195,23 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
                 raise ConfigError(f"teacher_model: '{part}' is not name=path (several teachers are 'a=path,b=path')")
             out[name.strip()] = path.strip()
         return out
+
+    @property
+    def teacher_url_pools(self) -> dict[str, list[str]]:
+        """Teacher name -> the server URLs that serve it (teacher_backend server)."""
+        names = list(self.teachers)
+        pools: dict[str, list[str]] = {name: [] for name in names}
+        for entry in self.teacher_urls:
+            name, sep, url = entry.partition("=")
+            if "://" in name:  # a plain URL (with a query string)
+                name, sep, url = "", "", entry
+            if not sep and len(names) == 1:
+                name, url = names[0], entry
+            elif not sep or name.strip() not in pools:
+                raise ConfigError(f"teacher_urls: '{entry}' must be 'name=url' with name one of {names} "
+                                  "(several teachers: each URL names the teacher it serves)")
+            pools[name.strip()].append(url.strip())
+        missing = [name for name, urls in pools.items() if not urls]
+        if missing:
+            raise ConfigError(f"teacher_backend server: no URL in teacher_urls for teacher(s) {missing}")
+        return pools
