@@ -5,8 +5,11 @@
 3. build: rejection sampling (verify), filter, dedup, decontaminate against the held-out set, pack;
 4. train two students from the same initial weights on the same data for the same steps:
    SFT-only (``alpha = 0``) and KD (``alpha > 0``);
-5. evaluate teacher, untrained student, SFT student and KD student on the held-out set;
-6. write ``REPORT.md`` with the numbers this run produced, plots, and every stage's manifest.
+5. on-policy distillation: a short SFT run (the warm start), then the student samples answers to
+   the training prompts and learns from the teacher's grades of every token of them;
+6. evaluate the five arms (teacher, untrained student, SFT, KD, on-policy) on the held-out set;
+7. write ``REPORT.md`` with the numbers this run produced, the compute each arm spent, plots, and
+   every stage's manifest.
 
 Each stage runs as ``python -m llmdistill <stage> --config <output_dir>/configs/<stage>.yaml``
 in its own process, exactly as a user would run it; the configs stay in the output directory.
@@ -29,6 +32,7 @@ from llmdistill.config.build import BuildConfig
 from llmdistill.config.demo import DemoConfig
 from llmdistill.config.eval import EvalConfig
 from llmdistill.config.generate import GenerateConfig
+from llmdistill.config.onpolicy import OnPolicyConfig
 from llmdistill.config.train import TrainConfig
 from llmdistill.demo_report import LABELS
 from llmdistill.formats import read_details
@@ -37,7 +41,12 @@ from llmdistill.manifest import MANIFEST, fingerprint, read_manifest, write_json
 
 logger = get_logger(__name__)
 
-STAGE_CLASSES = {"generate": GenerateConfig, "build": BuildConfig, "train": TrainConfig, "eval": EvalConfig}
+STAGE_CLASSES = {"generate": GenerateConfig, "build": BuildConfig, "train": TrainConfig, "onpolicy": OnPolicyConfig,
+                 "eval": EvalConfig}
+# The trained arms and the stages whose training compute each one spent (the warm start counts for on-policy).
+ARM_STAGES = {"SFT student": ("train_sft",), "KD student": ("train_kd",), "on-policy student": ("train_warm", "onpolicy")}
+STAGE_ORDER = ("generate", "build", "train_sft", "train_kd", "train_warm", "onpolicy", "eval")
+STAGE_DIRS = {"train_sft": "train-sft", "train_kd": "train-kd", "train_warm": "train-warm", "onpolicy": "train-onpolicy"}
 
 
 def stage_configs(cfg: DemoConfig, seed: int, run_dir: Path, teacher: Path, student: Path) -> dict[str, dict]:
@@ -53,20 +62,26 @@ def stage_configs(cfg: DemoConfig, seed: int, run_dir: Path, teacher: Path, stud
         teacher: the bootstrapped teacher checkpoint.
         student: the random-init student checkpoint.
     """
+    prompts = str(run_dir / "data" / "prompts.jsonl")
+    trained = {name: run_dir / directory for name, directory in STAGE_DIRS.items()}
     paths = {
-        "generate": {"dataset": str(run_dir / "data" / "prompts.jsonl"), "model": str(teacher),
-                     "output_dir": str(run_dir / "generate"), "seed": seed},
+        "generate": {"dataset": prompts, "model": str(teacher), "output_dir": str(run_dir / "generate"), "seed": seed},
         "build": {"input_path": str(run_dir / "generate"), "student_tokenizer": str(student),
                   "output_dir": str(run_dir / "build"), "seed": seed},
-        "train_sft": {"student_model": str(student), "data_dir": str(run_dir / "build"),
-                      "output_dir": str(run_dir / "train-sft"), "seed": seed, "data_seed": seed},
-        "train_kd": {"student_model": str(student), "data_dir": str(run_dir / "build"),
-                     "output_dir": str(run_dir / "train-kd"), "seed": seed, "data_seed": seed},
-        "eval": {"models": ",".join(str(m) for m in (teacher, student, run_dir / "train-sft", run_dir / "train-kd")),
-                 "output_dir": str(run_dir / "eval"), "seed": seed},
+        **{name: {"student_model": str(student), "data_dir": str(run_dir / "build"), "output_dir": str(trained[name]),
+                  "seed": seed, "data_seed": seed} for name in ("train_sft", "train_kd", "train_warm")},
+        "onpolicy": {"student_model": str(trained["train_warm"]), "teacher_model": str(teacher), "dataset": prompts,
+                     "output_dir": str(trained["onpolicy"]), "seed": seed},
+        "eval": {"models": ",".join(str(m) for m in eval_models(run_dir, teacher, student)),
+                 "reference_model": str(teacher), "output_dir": str(run_dir / "eval"), "seed": seed},
     }
     return {name: {**read_yaml(cfg.stage_file(name), STAGE_CLASSES[name.split("_")[0]]), **overrides}
             for name, overrides in paths.items()}
+
+
+def eval_models(run_dir: Path, teacher: Path, student: Path) -> list[Path]:
+    """The models of the five arms, in :data:`~llmdistill.demo_report.LABELS` order."""
+    return [teacher, student, *(run_dir / STAGE_DIRS[name] for name in ("train_sft", "train_kd", "onpolicy"))]
 
 
 def run_stage(name: str, overrides: dict, run_dir: Path, reuse: bool, header: str = "") -> float:
@@ -107,7 +122,7 @@ def write_prompts(cfg: DemoConfig, seed: int, path: Path) -> int:
 
 
 def run_seed(cfg: DemoConfig, seed: int, run_dir: Path, teacher: Path) -> dict[str, Any]:
-    """The generate → build → train (SFT, KD) → eval pipeline for one seed."""
+    """The generate → build → train (SFT, KD, warm start) → on-policy → eval pipeline for one seed."""
     from llmdistill.tinyworld.bootstrap import student_init
 
     student = link(student_init(seed), run_dir / "models" / "student-init")
@@ -119,15 +134,16 @@ def run_seed(cfg: DemoConfig, seed: int, run_dir: Path, teacher: Path) -> dict[s
     write_prompts(cfg, seed, prompts_path)
     timings = {"prompts": time.time() - t0}
     header = f"# teacher: {teacher.resolve()}\n# student init: {student.resolve()}\n"
+    models = eval_models(run_dir, teacher, student)
     inputs = {"generate": [prompts_path], "build": [run_dir / "generate"], "train_sft": [run_dir / "build"],
-              "train_kd": [run_dir / "build"], "eval": [run_dir / "train-sft", run_dir / "train-kd"]}
-    for name in ("generate", "build", "train_sft", "train_kd", "eval"):
+              "train_kd": [run_dir / "build"], "train_warm": [run_dir / "build"],
+              "onpolicy": [prompts_path, run_dir / STAGE_DIRS["train_warm"]], "eval": models[2:]}
+    for name in STAGE_ORDER:
         # The inputs' fingerprints are part of what "the same config" means: a stage whose input was
         # just rewritten (a new manifest) runs again; one whose inputs did not change is reused.
         stamp = header + "".join(f"# input {p.name}: {fingerprint(p)}\n" for p in inputs[name])
         timings[name] = run_stage(name, configs[name], run_dir, cfg.reuse, stamp)
-    run = collect(run_dir, timings, [str(teacher), str(student), configs["train_sft"]["output_dir"],
-                                     configs["train_kd"]["output_dir"]], configs["train_kd"]["temperature"])
+    run = collect(run_dir, timings, [str(m) for m in models], configs["train_kd"]["temperature"])
     return {**run, "configs": configs}
 
 
@@ -169,17 +185,47 @@ def teacher_signal(generate_dir: Path, temperature: float) -> dict[str, float]:
     return out
 
 
-def paired_kd_minus_sft(eval_dir: Path, sft: str, kd: str) -> dict[str, float]:
-    """KD − SFT pass@1 on the held-out problems with its paired standard error (from the eval details)."""
+def paired_minus_sft(eval_dir: Path, sft: str, others: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Each arm's pass@1 minus the SFT student's on the held-out problems, with the paired standard
+    error over the problems (from the eval details): ``{label: {"diff", "se"}}``."""
     from llmdistill.eval.metrics import paired_difference
 
     rows = read_details(eval_dir / "details.parquet", columns=["model", "problem_id", "correct"]).to_pylist()
-    correct: dict[str, dict[str, list[bool]]] = {sft: {}, kd: {}}
+    correct: dict[str, dict[str, list[bool]]] = {m: {} for m in (sft, *others.values())}
     for row in rows:
         if row["model"] in correct:
             correct[row["model"]].setdefault(row["problem_id"], []).append(row["correct"])
-    diff, se = paired_difference(correct[sft], correct[kd])
-    return {"diff": diff, "se": se}
+    out = {}
+    for label, model in others.items():
+        diff, se = paired_difference(correct[sft], correct[model])
+        out[label] = {"diff": diff, "se": se}
+    return out
+
+
+def arm_compute(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """What each trained arm spent, from its stages' manifests: wall seconds of every training phase
+    (the warm start included for on-policy), optimizer steps, trained tokens, and for on-policy the
+    rollout tokens, teacher tokens scored and seconds per phase (rollout, scoring, training, sync)."""
+    out: dict[str, dict[str, Any]] = {}
+    for label, stages in ARM_STAGES.items():
+        arm: dict[str, Any] = {"wall_s": 0.0, "optimizer_steps": 0, "trained_tokens": 0, "phases_s": {}}
+        for stage in stages:
+            manifest = read_manifest(run_dir / STAGE_DIRS[stage])
+            counts = manifest["counts"]
+            arm["wall_s"] += manifest["wall_time_s"]
+            arm["optimizer_steps"] += counts.get("global_steps", counts.get("optimizer_steps", 0))
+            arm["trained_tokens"] += counts.get("trained_tokens", 0)
+            for key in ("rollout_tokens", "teacher_tokens_scored"):
+                if key in counts:
+                    arm[key] = counts[key]
+            phases = manifest.get("compute", {}).get("seconds") or {"training": manifest["wall_time_s"]}
+            name = "warm start (SFT)" if stage == "train_warm" else None
+            for phase, seconds in phases.items():
+                key = name or phase
+                arm["phases_s"][key] = round(arm["phases_s"].get(key, 0.0) + seconds, 1)
+        arm["wall_s"] = round(arm["wall_s"], 1)
+        out[label] = arm
+    return out
 
 
 def collect(run_dir: Path, timings: dict[str, float], models: list[str], temperature: float = 1.0) -> dict[str, Any]:
@@ -188,10 +234,13 @@ def collect(run_dir: Path, timings: dict[str, float], models: list[str], tempera
     stats = _read(run_dir / "build" / "stats.json")
     results = _read(run_dir / "eval" / "results.json")["results"]
     scores = {label: results[m]["tiny"] for label, m in zip(LABELS, models, strict=True)}
-    history = {kind: _read(run_dir / f"train-{kind}" / "log_history.json") for kind in ("sft", "kd")}
+    efficiency = _read(run_dir / "eval" / "results.json").get("efficiency", {})
+    history = {kind: _read(run_dir / f"train-{kind}" / "log_history.json") for kind in ("sft", "kd", "onpolicy")}
     return {"generate": gen, "build": stats, "eval": scores, "history": history, "timings": timings,
+            "efficiency": {label: efficiency.get(m, {}) for label, m in zip(LABELS, models, strict=True)},
+            "compute": arm_compute(run_dir),
             "teacher_signal": teacher_signal(run_dir / "generate", temperature),
-            "kd_minus_sft": paired_kd_minus_sft(run_dir / "eval", models[2], models[3])}
+            "minus_sft": paired_minus_sft(run_dir / "eval", models[2], {LABELS[3]: models[3], LABELS[4]: models[4]})}
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:

@@ -8,7 +8,9 @@ from typing import Any
 
 from llmdistill.config.demo import DemoConfig
 
-LABELS = ("teacher", "student (untrained)", "SFT student", "KD student")
+LABELS = ("teacher", "student (untrained)", "SFT student", "KD student", "on-policy student")
+COLORS = ("#555555", "#bbbbbb", "#4c72b0", "#dd8452", "#55a868")
+TRAINED = LABELS[2:]
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float]:
@@ -49,13 +51,27 @@ def results_table(rows: list[dict[str, Any]], multi_seed: bool) -> str:
     return "\n".join(lines)
 
 
-def kd_vs_sft(runs: dict[int, dict]) -> dict[str, Any]:
-    """The paired comparison the demo exists to show, per seed and overall."""
-    diffs = {seed: run["eval"]["KD student"]["pass@1"] - run["eval"]["SFT student"]["pass@1"]
-             for seed, run in runs.items()}
-    mean, spread = _mean_spread(list(diffs.values()))
-    return {"per_seed": diffs, "paired": {seed: run["kd_minus_sft"] for seed, run in runs.items()},
-            "mean": mean, "std": spread, "kd_wins": sum(d > 0 for d in diffs.values()), "seeds": len(diffs)}
+def gap_closed(scores: dict[str, dict], label: str) -> float | None:
+    """How much of the untrained student → teacher gap an arm closed (1 = the teacher's pass@1)."""
+    low, high = scores[LABELS[1]]["pass@1"], scores[LABELS[0]]["pass@1"]
+    return (scores[label]["pass@1"] - low) / (high - low) if high > low else None
+
+
+def versus_sft(runs: dict[int, dict]) -> dict[str, dict[str, Any]]:
+    """The KD and on-policy students against the SFT student, seed by seed: each seed's paired
+    difference and its standard error over the held-out problems (evaluation noise), the spread of
+    the differences over seeds (training noise), wins, wins by more than 2 paired standard errors,
+    and the share of the untrained → teacher gap each arm closed."""
+    out = {}
+    for label in TRAINED[1:]:
+        paired = {seed: run["minus_sft"][label] for seed, run in runs.items()}
+        diffs = [p["diff"] for p in paired.values()]
+        mean, spread = _mean_spread(diffs)
+        gaps = {seed: gap_closed(run["eval"], label) for seed, run in runs.items()}
+        out[label] = {"paired": paired, "mean": mean, "std": spread, "seeds": len(diffs),
+                      "wins": sum(d > 0 for d in diffs), "clear_wins": sum(p["diff"] > 2 * p["se"] for p in paired.values()),
+                      "gap_closed": gaps, "min_gap_closed": min((g for g in gaps.values() if g is not None), default=None)}
+    return out
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -89,15 +105,38 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    colors = ["#555555", "#bbbbbb", "#4c72b0", "#dd8452"]
-    ax.bar([r["model"] for r in rows], [r["pass@1"] for r in rows], yerr=[r["spread"] for r in rows],
-           capsize=6, color=colors)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar([r["model"].replace(" student", "\nstudent") for r in rows], [r["pass@1"] for r in rows],
+           yerr=[r["spread"] for r in rows], capsize=6, color=COLORS[:len(rows)])
     for i, r in enumerate(rows):
         ax.text(i, r["pass@1"] + r["spread"] + 0.01, f"{r['pass@1']:.3f}", ha="center")
     ax.set_ylabel("held-out pass@1")
     ax.set_ylim(0, 1.05)
     ax.set_title("tiny world: teacher vs students")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_compute(runs: dict[int, dict], path: Path) -> None:
+    """Held-out pass@1 of each trained arm against the wall seconds its training phases took."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, color in zip(TRAINED, COLORS[2:], strict=True):
+        points = [(run["compute"][label]["wall_s"], run["eval"][label]["pass@1"]) for run in runs.values()]
+        ax.scatter(*zip(*points, strict=True), color=color, label=label, s=40)
+    teacher = statistics.fmean(run["eval"][LABELS[0]]["pass@1"] for run in runs.values())
+    ax.axhline(teacher, color=COLORS[0], ls="--", lw=1, label="teacher")
+    ax.set_xlabel("training wall seconds on this machine (warm start included)")
+    ax.set_ylabel("held-out pass@1")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlim(left=0)
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -137,49 +176,117 @@ def _signal_lines(signal: dict[str, float], temperature: float) -> list[str]:
             f"{signal['entropy_T_kd']:.3f} nats). A top-1 near 1 means the KD target is almost the sampled token.", ""]
 
 
+def compute_table(runs: dict[int, dict], rows: list[dict[str, Any]]) -> str:
+    """Efficiency beside accuracy: parameters, compression against the teacher, generation speed,
+    accuracy retained, and what each trained arm spent (means over seeds)."""
+    first = next(iter(runs.values()))
+    teacher_p1 = rows[0]["pass@1"]
+    lines = ["| model | parameters | compression | generation tokens/s | pass@1 retained | gap closed | "
+             "training wall s | optimizer steps | trained tokens | rollout tokens | teacher tokens scored |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        label = row["model"]
+        eff = first["efficiency"].get(label, {})
+        speed = [run["efficiency"].get(label, {}).get("generation_tokens_per_s") for run in runs.values()]
+        speed = [v for v in speed if v]
+        cells = [f"{eff['parameters']:,}" if eff.get("parameters") else "–",
+                 f"{eff['compression_vs_reference']:.1f}×" if eff.get("compression_vs_reference") else "–",
+                 f"{statistics.fmean(speed):,.0f}" if speed else "–",
+                 f"{row['pass@1'] / teacher_p1:.1%}" if teacher_p1 else "–"]
+        gaps = [gap_closed(run["eval"], label) for run in runs.values()]
+        cells.append(f"{statistics.fmean(gaps):.1%}" if label in TRAINED and None not in gaps else "–")
+        if label in TRAINED:
+            arms = [run["compute"][label] for run in runs.values()]
+            cells += [f"{statistics.fmean(a['wall_s'] for a in arms):.0f}",
+                      f"{statistics.fmean(a['optimizer_steps'] for a in arms):,.0f}",
+                      f"{statistics.fmean(a['trained_tokens'] for a in arms):,.0f}"]
+            cells += [f"{statistics.fmean(a[k] for a in arms):,.0f}" if k in arms[0] else "–"
+                      for k in ("rollout_tokens", "teacher_tokens_scored")]
+        else:
+            cells += ["–"] * 5
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _verdict(label: str, comparison: dict[str, Any], multi: bool) -> str:
+    short = label.replace(" student", "")
+    gap = comparison["min_gap_closed"]
+    return (f"{short} beat SFT in {comparison['wins']} of {comparison['seeds']} seed(s), by more than 2 paired "
+            f"standard errors in {comparison['clear_wins']}; mean pass@1 difference ({short} − SFT) = "
+            f"{comparison['mean']:+.3f}" + (f" ± {comparison['std']:.3f} (std over seeds)" if multi else "")
+            + (f"; it closed at least {gap:.0%} of the untrained → teacher gap" if gap is not None else ""))
+
+
+def _per_seed_lines(runs: dict[int, dict]) -> list[str]:
+    lines = ["| seed | SFT | KD | on-policy | KD − SFT ± paired s.e. | on-policy − SFT ± paired s.e. |",
+             "|---|---|---|---|---|---|"]
+    for seed, run in runs.items():
+        p1 = [run["eval"][label]["pass@1"] for label in TRAINED]
+        diffs = [run["minus_sft"][label] for label in TRAINED[1:]]
+        lines.append(f"| {seed} | " + " | ".join(f"{v:.3f}" for v in p1) + " | "
+                     + " | ".join(f"{d['diff']:+.3f} ± {d['se']:.3f}" for d in diffs) + " |")
+    return lines
+
+
 def write_report(cfg: DemoConfig, runs: dict[int, dict], out: Path, teacher: Path) -> dict[str, Any]:
     """Write REPORT.md and its plots; print the results table; return the summary."""
     from rich.console import Console
     from rich.markdown import Markdown
 
     rows = results_rows(runs)
-    comparison = kd_vs_sft(runs)
+    comparison = versus_sft(runs)
     multi = len(runs) > 1
     plot_accuracy(rows, out / "accuracy.png")
+    plot_compute(runs, out / "accuracy_vs_compute.png")
     plot_losses(runs, out / "loss_curves.png")
     first = next(iter(runs.values()))
     counts = pipeline_counts(first)
     timings = {stage: statistics.fmean(run["timings"].get(stage, 0.0) for run in runs.values())
                for stage in first["timings"]}
 
-    kd, ev = first["configs"]["train_kd"], first["configs"]["eval"]
-    gen = first["configs"]["generate"]
-    verdict = (f"KD beat SFT in {comparison['kd_wins']} of {comparison['seeds']} seed(s); "
-               f"mean pass@1 difference (KD − SFT) = {comparison['mean']:+.3f}"
-               + (f" ± {comparison['std']:.3f} (std over seeds)" if multi else ""))
+    kd, ev, op = first["configs"]["train_kd"], first["configs"]["eval"], first["configs"]["onpolicy"]
+    gen, warm = first["configs"]["generate"], first["configs"]["train_warm"]
+    verdicts = [_verdict(label, comparison[label], multi) for label in TRAINED[1:]]
     table = results_table(rows, multi)
+    costs = compute_table(runs, rows)
     lines = [
         "# llmdistill demo: R1-style distillation in miniature",
         "",
-        f"Teacher `{teacher}`; students of the same random initialisation trained for {kd['max_steps']} steps on "
-        f"the same built data: SFT-only (alpha = 0) and KD (alpha = {kd['alpha']}, T = {kd['temperature']}, "
-        f"{kd['divergence']}, teacher top-{gen['logprobs_top_k']}). Held-out set: {ev['limit']} tiny-world "
-        f"problems never seen in training, {ev['num_samples']} samples each at T = {ev['temperature']}, "
-        f"top-p = {ev['top_p']}. Seeds: {', '.join(map(str, runs))}. Stage configs: `{cfg.configs_dir}/*_tiny.yaml`.",
+        f"Teacher `{teacher}`. Students of the same random initialisation: SFT-only (alpha = 0) and KD "
+        f"(alpha = {kd['alpha']}, T = {kd['temperature']}, {kd['divergence']}, teacher top-{gen['logprobs_top_k']}) "
+        f"trained {kd['max_steps']} steps on the same built data; on-policy: {warm['max_steps']} SFT steps (the warm "
+        f"start), then {op['max_steps']} steps on its own samples ({op['prompts_per_step']} prompts a step at "
+        f"T = {op['rollout_temperature']}, {op['objective']} against the teacher's top-{op['logprobs_top_k']} on every "
+        f"token, weights synced every {op['sync_every']} step(s)). Held-out set: {ev['limit']} tiny-world problems "
+        f"never seen in training, {ev['num_samples']} samples each at T = {ev['temperature']}, top-p = {ev['top_p']}. "
+        f"Seeds: {', '.join(map(str, runs))}. Stage configs: `{cfg.configs_dir}/*_tiny.yaml`.",
         "",
         "## Results",
         "",
         table,
         "",
-        f"**{verdict}.**",
+        *[line for v in verdicts for line in (f"**{v}.**", "")],
+        "Per seed (pass@1; differences with their standard error paired over the held-out problems, which "
+        "measures evaluation noise, not training noise):",
         "",
-        "Per seed (pass@1; KD − SFT ± its standard error paired over the held-out problems, which measures "
-        "evaluation noise, not training noise): " + "; ".join(
-            f"seed {s}: SFT {r['eval']['SFT student']['pass@1']:.3f}, KD {r['eval']['KD student']['pass@1']:.3f}"
-            + f", {r['kd_minus_sft']['diff']:+.3f} ± {r['kd_minus_sft']['se']:.3f}"
-            for s, r in runs.items()),
+        *_per_seed_lines(runs),
         "",
         "![accuracy](accuracy.png)",
+        "",
+        "## Compute and efficiency" + (" (means over seeds)" if multi else ""),
+        "",
+        "Wall seconds of every training phase of an arm on this machine (the on-policy arm's warm start, "
+        "rollouts, teacher scoring, updates and weight syncs included; generating and building the offline "
+        "data that SFT and KD read is not counted for any arm). Trained tokens are target tokens. Generation "
+        "tokens/s: vLLM during the eval, same machine.",
+        "",
+        costs,
+        "",
+        "Per phase (seconds): " + "; ".join(
+            f"{label}: " + ", ".join(f"{k} {v:.0f}" for k, v in first["compute"][label]["phases_s"].items())
+            for label in TRAINED) + (" (first seed)" if multi else ""),
+        "",
+        "![accuracy against compute](accuracy_vs_compute.png)",
         "",
         "## Pipeline" + (f" (seed {next(iter(runs))})" if multi else ""),
         "",
@@ -203,6 +310,12 @@ def write_report(cfg: DemoConfig, runs: dict[int, dict], out: Path, teacher: Pat
         "Every stage's config is in `configs/` and its manifest in its output directory.",
     ]
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")
-    Console().print(Markdown("\n".join(["## llmdistill demo", "", table, "", verdict])))
-    return {"results": rows, "kd_vs_sft": comparison, "counts": {"seeds": len(runs), **_flat(counts)},
-            "timings": timings, "report": str(out / "REPORT.md")}
+    spent = ["| arm | training wall s | optimizer steps | trained tokens |", "|---|---|---|---|",
+             *[f"| {label} | {statistics.fmean(r['compute'][label]['wall_s'] for r in runs.values()):.0f} | "
+               f"{statistics.fmean(r['compute'][label]['optimizer_steps'] for r in runs.values()):,.0f} | "
+               f"{statistics.fmean(r['compute'][label]['trained_tokens'] for r in runs.values()):,.0f} |"
+               for label in TRAINED]]
+    Console().print(Markdown("\n".join(["## llmdistill demo", "", table, "", *[f"{v}.\n" for v in verdicts],
+                                         *spent, "", f"Report: {out / 'REPORT.md'}"])))
+    return {"results": rows, "versus_sft": comparison, "compute": {seed: run["compute"] for seed, run in runs.items()},
+            "counts": {"seeds": len(runs), **_flat(counts)}, "timings": timings, "report": str(out / "REPORT.md")}

@@ -276,10 +276,27 @@ def on_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[st
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def predicting_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.nn.Module]:
-    """The final hidden states that predict each target (N, H), and the LM head."""
-    hidden = model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                              use_cache=False).last_hidden_state[0]
+def forward_groups(position_ids: torch.Tensor, max_tokens: int) -> list[tuple[int, int]]:
+    """Cut a packed sequence into runs of whole samples of at most ``max_tokens`` each (a longer
+    sample is a run of its own). One forward over a packed run costs attention over the whole run
+    (the block-diagonal mask of the packed samples is ``run × run``), so runs stay bounded."""
+    starts = torch.nonzero(position_ids == 0)[:, 0].tolist() + [len(position_ids)]
+    groups, first = [], 0
+    for end, nxt in zip(starts[1:], starts[2:] + [None], strict=True):
+        if nxt is None or nxt - starts[first] > max_tokens:  # the next sample would not fit: close the run here
+            groups.append((starts[first], end))
+            first = starts.index(end)
+    return groups
+
+
+def predicting_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                      max_tokens: int = 2048) -> tuple[torch.Tensor, torch.nn.Module]:
+    """The final hidden states that predict each target (N, H), and the LM head: one forward per
+    run of whole samples of at most ``max_tokens`` (:func:`forward_groups`)."""
+    ids, pos = batch["input_ids"][0], batch["position_ids"][0]
+    hidden = torch.cat([model.base_model(input_ids=ids[a:b][None], position_ids=pos[a:b][None],
+                                         use_cache=False).last_hidden_state[0]
+                        for a, b in forward_groups(pos, max_tokens)])
     return hidden[batch["target_index"] - 1], model.get_output_embeddings()
 
 
@@ -301,9 +318,10 @@ def topk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, target_ids: torch
 class TransformersTeacher:
     """A teacher in this process: one prefill forward over the packed samples per step."""
 
-    def __init__(self, path: str, dtype: str, device: torch.device | str = "cpu"):
+    def __init__(self, path: str, dtype: str, device: torch.device | str = "cpu", pack_tokens: int = 2048):
         from transformers import AutoModelForCausalLM
 
+        self.pack_tokens = pack_tokens
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -311,7 +329,7 @@ class TransformersTeacher:
     def score(self, batch: dict[str, torch.Tensor], k: int, chunk_size: int) -> dict[str, torch.Tensor]:
         batch = on_device(batch, self.model)
         with torch.no_grad():
-            hidden, head = predicting_hidden(self.model, batch)
+            hidden, head = predicting_hidden(self.model, batch, self.pack_tokens)
             ids, lps, own = topk_logprobs(hidden, head, batch["target_ids"], k, chunk_size)
         return {"teacher_ids": ids, "teacher_logprobs": lps, "teacher_token_logprobs": own}
 
@@ -389,7 +407,8 @@ def load_teachers(cfg: OnPolicyConfig, device: torch.device | str = "cpu") -> di
     if cfg.teacher_backend == "server":
         pools = cfg.teacher_url_pools
         return {name: ServerTeacher(model, pools[name], cfg) for name, model in cfg.teachers.items()}
-    return {name: TransformersTeacher(path, cfg.teacher_dtype, device) for name, path in cfg.teachers.items()}
+    return {name: TransformersTeacher(path, cfg.teacher_dtype, device, cfg.pack_tokens)
+            for name, path in cfg.teachers.items()}
 
 
 def score(teachers: dict[str, Teacher], rollouts: Rollouts, cfg: OnPolicyConfig) -> dict[str, torch.Tensor]:
@@ -506,7 +525,7 @@ def onpolicy_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: O
     """
     batch = on_device(batch, model)
     rewards = rewards.to(batch["target_ids"].device) if rewards is not None else None
-    hidden, head = predicting_hidden(model, batch)
+    hidden, head = predicting_hidden(model, batch, cfg.pack_tokens)
     n = len(batch["target_ids"])
     needs_token_lp = cfg.objective == "sampled_reverse_kl" or cfg.reward_weight > 0
     student_lp = token_logprobs(hidden, head, batch["target_ids"], cfg.loss_chunk_size) if needs_token_lp else None

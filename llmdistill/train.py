@@ -267,6 +267,7 @@ def _counts(trainer: Any, result: Any) -> dict[str, Any]:
     return {
         "packed_rows": len(trainer.train_dataset),
         "global_steps": trainer.state.global_step,
+        "trained_tokens": int(trainer.trained_tokens(unlogged=True)),
         "world_size": trainer.accelerator.num_processes,
         "train_loss": result.training_loss,
         "last_logged": json.loads(json.dumps(last, default=float)),

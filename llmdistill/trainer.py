@@ -281,10 +281,19 @@ class DistillTrainer(SFTTrainer):
             "data_wait_s": data_wait_s,
             "data_wait_fraction": data_wait_fraction,
             "peak_rss_gib": peak_rss_gib,
+            "trained_tokens": self.trained_tokens() + s["n_targets"],  # running total, kept across a resume
         }
         if self.accelerator.device.type != "cpu":
             metrics["peak_accelerator_gib"] = peak_accelerator_gib
         return metrics
+
+    def trained_tokens(self, unlogged: bool = False) -> float:
+        """Target tokens trained on up to the last logged window (summed over processes), read from the
+        log history, which a resumed run restores from its checkpoint; with ``unlogged``, plus this
+        process's steps since that log (the end of a run)."""
+        logged = next((float(h["trained_tokens"]) for h in reversed(self.state.log_history) if "trained_tokens" in h),
+                      0.0)
+        return logged + (float(self._stats[_STATS.index("n_targets")]) if unlogged else 0.0)
 
     def _peak_accelerator_bytes(self) -> int:
         device = self.accelerator.device

@@ -24,6 +24,8 @@ CONFIGS = ROOT / "configs"
 SMALL = {"generate_tiny.yaml": {"num_samples": 2}, "build_tiny.yaml": {"max_length": 256},
          "train_tiny_sft.yaml": {"max_steps": 12, "per_device_train_batch_size": 2},
          "train_tiny_kd.yaml": {"max_steps": 12, "per_device_train_batch_size": 2},
+         "train_tiny_warm.yaml": {"max_steps": 4, "per_device_train_batch_size": 2},
+         "onpolicy_tiny.yaml": {"max_steps": 3, "prompts_per_step": 4, "max_new_tokens": 24},
          "eval_tiny.yaml": {"limit": 40, "num_samples": 2}}
 
 
@@ -64,7 +66,7 @@ def test_each_tiny_config_is_exactly_the_demos_stage(tmp_path):
     cfg = DemoConfig(configs_dir=str(CONFIGS))
     configs = stage_configs(cfg, 3, tmp_path / "run", tmp_path / "teacher", tmp_path / "student")
     overridden = {"dataset", "model", "input_path", "student_tokenizer", "student_model", "data_dir", "models",
-                  "output_dir", "seed", "data_seed"}
+                  "output_dir", "seed", "data_seed", "teacher_model", "reference_model"}
     for name, values in configs.items():
         shipped = yaml.safe_load((CONFIGS / STAGE_FILES[name]).read_text())
         assert set(values) - overridden <= set(shipped), name
@@ -76,6 +78,13 @@ def test_each_tiny_config_is_exactly_the_demos_stage(tmp_path):
     assert {k: v for k, v in sft.items() if k not in ("alpha", "output_dir")} == \
         {k: v for k, v in kd.items() if k not in ("alpha", "output_dir")}, "SFT and KD must differ only in alpha"
     assert sft["alpha"] == 0.0 < kd["alpha"]
+    warm = configs["train_warm"]  # the on-policy arm's warm start: a shorter SFT run
+    assert {k: v for k, v in sft.items() if k not in ("max_steps", "warmup_steps", "output_dir")} == \
+        {k: v for k, v in warm.items() if k not in ("max_steps", "warmup_steps", "output_dir")}
+    assert warm["max_steps"] < sft["max_steps"]
+    assert configs["onpolicy"]["student_model"] == warm["output_dir"]
+    assert configs["onpolicy"]["dataset"] == configs["generate"]["dataset"]  # the same training prompts
+    assert configs["eval"]["models"].split(",")[-1] == configs["onpolicy"]["output_dir"]
 
 
 @pytest.mark.integration
@@ -87,9 +96,9 @@ def test_demo_small_end_to_end_and_reuse(tmp_path, tiny_teacher_dir):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
 
     # every stage ran from a saved config and left its manifest
-    for stage in ("generate", "build", "train_sft", "train_kd", "eval"):
+    for stage in ("generate", "build", "train_sft", "train_kd", "train_warm", "onpolicy", "eval"):
         assert (out / "configs" / f"{stage}.yaml").is_file()
-    for sub in ("generate", "build", "train-sft", "train-kd", "eval"):
+    for sub in ("generate", "build", "train-sft", "train-kd", "train-warm", "train-onpolicy", "eval"):
         assert (out / sub / "manifest.json").is_file(), sub
     assert (out / "manifest.json").is_file()
     sft = yaml.safe_load((out / "configs" / "train_sft.yaml").read_text())
@@ -104,18 +113,35 @@ def test_demo_small_end_to_end_and_reuse(tmp_path, tiny_teacher_dir):
     models = yaml.safe_load((out / "configs" / "eval.yaml").read_text())["models"].split(",")
     assert Path(models[0]).resolve() == Path(tiny_teacher_dir).resolve()
     by_label = {r["model"]: r for r in summary["results"]}
-    for label, model in zip(("teacher", "student (untrained)", "SFT student", "KD student"), models, strict=True):
+    labels = ("teacher", "student (untrained)", "SFT student", "KD student", "on-policy student")
+    for label, model in zip(labels, models, strict=True):
         assert by_label[label]["pass@1"] == pytest.approx(results[model]["tiny"]["pass@1"])
-    assert summary["kd_vs_sft"]["mean"] == pytest.approx(
-        results[models[3]]["tiny"]["pass@1"] - results[models[2]]["tiny"]["pass@1"])
     report = (out / "REPORT.md").read_text()
-    # the paired difference is the same KD − SFT, read problem by problem from the eval details
-    paired = summary["kd_vs_sft"]["paired"]["0"]
-    assert paired["diff"] == pytest.approx(summary["kd_vs_sft"]["mean"])
-    assert f"{paired['diff']:+.3f} ± {paired['se']:.3f}" in report
+    for arm, model in (("KD student", models[3]), ("on-policy student", models[4])):
+        versus = summary["versus_sft"][arm]
+        assert versus["mean"] == pytest.approx(results[model]["tiny"]["pass@1"] - results[models[2]]["tiny"]["pass@1"])
+        # the paired difference is the same arm − SFT, read problem by problem from the eval details
+        paired = versus["paired"]["0"]
+        assert paired["diff"] == pytest.approx(versus["mean"])
+        assert f"{paired['diff']:+.3f} ± {paired['se']:.3f}" in report
     for label in by_label:
         assert f"| {label} | {by_label[label]['pass@1']:.3f}" in report
-    assert (out / "accuracy.png").stat().st_size > 1000 and (out / "loss_curves.png").stat().st_size > 1000
+    for name in ("accuracy.png", "loss_curves.png", "accuracy_vs_compute.png"):
+        assert (out / name).stat().st_size > 1000, name
+    # each arm's compute is its stages' own record: the on-policy arm counts its warm start
+    compute = summary["compute"]["0"]
+    manifests = {sub: json.loads((out / sub / "manifest.json").read_text())
+                 for sub in ("train-sft", "train-warm", "train-onpolicy")}
+    assert compute["SFT student"]["optimizer_steps"] == 12 == manifests["train-sft"]["counts"]["global_steps"]
+    assert compute["SFT student"]["trained_tokens"] == manifests["train-sft"]["counts"]["trained_tokens"] > 0
+    on_policy = compute["on-policy student"]
+    assert on_policy["optimizer_steps"] == 4 + 3
+    assert on_policy["wall_s"] == pytest.approx(manifests["train-warm"]["wall_time_s"]
+                                                + manifests["train-onpolicy"]["wall_time_s"], abs=0.1)
+    assert on_policy["rollout_tokens"] == manifests["train-onpolicy"]["counts"]["rollout_tokens"] > 0
+    assert set(on_policy["phases_s"]) == {"warm start (SFT)", "rollout", "scoring", "training", "sync"}
+    efficiency = json.loads((out / "eval" / "results.json").read_text())["efficiency"]
+    assert f"| teacher | {efficiency[models[0]]['parameters']:,} |" in report
     gen = json.loads((out / "generate" / "manifest.json").read_text())["counts"]
     assert re.search(rf"prompts: {gen['input_rows']} → teacher traces: {48 * 2}", report)
 
@@ -145,6 +171,7 @@ def test_a_stage_reruns_exactly_when_its_inputs_changed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo, "run_stage", fake_run_stage)
     monkeypatch.setattr(demo, "collect", lambda run_dir, timings, models, temperature: timings)
+    monkeypatch.setattr(demo, "load_config", lambda cls, **values: None)
     monkeypatch.setattr("llmdistill.tinyworld.bootstrap.student_init", lambda seed: tmp_path / "student")
     (tmp_path / "student").mkdir()
     (tmp_path / "teacher").mkdir()
@@ -157,6 +184,10 @@ def test_a_stage_reruns_exactly_when_its_inputs_changed(tmp_path, monkeypatch):
     demo.run_seed(cfg, 0, tmp_path / "out", tmp_path / "teacher")
     changed = {name for name, seen in stamps.items() if seen[2] != seen[1]}
     assert changed == {"eval"}
+    # a new warm start is distilled on-policy again; SFT, KD and (until the new on-policy student exists) eval are kept
+    (tmp_path / "out" / "train-warm" / "manifest.json").write_text(json.dumps({"stage": "train_warm", "run": 2}))
+    demo.run_seed(cfg, 0, tmp_path / "out", tmp_path / "teacher")
+    assert {name for name, seen in stamps.items() if seen[3] != seen[2]} == {"onpolicy"}
 
 
 @pytest.mark.unit
@@ -188,8 +219,8 @@ def test_teacher_signal_is_measured_on_the_loss_support(tmp_path):
 
 
 @pytest.mark.unit
-def test_kd_minus_sft_is_paired_by_problem_over_the_eval_details(tmp_path):
-    from llmdistill.demo import paired_kd_minus_sft
+def test_each_arm_minus_sft_is_paired_by_problem_over_the_eval_details(tmp_path):
+    from llmdistill.demo import paired_minus_sft
     from llmdistill.formats import write_details
 
     # two problems, two samples each; the teacher's rows must be ignored
@@ -199,6 +230,6 @@ def test_kd_minus_sft_is_paired_by_problem_over_the_eval_details(tmp_path):
     write_details([{"model": m, "benchmark": "tiny", "problem_id": p, "sample_index": 0, "gold": "1", "response": "",
                     "extracted": None, "correct": c, "finish_reason": "stop", "n_tokens": 1} for m, p, c in rows],
                   tmp_path / "details.parquet")
-    got = paired_kd_minus_sft(tmp_path, "sft", "kd")
+    got = paired_minus_sft(tmp_path, "sft", {"KD": "kd", "KD again": "kd"})
     # per-problem KD − SFT: p1 1 - 0.5 = 0.5, p2 0.5 - 0 = 0.5 → mean 0.5, no spread
-    assert got == {"diff": pytest.approx(0.5), "se": pytest.approx(0.0)}
+    assert got == {name: {"diff": pytest.approx(0.5), "se": pytest.approx(0.0)} for name in ("KD", "KD again")}

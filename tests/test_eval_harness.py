@@ -94,6 +94,26 @@ def test_markdown_puts_models_side_by_side_and_chart_is_written(tmp_path):
 
 
 @pytest.mark.unit
+def test_parameters_are_counted_from_the_checkpoint_and_compared_with_the_reference(tiny_teacher_dir,
+                                                                                   tiny_student_dir):
+    from transformers import AutoModelForCausalLM
+
+    from llmdistill.eval.harness import count_parameters, efficiency
+
+    sizes = {m: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(m).parameters())
+             for m in (tiny_teacher_dir, tiny_student_dir)}
+    assert {m: count_parameters(m) for m in sizes} == sizes and count_parameters("org/hub-model") is None
+    metrics = {"pass@1": 0.8, "generation": {"tokens": 500, "seconds": 2.0}}
+    results = {tiny_teacher_dir: {"tiny": metrics},
+               tiny_student_dir: {"tiny": {**metrics, "pass@1": 0.6, "generation": {"tokens": 900, "seconds": 1.5}}}}
+    eff = efficiency(results, tiny_teacher_dir)[tiny_student_dir]
+    assert eff == {"parameters": sizes[tiny_student_dir], "generation_tokens_per_s": 600.0,
+                   "compression_vs_reference": round(sizes[tiny_teacher_dir] / sizes[tiny_student_dir], 2),
+                   "pass@1_retained_vs_reference": {"tiny": 0.75}}
+    assert "pass@1_retained_vs_reference" not in efficiency(results, None)[tiny_student_dir]
+
+
+@pytest.mark.unit
 def test_details_roundtrip(tmp_path):
     row = {"model": "m", "benchmark": "tiny", "problem_id": "p", "sample_index": 0, "gold": "4", "response": "r",
            "extracted": None, "correct": False, "finish_reason": "length", "n_tokens": 96}
@@ -141,7 +161,7 @@ def test_tiny_teacher_and_lora_adapter_end_to_end(tmp_path, tiny_teacher_dir):
     adapter = _scrambling_adapter(Path(tiny_teacher_dir), tmp_path / "adapter")
     out = tmp_path / "eval"
     cmd = [sys.executable, "-m", "llmdistill", "eval", "--models", f"{tiny_teacher_dir},{adapter}",
-           "--benchmarks", "tiny", "--limit", "100", "--num_samples", "4", "--enforce_eager", "true",
+           "--reference_model", str(tiny_teacher_dir), "--benchmarks", "tiny", "--limit", "100", "--num_samples", "4", "--enforce_eager", "true",
            "--max_model_len", "256", "--kv_cache_space_gb", "1", "--output_dir", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -167,3 +187,11 @@ def test_tiny_teacher_and_lora_adapter_end_to_end(tmp_path, tiny_teacher_dir):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "eval" and manifest["counts"]["samples"] == 800
     assert "| metric |" in (out / "results.md").read_text()
+    eff = results["efficiency"]
+    assert eff[str(tiny_teacher_dir)]["compression_vs_reference"] == 1.0
+    assert eff[str(tiny_teacher_dir)]["pass@1_retained_vs_reference"] == {"tiny": 1.0}
+    assert eff[str(adapter)]["parameters"] is None  # an adapter alone has no model size
+    assert eff[str(adapter)]["pass@1_retained_vs_reference"]["tiny"] == pytest.approx(
+        scrambled["pass@1"] / teacher["pass@1"], abs=1e-4)
+    assert all(row["generation_tokens_per_s"] > 0 for row in eff.values())
+    assert "## Efficiency" in (out / "results.md").read_text()

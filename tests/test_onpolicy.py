@@ -71,6 +71,21 @@ def test_pack_marks_exactly_the_completion_tokens_as_targets():
 
 
 @pytest.mark.unit
+def test_samples_are_forwarded_in_bounded_runs_with_the_same_hidden_states(tiny_student_dir):
+    from llmdistill.onpolicy import forward_groups, predicting_hidden
+
+    batch = pack([[1, 2, 3], [4], [5, 6], [7]], [[5, 6], [7, 8, 9], [1] * 9, [2]])  # samples of 5, 4, 11, 2 tokens
+    assert forward_groups(batch["position_ids"][0], 9) == [(0, 9), (9, 20), (20, 22)]  # the 11 alone, whole
+    assert forward_groups(batch["position_ids"][0], 100) == [(0, 22)]
+    assert forward_groups(batch["position_ids"][0], 1) == [(0, 5), (5, 9), (9, 20), (20, 22)]
+    model, _ = load_student(str(tiny_student_dir))
+    with torch.no_grad():
+        runs, _ = predicting_hidden(model, batch, max_tokens=9)
+        whole, _ = predicting_hidden(model, batch, max_tokens=10_000)
+    torch.testing.assert_close(runs, whole, rtol=0, atol=1e-5)
+
+
+@pytest.mark.unit
 def test_config_needs_its_inputs_and_names_multi_teacher_routing():
     base = dict(dataset="p.jsonl", student_model="s", teacher_model="t")
     assert OnPolicyConfig(**base).teachers == {"default": "t"}

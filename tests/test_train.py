@@ -345,7 +345,8 @@ def test_resume_continues_at_the_exact_data_position(tmp_path, tiny_student_dir,
     assert sorted(a) == sorted(b) == list(range(1, 22))
     assert a[18]["epoch"] > 1.0 and len({a[s]["ce_loss"] for s in a}) == 21  # past an epoch; steps differ
     for step in (19, 20, 21):
-        for key in ("loss", "grad_norm", "ce_loss", "kd_loss", "alpha", "temperature", "learning_rate"):
+        for key in ("loss", "grad_norm", "ce_loss", "kd_loss", "alpha", "temperature", "learning_rate",
+                    "trained_tokens"):  # the running token count survives the resume too
             assert b[step][key] == a[step][key], (step, key)
     weights = [load_file(tmp_path / run / "out" / "model.safetensors") for run in ("a", "b")]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
@@ -355,6 +356,7 @@ def test_resume_continues_at_the_exact_data_position(tmp_path, tiny_student_dir,
         assert 0 <= entry["data_wait_s"] < 5 and 0.1 < entry["peak_rss_gib"] < 8
     manifest = json.loads((tmp_path / "b" / "out" / "manifest.json").read_text())
     assert manifest["stage"] == "train" and manifest["counts"]["global_steps"] == 21
+    assert manifest["counts"]["trained_tokens"] == a[21]["trained_tokens"] > a[20]["trained_tokens"] > 0
     assert (tmp_path / "b" / "out" / "loss_curve.png").stat().st_size > 1000
 
 

@@ -8,13 +8,15 @@ from pathlib import Path
 from llmdistill.config.base import ConfigError, check_range
 
 STAGE_FILES = {"generate": "generate_tiny.yaml", "build": "build_tiny.yaml", "train_sft": "train_tiny_sft.yaml",
-               "train_kd": "train_tiny_kd.yaml", "eval": "eval_tiny.yaml"}
+               "train_kd": "train_tiny_kd.yaml", "train_warm": "train_tiny_warm.yaml", "onpolicy": "onpolicy_tiny.yaml",
+               "eval": "eval_tiny.yaml"}
 
 
 @dataclass
 class DemoConfig:
-    """The whole pipeline on the tiny world: teacher bootstrap → generate → build → train
-    (SFT-only and KD students from the same initial weights, same data, same steps) → eval.
+    """The whole pipeline on the tiny world: teacher bootstrap → generate → build → train (SFT-only
+    and KD students from the same initial weights, same data, same steps) → on-policy distillation
+    (warm-started from a short SFT run) → eval of all five arms.
 
     Every stage runs its shipped config (``configs_dir``/``*_tiny.yaml``), with only paths and
     seeds overridden: the demo's settings live in those files, nowhere else.
@@ -52,5 +54,5 @@ class DemoConfig:
         return [int(s) for s in self.seeds.split(",") if s.strip()] if self.seeds else [self.seed]
 
     def stage_file(self, stage: str) -> Path:
-        """The shipped config of a demo stage (``generate``, ``build``, ``train_sft``, ``train_kd``, ``eval``)."""
+        """The shipped config of a demo stage (a key of :data:`STAGE_FILES`)."""
         return Path(self.configs_dir) / STAGE_FILES[stage]

@@ -26,6 +26,9 @@ class EvalConfig:
                 "aime24, gpqa_diamond, humaneval, ...; an unknown name lists them all)."})
     output_dir: str = field(default="runs/eval", metadata={"help": "Where details, results and the report go."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing non-empty output_dir."})
+    reference_model: str | None = field(default=None, metadata={
+        "help": "The teacher among models: every other model's compression ratio (its parameters against the "
+                "teacher's) and accuracy retained (its pass@1 as a % of the teacher's) are reported against it."})
     data_path: str | None = field(default=None, metadata={
         "help": "Local copy of the (single) benchmark: .jsonl/.jsonl.gz/.json/.parquet/.csv."})
     column_map: str | None = field(default=None, metadata={
@@ -95,6 +98,9 @@ class EvalConfig:
         for k in self.ks:
             check_range("k_values", k, 1)
         self._check_ks_fit(names)
+        if self.reference_model and self.reference_model not in self.model_list:
+            raise ConfigError(f"reference_model {self.reference_model} is not one of models: add it to models "
+                              "(the teacher is evaluated beside its students)")
 
     def _check_ks_fit(self, names: list[str]) -> None:
         """pass@k and maj@k need k <= n samples per problem: refuse a k no benchmark can report."""

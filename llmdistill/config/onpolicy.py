@@ -110,6 +110,10 @@ class ObjectiveConfig:
         "help": "Weight of an extra REINFORCE term with the answer checker's verdict as reward (0: off)."})
     checker: str = field(default="numeric", metadata={"help": "Answer checker of the reward (llmdistill.checking)."})
     loss_chunk_size: int = field(default=1024, metadata={"help": "Target tokens per chunk of the chunked loss."})
+    pack_tokens: int = field(default=2048, metadata={
+        "help": "Most tokens per forward pass of the teacher's scoring and the student's loss: a step's samples are "
+                "packed into runs of whole samples up to this size (attention over a packed run costs its square; "
+                "a longer sample runs alone)."})
 
 
 @dataclass
@@ -143,7 +147,7 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("teacher_dtype", self.teacher_dtype, ("float32", "bfloat16"))
         for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "sync_every", "max_steps",
-                     "logprobs_top_k", "loss_chunk_size", "logging_steps", "offline_rows_per_step"):
+                     "logprobs_top_k", "loss_chunk_size", "logging_steps", "pack_tokens", "offline_rows_per_step"):
             check_range(name, getattr(self, name), 1)
         check_range("rollout_temperature", self.rollout_temperature, 0.0)
         check_range("rollout_top_p", self.rollout_top_p, 0.0, 1.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -162,8 +163,8 @@ def run_benchmark(engine: Any, plan: BenchmarkPlan, model: str, config: EvalConf
     samples = [(item, think, out) for item, (_, think), res in zip(plan.items, encoded, outputs, strict=True)
                for out in res.outputs]
     n_tokens = sum(len(o.token_ids) for _, _, o in samples)
-    logger.info("%s on %s: %d samples, %d tokens in %.1f s", model, plan.spec.name, len(samples), n_tokens,
-                time.time() - started)
+    seconds = time.time() - started
+    logger.info("%s on %s: %d samples, %d tokens in %.1f s", model, plan.spec.name, len(samples), n_tokens, seconds)
     scores = score_responses(plan.spec.scorer, [o.text for _, _, o in samples], [item for item, _, _ in samples],
                              [think for _, think, _ in samples], workers=config.code_workers,
                              timeout_s=config.code_timeout_s, memory_mb=config.code_memory_mb)
@@ -173,7 +174,49 @@ def run_benchmark(engine: Any, plan: BenchmarkPlan, model: str, config: EvalConf
          "finish_reason": out.finish_reason or "stop", "n_tokens": len(out.token_ids)}
         for i, ((item, _, out), score) in enumerate(zip(samples, scores, strict=True))
     ]
-    return rows, _metrics(rows, plan, config)
+    metrics = _metrics(rows, plan, config)
+    metrics["generation"] = {"tokens": n_tokens, "seconds": round(seconds, 3),
+                             "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1)}
+    return rows, metrics
+
+
+def count_parameters(model: str) -> int | None:
+    """Parameters of a local checkpoint, read from its safetensors headers (no weights loaded; tied
+    weights stored once count once). None for a hub id, a LoRA adapter directory or a checkpoint
+    without safetensors."""
+    from safetensors import safe_open
+
+    local = Path(model).is_dir() and not (Path(model) / "adapter_config.json").is_file()
+    files = sorted(Path(model).glob("*.safetensors")) if local else []
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with safe_open(str(path), "pt") as handle:
+            for name in handle.keys():
+                shape = handle.get_slice(name).get_shape()
+                total += int(math.prod(shape))
+    return total
+
+
+def efficiency(results: dict[str, dict], reference: str | None) -> dict[str, dict[str, Any]]:
+    """Per model: parameters, generation tokens/s over all benchmarks (vLLM, this hardware) and,
+    against ``reference`` (the teacher), the compression ratio and pass@1 retained per benchmark."""
+    out: dict[str, dict[str, Any]] = {}
+    ref_params = count_parameters(reference) if reference else None
+    for model, benches in results.items():
+        tokens = sum(m["generation"]["tokens"] for m in benches.values() if "generation" in m)
+        seconds = sum(m["generation"]["seconds"] for m in benches.values() if "generation" in m)
+        params = count_parameters(model)
+        row: dict[str, Any] = {"parameters": params,
+                               "generation_tokens_per_s": round(tokens / seconds, 1) if seconds else None}
+        if reference and reference in results:
+            row["compression_vs_reference"] = round(ref_params / params, 2) if params and ref_params else None
+            row["pass@1_retained_vs_reference"] = {
+                b: (round(m["pass@1"] / results[reference][b]["pass@1"], 4) if results[reference][b]["pass@1"] else None)
+                for b, m in benches.items()}
+        out[model] = row
+    return out
 
 
 def _metrics(rows: list[dict], plan: BenchmarkPlan, config: EvalConfig) -> dict:
@@ -247,7 +290,8 @@ def evaluate_models(config: EvalConfig) -> dict[str, Any]:
         rows, results[model] = _model_results(model, plans, config, partial)
         details += rows
     summary = {"models": config.model_list, "benchmarks": {p.spec.name: p.settings() for p in plans},
-               "results": results, "output_dir": str(out)}
+               "results": results, "efficiency": efficiency(results, config.reference_model),
+               "reference_model": config.reference_model, "output_dir": str(out)}
     with staged_output(out, overwrite=True) as tmp:
         _write_outputs(tmp, summary, details, config, started)
     shutil.rmtree(partial, ignore_errors=True)

@@ -54,7 +54,29 @@ def results_markdown(results: dict[str, Any]) -> str:
         for i, name in enumerate(names):
             lines.append(f"| {name} | " + " | ".join(cells[m][i] for m in models) + " |")
         lines.append("")
+    lines += efficiency_markdown(results, labels)
     return "\n".join(lines)
+
+
+def efficiency_markdown(results: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    """Student efficiency beside accuracy: parameters, compression and accuracy retained against the
+    reference model (the teacher), generation tokens/s on this hardware."""
+    eff = results.get("efficiency")
+    if not eff:
+        return []
+    reference = results.get("reference_model")
+    lines = ["## Efficiency", "", "Generation tokens/s: vLLM on this machine, all benchmarks' samples of a model."
+             + (f" Compression and accuracy retained are against {labels.get(reference, reference)}." if reference
+                else ""), "",
+             "| model | parameters | compression | generation tokens/s | pass@1 retained |", "|---|---|---|---|---|"]
+    for model, row in eff.items():
+        params = f"{row['parameters']:,}" if row.get("parameters") else "–"
+        ratio = f"{row['compression_vs_reference']:.1f}×" if row.get("compression_vs_reference") else "–"
+        speed = f"{row['generation_tokens_per_s']:,.0f}" if row.get("generation_tokens_per_s") else "–"
+        kept = row.get("pass@1_retained_vs_reference") or {}
+        retained = ", ".join(f"{b} {100 * v:.1f}%" for b, v in kept.items() if v is not None) or "–"
+        lines.append(f"| {labels[model]} | {params} | {ratio} | {speed} | {retained} |")
+    return lines + [""]
 
 
 def plot_results(results: dict[str, Any], path: str | Path) -> None:
