@@ -845,3 +845,27 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         model = json.loads(backend.to_str()).get("model", {})
         h.update(json.dumps(model.get("merges", []), ensure_ascii=False).encode())
     return h.hexdigest()[:16]
+
+
+def check_built_fits(directory: str | Path, meta: dict[str, Any], tokenizer: Any = None, student: str = "",
+                     topk_needed_by: str | None = None) -> None:
+    """Refuse built shards a student cannot train on.
+
+    Args:
+        directory: the built shards (named in the errors).
+        meta: their metadata (:func:`read_built_metadata`).
+        tokenizer: the student's tokenizer; None skips the vocabulary check (before it is loaded).
+        student: the student's name or path, for the error.
+        topk_needed_by: what needs the teacher's top-k (e.g. ``"alpha=0.7 needs it"``); None: SFT only.
+
+    Raises:
+        SchemaError: shards without top-k where it is needed, or built with another tokenizer
+            (token ids and top-k rows would index another vocabulary), naming the fix.
+    """
+    if topk_needed_by and not meta.get("kd"):
+        raise SchemaError(f"{directory} was built without teacher top-k (kd: false), but {topk_needed_by}: "
+                          "rebuild it with kd: true")
+    if tokenizer is not None and (fp := tokenizer_fingerprint(tokenizer)) != meta.get("tokenizer_fingerprint"):
+        raise SchemaError(f"the tokenizer of student {student} (fingerprint {fp}) is not the one {directory} was built "
+                          f"with (fingerprint {meta.get('tokenizer_fingerprint')}): token ids and top-k rows would "
+                          "index another vocabulary. Rebuild the data with this student's tokenizer.")

@@ -50,10 +50,10 @@ from llmdistill.config.onpolicy import RESUME_LATEST, OnPolicyConfig
 from llmdistill.formats import (
     SchemaError,
     built_cache_dir,
+    check_built_fits,
     convert_built_to_arrow,
     open_built,
     read_built_metadata,
-    tokenizer_fingerprint,
 )
 from llmdistill.log import get_logger
 from llmdistill.losses import chunked_distill_loss
@@ -443,15 +443,12 @@ def offline_steps(seed: int, on_policy_fraction: float, num_steps: int) -> np.nd
     return np.random.default_rng([seed, OFFLINE_STREAM]).random(num_steps) >= on_policy_fraction
 
 
-def check_offline_data(directory: str, meta: dict[str, Any], tokenizer: Any = None) -> None:
+def check_offline_data(directory: str, meta: dict[str, Any], tokenizer: Any = None, student: str = "") -> None:
     """Refuse built shards an offline step cannot use: no teacher top-k, or another tokenizer than the student's."""
-    if not meta.get("kd"):
-        raise ConfigError(f"offline_data_dir {directory} was built without teacher top-k (kd: false): offline steps "
-                          "distil the top-k; rebuild it with kd: true")
-    if tokenizer is not None and tokenizer_fingerprint(tokenizer) != meta.get("tokenizer_fingerprint"):
-        raise ConfigError(f"offline_data_dir {directory} was built with another tokenizer (fingerprint "
-                          f"{meta.get('tokenizer_fingerprint')}) than the student's ({tokenizer_fingerprint(tokenizer)}): "
-                          "rebuild it with the student's tokenizer")
+    try:
+        check_built_fits(directory, meta, tokenizer, student, "offline steps distil the top-k")
+    except SchemaError as err:
+        raise ConfigError(f"offline_data_dir: {err}") from None
 
 
 class OfflineBatches:
@@ -468,7 +465,7 @@ class OfflineBatches:
         cache = built_cache_dir(directory)
         convert_built_to_arrow(directory, cache)
         self.rows, meta = open_built(directory, cache)
-        check_offline_data(directory, meta, tokenizer)
+        check_offline_data(directory, meta, tokenizer, cfg.student_model)
         self.collator = DistillCollator(k=int(meta["k"]), vocab_size=int(meta["vocab_size"]),
                                         codec_bits=int(meta.get("codec_bits") or 0), with_topk=True)
         self.offline = offline_steps(cfg.seed, cfg.on_policy_fraction, cfg.max_steps)

@@ -29,10 +29,10 @@ from llmdistill.config.train import TrainConfig
 from llmdistill.formats import (
     SchemaError,
     built_cache_dir,
+    check_built_fits,
     convert_built_to_arrow,
     open_built,
     read_built_metadata,
-    tokenizer_fingerprint,
 )
 from llmdistill.log import get_logger
 from llmdistill.manifest import write_json_atomic, write_manifest
@@ -134,19 +134,9 @@ def load_built(config: TrainConfig) -> tuple[Any, dict[str, Any]]:
 
 def check_compatible(config: TrainConfig, meta: dict[str, Any], tokenizer: Any) -> None:
     """Refuse data the run cannot use: KD without top-k, or a student tokenizer other than the shards'."""
-    if config.uses_kd and not meta.get("kd"):
-        raise ValueError(
-            f"{config.data_dir} was built without teacher top-k (kd: false), but alpha={config.alpha} "
-            f"(alpha_schedule={config.alpha_schedule}, alpha_start={config.alpha_start}) needs it: "
-            "rebuild with kd: true, or train with alpha: 0 (plain SFT)"
-        )
-    student_fp = tokenizer_fingerprint(tokenizer)
-    if student_fp != meta.get("tokenizer_fingerprint"):
-        raise ValueError(
-            f"the tokenizer of student {config.student_model} (fingerprint {student_fp}) is not the one "
-            f"{config.data_dir} was built with (fingerprint {meta.get('tokenizer_fingerprint')}): token ids "
-            "and top-k rows would index another vocabulary. Rebuild the data with this student's tokenizer."
-        )
+    needs = (f"alpha={config.alpha} (alpha_schedule={config.alpha_schedule}, alpha_start={config.alpha_start}) needs "
+             "it; or train with alpha: 0 (plain SFT)") if config.uses_kd else None
+    check_built_fits(config.data_dir, meta, tokenizer, config.student_model, needs)
 
 
 def load_student(config: TrainConfig) -> tuple[Any, Any]:

@@ -1,0 +1,61 @@
+"""``scripts/bench_onpolicy.py`` compares like with like: TRL's ``DistillationConfig`` carries llmdistill's
+on-policy settings, and TRL renders the same prompt tokens. The bench itself is not run here."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from llmdistill.prompts import PromptFormat
+from llmdistill.tinyworld.task import generate_problems, to_records
+
+BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench_onpolicy.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_onpolicy", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("use_vllm", [False, True])
+def test_trl_config_mirrors_the_llmdistill_settings(bench, tmp_path, use_vllm):
+    from trl import DistillationConfig
+
+    cfg = bench.onpolicy_config(tmp_path / "p.jsonl", tmp_path / "student", tmp_path / "teacher", tmp_path / "o")
+    trl = bench.trl_config(cfg, tmp_path / "trl", use_vllm=use_vllm)
+    # the rollout batch: one completion per prompt, all of them in one optimizer step
+    assert cfg.samples_per_prompt == 1 and cfg.sync_every == 1
+    assert trl.per_device_train_batch_size * trl.gradient_accumulation_steps == cfg.prompts_per_step
+    assert trl.max_completion_length == cfg.max_new_tokens
+    # sampling; TRL also divides the loss's logits by its temperature, llmdistill's loss is at T = 1
+    assert trl.temperature == cfg.rollout_temperature == 1.0
+    assert (trl.top_p, trl.top_k, trl.min_p, trl.repetition_penalty) == (cfg.rollout_top_p, 0, None, 1.0)
+    # reverse KL, on the student's own samples only (DistillationTrainer has no lambda: it is always on-policy)
+    assert cfg.objective == "reverse_kl" and trl.beta == 1.0
+    assert cfg.on_policy_fraction == 1.0 and cfg.offline_data_dir is None
+    assert not {"lmbda", "seq_kd"} & {f.name for f in dataclasses.fields(DistillationConfig)}
+    # optimisation and precision
+    assert (trl.max_steps, trl.learning_rate, trl.warmup_steps, trl.weight_decay, trl.max_grad_norm, trl.seed) == \
+        (cfg.max_steps, cfg.learning_rate, cfg.warmup_steps, cfg.weight_decay, cfg.max_grad_norm, cfg.seed)
+    assert trl.lr_scheduler_type == "linear"  # llmdistill: linear decay to 0 after warm-up
+    assert not trl.bf16 and not trl.fp16 and not trl.gradient_checkpointing
+    assert trl.model_init_kwargs["dtype"] == "float32" == cfg.dtype
+    assert trl.teacher_model_init_kwargs["dtype"] == cfg.teacher_dtype
+    assert trl.use_vllm is use_vllm and trl.vllm_max_model_length == cfg.max_model_len
+
+
+@pytest.mark.unit
+def test_trl_reads_the_prompts_as_the_same_tokens(bench, tiny_tokenizer):
+    records = to_records(generate_problems(8, seed=3))
+    rows = bench.trl_prompts(records)
+    # what DistillationTrainer._tokenize_prompts does with conversational prompts
+    trl_ids = tiny_tokenizer.apply_chat_template(conversation=list(rows["prompt"]), add_generation_prompt=True,
+                                                 tokenize=True, return_dict=True)["input_ids"]
+    assert trl_ids == PromptFormat().token_ids(tiny_tokenizer, [r["prompt"] for r in records])
