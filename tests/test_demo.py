@@ -25,7 +25,7 @@ SMALL = {"generate_tiny.yaml": {"num_samples": 2}, "build_tiny.yaml": {"max_leng
          "train_tiny_sft.yaml": {"max_steps": 12, "per_device_train_batch_size": 2},
          "train_tiny_kd.yaml": {"max_steps": 12, "per_device_train_batch_size": 2},
          "train_tiny_warm.yaml": {"max_steps": 4, "per_device_train_batch_size": 2},
-         "onpolicy_tiny.yaml": {"max_steps": 3, "prompts_per_step": 4, "max_new_tokens": 24},
+         "onpolicy_tiny.yaml": {"max_steps": 3, "warmup_steps": 1, "prompts_per_step": 4, "max_new_tokens": 24},
          "eval_tiny.yaml": {"limit": 40, "num_samples": 2}}
 
 

@@ -28,7 +28,7 @@ class EvalConfig:
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing non-empty output_dir."})
     reference_model: str | None = field(default=None, metadata={
         "help": "The teacher among models: every other model's compression ratio (its parameters against the "
-                "teacher's) and accuracy retained (its pass@1 as a % of the teacher's) are reported against it."})
+                "teacher's) and accuracy retained (its pass@1 over the teacher's) are reported against it."})
     data_path: str | None = field(default=None, metadata={
         "help": "Local copy of the (single) benchmark: .jsonl/.jsonl.gz/.json/.parquet/.csv."})
     column_map: str | None = field(default=None, metadata={

@@ -172,7 +172,10 @@ class ServerPool:
                 yield item
         finally:
             if thread.is_alive():  # the caller stopped early: cancel what is in flight
-                loop.call_soon_threadsafe(main.cancel)
+                try:
+                    loop.call_soon_threadsafe(main.cancel)
+                except RuntimeError:  # the loop finished and closed meanwhile: nothing is left in flight
+                    pass
             thread.join()
 
     # -- the loop --------------------------------------------------------------------------
