@@ -280,12 +280,12 @@ def forward_groups(position_ids: torch.Tensor, max_tokens: int) -> list[tuple[in
     """Cut a packed sequence into runs of whole samples of at most ``max_tokens`` each (a longer
     sample is a run of its own). One forward over a packed run costs attention over the whole run
     (the block-diagonal mask of the packed samples is ``run × run``), so runs stay bounded."""
-    starts = torch.nonzero(position_ids == 0)[:, 0].tolist() + [len(position_ids)]
-    groups, first = [], 0
-    for end, nxt in zip(starts[1:], starts[2:] + [None], strict=True):
-        if nxt is None or nxt - starts[first] > max_tokens:  # the next sample would not fit: close the run here
-            groups.append((starts[first], end))
-            first = starts.index(end)
+    bounds = torch.nonzero(position_ids == 0)[:, 0].tolist() + [len(position_ids)]
+    groups, start = [], bounds[0]
+    for end, following in zip(bounds[1:], [*bounds[2:], None], strict=True):
+        if following is None or following - start > max_tokens:  # the next sample would not fit: close the run
+            groups.append((start, end))
+            start = end
     return groups
 
 

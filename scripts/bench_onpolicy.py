@@ -80,7 +80,7 @@ MAX_MODEL_LEN = 256
 SFT_PROBLEMS = 2400
 PROMPT_POOL = 2000
 SEED = 0
-REPEATS = int(os.environ.get("BENCH_ONPOLICY_REPEATS", "2"))
+REPEATS = int(os.environ.get("BENCH_ONPOLICY_REPEATS", "3"))
 THREADS = int(os.environ.get("BENCH_ONPOLICY_THREADS", str(min(2, os.cpu_count() or 1))))
 ARMS = ("trl", "llmdistill_vllm", "llmdistill_transformers")
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -227,7 +227,7 @@ def run_arm(spec: dict[str, Any]) -> None:
         result = run_trl(world, out, use_vllm=spec["backend"] == "vllm")
     else:
         result = run_llmdistill(world, out, spec["backend"])
-    (out / "result.json").write_text(json.dumps(result))
+    (out / "result.json").write_text(json.dumps(result | {"load_1min": os.getloadavg()[0]}))
 
 
 def in_subprocess(world: dict[str, Path], out: Path, trainer: str, backend: str) -> dict[str, Any]:
@@ -265,7 +265,7 @@ def load_average() -> str:
 
 
 def machine() -> str:
-    """CPU model, cores and vector units: the same code runs ~2x slower per step on an AVX2-only CPU here."""
+    """CPU model, cores and vector units (a tiny training step ran ~2.3x slower on an AVX2-only CPU of this kind)."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
     vector = "AVX-512" if " avx512f" in info else "AVX2" if " avx2" in info else "no AVX2"
@@ -301,6 +301,7 @@ def speed(arms: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         out[f"{name}_s_per_step"] = round(seconds_per_step(best["step_ends"]), 4)
         out[f"{name}_s_per_step_repeats"] = [round(seconds_per_step(r["step_ends"]), 4) for r in repeats]
         out[f"{name}_setup_s"] = round(best["setup_s"], 1)
+        out[f"{name}_load_1min_after"] = round(best["load_1min"], 2)
         out[f"{name}_tokens_per_completion"] = round(best["completion_tokens"] / (STEPS * PROMPTS), 1)
         for phase, seconds in best["phases_s"].items():
             out[f"{name}_{phase}_s_per_step"] = round(seconds / STEPS, 4)
