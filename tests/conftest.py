@@ -53,3 +53,22 @@ def tiny_teacher_dir():
     from llmdistill.tinyworld.bootstrap import bootstrap_teacher
 
     return bootstrap_teacher(seed=0)
+
+
+@pytest.fixture
+def synthetic_servers():
+    """Start synthetic OpenAI-compatible servers that answer in vLLM's format
+    (:class:`llmdistill.generate.synthetic_server.SyntheticServer`, keyword arguments passed on);
+    all are stopped at the end of the test."""
+    from llmdistill.generate.synthetic_server import SyntheticServer, scored_body
+
+    scored_body([1, 2], 1)  # import vLLM's protocol classes now, not in a server's first reply
+    started = []
+
+    def start(**kwargs):
+        started.append(SyntheticServer(**kwargs).start())
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()

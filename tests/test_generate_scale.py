@@ -33,7 +33,6 @@ from llmdistill.generate.responses import CompletionStream, ResponseError, parse
 from llmdistill.generate.stage import prepare, write_stream
 from llmdistill.generate.synthetic_server import (
     Faults,
-    SyntheticServer,
     expected_completion,
     scored_arrays,
     scored_body,
@@ -136,17 +135,9 @@ def _run_pool(pool: ServerPool, work: list[Work], on_result=None) -> dict:
 
 
 @pytest.fixture
-def servers():
-    stream_events(teacher_output(0, 1, K), 1)  # import vLLM's protocol classes now, not in a server's first reply
-    started: list[SyntheticServer] = []
-
-    def start(**kw) -> SyntheticServer:
-        started.append(SyntheticServer(tokens=TOKENS, **kw).start())
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.stop()
+def servers(synthetic_servers):
+    """Synthetic servers whose completions are TOKENS long."""
+    return lambda **kw: synthetic_servers(tokens=TOKENS, **kw)
 
 
 @pytest.mark.unit

@@ -406,23 +406,6 @@ def test_pure_offline_kd_never_samples_nor_asks_a_teacher(built, tiny_student_di
 # ---- the teacher on a pool of vLLM servers --------------------------------------------------------
 
 
-@pytest.fixture
-def synthetic_servers():
-    """Synthetic OpenAI-compatible servers that answer in vLLM's format (llmdistill.generate.synthetic_server)."""
-    from llmdistill.generate.synthetic_server import SyntheticServer, scored_body
-
-    scored_body([1, 2], 1)  # import vLLM's protocol classes now, not in a server's first reply
-    started = []
-
-    def start(**kwargs):
-        started.append(SyntheticServer(**kwargs).start())
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.stop()
-
-
 @pytest.mark.unit
 def test_a_teacher_on_servers_grades_exactly_what_the_servers_score(synthetic_servers):
     """Each sample's grades are the server's prompt log-probs at its completion positions; routing by teacher."""
