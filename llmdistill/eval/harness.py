@@ -203,11 +203,12 @@ def efficiency(results: dict[str, dict], reference: str | None) -> dict[str, dic
     """Per model: parameters, generation tokens/s over all benchmarks (vLLM, this hardware) and,
     against ``reference`` (the teacher), the compression ratio and pass@1 retained per benchmark."""
     out: dict[str, dict[str, Any]] = {}
-    ref_params = count_parameters(reference) if reference else None
+    sizes = {model: count_parameters(model) for model in results}  # each checkpoint's headers read once
+    ref_params = sizes.get(reference) if reference else None
     for model, benches in results.items():
         tokens = sum(m["generation"]["tokens"] for m in benches.values() if "generation" in m)
         seconds = sum(m["generation"]["seconds"] for m in benches.values() if "generation" in m)
-        params = count_parameters(model)
+        params = sizes[model]
         row: dict[str, Any] = {"parameters": params,
                                "generation_tokens_per_s": round(tokens / seconds, 1) if seconds else None}
         if reference and reference in results:
