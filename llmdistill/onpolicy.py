@@ -59,6 +59,7 @@ from llmdistill.log import get_logger
 from llmdistill.losses import chunked_distill_loss
 from llmdistill.manifest import MANIFEST, write_json_atomic, write_manifest
 from llmdistill.prompts import PromptFormat
+from llmdistill.teacher import TransformersTeacher, on_device, predicting_hidden
 
 logger = get_logger(__name__)
 
@@ -268,70 +269,6 @@ def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> dict[s
     return {"input_ids": input_ids[None], "position_ids": torch.tensor(pos, dtype=torch.long)[None],
             "target_index": target_index, "target_ids": input_ids[target_index],
             "seq_of_target": torch.tensor(owners, dtype=torch.long)}
-
-
-def on_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The batch's tensors on the model's device (a no-op on a CPU host)."""
-    device = next(model.parameters()).device
-    return {key: value.to(device) for key, value in batch.items()}
-
-
-def forward_groups(position_ids: torch.Tensor, max_tokens: int) -> list[tuple[int, int]]:
-    """Cut a packed sequence into runs of whole samples of at most ``max_tokens`` each (a longer
-    sample is a run of its own). One forward over a packed run costs attention over the whole run
-    (the block-diagonal mask of the packed samples is ``run × run``), so runs stay bounded."""
-    bounds = torch.nonzero(position_ids == 0)[:, 0].tolist() + [len(position_ids)]
-    groups, start = [], bounds[0]
-    for end, following in zip(bounds[1:], [*bounds[2:], None], strict=True):
-        if following is None or following - start > max_tokens:  # the next sample would not fit: close the run
-            groups.append((start, end))
-            start = end
-    return groups
-
-
-def predicting_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                      max_tokens: int = 2048) -> tuple[torch.Tensor, torch.nn.Module]:
-    """The final hidden states that predict each target (N, H), and the LM head: one forward per
-    run of whole samples of at most ``max_tokens`` (:func:`forward_groups`)."""
-    ids, pos = batch["input_ids"][0], batch["position_ids"][0]
-    hidden = torch.cat([model.base_model(input_ids=ids[a:b][None], position_ids=pos[a:b][None],
-                                         use_cache=False).last_hidden_state[0]
-                        for a, b in forward_groups(pos, max_tokens)])
-    return hidden[batch["target_index"] - 1], model.get_output_embeddings()
-
-
-@torch.no_grad()
-def topk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, target_ids: torch.Tensor, k: int,
-                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k ids and log-probs (N, k) and the targets' own log-probs (N,), chunk by chunk (fp32)."""
-    ids, lps, own = [], [], []
-    for start in range(0, len(hidden), chunk_size):
-        logits = head(hidden[start:start + chunk_size]).float()
-        logp = torch.log_softmax(logits, dim=-1)
-        top = logp.topk(k, dim=-1)
-        ids.append(top.indices)
-        lps.append(top.values)
-        own.append(logp.gather(-1, target_ids[start:start + chunk_size, None])[:, 0])
-    return torch.cat(ids), torch.cat(lps), torch.cat(own)
-
-
-class TransformersTeacher:
-    """A teacher in this process: one prefill forward over the packed samples per step."""
-
-    def __init__(self, path: str, dtype: str, device: torch.device | str = "cpu", pack_tokens: int = 2048):
-        from transformers import AutoModelForCausalLM
-
-        self.pack_tokens = pack_tokens
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    def score(self, batch: dict[str, torch.Tensor], k: int, chunk_size: int) -> dict[str, torch.Tensor]:
-        batch = on_device(batch, self.model)
-        with torch.no_grad():
-            hidden, head = predicting_hidden(self.model, batch, self.pack_tokens)
-            ids, lps, own = topk_logprobs(hidden, head, batch["target_ids"], k, chunk_size)
-        return {"teacher_ids": ids, "teacher_logprobs": lps, "teacher_token_logprobs": own}
 
 
 def unpack(batch: dict[str, torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:

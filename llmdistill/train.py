@@ -5,7 +5,7 @@ machines: ``accelerate launch --config_file configs/accelerate/<ddp_cpu|deepspee
 -m llmdistill train --config ...`` (see the comments in those files for multi-node launches).
 
 The run reads top to bottom in :func:`run_train`: built data -> student (+ LoRA / QLoRA) ->
-trainer -> train -> save -> loss curve + ``manifest.json`` (written last: a directory with a
+online teacher (with ``teacher_model``) -> trainer -> train -> save -> loss curve + ``manifest.json`` (written last: a directory with a
 manifest holds a finished run). The built data is memory-mapped, never loaded: its Parquet shards
 are converted once per machine into Arrow files that every process maps (:func:`load_built`).
 Checkpoints and the final model are written whole, and ``resume_from_checkpoint: latest`` resumes
@@ -66,10 +66,14 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
         out = Path(config.output_dir)
         history = trainer.state.log_history
         try:
+            if trainer.layers is not None:
+                trainer.layers.save(out)  # the feature projection, apart from the plain HF student
             write_json_atomic(out / "log_history.json", history)
             plot_loss_curve(history, out / "loss_curve.png")
-            write_manifest(config.output_dir, "train", config, inputs={"data": config.data_dir,
-                           "student": config.student_model}, counts=_counts(trainer, result),
+            inputs = {"data": config.data_dir, "student": config.student_source}
+            if config.teacher_model:
+                inputs["teacher"] = config.teacher_model
+            write_manifest(config.output_dir, "train", config, inputs=inputs, counts=_counts(trainer, result),
                            started=started, built=meta, replica_fingerprints=replicas)
         except OSError as err:
             if not is_disk_full(err, out):
@@ -93,17 +97,56 @@ def build_trainer(config: TrainConfig) -> tuple[Any, dict[str, Any]]:
     from llmdistill.trainer import DistillTrainer
 
     dataset, meta = load_built(config)
-    tokenizer = AutoTokenizer.from_pretrained(config.student_model, trust_remote_code=config.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(config.student_source, trust_remote_code=config.trust_remote_code)
     check_compatible(config, meta, tokenizer)
     logger.info("train data: %d packed rows from %s (memory-mapped from %s), kd=%s, k=%s", len(dataset),
                 config.data_dir, Path(dataset.cache_files[0]["filename"]).parent, meta["kd"], meta.get("k"))
     model, peft_config = load_student(config)
+    teacher, layers = load_online_teacher(config, tokenizer, model)
+    # the online teacher replaces stored top-k: the collator does not decode it
     collator = DistillCollator(k=int(meta["k"]), vocab_size=int(meta["vocab_size"]),
-                               codec_bits=int(meta.get("codec_bits") or 0), with_topk=bool(meta["kd"]))
+                               codec_bits=int(meta.get("codec_bits") or 0),
+                               with_topk=bool(meta["kd"]) and teacher is None)
     trainer = DistillTrainer(model=model, args=config, train_dataset=dataset, data_collator=collator,
                              processing_class=tokenizer, peft_config=peft_config,
-                             max_length=int(meta["max_length"]))
+                             max_length=int(meta["max_length"]), teacher=teacher, layers=layers)
     return trainer, meta
+
+
+def load_online_teacher(config: TrainConfig, tokenizer: Any, student: Any) -> tuple[Any, Any]:
+    """The online teacher and the layer terms, or (None, None) without ``teacher_model``.
+
+    Raises:
+        UserError: a teacher whose tokenizer is not the student's, a teacher or student attention kernel
+            that cannot give attention probabilities, or a layer map that does not fit the models.
+    """
+    from transformers import AutoTokenizer
+
+    from llmdistill.online import LayerDistiller, OnlineTeacher
+    from llmdistill.teacher import TransformersTeacher
+
+    if not config.teacher_model:
+        return None, None
+    teacher_tokenizer = AutoTokenizer.from_pretrained(config.teacher_model, trust_remote_code=config.trust_remote_code)
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"teacher_model {config.teacher_model}: its tokenizer differs from the student's "
+                        f"({config.student_source}); token-level distillation needs one vocabulary")
+    loaded = TransformersTeacher(config.teacher_model, config.teacher_dtype, attn_implementation=config.attention)
+    teacher_rows = loaded.model.get_output_embeddings().weight.shape[0]
+    student_rows = student.get_output_embeddings().weight.shape[0]
+    if teacher_rows > student_rows:
+        raise UserError(f"teacher_model {config.teacher_model} has {teacher_rows} output rows, the student "
+                        f"{student_rows}: its top-k could name ids the student does not have")
+    if config.attention_loss == "attention_kl":
+        for who, model in (("student", student), ("teacher", loaded.model)):
+            if model.config._attn_implementation != "eager":
+                raise UserError(f"attention_loss=attention_kl: the {who} runs {model.config._attn_implementation} "
+                                "attention, which gives no attention probabilities: it needs attn_implementation: "
+                                "eager (set attention: eager, and no attn_implementation in model_init_kwargs)")
+    layers = None
+    if config.feature_loss != "none" or config.attention_loss != "none":
+        layers = LayerDistiller(config, student.config, loaded.model.config)
+    return OnlineTeacher(loaded, config.teacher_top_k, config.loss_chunk_size), layers
 
 
 def load_built(config: TrainConfig) -> tuple[Any, dict[str, Any]]:
@@ -133,10 +176,12 @@ def load_built(config: TrainConfig) -> tuple[Any, dict[str, Any]]:
 
 
 def check_compatible(config: TrainConfig, meta: dict[str, Any], tokenizer: Any) -> None:
-    """Refuse data the run cannot use: KD without top-k, or a student tokenizer other than the shards'."""
+    """Refuse data the run cannot use: KD without top-k (stored, or from an online teacher), or a student
+    tokenizer other than the shards'."""
     needs = (f"alpha={config.alpha} (alpha_schedule={config.alpha_schedule}, alpha_start={config.alpha_start}) needs "
-             "it; or train with alpha: 0 (plain SFT)") if config.uses_kd else None
-    check_built_fits(config.data_dir, meta, tokenizer, config.student_model, needs)
+             "it; or set teacher_model (an online teacher), or train with alpha: 0 (plain SFT)"
+             ) if config.uses_kd and not config.teacher_model else None
+    check_built_fits(config.data_dir, meta, tokenizer, config.student_source, needs)
 
 
 def load_student(config: TrainConfig) -> tuple[Any, Any]:
@@ -152,7 +197,9 @@ def load_student(config: TrainConfig) -> tuple[Any, Any]:
     kwargs.setdefault("trust_remote_code", config.trust_remote_code)
     if config.load_in_4bit:
         kwargs["quantization_config"] = _four_bit_config(config)
-    model = AutoModelForCausalLM.from_pretrained(config.student_model, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(config.student_source, **kwargs)
+    if config.student_init == "drop_layers":
+        drop_layers(model)
     if not config.use_peft:
         return model, None
     from peft import LoraConfig
@@ -163,6 +210,33 @@ def load_student(config: TrainConfig) -> tuple[Any, Any]:
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
     )
     return model, peft_config
+
+
+def drop_layers(model: Any) -> Any:
+    """DistilBERT's initialisation, in place: keep every other decoder block (0, 2, 4, ...) of ``model``.
+
+    Embeddings, final norm and LM head stay; the config's layer count (and per-layer types) follow.
+    A 3-block teacher gives a 2-block student made of its blocks 0 and 2.
+
+    Raises:
+        UserError: a model whose decoder blocks are not ``base_model.layers``.
+    """
+    from torch import nn
+
+    backbone = model.base_model
+    layers = getattr(backbone, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UserError(f"student_init=drop_layers: {type(model).__name__} keeps no decoder blocks in "
+                        "base_model.layers; initialise the student another way")
+    keep = list(range(0, len(layers), 2))
+    backbone.layers = nn.ModuleList(layers[i] for i in keep)
+    for new_index, block in enumerate(backbone.layers):
+        if hasattr(getattr(block, "self_attn", None), "layer_idx"):
+            block.self_attn.layer_idx = new_index  # the KV-cache slot of a generating model
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    return model
 
 
 def _four_bit_config(config: TrainConfig) -> Any:

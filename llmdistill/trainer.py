@@ -10,9 +10,14 @@ Only what distillation needs is overridden:
   the packing, accumulation or world size;
 * ``get_batch_samples`` times the wait for the step's batches;
 * ``log`` adds ``ce_loss``, ``kd_loss``, ``tokens_per_s``, ``real_token_fraction``,
-  ``target_fraction``, ``alpha`` and ``temperature``, and the cost of the run beside them:
+  ``target_fraction``, ``alpha`` and ``temperature`` (with layer terms also ``feature_loss``,
+  ``attention_loss`` and their weights), and the cost of the run beside them:
   ``data_wait_s`` (seconds per optimizer step spent waiting for data), ``data_wait_fraction``,
   ``peak_rss_gib`` and, on GPUs, ``peak_accelerator_gib`` (see :meth:`DistillTrainer._window_metrics`).
+
+With an online teacher (``teacher_model``) the teacher's top-k comes from its forward over the same
+batch, and the feature/attention terms compare its layers with the student's (:mod:`llmdistill.online`).
+Schedules are step-based or follow the running loss (:func:`current_schedule`).
 
 The loss runs *inside* the wrapped model's forward (:func:`run_in_forward`): DDP only arms its
 gradient all-reduce in its own forward, and FSDP/ZeRO-3 only gather sharded weights there.
@@ -32,7 +37,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -60,10 +65,18 @@ from llmdistill.config.base import UserError
 from llmdistill.config.train import TrainConfig
 from llmdistill.log import get_logger
 from llmdistill.losses import chunked_distill_loss
+from llmdistill.online import (
+    Captured,
+    CaptureSpec,
+    LayerDistiller,
+    OnlineTeacher,
+    ProjectorGrads,
+    capture_forward,
+)
 
 logger = get_logger(__name__)
 
-_STATS = ("ce_sum", "kd_sum", "n_targets", "n_tokens", "capacity")
+_STATS = ("ce_sum", "kd_sum", "feature_sum", "attention_sum", "n_targets", "n_tokens", "capacity")
 GIB = 1024**3
 
 
@@ -91,10 +104,11 @@ def schedule_value(kind: str, start: float, end: float, progress: float, warmup_
     Args:
         kind: ``constant`` (always ``end``), ``linear_warmup`` (``start`` -> ``end`` over the
             first ``warmup_ratio`` of the run, then ``end``), ``linear`` or ``cosine``
-            (``start`` -> ``end`` over the whole run).
+            (``start`` -> ``end`` over the whole run), ``loss_adaptive`` (linear in a progress
+            measured on the running loss, :meth:`LossEMA.progress`).
         start: value at progress 0.
         end: final value.
-        progress: fraction of the optimizer steps done.
+        progress: fraction of the optimizer steps done (of the loss's fall for ``loss_adaptive``).
         warmup_ratio: length of the warm-up for ``linear_warmup``.
     """
     p = min(max(progress, 0.0), 1.0)
@@ -103,11 +117,71 @@ def schedule_value(kind: str, start: float, end: float, progress: float, warmup_
     if kind == "linear_warmup":
         frac = 1.0 if warmup_ratio <= 0 else min(p / warmup_ratio, 1.0)
         return start + (end - start) * frac
-    if kind == "linear":
+    if kind in ("linear", "loss_adaptive"):
         return start + (end - start) * p
     if kind == "cosine":
         return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * p))
     raise ValueError(f"unknown schedule {kind!r}")
+
+
+class LossEMA:
+    """The running per-token loss of the run, for ``loss_adaptive`` schedules.
+
+    ``value = decay * value + (1 - decay) * loss`` per update; the first update sets it (and ``first``).
+    """
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.first: float | None = None
+        self.value: float | None = None
+
+    def update(self, loss: float) -> None:
+        if self.value is None:
+            self.first = self.value = loss
+        else:
+            self.value = self.decay * self.value + (1.0 - self.decay) * loss
+
+    def progress(self) -> float:
+        """How far the loss has fallen: ``clamp(1 - value / first, 0, 1)`` (0 before any update)."""
+        if self.value is None or not self.first or self.first <= 0:
+            return 0.0
+        return min(max(1.0 - self.value / self.first, 0.0), 1.0)
+
+
+def current_schedule(args: TrainConfig, state: Any, loss_ema: LossEMA) -> dict[str, float]:
+    """alpha, temperature and the layer-term weights at this point of the run.
+
+    Args:
+        args: the run's config (schedules, start and end values).
+        state: the trainer state (``global_step``, ``max_steps``) for step-based schedules.
+        loss_ema: the running loss for ``loss_adaptive`` schedules.
+    """
+    step_progress = state.global_step / max(state.max_steps, 1)
+
+    def value(kind: str, start: float, end: float, warmup: float = 1.0) -> float:
+        return schedule_value(kind, start, end, loss_ema.progress() if kind == "loss_adaptive" else step_progress,
+                              warmup)
+
+    a = args
+    return {
+        "alpha": value(a.alpha_schedule, a.alpha_start, a.alpha, a.alpha_warmup_ratio),
+        "temperature": value(a.temperature_schedule, a.temperature_start, a.temperature),
+        "feature_weight": value(a.feature_weight_schedule, a.feature_weight_start, a.feature_weight,
+                                a.alpha_warmup_ratio),
+        "attention_weight": value(a.attention_weight_schedule, a.attention_weight_start, a.attention_weight,
+                                  a.alpha_warmup_ratio),
+    }
+
+
+class StepLoss(NamedTuple):
+    """The summed loss of a micro-batch and its terms (sums over its target tokens)."""
+
+    loss: torch.Tensor
+    ce_sum: torch.Tensor
+    kd_sum: torch.Tensor
+    feature_sum: torch.Tensor
+    attention_sum: torch.Tensor
+    n_tokens: int
 
 
 def run_in_forward(wrapper: nn.Module, inner: nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -140,12 +214,17 @@ class DistillTrainer(SFTTrainer):
     :class:`~llmdistill.config.train.TrainConfig`. ``max_length`` is the packed-row capacity
     of the built shards (for the real-token fraction), not ``args.max_length``: the SFTConfig
     options of TRL's data preparation and loss that this trainer replaces are refused by
-    TrainConfig (:data:`~llmdistill.config.train.UNSUPPORTED_SFT_FIELDS`).
+    TrainConfig (:data:`~llmdistill.config.train.UNSUPPORTED_SFT_FIELDS`). ``teacher`` is the
+    online teacher (None: the batches carry stored top-k) and ``layers`` the feature/attention
+    terms (they need the online teacher).
     """
 
-    def __init__(self, *args: Any, max_length: int, **kwargs: Any):
+    def __init__(self, *args: Any, max_length: int, teacher: OnlineTeacher | None = None,
+                 layers: LayerDistiller | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.max_length = max_length
+        self.teacher, self.layers = teacher, layers
+        self._place_teacher_and_projector()
         # the loss is divided by the token count of the whole optimizer step (see compute_loss)
         self.loss_is_scaled_for_ga = True
         self._stats = torch.zeros(len(_STATS), dtype=torch.float64)
@@ -153,23 +232,41 @@ class DistillTrainer(SFTTrainer):
         self._window_start: float | None = None  # the first batch fetch of a logging window starts its clock
         self._data_wait = 0.0  # seconds spent waiting for batches in the window
         self._window_steps = 0
-        self._last_schedule = (self.current_alpha(), self.current_temperature())
+        self.loss_ema = LossEMA(self.args.adaptive_ema_decay)
+        self._last_schedule = current_schedule(self.args, self.state, self.loss_ema)
         self._staging_root: Path | None = None  # set while a checkpoint is written (see _get_output_dir)
         self._owner_pid = self._main_process_pid()  # names the staging directories, the same on every rank
         if self.args.should_save:
             clean_stale(self.args.output_dir)
 
-    # ---- schedules ----------------------------------------------------------------------
-    def _progress(self) -> float:
-        return self.state.global_step / max(self.state.max_steps, 1)
+    # ---- online teacher and feature projection -------------------------------------------
+    def _place_teacher_and_projector(self) -> None:
+        """The teacher on the student's device (ZeRO-3: partitioned for inference); the projection beside it."""
+        if self.teacher is not None:
+            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-    def current_alpha(self) -> float:
-        a: TrainConfig = self.args
-        return schedule_value(a.alpha_schedule, a.alpha_start, a.alpha, self._progress(), a.alpha_warmup_ratio)
+            if self.is_deepspeed_enabled and is_deepspeed_zero3_enabled():
+                from trl.models.utils import prepare_deepspeed
 
-    def current_temperature(self) -> float:
-        a: TrainConfig = self.args
-        return schedule_value(a.temperature_schedule, a.temperature_start, a.temperature, self._progress())
+                self.teacher.teacher.model = prepare_deepspeed(self.teacher.teacher.model, self.accelerator)
+            else:
+                self.teacher.teacher.model.to(self.accelerator.device)
+        projector = self.layers.projector if self.layers is not None else None
+        if projector is None:
+            return
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise UserError("feature_loss with a student narrower than the teacher trains a projection outside the "
+                            "sharded model, which DeepSpeed/FSDP do not see: train with DDP or one process, or "
+                            "with a student as wide as the teacher")
+        projector.to(self.accelerator.device)
+        self.add_callback(ProjectorGrads(projector, average=self.accelerator.num_processes > 1))
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The student's optimizer, plus the feature projection as one more parameter group (no weight decay)."""
+        optimizer = super().create_optimizer(model)
+        if self.layers is not None and self.layers.projector is not None:
+            optimizer.add_param_group({"params": list(self.layers.projector.parameters()), "weight_decay": 0.0})
+        return optimizer
 
     # ---- loss ---------------------------------------------------------------------------
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
@@ -183,9 +280,9 @@ class DistillTrainer(SFTTrainer):
         return count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        alpha, temperature = self.current_alpha(), self.current_temperature()
+        schedule = current_schedule(self.args, self.state, self.loss_ema)
         inner = self.accelerator.unwrap_model(model)
-        out = run_in_forward(model, inner, self._distill_forward, inner, inputs, alpha, temperature)
+        out = run_in_forward(model, inner, self._distill_forward, inner, inputs, schedule)
         if num_items_in_batch is None:  # a batch on its own: plain per-token mean
             loss = out.loss / max(int(out.n_tokens), 1)
         else:
@@ -194,15 +291,40 @@ class DistillTrainer(SFTTrainer):
             loss = out.loss / num_items_in_batch.clamp(min=1) * self.accelerator.num_processes
         if model.training:
             self._record(inputs, out)
-            self._last_schedule = (alpha, temperature)
+            self._follow_loss(out)
+            self._last_schedule = schedule
         return (loss, None) if return_outputs else loss
 
-    def _distill_forward(self, inner: nn.Module, inputs: dict[str, torch.Tensor], alpha: float, temperature: float):
-        """Backbone -> hidden states of the predicting positions -> chunked loss (runs inside the forward)."""
+    def _follow_loss(self, out: StepLoss) -> None:
+        """Feed the running loss of ``loss_adaptive`` schedules (averaged over processes: they all move alike)."""
+        a: TrainConfig = self.args
+        kinds = (a.alpha_schedule, a.temperature_schedule, a.feature_weight_schedule, a.attention_weight_schedule)
+        if "loss_adaptive" not in kinds:
+            return
+        summed = out.ce_sum if a.adaptive_loss == "ce" else out.kd_sum
+        stats = torch.tensor([float(summed), float(out.n_tokens)], dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            stats = self.accelerator.reduce(stats, reduction="sum")
+        if stats[1] > 0:
+            self.loss_ema.update(float(stats[0] / stats[1]))
+
+    def _distill_forward(self, inner: nn.Module, inputs: dict[str, torch.Tensor],
+                         schedule: dict[str, float]) -> StepLoss:
+        """Backbone -> hidden states of the predicting positions -> chunked loss (+ layer terms); runs inside the forward."""
         causal_lm = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-        hidden = causal_lm.base_model(
-            input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False
-        ).last_hidden_state[0]  # (L, H)
+        spec = self.layers.spec(0) if self.layers is not None else None
+        student: Captured | None = None
+        if spec is None:
+            hidden = causal_lm.base_model(
+                input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False
+            ).last_hidden_state[0]  # (L, H)
+        else:
+            student = capture_forward(causal_lm.base_model, inputs["input_ids"], inputs["position_ids"], spec)
+            hidden = student.last
+        teacher_ids, teacher_logprobs, teacher = inputs.get("teacher_ids"), inputs.get("teacher_logprobs"), None
+        if self.teacher is not None:
+            teacher_spec = self.layers.spec(1) if self.layers is not None else CaptureSpec()
+            teacher_ids, teacher_logprobs, teacher = self.teacher.signals(inputs, teacher_spec)
         target_index = inputs["target_index"]
         head = causal_lm.get_output_embeddings()
         weight, bias = head.weight, head.bias
@@ -210,19 +332,25 @@ class DistillTrainer(SFTTrainer):
             weight = weight.full_tensor()
             bias = bias.full_tensor() if bias is not None else None
         with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3: gather the partitioned head
-            return chunked_distill_loss(
+            out = chunked_distill_loss(
                 hidden[target_index - 1],
                 weight,
                 inputs["input_ids"][0, target_index],
-                inputs.get("teacher_ids"),
-                inputs.get("teacher_logprobs"),
-                alpha=alpha,
-                temperature=temperature,
+                teacher_ids,
+                teacher_logprobs,
+                alpha=schedule["alpha"],
+                temperature=schedule["temperature"],
                 divergence=self.args.divergence,
                 beta=self.args.jsd_beta,
                 chunk_size=self.args.loss_chunk_size,
                 lm_head_bias=bias,
             )
+        loss, zero = out.loss, torch.zeros((), device=hidden.device)
+        feature = attention = zero
+        if self.layers is not None and student is not None and teacher is not None:
+            feature, attention = self.layers.terms(student, teacher, target_index, inputs["position_ids"][0])
+            loss = loss + schedule["feature_weight"] * feature + schedule["attention_weight"] * attention
+        return StepLoss(loss, out.ce_sum, out.kd_sum, feature.detach(), attention.detach(), out.n_tokens)
 
     # ---- logging ------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
@@ -237,7 +365,8 @@ class DistillTrainer(SFTTrainer):
 
     def _record(self, inputs: dict[str, torch.Tensor], out: Any) -> None:
         n_tokens = inputs["input_ids"].shape[1]
-        values = (out.ce_sum, out.kd_sum, out.n_tokens, n_tokens, int(inputs["num_rows"]) * self.max_length)
+        values = (out.ce_sum, out.kd_sum, out.feature_sum, out.attention_sum, out.n_tokens, n_tokens,
+                  int(inputs["num_rows"]) * self.max_length)
         self._stats += torch.tensor([float(v) for v in values], dtype=torch.float64)
         self._stats_calls += 1
 
@@ -276,8 +405,8 @@ class DistillTrainer(SFTTrainer):
             "tokens_per_s": s["n_tokens"] / max(elapsed, 1e-9),
             "real_token_fraction": s["n_tokens"] / max(s["capacity"], 1.0),
             "target_fraction": s["n_targets"] / max(s["n_tokens"], 1.0),
-            "alpha": self._last_schedule[0],  # the values the window's last step used
-            "temperature": self._last_schedule[1],
+            "alpha": self._last_schedule["alpha"],  # the values the window's last step used
+            "temperature": self._last_schedule["temperature"],
             "data_wait_s": data_wait_s,
             "data_wait_fraction": data_wait_fraction,
             "peak_rss_gib": peak_rss_gib,
@@ -285,6 +414,11 @@ class DistillTrainer(SFTTrainer):
         }
         if self.accelerator.device.type != "cpu":
             metrics["peak_accelerator_gib"] = peak_accelerator_gib
+        if self.layers is not None:
+            for term in (t for t, kind in (("feature", self.layers.feature), ("attention", self.layers.attention))
+                         if kind != "none"):
+                metrics[f"{term}_loss"] = s[f"{term}_sum"] / n
+                metrics[f"{term}_weight"] = self._last_schedule[f"{term}_weight"]
         return metrics
 
     def trained_tokens(self, unlogged: bool = False) -> float:
@@ -319,6 +453,11 @@ class DistillTrainer(SFTTrainer):
         return super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
                              **kwargs)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.layers is not None:
+            self.layers.load(resume_from_checkpoint)
+
     def _get_output_dir(self, trial: Any) -> str:
         # while _save_checkpoint runs, transformers writes `<this>/checkpoint-N`: the staging directory
         staging = getattr(self, "_staging_root", None)
@@ -344,6 +483,8 @@ class DistillTrainer(SFTTrainer):
         self._staging_root = staging_root
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save and self.layers is not None:
+                self.layers.save(staged)  # the projection beside the weights and the optimizer that trains it
         except Exception as err:
             error = err
         finally:

@@ -71,18 +71,21 @@ def test_pack_marks_exactly_the_completion_tokens_as_targets():
 
 
 @pytest.mark.unit
-def test_samples_are_forwarded_in_bounded_runs_with_the_same_hidden_states(tiny_student_dir):
-    from llmdistill.onpolicy import forward_groups, predicting_hidden
+def test_samples_are_forwarded_in_bounded_padded_batches_with_the_packed_hidden_states(tiny_student_dir):
+    from llmdistill.teacher import forward_groups, predicting_hidden
 
     batch = pack([[1, 2, 3], [4], [5, 6], [7]], [[5, 6], [7, 8, 9], [1] * 9, [2]])  # samples of 5, 4, 11, 2 tokens
-    assert forward_groups(batch["position_ids"][0], 9) == [(0, 9), (9, 20), (20, 22)]  # the 11 alone, whole
-    assert forward_groups(batch["position_ids"][0], 100) == [(0, 22)]
-    assert forward_groups(batch["position_ids"][0], 1) == [(0, 5), (5, 9), (9, 20), (20, 22)]
+    assert forward_groups(batch["position_ids"][0], 9) == [[(9, 20)], [(0, 5)], [(5, 9), (20, 22)]]  # 11 alone
+    assert forward_groups(batch["position_ids"][0], 100) == [[(9, 20), (0, 5), (5, 9), (20, 22)]]
+    assert forward_groups(batch["position_ids"][0], 1) == [[(9, 20)], [(0, 5)], [(5, 9)], [(20, 22)]]
     model, _ = load_student(str(tiny_student_dir))
+    ids, pos = batch["input_ids"], batch["position_ids"]
     with torch.no_grad():
-        runs, _ = predicting_hidden(model, batch, max_tokens=9)
-        whole, _ = predicting_hidden(model, batch, max_tokens=10_000)
-    torch.testing.assert_close(runs, whole, rtol=0, atol=1e-5)
+        packed = model.base_model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[0]
+        for max_tokens in (1, 9, 10_000):
+            hidden, head = predicting_hidden(model, batch, max_tokens=max_tokens)
+            torch.testing.assert_close(hidden, packed[batch["target_index"] - 1], rtol=0, atol=1e-5)
+    assert head is model.get_output_embeddings()
 
 
 @pytest.mark.unit
@@ -176,8 +179,9 @@ def test_the_teachers_grades_equal_a_plain_forward_and_sync_makes_the_engine_the
         prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from llmdistill.onpolicy import TransformersTeacher, VllmRollout, load_prompts, rollout
+    from llmdistill.onpolicy import VllmRollout, load_prompts, rollout
     from llmdistill.prompts import PromptFormat
+    from llmdistill.teacher import TransformersTeacher
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     cfg = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "o")

@@ -111,9 +111,9 @@ class ObjectiveConfig:
     checker: str = field(default="numeric", metadata={"help": "Answer checker of the reward (llmdistill.checking)."})
     loss_chunk_size: int = field(default=1024, metadata={"help": "Target tokens per chunk of the chunked loss."})
     pack_tokens: int = field(default=2048, metadata={
-        "help": "Most tokens per forward pass of the teacher's scoring and the student's loss: a step's samples are "
-                "packed into runs of whole samples up to this size (attention over a packed run costs its square; "
-                "a longer sample runs alone)."})
+        "help": "Most positions per forward pass of the teacher's scoring and the student's loss: a step's samples "
+                "run as right-padded batches of at most this many positions (count x longest; a longer sample runs "
+                "alone)."})
 
 
 @dataclass

@@ -1,0 +1,106 @@
+"""The in-process teacher, shared by ``onpolicy`` (grading the student's samples) and ``train``
+(the online teacher): a frozen model in this process, its forward over packed samples, and its
+top-k log-probs computed chunk by chunk (never a full ``[tokens x vocab]`` float32 tensor).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def on_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The batch's tensors on the model's device (a no-op on a CPU host)."""
+    device = next(model.parameters()).device
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def forward_groups(position_ids: torch.Tensor, max_tokens: int) -> list[list[tuple[int, int]]]:
+    """The packed samples (their ``(start, end)`` spans) grouped for padded forwards of bounded size.
+
+    Samples are taken longest first; a group holds as many as fit ``count × longest <= max_tokens``
+    (a longer sample is a group of its own). Each group runs as one right-padded batch, so attention
+    costs each sample's own square, not the square of a packed run, and padding stays small.
+    """
+    starts = torch.nonzero(position_ids == 0)[:, 0].tolist()
+    spans = sorted(zip(starts, [*starts[1:], len(position_ids)], strict=True), key=lambda s: s[0] - s[1])
+    groups: list[list[tuple[int, int]]] = []
+    for span in spans:
+        if groups and (len(groups[-1]) + 1) * (groups[-1][0][1] - groups[-1][0][0]) <= max_tokens:
+            groups[-1].append(span)
+        else:
+            groups.append([span])
+    return groups
+
+
+def predicting_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                      max_tokens: int = 2048) -> tuple[torch.Tensor, torch.nn.Module]:
+    """The final hidden states that predict each target (N, H), and the LM head.
+
+    The packed samples run as right-padded batches of at most ``max_tokens`` positions
+    (:func:`forward_groups`). Under a causal mask a real token never sees the padding after it,
+    so no attention mask is needed and each position's state equals the packed forward's.
+    """
+    ids = batch["input_ids"][0]
+    pieces, positions = [], []
+    for group in forward_groups(batch["position_ids"][0], max_tokens):
+        lengths = torch.tensor([b - a for a, b in group], device=ids.device)
+        padded = ids.new_zeros(len(group), int(lengths[0]))
+        for row, (a, b) in enumerate(group):
+            padded[row, :b - a] = ids[a:b]
+        out = model.base_model(input_ids=padded, use_cache=False).last_hidden_state
+        real = torch.arange(padded.shape[1], device=ids.device)[None] < lengths[:, None]
+        pieces.append(out[real])  # row-major: the group's samples in order, each without its padding
+        positions += [torch.arange(a, b, device=ids.device) for a, b in group]
+    where = torch.empty(len(ids), dtype=torch.long, device=ids.device)
+    where[torch.cat(positions)] = torch.arange(len(ids), device=ids.device)
+    return torch.cat(pieces)[where[batch["target_index"] - 1]], model.get_output_embeddings()
+
+
+@torch.no_grad()
+def topk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, target_ids: torch.Tensor, k: int,
+                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k ids and log-probs (N, k) and the targets' own log-probs (N,), chunk by chunk (fp32)."""
+    ids, lps, own = [], [], []
+    for start in range(0, len(hidden), chunk_size):
+        logits = head(hidden[start:start + chunk_size]).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        top = logp.topk(k, dim=-1)
+        ids.append(top.indices)
+        lps.append(top.values)
+        own.append(logp.gather(-1, target_ids[start:start + chunk_size, None])[:, 0])
+    return torch.cat(ids), torch.cat(lps), torch.cat(own)
+
+
+class TransformersTeacher:
+    """A frozen teacher in this process (no gradient, eval mode, its own dtype, on ``device``).
+
+    ``onpolicy`` grades a step's samples with :meth:`score` (one prefill per group of packed
+    samples); ``train``'s online teacher runs :attr:`model` on the student's packed batch
+    (:class:`llmdistill.online.OnlineTeacher`).
+
+    Args:
+        path: HF checkpoint of the teacher.
+        dtype: ``float32``, ``bfloat16``, ``float16``, or ``auto`` (the checkpoint's own dtype).
+        device: where the weights go.
+        pack_tokens: positions per forward in :meth:`score`.
+        attn_implementation: transformers' attention kernel (``eager`` returns attention probabilities);
+            None keeps transformers' default.
+    """
+
+    def __init__(self, path: str, dtype: str, device: torch.device | str = "cpu", pack_tokens: int = 2048,
+                 attn_implementation: str | None = None):
+        from transformers import AutoModelForCausalLM
+
+        self.pack_tokens = pack_tokens
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype if dtype == "auto" else getattr(torch, dtype), **kwargs).to(device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def score(self, batch: dict[str, torch.Tensor], k: int, chunk_size: int) -> dict[str, torch.Tensor]:
+        batch = on_device(batch, self.model)
+        with torch.no_grad():
+            hidden, head = predicting_hidden(self.model, batch, self.pack_tokens)
+            ids, lps, own = topk_logprobs(hidden, head, batch["target_ids"], k, chunk_size)
+        return {"teacher_ids": ids, "teacher_logprobs": lps, "teacher_token_logprobs": own}

@@ -1,0 +1,378 @@
+"""``llmdistill train`` with an online teacher, feature and attention terms, drop-layer init, loss-adaptive schedules.
+
+References are written out by hand: the offline path (the same teacher's top-k stored by build's
+codec), a dense full-vocabulary KD loss, the layer losses of :mod:`tests.test_layer_losses`
+applied to plain forwards, and the schedule formula.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from llmdistill.codec import decode_topk, encode_topk
+from llmdistill.config.base import ConfigError, UserError
+from llmdistill.config.train import TrainConfig
+from llmdistill.online import PROJECTOR_FILE, CaptureSpec
+from llmdistill.tinyworld.kd_data import write_tiny_built
+from llmdistill.tinyworld.task import generate_problems
+from llmdistill.train import build_trainer
+from llmdistill.trainer import LossEMA, current_schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 8
+
+
+@pytest.fixture(scope="module")
+def built_kd(tmp_path_factory, tiny_tokenizer, tiny_teacher_dir):
+    """48 problems with the trained tiny teacher's top-8, stored through build's codec (12 bits)."""
+    return write_tiny_built(tmp_path_factory.mktemp("online_kd"), tiny_tokenizer, generate_problems(48, seed=3),
+                            tiny_teacher_dir, k=K, max_length=128)
+
+
+@pytest.fixture(scope="module")
+def built_tokens(tmp_path_factory, tiny_tokenizer):
+    """The same problems built with ``kd: false``: tokens only."""
+    return write_tiny_built(tmp_path_factory.mktemp("online_sft"), tiny_tokenizer, generate_problems(48, seed=3),
+                            None, max_length=128)
+
+
+def config(tmp_path, data, student="", **overrides) -> TrainConfig:
+    values = dict(output_dir=str(tmp_path / "out"), student_model=str(student), data_dir=str(data), alpha=0.7,
+                  temperature=2.0, max_steps=3, per_device_train_batch_size=2, learning_rate=3e-3, logging_steps=1,
+                  save_strategy="no", gradient_checkpointing=False, report_to="none", seed=0, disable_tqdm=True,
+                  teacher_dtype="float32")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def loss_and_grads(trainer, batch):
+    model = trainer.model
+    model.zero_grad()
+    n = torch.tensor(float(batch["target_index"].numel()))
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=n)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def rows_of(trainer, n=3):
+    return [trainer.train_dataset[i] for i in range(n)]
+
+
+# ---- the online teacher against the offline path ------------------------------------------------
+
+
+@pytest.mark.unit
+def test_online_teacher_equals_the_stored_topk_within_the_codec_error(tmp_path, tiny_student_dir, built_kd,
+                                                                      tiny_teacher_dir):
+    offline, _ = build_trainer(config(tmp_path / "off", built_kd, tiny_student_dir))
+    online, _ = build_trainer(config(tmp_path / "on", built_kd, tiny_student_dir, teacher_model=str(tiny_teacher_dir),
+                                     teacher_top_k=K))
+    online.model.load_state_dict(offline.model.state_dict())
+    for t in (offline, online):
+        t.model.eval()
+    rows = rows_of(offline)
+    stored, fresh = offline.data_collator(rows), online.data_collator(rows)
+    assert "teacher_ids" in stored and "teacher_ids" not in fresh  # the online path decodes nothing
+
+    # the teacher's signal: same ids; log-probs equal to the codec's round trip of the online values
+    ids, lps, _ = online.teacher.signals(fresh, CaptureSpec())
+    np.testing.assert_array_equal(ids.numpy(), stored["teacher_ids"].numpy())
+    n = len(ids)
+    v = len(online.processing_class)
+    round_trip = decode_topk(encode_topk(ids.numpy(), lps.numpy(), v, 12), n, K, v, 12)[1]
+    step = (lps[:, 0] - lps[:, -1]).numpy()[:, None] / 4095
+    assert np.all(np.abs(round_trip - stored["teacher_logprobs"].numpy()) <= step + 2e-3)
+
+    # the loss and its gradients
+    loss_off, grads_off = loss_and_grads(offline, stored)
+    loss_on, grads_on = loss_and_grads(online, fresh)
+    assert loss_on.item() == pytest.approx(loss_off.item(), rel=2e-3)
+    for name, grad in grads_off.items():
+        assert torch.allclose(grads_on[name], grad, rtol=2e-2, atol=2e-4 * grad.abs().max().item()), name
+    # against the online path's own signal pushed through the codec, the offline path is exact up to float noise
+    coded = dict(stored, teacher_logprobs=torch.from_numpy(round_trip))
+    loss_coded, _ = loss_and_grads(offline, coded)
+    assert abs(loss_coded.item() - loss_off.item()) <= abs(loss_on.item() - loss_off.item()) + 1e-4
+
+
+@pytest.mark.unit
+def test_full_distribution_equals_a_dense_reference(tmp_path, tiny_student_dir, built_tokens, tiny_teacher_dir):
+    trainer, _ = build_trainer(config(tmp_path, built_tokens, tiny_student_dir, teacher_model=str(tiny_teacher_dir),
+                                      teacher_top_k=0, alpha=0.6, temperature=1.5))
+    trainer.model.eval()
+    batch = trainer.data_collator(rows_of(trainer))
+    t = batch["target_index"]
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(float(t.numel())))
+    teacher = AutoModelForCausalLM.from_pretrained(str(tiny_teacher_dir), dtype=torch.float32)
+    with torch.no_grad():
+        # use_cache=False: with a cache, transformers does not isolate the packed documents
+        fwd = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        s_logits = trainer.model(**fwd).logits[0, t - 1].double()
+        t_logits = teacher(**fwd).logits[0, t - 1].double()
+    temp, alpha = 1.5, 0.6
+    q = F.softmax(t_logits / temp, dim=-1)
+    kl = (q * (F.log_softmax(t_logits / temp, -1) - F.log_softmax(s_logits / temp, -1))).sum(-1)
+    ce = F.cross_entropy(s_logits, batch["input_ids"][0, t], reduction="none")
+    reference = (alpha * temp**2 * kl + (1 - alpha) * ce).mean()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-4)
+
+
+@pytest.mark.unit
+def test_kd_on_token_only_shards_needs_a_teacher(tmp_path, tiny_student_dir, built_tokens, tiny_teacher_dir):
+    with pytest.raises(ValueError, match="set teacher_model"):
+        build_trainer(config(tmp_path, built_tokens, tiny_student_dir))
+    trainer, meta = build_trainer(config(tmp_path, built_tokens, tiny_student_dir, teacher_model=str(tiny_teacher_dir)))
+    assert meta["kd"] is False and trainer.teacher is not None
+    teacher_param = next(trainer.teacher.model.parameters())
+    assert not teacher_param.requires_grad and teacher_param.dtype == torch.float32
+    assert not trainer.teacher.model.training
+
+
+# ---- configs that cannot work fail before training ----------------------------------------------
+
+
+@pytest.mark.unit
+def test_config_refusals(tmp_path, tiny_teacher_dir):
+    with pytest.raises(ConfigError, match="set teacher_model"):
+        config(tmp_path, "d", "s", feature_loss="mse")
+    with pytest.raises(ConfigError, match="needs attention: eager"):
+        config(tmp_path, "d", "s", teacher_model="t", attention_loss="attention_kl", attention="sdpa")
+    with pytest.raises(ConfigError, match="nothing uses it"):
+        config(tmp_path, "d", "s", teacher_model="t", alpha=0.0)
+    with pytest.raises(ConfigError, match="leave student_model empty"):
+        config(tmp_path, "d", "s", teacher_model="t", student_init="drop_layers")
+    with pytest.raises(ConfigError, match="'1-2'"):
+        config(tmp_path, "d", "s", teacher_model="t", feature_loss="mse", layer_map="1-2")
+
+
+@pytest.mark.unit
+def test_an_sdpa_model_under_attention_kl_fails_before_training(tmp_path, tiny_student_dir, built_tokens,
+                                                                tiny_teacher_dir):
+    cfg = config(tmp_path, built_tokens, tiny_student_dir, teacher_model=str(tiny_teacher_dir), attention="eager",
+                 attention_loss="attention_kl", model_init_kwargs={"attn_implementation": "sdpa"})
+    with pytest.raises(UserError, match="the student runs sdpa attention.*needs attn_implementation: eager"):
+        build_trainer(cfg)
+    with pytest.raises(UserError, match=r"pair 3:9 is outside"):
+        build_trainer(config(tmp_path, built_tokens, tiny_student_dir, teacher_model=str(tiny_teacher_dir),
+                             feature_loss="mse", layer_map="1:1,3:9"))
+
+
+# ---- layer terms inside the trainer against plain forwards ---------------------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", ["feature", "attention_kl", "relations"])
+def test_layer_terms_in_the_trainer_equal_plain_forwards(tmp_path, tiny_student_dir, built_tokens, tiny_teacher_dir,
+                                                         kind):
+    from llmdistill.layer_losses import attention_kl_loss, document_mask, hidden_state_loss, relation_kl_loss
+
+    extra = {"feature": dict(feature_loss="cosine", layer_map="uniform"),
+             "attention_kl": dict(attention_loss="attention_kl", attention="eager", layer_map="last_k"),
+             "relations": dict(attention_loss="relations", relation_heads=2, layer_map="1:2")}[kind]
+    trainer, _ = build_trainer(config(tmp_path, built_tokens, tiny_student_dir, teacher_model=str(tiny_teacher_dir),
+                                      alpha=0.0, feature_weight=0.5, attention_weight=0.5, **extra))
+    trainer.model.eval()
+    batch = trainer.data_collator(rows_of(trainer))
+    t = batch["target_index"]
+    n = t.numel()
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(float(n)))
+    with torch.no_grad():
+        # use_cache=False: with a cache, transformers does not isolate the packed documents
+        fwd = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        s_out = trainer.model(**fwd, output_hidden_states=True, output_attentions=kind == "attention_kl")
+        t_model = trainer.teacher.model
+        t_out = t_model(**fwd, output_hidden_states=True, output_attentions=kind == "attention_kl")
+        ce = F.cross_entropy(s_out.logits[0, t - 1], batch["input_ids"][0, t], reduction="sum")
+        rows = t - 1
+        if kind == "feature":  # uniform: student block 1 -> teacher 1, 2 -> 3; widths 64 -> 128 via the projection
+            proj = trainer.layers.projector
+            term = torch.stack([hidden_state_loss(proj[i](s_out.hidden_states[s][0, rows]),
+                                                  t_out.hidden_states[tb][0, rows], "cosine")
+                                for i, (s, tb) in enumerate([(1, 1), (2, 3)])]).mean()
+        elif kind == "attention_kl":  # last_k with k=1: block 2 <-> block 3
+            mask = document_mask(batch["position_ids"][0], rows)
+            term = attention_kl_loss(s_out.attentions[1][0][:, rows], t_out.attentions[2][0][:, rows], mask)
+        else:
+            qkv = {}
+            for name, model, block in (("s", trainer.model, 1), ("t", t_model, 2)):
+                attn = model.model.layers[block - 1].self_attn
+                h = model(**fwd, output_hidden_states=True).hidden_states[block - 1][0]
+                h = model.model.layers[block - 1].input_layernorm(h)
+                qkv[name] = (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
+            term = relation_kl_loss(qkv["s"], qkv["t"], rows, document_mask(batch["position_ids"][0], rows), 2)
+    assert loss.item() == pytest.approx(((ce + 0.5 * term) / n).item(), rel=1e-4)
+    assert term.item() > 1e-3
+
+
+@pytest.mark.unit
+def test_packed_layer_terms_equal_the_documents_run_separately(tmp_path, tiny_student_dir, built_tokens,
+                                                               tiny_teacher_dir):
+    trainer, _ = build_trainer(config(tmp_path, built_tokens, tiny_student_dir, teacher_model=str(tiny_teacher_dir),
+                                      feature_loss="mse", attention_loss="relations", attention="eager"))
+    trainer.model.eval()
+    batch = trainer.data_collator(rows_of(trainer))
+    n = batch["target_index"].numel()
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+    assert len(starts) > 4
+    packed, packed_grads = _loss_grads_n(trainer, batch, n)
+    total, total_grads = 0.0, None
+    for s, e in zip(starts[:-1], starts[1:], strict=True):
+        keep = (batch["target_index"] >= s) & (batch["target_index"] < e)
+        doc = {"input_ids": batch["input_ids"][:, s:e], "position_ids": batch["position_ids"][:, s:e],
+               "target_index": batch["target_index"][keep] - s, "num_rows": torch.tensor(1)}
+        loss, grads = _loss_grads_n(trainer, doc, n)
+        total += loss.item()
+        total_grads = grads if total_grads is None else {k: total_grads[k] + g for k, g in grads.items()}
+    assert packed.item() == pytest.approx(total, rel=1e-5)
+    for name, grad in packed_grads.items():
+        assert torch.allclose(grad, total_grads[name], atol=1e-6, rtol=1e-4), name
+
+
+def _loss_grads_n(trainer, batch, n):
+    params = list(trainer.model.parameters()) + list(trainer.layers.projector.parameters())
+    for p in params:
+        p.grad = None
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(float(n)))
+    loss.backward()
+    named = dict(trainer.model.named_parameters()) | {f"proj.{k}": p for k, p in
+                                                      trainer.layers.projector.named_parameters()}
+    return loss.detach(), {k: p.grad.clone() for k, p in named.items() if p.grad is not None}
+
+
+# ---- student init and schedules -----------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_drop_layers_keeps_every_other_teacher_block(tiny_teacher_dir, tmp_path):
+    from llmdistill.train import load_student
+
+    model, _ = load_student(config(tmp_path, "d", teacher_model=str(tiny_teacher_dir), student_init="drop_layers"))
+    teacher = AutoModelForCausalLM.from_pretrained(str(tiny_teacher_dir), dtype=torch.float32)
+    assert model.config.num_hidden_layers == 2 and len(model.config.layer_types) == 2
+    sd, td = model.state_dict(), teacher.state_dict()
+    for new, old in ((0, 0), (1, 2)):
+        for key in [k for k in sd if k.startswith(f"model.layers.{new}.")]:
+            assert torch.equal(sd[key], td[key.replace(f"layers.{new}.", f"layers.{old}.")]), key
+    assert torch.equal(sd["lm_head.weight"], td["lm_head.weight"])
+    assert [b.self_attn.layer_idx for b in model.model.layers] == [0, 1]
+
+
+@pytest.mark.unit
+def test_loss_adaptive_schedules_follow_the_running_loss(tmp_path):
+    cfg = config(tmp_path, "d", "s", alpha=0.9, alpha_start=0.1, alpha_schedule="loss_adaptive",
+                 temperature=1.0, temperature_start=3.0, temperature_schedule="loss_adaptive",
+                 feature_weight=2.0, feature_weight_start=0.0, feature_weight_schedule="linear_warmup",
+                 alpha_warmup_ratio=0.5, adaptive_ema_decay=0.5)
+    state = SimpleNamespace(global_step=25, max_steps=100)  # the step-based schedule: halfway through its warm-up
+    ema = LossEMA(cfg.adaptive_ema_decay)
+    assert current_schedule(cfg, state, ema) == {"alpha": 0.1, "temperature": 3.0, "feature_weight": 1.0,
+                                                 "attention_weight": 1.0}
+    ema.update(4.0)  # first = 4
+    ema.update(2.0)  # 0.5 * 4 + 0.5 * 2 = 3 -> progress 1 - 3/4 = 0.25
+    s = current_schedule(cfg, state, ema)
+    assert s["alpha"] == pytest.approx(0.1 + 0.8 * 0.25) and s["temperature"] == pytest.approx(3.0 - 2.0 * 0.25)
+    ema.update(9.0)  # the loss went up: 6 > 4, progress clamps at 0
+    assert current_schedule(cfg, state, ema)["alpha"] == pytest.approx(0.1)
+    for _ in range(60):
+        ema.update(0.0)
+    assert current_schedule(cfg, state, ema)["temperature"] == pytest.approx(1.0, abs=1e-6)
+    assert cfg.uses_kd and TrainConfig(output_dir=str(tmp_path), alpha=0.0, alpha_start=0.3,
+                                       alpha_schedule="loss_adaptive").uses_kd
+
+
+# ---- end to end through the CLI -----------------------------------------------------------------
+
+
+def _run_cli(tmp_path: Path, shipped: str, **changes) -> Path:
+    data = yaml.safe_load((ROOT / "configs" / shipped).read_text())
+    out = tmp_path / "out"
+    data.update(output_dir=str(out), max_steps=4, logging_steps=2, warmup_steps=0, per_device_train_batch_size=2,
+                **changes)
+    path = tmp_path / shipped
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    res = subprocess.run([sys.executable, "-m", "llmdistill", "train", "--config", str(path)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def _logged(out: Path) -> dict:
+    return [h for h in json.loads((out / "log_history.json").read_text()) if "ce_loss" in h][-1]
+
+
+@pytest.mark.integration
+def test_cli_online_teacher_kd_on_token_only_shards(tmp_path, tiny_student_dir, built_tokens, tiny_teacher_dir):
+    out = _run_cli(tmp_path, "train_tiny_kd.yaml", student_model=str(tiny_student_dir), data_dir=str(built_tokens),
+                   teacher_model=str(tiny_teacher_dir), teacher_top_k=K)
+    last = _logged(out)
+    assert last["kd_loss"] > 0 and last["step"] == 4
+    assert json.loads((out / "manifest.json").read_text())["inputs"]["teacher"]["path"] == str(tiny_teacher_dir)
+
+
+@pytest.mark.integration
+def test_cli_feature_distillation_saves_the_projection_apart(tmp_path, tiny_student_dir, built_tokens,
+                                                             tiny_teacher_dir):
+    out = _run_cli(tmp_path, "train_tiny_feature.yaml", student_model=str(tiny_student_dir),
+                   data_dir=str(built_tokens), teacher_model=str(tiny_teacher_dir))
+    last = _logged(out)
+    assert last["feature_loss"] > 0 and last["feature_weight"] > 0
+    projector = load_file(str(out / PROJECTOR_FILE))
+    assert {tuple(w.shape) for w in projector.values()} == {(128, 64)}
+    student = AutoModelForCausalLM.from_pretrained(str(out))  # a plain HF checkpoint
+    assert not any("proj" in k and "self_attn" not in k and "mlp" not in k for k in student.state_dict())
+    init = load_file(str(Path(tiny_student_dir) / "model.safetensors"))
+    trained = student.state_dict()
+    assert any(not torch.equal(init[k], trained[k]) for k in init)
+
+
+@pytest.mark.integration
+def test_cli_attention_distillation(tmp_path, tiny_student_dir, built_tokens, tiny_teacher_dir):
+    out = _run_cli(tmp_path, "train_tiny_attention.yaml", student_model=str(tiny_student_dir),
+                   data_dir=str(built_tokens), teacher_model=str(tiny_teacher_dir))
+    assert _logged(out)["attention_loss"] > 0
+    bad = _run_cli_fails(tmp_path, "train_tiny_attention.yaml", student_model=str(tiny_student_dir),
+                         data_dir=str(built_tokens), teacher_model=str(tiny_teacher_dir), attention="sdpa")
+    assert bad.count("\n") <= 1 and "needs attention: eager" in bad
+
+
+def _run_cli_fails(tmp_path: Path, shipped: str, **changes) -> str:
+    data = yaml.safe_load((ROOT / "configs" / shipped).read_text())
+    data.update(output_dir=str(tmp_path / "bad"), **changes)
+    path = tmp_path / f"bad_{shipped}"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    res = subprocess.run([sys.executable, "-m", "llmdistill", "train", "--config", str(path)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    return res.stderr.strip()
+
+
+@pytest.mark.integration
+def test_checkpoints_hold_the_projection_and_a_resume_continues_it(tmp_path, tiny_student_dir, built_tokens,
+                                                                  tiny_teacher_dir):
+    fields = dict(teacher_model=str(tiny_teacher_dir), feature_loss="mse", feature_weight=0.5, max_steps=2,
+                  save_strategy="steps", save_steps=1, dataloader_num_workers=0)
+    first, _ = build_trainer(config(tmp_path, built_tokens, tiny_student_dir, **fields))
+    start = {k: v.clone() for k, v in first.layers.projector.state_dict().items()}
+    first.train()
+    out = Path(first.args.output_dir)
+    end = load_file(str(out / "checkpoint-2" / PROJECTOR_FILE))
+    assert all(not torch.equal(start[k], end[k]) for k in start)  # trained with the student
+    for k, v in first.layers.projector.state_dict().items():
+        assert torch.equal(v, end[k])
+    resumed, _ = build_trainer(config(tmp_path, built_tokens, tiny_student_dir, **fields,
+                                      resume_from_checkpoint=str(out / "checkpoint-1")))
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-1"))
+    for k, v in resumed.layers.projector.state_dict().items():
+        assert torch.allclose(v, end[k], atol=1e-6), k
