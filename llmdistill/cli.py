@@ -1,4 +1,4 @@
-"""``llmdistill {generate,score,build,train,eval,demo}``: one subcommand per stage.
+"""``llmdistill {synthesize,generate,score,build,train,eval,demo}``: one subcommand per stage.
 
 Each subcommand is a config dataclass plus a ``run(config)`` function, both imported only
 when that subcommand runs (so ``llmdistill --help`` does not import torch or vLLM).
@@ -14,6 +14,8 @@ from llmdistill.config.base import ConfigError, UserError
 
 # subcommand -> (config class, runner, one-line description)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "synthesize": ("llmdistill.config.synthesize:SynthesizeConfig", "llmdistill.synthesis:run_synthesize",
+                   "teacher writes the prompts: magpie or seeded queries, filtered, with agreed answers"),
     "generate": ("llmdistill.config.generate:GenerateConfig", "llmdistill.generate:run_generate",
                  "teacher writes reasoning traces with top-k log-probs (vLLM)"),
     "score": ("llmdistill.config.generate:ScoreConfig", "llmdistill.generate:run_score",
@@ -39,7 +41,7 @@ def resolve(ref: str):
 
 def _usage() -> str:
     lines = ["usage: llmdistill <command> [--config FILE.yaml] [--field value ...]", "", "commands:"]
-    lines += [f"  {name:<9} {desc}" for name, (_, _, desc) in COMMANDS.items()]
+    lines += [f"  {name:<10} {desc}" for name, (_, _, desc) in COMMANDS.items()]
     lines += ["", "`llmdistill <command> --help` lists every field of that command's config;",
               "`--dry_run` prints the plan and a resource estimate without loading anything;",
               "`--debug` (or LLMDISTILL_DEBUG=1) shows the traceback of an error instead of one line."]

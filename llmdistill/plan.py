@@ -250,6 +250,10 @@ def make_plan(stage: str, cfg: Any) -> dict[str, Any]:
         plan = _onpolicy_plan(cfg)
     elif stage == "demo":
         plan = _demo_plan(cfg)
+    elif stage == "synthesize":
+        from llmdistill.synthesis.stage import synthesis_plan
+
+        plan = synthesis_plan(cfg)
     else:
         raise ValueError(f"no dry-run plan for stage {stage!r}")
     return {"stage": stage, "output_dir": cfg.output_dir, **plan}

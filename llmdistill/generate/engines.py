@@ -167,6 +167,11 @@ class OfflineEngine:
         return SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                               output_kind=RequestOutputKind.FINAL_ONLY, **extra)
 
+    def resample(self, cfg: GenerateConfig) -> None:
+        """Sample the next requests with ``cfg``'s settings (temperature, top_p, max_tokens): one engine, several phases."""
+        self.cfg = cfg
+        self.params = self.sampling_params()
+
     def score_params(self) -> Any:
         """The SamplingParams of one scored pair: the prompt log-probs of one prefill."""
         from vllm import SamplingParams

@@ -115,6 +115,10 @@ class ServerPool:
 
     # -- public, synchronous -------------------------------------------------------------
 
+    def resample(self, cfg: GenerateConfig) -> None:
+        """Sample the next requests with ``cfg``'s settings (temperature, top_p, max_tokens): one pool, several phases."""
+        self.cfg = cfg
+
     def probe(self) -> list[Server]:
         """Ask every server for its health, model, context length and capacity (no work sent).
 

@@ -1,0 +1,138 @@
+"""Data-free distillation on the tiny world: a KD student from teacher-synthesized prompts vs one from real prompts.
+
+For one seed, at the demo's budget (the demo's generate/build/train/eval configs, the KD arm):
+1. real arm: the demo's 2,400 train-split prompts -> generate -> build -> train (KD);
+2. data-free arm: ``llmdistill synthesize`` (``configs/synthesize_tiny.yaml``, the question-writing
+   teacher of :mod:`llmdistill.tinyworld.questions`) -> the same generate -> build -> train;
+3. eval of both students on the held-out set (pass@1), and the synthesized set against the real one:
+   distinct operation patterns and difficulty levels (read back with
+   :func:`~llmdistill.tinyworld.questions.parse_question`), the share each filter dropped, how many
+   prompts decontamination caught, and how often the agreed answer is the true one.
+
+Every stage runs as ``python -m llmdistill <stage> --config <out>/configs/<arm>-<stage>.yaml``.
+
+    python scripts/exp_datafree.py --seed 0 --output_dir runs/datafree
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+from llmdistill.config.base import read_yaml
+from llmdistill.demo import link
+from llmdistill.manifest import read_manifest
+from llmdistill.tinyworld.bootstrap import bootstrap_teacher, student_init
+from llmdistill.tinyworld.questions import parse_question, question_writer
+from llmdistill.tinyworld.task import generate_problems, to_records, write_jsonl
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+NUM_PROMPTS = 2400  # the demo's (configs/demo.yaml)
+
+
+def run(stage: str, name: str, settings: dict, out: Path) -> None:
+    """Run one stage in its own process from its shipped config with ``settings`` put in."""
+    config = {**read_yaml(CONFIGS / f"{stage}_tiny.yaml" if stage != "train" else CONFIGS / "train_tiny_kd.yaml",
+                          _config_class(stage)), **settings}
+    path = out / "configs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    print(f"[exp] {name}: llmdistill {stage} --config {path}", flush=True)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    if subprocess.run([sys.executable, "-m", "llmdistill", stage, "--config", str(path)], env=env).returncode:
+        raise SystemExit(f"stage {name} failed; its config is {path}")
+
+
+def _config_class(stage: str) -> type:
+    from llmdistill.cli import COMMANDS, resolve
+
+    return resolve(COMMANDS[stage][0])
+
+
+def arm(name: str, prompts: Path, out: Path, teacher: Path, student: Path, seed: int) -> Path:
+    """generate -> build -> train (KD) on one prompt file; returns the student's directory."""
+    run("generate", f"{name}-generate", {"model": str(teacher), "dataset": str(prompts), "passthrough_columns": ["answer"],
+                                         "output_dir": str(out / name / "generate"), "seed": seed}, out)
+    run("build", f"{name}-build", {"input_path": str(out / name / "generate"), "student_tokenizer": str(student),
+                                   "output_dir": str(out / name / "build"), "seed": seed}, out)
+    trained = out / name / f"kd-{name}"  # eval's tables name a model by its directory
+    run("train", f"{name}-train", {"student_model": str(student), "data_dir": str(out / name / "build"),
+                                   "output_dir": str(trained), "seed": seed, "data_seed": seed}, out)
+    return trained
+
+
+def profile(questions: list[str]) -> dict:
+    """Operation patterns and difficulty levels of a prompt set, over the questions whose arithmetic reads
+    (names or objects may be mixed up); ``strictly_valid``: questions the task itself could have written."""
+    ok = [p for q in questions if (p := parse_question(q, strict=False)) is not None]
+    return {"prompts": len(questions), "arithmetic_parsed": len(ok),
+            "strictly_valid": sum(parse_question(q) is not None for q in questions),
+            "distinct_op_patterns": len({p.ops for p in ok}),
+            "difficulty": {str(d): round(c / max(1, len(ok)), 3) for d, c in sorted(Counter(p.difficulty for p in ok).items())}}
+
+
+def set_summary(synthesized: Path, real: Path) -> dict:
+    """The synthesized set against the real one: diversity, what each filter dropped, answer accuracy."""
+    counts = read_manifest(synthesized)["counts"]
+    rows = [json.loads(line) for line in (synthesized / "prompts.jsonl").read_text().splitlines()]
+    truth = [parse_question(r["prompt"], strict=False) for r in rows]
+    parsed = sum(t is not None for t in truth)
+    return {
+        "synthesized": profile([r["prompt"] for r in rows]),
+        "real": profile([json.loads(line)["prompt"] for line in real.read_text().splitlines()]),
+        "dropped_share": {k.removeprefix("dropped_"): round(v / counts["written"], 4)
+                          for k, v in counts.items() if k.startswith("dropped_")},
+        "written": counts["written"], "kept": counts["kept"],
+        "decontamination_caught": counts["dropped_contaminated"],
+        "agreed_answer_correct (parsed prompts)": round(sum(
+            t is not None and str(t.answer) == r["answer"] for t, r in zip(truth, rows, strict=True)) / max(1, parsed), 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", default="runs/datafree")
+    parser.add_argument("--num_queries", type=int, default=4000, help="queries written before the filters")
+    parser.add_argument("--synthesize_only", action="store_true",
+                        help="stop after synthesize: the synthesized set's numbers, no students")
+    args = parser.parse_args()
+    out = Path(args.output_dir) / f"seed-{args.seed}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Models: the shipped teacher distils; its question-writing copy writes (and answers) the prompts
+    teacher = link(bootstrap_teacher(0), out / "models" / "teacher")
+    writer = link(question_writer(0), out / "models" / "question-writer")
+    student = link(student_init(args.seed), out / "models" / "student-init")
+
+    # Prompts: the demo's real ones, and synthesized ones
+    real = write_jsonl(out / "data" / "real.jsonl",
+                       to_records(generate_problems(NUM_PROMPTS, seed=10_000 + args.seed, split="train")))
+    run("synthesize", "synthesize", {"model": str(writer), "num_queries": args.num_queries, "seed": args.seed,
+                                     "output_dir": str(out / "synthesize")}, out)
+    synthesized = out / "synthesize" / "prompts.jsonl"
+
+    summary = {"seed": args.seed, **set_summary(out / "synthesize", real)}
+    if not args.synthesize_only:
+        # Two KD students at the demo's budget, and their held-out pass@1
+        students = {name: arm(name, prompts, out, teacher, student, args.seed)
+                    for name, prompts in (("real", real), ("datafree", synthesized))}
+        run("eval", "eval", {"models": ",".join(str(s) for s in students.values()), "output_dir": str(out / "eval"),
+                             "seed": args.seed}, out)
+        results = json.loads((out / "eval" / "results.json").read_text())["results"]
+        pass1 = {name: results[str(path)]["tiny"]["pass@1"] for name, path in students.items()}
+        summary.update({"pass@1": pass1, "datafree_over_real": round(pass1["datafree"] / pass1["real"], 4)})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
