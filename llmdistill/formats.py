@@ -174,13 +174,6 @@ def shard_name(index: int) -> str:
     return f"part-{index:06d}.parquet"
 
 
-def next_shard_index(directory: str | Path) -> int:
-    """The index after the last finished shard directly in ``directory`` (0 when there is none)."""
-    directory = Path(directory)
-    numbers = [int(p.stem.split("-")[1]) for p in directory.glob(SHARD_GLOB)] if directory.is_dir() else []
-    return max(numbers, default=-1) + 1
-
-
 def list_shards(directory: str | Path) -> list[Path]:
     """Finished shards below ``directory`` (temporary files start with '.' and are ignored), sorted."""
     directory = Path(directory)
@@ -501,6 +494,7 @@ class GenerationInfo:
         k: top-k entries stored per completion token.
         vocab_size: the teacher tokenizer's vocabulary size (``len(tokenizer)``).
         prompt_format: the prompt format the teacher saw, as resolved text.
+        rewrite_template: SDFT: the template that showed each prompt with its reference answer, else None.
     """
 
     stage: str
@@ -509,11 +503,13 @@ class GenerationInfo:
     k: int
     vocab_size: int
     prompt_format: PromptFormat
+    rewrite_template: str | None = None
 
     def to_manifest(self) -> dict[str, Any]:
         """The manifest entry (``"generation"``) that :func:`read_generation_info` reads back."""
         return {"stage": self.stage, "teacher": self.teacher, "tokenizer": self.tokenizer, "k": self.k,
-                "vocab_size": self.vocab_size, "prompt_format": self.prompt_format.to_dict()}
+                "vocab_size": self.vocab_size, "prompt_format": self.prompt_format.to_dict(),
+                "rewrite_template": self.rewrite_template}
 
 
 GENERATION_INFO_KEY = "generation"
@@ -535,7 +531,8 @@ def read_generation_info(directory: str | Path) -> GenerationInfo | None:
                           "older llmdistill. Re-run `llmdistill generate`/`score` (it resumes) to rewrite it")
     return GenerationInfo(stage=entry["stage"], teacher=entry["teacher"], tokenizer=entry["tokenizer"],
                           k=int(entry["k"]), vocab_size=int(entry["vocab_size"]),
-                          prompt_format=PromptFormat.from_dict(entry["prompt_format"]))
+                          prompt_format=PromptFormat.from_dict(entry["prompt_format"]),
+                          rewrite_template=entry.get("rewrite_template"))
 
 
 @dataclass

@@ -37,6 +37,7 @@ from llmdistill.builder.prompt_level import KEPT, Prompts, prompt_fates
 from llmdistill.builder.report import coverage_summary, length_histogram, write_report
 from llmdistill.builder.rows import RowsContext, check_reference_column, part_rows, read_rows_result
 from llmdistill.builder.shards import ShardsContext, part_dir, part_shards, read_done
+from llmdistill.builder.teachers import TeacherMix, open_teachers, part_sources
 from llmdistill.builder.tokenize import (
     DocumentSpec,
     load_tokenizer,
@@ -87,6 +88,7 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
                else open_dataset(cfg, work / "input"))
         parts = plan_parts(inp, cfg.part_mb)
         reference = check_reference_column(cfg, inp.columns, kind)
+        mix, locations = open_teachers(cfg, inp, tokenizer) or (None, {})
         laps("setup")
         runtime = start_ray(cfg.workers, cfg.ray_address)
         warm_up(runtime, cfg.student_tokenizer)
@@ -99,7 +101,7 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         # B. verdicts (Ray Data, per part)
         rows_ctx = RowsContext(cfg, kind, reference, str(work), cfg.student_tokenizer)
         verdict_runs = _run_verdicts(parts, prompts, cfg, rows_ctx, runtime)
-        spec, meta = _document_spec(cfg, inp, tokenizer), _shard_meta(cfg, tokenizer, inp)
+        spec, meta = _document_spec(cfg, inp, tokenizer, mix), _shard_meta(cfg, tokenizer, inp, mix)
         laps("verdicts")
 
         # C. decisions (driver)
@@ -108,8 +110,8 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         laps("decide")
 
         # D. shards (Ray Data, per part)
-        shards_ctx = ShardsContext(cfg, spec, meta, str(work))
-        shard_runs = _run_shards(parts, ledger, shards_ctx, runtime)
+        shards_ctx = ShardsContext(cfg, spec, meta, str(work), mix, inp.k)
+        shard_runs = _run_shards(parts, ledger, shards_ctx, runtime, locations)
         laps("shards")
 
         # E. finish (driver)
@@ -128,14 +130,14 @@ def resume_key(cfg: BuildConfig, kind: str) -> str:
     for source in sorted(Path(__file__).parent.glob("*.py")):
         h.update(source.read_bytes())
     path = Path(cfg.input_path)
-    if kind == "generation":
-        for shard in sorted(path.rglob("part-*.parquet")):
+    if kind != "generation":
+        h.update(fingerprint(path).encode() if path.exists() else cfg.input_path.encode())
+    for source in ([path] if kind == "generation" else []) + [Path(p) for p in cfg.teacher_paths.values()]:
+        for shard in sorted(source.rglob("part-*.parquet")):
             size = shard.stat().st_size
             with open(shard, "rb") as fh:  # the footer: schema, row groups and column statistics
                 fh.seek(max(0, size - (1 << 16)))
-                h.update(f"{shard.relative_to(path)}:{size}".encode() + fh.read())
-    else:
-        h.update(fingerprint(path).encode() if path.exists() else cfg.input_path.encode())
+                h.update(f"{shard.relative_to(source)}:{size}".encode() + fh.read())
     return "build" + h.hexdigest()[:12]
 
 
@@ -158,16 +160,23 @@ def _needed_columns(cfg: BuildConfig) -> list[str]:
     return cols + (["prompt_token_ids", "topk_ids", "topk_logprobs"] if cfg.kd else [])
 
 
-def _document_spec(cfg: BuildConfig, inp: BuildInput, tokenizer: Any) -> DocumentSpec:
+def _document_spec(cfg: BuildConfig, inp: BuildInput, tokenizer: Any, mix: TeacherMix | None) -> DocumentSpec:
     info = read_generation_info(cfg.input_path) if inp.kind == "generation" else None
     teacher = cfg.teacher_tokenizer or (info.tokenizer if info else inp.teacher)
     same = inp.kind == "generation" and teacher_ids_usable(tokenizer, teacher, cfg.kd)
     fmt = resolve_prompt_format(cfg, info.prompt_format if info else None)
-    return DocumentSpec(kind=inp.kind, same_tokenizer=same, fmt=fmt, k=inp.k)
+    rewrites = bool(info and info.rewrite_template)
+    if rewrites:
+        logger.info("SDFT rewrites: the student reads each stored prompt without the reference the model saw%s",
+                    " (kd: the targets are the model's distribution with the reference in view)" if cfg.kd else "")
+    return DocumentSpec(kind=inp.kind, same_tokenizer=same, fmt=fmt, k=mix.k if mix else inp.k,
+                        compare_prompts=not rewrites)
 
 
-def _shard_meta(cfg: BuildConfig, tokenizer: Any, inp: BuildInput) -> dict[str, Any]:
-    return {"kd": cfg.kd, "k": inp.k if cfg.kd else 0, "vocab_size": len(tokenizer),
+def _shard_meta(cfg: BuildConfig, tokenizer: Any, inp: BuildInput, mix: TeacherMix | None) -> dict[str, Any]:
+    """The built shards' metadata (and the manifest's ``built``): with teachers, which were merged and how."""
+    k = (mix.k if mix else inp.k) if cfg.kd else 0
+    return {"kd": cfg.kd, "k": k, **(mix.to_manifest() if mix else {}), "vocab_size": len(tokenizer),
             "codec": "llmdistill.codec/v1" if cfg.kd else None, "codec_bits": cfg.codec_bits if cfg.kd else None,
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "max_length": cfg.max_length,
             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
@@ -193,8 +202,10 @@ def _run_verdicts(parts: list[Part], prompts: Prompts, cfg: BuildConfig, ctx: Ro
     return results
 
 
-def _run_shards(parts: list[Part], ledger: Ledger, ctx: ShardsContext, runtime: Runtime) -> dict[int, dict[str, Any]]:
-    """Phase D on every part with kept traces and no ``done.json``; returns every part's result."""
+def _run_shards(parts: list[Part], ledger: Ledger, ctx: ShardsContext, runtime: Runtime,
+                locations: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Phase D on every part with kept traces and no ``done.json``; returns every part's result
+    (``locations``: where each looked-up teacher holds every input trace, see :func:`open_teachers`)."""
     results = {}
     tasks = []
     for part in parts:
@@ -205,7 +216,7 @@ def _run_shards(parts: list[Part], ledger: Ledger, ctx: ShardsContext, runtime: 
         if done is not None:
             results[part.index] = done | {"resumed": True}
         else:
-            tasks.append({"part": part, "keep": keep})
+            tasks.append({"part": part, "keep": keep} | ({"sources": part_sources(locations, part)} if ctx.mix else {}))
     logger.info("phase D (shards): %d part(s) to run, %d finished before", len(tasks), len(results))
     for result in map_parts(part_shards, tasks, ctx, runtime):
         results[result["part"]] = result
@@ -295,7 +306,8 @@ def _finish(staging: Path, cfg: BuildConfig, inp: BuildInput, parts: list[Part],
     stats["run"] |= {"phase_s": dict(laps), "wall_s": round(sum(laps.values()), 3)}
     write_report(staging, stats)
     counts = {s["step"]: s["remaining"] for s in ledger.steps} | {"rows": rows}
-    write_manifest(staging, "build", cfg, inputs={"input": cfg.input_path}, counts=counts, built=meta,
+    inputs = {"input": cfg.input_path} | {f"teacher:{n}": p for n, p in cfg.teacher_paths.items()}
+    write_manifest(staging, "build", cfg, inputs=inputs, counts=counts, built=meta,
                    started=time.time() - stats["run"]["wall_s"], resume_key=key, runtime=runtime.to_dict())
     shutil.rmtree(work)
     return stats

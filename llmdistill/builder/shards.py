@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from llmdistill.builder.pack import best_fit_decreasing, pack_row, split_overlong
 from llmdistill.builder.report import length_histogram
+from llmdistill.builder.teachers import TeacherMix, TeacherRows, merge_batch
 from llmdistill.builder.tokenize import Document, DocumentSpec, batch_documents, load_tokenizer_cached
 from llmdistill.builder.traces import Part, read_part, select_rows
 from llmdistill.codec import encode_topk
@@ -49,12 +50,15 @@ COVERAGE_BINS = 1000
 
 @dataclass(frozen=True)
 class ShardsContext:
-    """What every phase-D task shares."""
+    """What every phase-D task shares (``mix``: the teachers to merge, whose top-k replaces the
+    input's, of ``input_k`` entries, before tokenising)."""
 
     cfg: BuildConfig
     spec: DocumentSpec
     meta: dict[str, Any]
     work: str
+    mix: TeacherMix | None = None
+    input_k: int = 0
 
 
 def part_dir(work: str | Path, part: int) -> Path:
@@ -138,7 +142,7 @@ class PartStats:
         self.coverage = np.zeros(COVERAGE_BINS, dtype=np.int64)
         self.coverage_sum = 0.0
         self.overlong_rows: list[int] = []
-        self.seconds = dict.fromkeys(("read", "tokenize", "pack", "encode", "write"), 0.0)
+        self.seconds = dict.fromkeys(("read", "merge", "tokenize", "pack", "encode", "write"), 0.0)
 
     def add_documents(self, docs: list[Document], kd: bool) -> None:
         lengths = np.asarray([len(d) for d in docs])
@@ -202,7 +206,8 @@ def _checked(batches: Iterator[tuple[int, pa.RecordBatch]], part: Part,
              ctx: ShardsContext) -> Iterator[tuple[int, pa.RecordBatch]]:
     """Every batch read is checked whole (top-k shape, log-probs, ids in the vocabulary)."""
     for first, batch in batches:
-        check_generation_rows(part.path, batch, ctx.spec.k, ctx.meta["vocab_size"] if ctx.cfg.kd else None,
+        k = ctx.input_k if ctx.mix else ctx.spec.k  # with teachers, the input's own k (before the merge)
+        check_generation_rows(part.path, batch, k, ctx.meta["vocab_size"] if ctx.cfg.kd else None,
                               first_row=part.first_row + first)
         yield first, batch
 
@@ -211,7 +216,8 @@ def part_shards(task: dict[str, Any], ctx: ShardsContext) -> dict[str, Any]:
     """Phase D of one part (a Ray task): tokenise, align, pack, encode and write its kept traces.
 
     Args:
-        task: ``part`` (:class:`Part`) and ``keep`` (bool per row of the part).
+        task: ``part`` (:class:`Part`), ``keep`` (bool per row of the part) and, with teachers to
+            merge, ``sources`` (:func:`~llmdistill.builder.teachers.part_sources`).
         ctx: the shared :class:`ShardsContext`.
 
     Returns:
@@ -228,10 +234,17 @@ def part_shards(task: dict[str, Any], ctx: ShardsContext) -> dict[str, Any]:
     writer = BuiltShardWriter(out, ctx.meta, cfg.max_shard_mb << 20, cfg.max_row_group_mb << 20, cfg.rows_per_shard)
     stats, window, window_tokens, cache = PartStats(cfg.max_length), [], 0, {}
     t = time.process_time()
-    batches = read_part(part, spec.columns(cfg.kd))
+    route = [cfg.teacher_route_column] if ctx.mix and cfg.teacher_route_column else []
+    batches = read_part(part, spec.columns(cfg.kd) + route)
+    readers = {n: TeacherRows(ctx.mix, i) for i, n in enumerate(ctx.mix.names) if n != ctx.mix.own} if ctx.mix else {}
     for _, rows, batch in select_rows(_checked(batches, part, ctx), keep):
         stats.seconds["read"] += time.process_time() - t
         if len(rows):
+            if ctx.mix:
+                t = time.process_time()
+                batch = merge_batch(ctx.mix, readers, batch, rows, task["sources"],
+                                    f"{part.path} (part from row {part.first_row})", ctx.input_k)
+                stats.seconds["merge"] += time.process_time() - t
             t = time.process_time()
             docs, mismatches = batch_documents(batch, rows, tokenizer, cfg, spec, cache)
             fitting, dropped, split = split_overlong(docs, cfg.max_length, cfg.overlong)

@@ -141,12 +141,15 @@ class DocumentSpec:
             tokenizers' fingerprints); otherwise the student re-tokenises the completion text.
         fmt: the student's prompt format.
         k: teacher top-k entries per position.
+        compare_prompts: the student's prompt tokens must equal the teacher's. False for SDFT
+            rewrites: the model read the prompt with a reference answer, the student reads the prompt.
     """
 
     kind: str
     same_tokenizer: bool
     fmt: PromptFormat
     k: int
+    compare_prompts: bool = True
 
     def columns(self, kd: bool) -> list[str]:
         """The columns a part reads to make its documents."""
@@ -193,7 +196,8 @@ def batch_documents(batch: pa.RecordBatch, rows: np.ndarray, tokenizer: Any, cfg
                           for ids, stop in zip(retok, stops, strict=True)]
     doc_ids = [f"{p}/{s}" for p, s in zip(batch.column("prompt_id").to_pylist(),
                                           batch.column("sample_index").to_pylist(), strict=True)]
-    mismatches = _check_prompts(batch, prompt_ids, doc_ids, cfg) if spec.kind == "generation" and spec.same_tokenizer else 0
+    compare = spec.kind == "generation" and spec.same_tokenizer and spec.compare_prompts
+    mismatches = _check_prompts(batch, prompt_ids, doc_ids, cfg) if compare else 0
     topk = _topk_rows(batch, spec.k) if cfg.kd else None
     docs = []
     for i, (doc_id, p_ids, c_ids) in enumerate(zip(doc_ids, prompt_ids, completion_ids, strict=True)):

@@ -198,6 +198,58 @@ class PackConfig:
 
 
 @dataclass
+class TeachersConfig:
+    """Several same-vocabulary teachers' top-k on the same traces, merged into one top-k plus tail."""
+
+    teachers: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Teachers to merge, each 'name=path' of a `llmdistill score` (or generate) output of the same "
+                          "traces (joined on prompt_id and sample_index), e.g. [big=runs/score-a, small=runs/score-b]. "
+                          "Each position's target is the weighted mixture in probability space over the union of "
+                          "their top-k ids; each teacher's unknown mass (1 - its top-k mass) stays in the tail, the "
+                          "k largest entries are kept (k: the largest teacher k) and the rest joins the tail. "
+                          "input_path (default: the first teacher's path) gives the traces' text and verdicts."},
+    )
+    teacher_weights: list[float] = field(
+        default_factory=list,
+        metadata={"help": "One weight per teacher (normalised to sum 1); empty: equal weights."},
+    )
+    teacher_route_column: str | None = field(
+        default=None,
+        metadata={"help": "Per-example routing: a column of the input (e.g. a passthrough 'domain') naming the teacher "
+                          "whose top-k alone a trace uses; a null value uses the weighted mixture."},
+    )
+
+    def _check_teachers(self) -> None:
+        names = [t.partition("=")[0].strip() for t in self.teachers]
+        for entry, name in zip(self.teachers, names, strict=True):
+            if not name or not entry.partition("=")[2].strip():
+                raise ConfigError(f"teachers: '{entry}' must be 'name=path', e.g. big=runs/score-big")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"teachers: names {names} repeat: give each teacher its own name")
+        if self.teachers and len(self.teachers) < 2:
+            raise ConfigError("teachers: name at least two to merge (one teacher: set input_path to its output)")
+        if self.teacher_weights and len(self.teacher_weights) != len(self.teachers):
+            raise ConfigError(f"teacher_weights has {len(self.teacher_weights)} values for {len(self.teachers)} "
+                              "teachers: give one weight per teacher, or none for equal weights")
+        if any(not w > 0 for w in self.teacher_weights):
+            raise ConfigError(f"teacher_weights {self.teacher_weights}: every weight must be > 0")
+        if self.teacher_route_column and not self.teachers:
+            raise ConfigError("teacher_route_column needs teachers: name the teachers it routes between")
+
+    @property
+    def teacher_paths(self) -> dict[str, str]:
+        """``teachers`` as {name: path}, in order."""
+        return {n.strip(): p.strip() for n, _, p in (t.partition("=") for t in self.teachers)}
+
+    @property
+    def weights(self) -> list[float]:
+        """The teachers' weights, normalised to sum 1."""
+        raw = self.teacher_weights or [1.0] * len(self.teachers)
+        return [w / sum(raw) for w in raw]
+
+
+@dataclass
 class ScaleConfig:
     """Where build runs and how it bounds its memory and its shards (see llmdistill.builder.cluster)."""
 
@@ -240,7 +292,7 @@ OPERATIONAL_FIELDS = ("output_dir", "overwrite", "workers", "ray_address")
 
 
 @dataclass
-class BuildConfig(ScaleConfig, PackConfig, DecontamConfig, DedupConfig, FilterConfig, VerifyConfig, BuildInputConfig):
+class BuildConfig(ScaleConfig, TeachersConfig, PackConfig, DecontamConfig, DedupConfig, FilterConfig, VerifyConfig, BuildInputConfig):
     """``llmdistill build``: verify, filter, dedup, decontaminate, tokenize and pack teacher traces."""
 
     output_dir: str = field(default="runs/build", metadata={"help": "Where the built shards, manifest and report go. "
@@ -253,12 +305,17 @@ class BuildConfig(ScaleConfig, PackConfig, DecontamConfig, DedupConfig, FilterCo
                                                    "sample_index ones.)"})
 
     def __post_init__(self) -> None:
+        self._check_teachers()
+        if self.teachers and not self.input_path:
+            self.input_path = next(iter(self.teacher_paths.values()))
         self._check_input()
         self._check_verify()
         self._check_filter()
         self._check_dedup()
         self._check_decontam()
         self._check_pack()
+        if self.teachers and not self.kd:
+            raise ConfigError("teachers merge the teachers' top-k for token-level KD: set kd: true, or drop teachers")
         self._check_scale()
         check_range("rows_per_shard", self.rows_per_shard, 1)
 

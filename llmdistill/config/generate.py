@@ -274,8 +274,39 @@ def _check_topk_cap(cfg: EngineConfig | ServerConfig | OutputConfig) -> None:
                           f"lower logprobs_top_k or {fix}")
 
 
+REWRITE_PLACEHOLDERS = ("{prompt}", "{reference}")
+DEFAULT_REWRITE_TEMPLATE = ("{prompt}\n\nA reference solution:\n{reference}\n\nSolve the problem again in your own words "
+                            "and give the same final answer.")
+
+
 @dataclass
-class GenerateConfig(OutputConfig, ServerConfig, EngineConfig, PromptFormatConfig, PromptSourceConfig):
+class RewriteConfig:
+    """Self-generated targets (SDFT): the model rewrites the reference answers of an SFT set in its own words."""
+
+    rewrite_column: str | None = field(
+        default=None,
+        metadata={"help": "SDFT mode: the input column holding each prompt's reference answer. The model reads "
+                          "rewrite_template (the prompt and this reference) and samples its own version; the stored "
+                          "prompt stays the original one, so `build` (kd: false) verifies the rewrites against "
+                          "answer_column and trains on (prompt -> the model's own words)."},
+    )
+    rewrite_template: str = field(
+        default=DEFAULT_REWRITE_TEMPLATE,
+        metadata={"help": "User turn of a rewrite request with '{prompt}' and '{reference}' (text or a file path); "
+                          "system_prompt, instruction_template and the chat template apply around it."},
+    )
+
+    def _check_rewrite(self) -> None:
+        from llmdistill.prompts import read_text_or_file
+
+        template = read_text_or_file(self.rewrite_template) or ""
+        missing = [p for p in REWRITE_PLACEHOLDERS if p not in template]
+        if self.rewrite_column and missing:
+            raise ConfigError(f"rewrite_template must contain {' and '.join(missing)}; got {template[:80]!r}")
+
+
+@dataclass
+class GenerateConfig(OutputConfig, ServerConfig, EngineConfig, PromptFormatConfig, RewriteConfig, PromptSourceConfig):
     """``llmdistill generate``: the teacher samples completions and keeps its top-k log-probs per token."""
 
     num_samples: int = field(default=4, metadata={"help": "Completions sampled per prompt."})
@@ -291,6 +322,7 @@ class GenerateConfig(OutputConfig, ServerConfig, EngineConfig, PromptFormatConfi
         self._check_engine()
         self._check_server()
         _check_topk_cap(self)
+        self._check_rewrite()
         check_range("num_samples", self.num_samples, 1)
         check_range("temperature", self.temperature, 0.0)
         check_range("top_p", self.top_p, 1e-6, 1.0)

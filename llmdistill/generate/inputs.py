@@ -22,7 +22,7 @@ import pyarrow as pa
 from llmdistill.config.base import UserError, looks_like_local_path
 from llmdistill.config.generate import GenerateConfig, ScoreConfig
 from llmdistill.log import get_logger
-from llmdistill.prompts import PromptError, PromptFormat, prompt_hash, stored_prompt
+from llmdistill.prompts import PromptError, PromptFormat, prompt_hash, read_text_or_file, stored_prompt
 
 logger = get_logger(__name__)
 
@@ -283,21 +283,47 @@ def input_columns(cfg: GenerateConfig | ScoreConfig) -> list[str]:
     columns = [cfg.prompt_column, cfg.id_column, *cfg.passthrough_columns]
     if isinstance(cfg, ScoreConfig):
         columns += [cfg.completion_column, cfg.sample_index_column]
+    else:
+        columns.append(cfg.rewrite_column)
     return list(dict.fromkeys(c for c in columns if c))
 
 
 NO_TOKENS = np.zeros(0, dtype=np.int32)
 
 
+def rewrite_prompt(template: str, prompt: Any, reference: Any, location: str) -> Any:
+    """The request that asks the model to rewrite ``reference`` (SDFT): ``template`` with the prompt and
+    the reference filled in, as the last user turn (text stays text, messages stay messages)."""
+    if not isinstance(reference, str) or not reference.strip():
+        raise InputError(f"{location}: the reference answer (rewrite_column) is empty or not text; fill it in or "
+                         "remove the row")
+
+    def fill(question: Any) -> str:
+        return template.replace("{prompt}", str(question)).replace("{reference}", reference)
+
+    if isinstance(prompt, str):
+        return fill(prompt)
+    users = [i for i, m in enumerate(prompt) if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        raise InputError(f"{location}: a rewrite needs a user turn in the prompt to put the reference after")
+    return [m | {"content": fill(m["content"])} if i == users[-1] else m for i, m in enumerate(prompt)]
+
+
 def prompt_requests(cfg: GenerateConfig, formatter: Formatter, rows: list[tuple[str, dict]]) -> list[Request]:
-    """One request per input row (not yet tokenized: see :func:`tokenize_prompts`)."""
+    """One request per input row (not yet tokenized: see :func:`tokenize_prompts`).
+
+    With ``rewrite_column`` (SDFT) the model reads :func:`rewrite_prompt`, while the stored
+    ``prompt`` stays the original one: what the student will be trained to answer.
+    """
+    template = read_text_or_file(cfg.rewrite_template) if cfg.rewrite_column else None
     requests, locations = [], []
     for location, record in rows:
         prompt = record[cfg.prompt_column]
+        shown = rewrite_prompt(template, prompt, record[cfg.rewrite_column], location) if template else prompt
         requests.append(Request(
             prompt_id=_prompt_id(cfg, record, prompt, location),
             prompt=stored_prompt(prompt),
-            prompt_text=formatter.text(prompt, location),
+            prompt_text=formatter.text(shown, location),
             prompt_token_ids=NO_TOKENS,
             passthrough={c: record[c] for c in cfg.passthrough_columns},
         ))

@@ -51,6 +51,7 @@ from llmdistill.generate.store import (
     write_part_manifest,
 )
 from llmdistill.log import get_logger, progress
+from llmdistill.prompts import read_text_or_file
 
 logger = get_logger(__name__)
 
@@ -170,10 +171,18 @@ def prepare(cfg: GenerateConfig | ScoreConfig, stage: str) -> Plan:
     logger.info("%s: %d input rows, %d in part %s, %d too long for the context, %d left to do",
                 stage, loaded.total, len(mine), cfg.shard, too_long, len(pending))
     info = GenerationInfo(stage=stage, teacher=resolve_model(cfg.model), tokenizer=resolve_model(cfg.tokenizer or cfg.model),
-                          k=cfg.logprobs_top_k, vocab_size=len(tokenizer), prompt_format=formatter.format)
+                          k=cfg.logprobs_top_k, vocab_size=len(tokenizer), prompt_format=formatter.format,
+                          rewrite_template=rewrite_template(cfg))
     return Plan(info, directory, tokenizer, pending, passthrough_types(loaded, cfg.passthrough_columns), done, counts,
                 max_model_len=max_model_len, num_samples=getattr(cfg, "num_samples", 1),
                 append_eos=getattr(cfg, "append_eos", False))
+
+
+def rewrite_template(cfg: GenerateConfig | ScoreConfig) -> str | None:
+    """The resolved rewrite template of an SDFT generation (recorded for build), else None."""
+    if isinstance(cfg, ScoreConfig) or not cfg.rewrite_column:
+        return None
+    return read_text_or_file(cfg.rewrite_template)
 
 
 def make_engine(cfg: GenerateConfig | ScoreConfig, scoring: bool) -> OfflineEngine | ServerPool:

@@ -27,7 +27,6 @@ from llmdistill.formats import (
     SHARD_GLOB,
     GenerationInfo,
     generation_counts,
-    next_shard_index,
     shard_name,
     write_generation_shard,
 )
@@ -38,6 +37,13 @@ from llmdistill.manifest import MANIFEST, read_manifest, write_json_atomic, writ
 PART_DIR = re.compile(r"shard-(\d+)-of-(\d+)")
 LOGPROBS_NOTE = ("raw log-probs of the teacher at temperature 1 (before temperature and top-p), "
                  "whatever the sampling temperature")
+
+
+def next_shard_index(directory: str | Path) -> int:
+    """The index after the last finished shard directly in ``directory`` (0 when there is none)."""
+    directory = Path(directory)
+    numbers = [int(p.stem.split("-")[1]) for p in directory.glob(SHARD_GLOB)] if directory.is_dir() else []
+    return max(numbers, default=-1) + 1
 
 
 def part_dir(output_dir: str | Path, index: int, count: int) -> Path:
