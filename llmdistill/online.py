@@ -38,8 +38,10 @@ from llmdistill.layer_losses import (
 )
 from llmdistill.teacher import TransformersTeacher, topk_logprobs
 
-PROJECTOR_FILE = "feature_projector.safetensors"
-PROJECTOR_MAP_FILE = "feature_projector.json"
+# A subdirectory: vLLM and transformers read every top-level *.safetensors as the model's weights
+PROJECTOR_DIR = "feature_projector"
+PROJECTOR_FILE = f"{PROJECTOR_DIR}/projector.safetensors"
+PROJECTOR_MAP_FILE = f"{PROJECTOR_DIR}/layer_map.json"
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,7 @@ class LayerDistiller:
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        (directory / PROJECTOR_DIR).mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()},
                   str(directory / PROJECTOR_FILE))
         (directory / PROJECTOR_MAP_FILE).write_text(json.dumps({"pairs": self.pairs, "loss": self.feature}) + "\n")

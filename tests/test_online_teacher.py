@@ -331,6 +331,7 @@ def test_cli_feature_distillation_saves_the_projection_apart(tmp_path, tiny_stud
     projector = load_file(str(out / PROJECTOR_FILE))
     assert {tuple(w.shape) for w in projector.values()} == {(128, 64)}
     student = AutoModelForCausalLM.from_pretrained(str(out))  # a plain HF checkpoint
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]  # vLLM loads every top-level one
     assert not any("proj" in k and "self_attn" not in k and "mlp" not in k for k in student.state_dict())
     init = load_file(str(Path(tiny_student_dir) / "model.safetensors"))
     trained = student.state_dict()

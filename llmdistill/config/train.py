@@ -252,7 +252,7 @@ class TrainConfig(SFTConfig):
                           "between the student's and the teacher's hidden states of each mapped pair, at the "
                           "positions that predict target tokens, averaged over pairs. A student narrower than "
                           "the teacher goes through a learned linear projection per pair, trained with the "
-                          "student and saved apart from it (feature_projector.safetensors). Needs teacher_model."},
+                          "student and saved apart from it (feature_projector/projector.safetensors). Needs teacher_model."},
     )
     feature_weight: float = field(
         default=1.0, metadata={"help": "Weight of the feature term (the final value of its schedule)."}

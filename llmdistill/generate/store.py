@@ -61,8 +61,10 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], ignore: frozens
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def check_resumable(directory: Path, cfg: GenerateConfig | ScoreConfig, stage: str) -> None:
+def check_resumable(directory: Path, cfg: Any, stage: str) -> None:
     """Refuse to add to a directory written by another stage or with other output-affecting settings.
+
+    ``cfg`` is the stage's config (generate, score or synthesize).
 
     Raises:
         ConfigError: naming each differing field.

@@ -27,15 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from llmdistill.config.base import ConfigError, check_model_path, config_to_dict, parse_json_field
+from llmdistill.config.base import ConfigError, check_model_path, parse_json_field
 from llmdistill.config.generate import EngineConfig, GenerateConfig, ServerConfig
 from llmdistill.config.synthesize import SynthesizeConfig
 from llmdistill.generate.engines import Work
 from llmdistill.generate.inputs import Request
 from llmdistill.generate.stage import load_tokenizer, make_engine
-from llmdistill.generate.store import config_differences, decode_completions, part_dir
+from llmdistill.generate.store import check_resumable, decode_completions, part_dir
 from llmdistill.log import get_logger
-from llmdistill.manifest import MANIFEST, read_manifest, write_manifest
+from llmdistill.manifest import write_manifest
 from llmdistill.prompts import prompt_hash
 from llmdistill.synthesis import filters
 from llmdistill.synthesis.prompts import QueryPrompts, few_shot_examples, read_seeds
@@ -73,19 +73,6 @@ def append_state(path: Path, records: list[dict]) -> None:
         fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def check_resumable(directory: Path, cfg: SynthesizeConfig) -> None:
-    """Refuse a directory written by another stage or with other output-affecting settings."""
-    if not (directory / MANIFEST).is_file():
-        return
-    old = read_manifest(directory)
-    if old.get("stage") != STAGE:
-        raise ConfigError(f"{directory} holds '{old.get('stage')}' output, not '{STAGE}': use another output_dir")
-    diffs = config_differences(old.get("config") or {}, config_to_dict(cfg))
-    if diffs:
-        raise ConfigError(f"cannot resume {directory}: it was written with other settings ({'; '.join(diffs)}). "
-                          f"Restore them to resume, or use a new output_dir")
 
 
 # ---------------------------------------------------------------------------------------
@@ -265,7 +252,7 @@ def prepare(cfg: SynthesizeConfig) -> tuple[Path, QueryPrompts, list[str] | None
 
     index, count = cfg.shard_index_count
     directory = part_dir(cfg.output_dir, index, count)
-    check_resumable(directory, cfg)
+    check_resumable(directory, cfg, STAGE)
     check_model_path("model", cfg.model)
     if cfg.tokenizer:
         check_model_path("tokenizer", cfg.tokenizer)
