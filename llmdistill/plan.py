@@ -150,7 +150,12 @@ def _train_plan(cfg: Any) -> dict[str, Any]:
     plan["host RAM per process for data"] = (
         "independent of the data size: rows are read from the memory-mapped Arrow files through the page cache "
         "(one copy per machine, shared by its processes, evicted under memory pressure); each step holds its "
-        f"micro-batches only ({cfg.dataloader_num_workers} DataLoader worker(s) per process decode the top-k)")
+        f"micro-batches only ({cfg.dataloader_num_workers} DataLoader worker(s) per process "
+        f"{'read the tokens' if cfg.teacher_model else 'decode the top-k'})")
+    if cfg.teacher_model:
+        plan["teacher signal"] = (f"online: {cfg.teacher_model} beside the student, one forward per micro-batch "
+                                  f"(top-{cfg.teacher_top_k} plus tail; 0 = full distribution); the stored top-k "
+                                  "is not read")
     plan["micro-batch"] = f"{cfg.per_device_train_batch_size} packed rows x grad-accum {cfg.gradient_accumulation_steps}"
     plan["epochs / max_steps"] = f"{cfg.num_train_epochs} / {cfg.max_steps}"
     return plan

@@ -130,6 +130,18 @@ def test_full_distribution_equals_a_dense_reference(tmp_path, tiny_student_dir, 
 
 
 @pytest.mark.unit
+def test_dry_run_plan_names_the_online_teacher_as_the_signal():
+    from llmdistill.plan import make_plan
+
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "configs" / "train_tiny_feature.yaml").read_text())
+    online = make_plan("train", TrainConfig(**shipped))
+    assert online["teacher signal"].startswith(f"online: {shipped['teacher_model']} ")
+    assert online["host RAM per process for data"].endswith("read the tokens)")
+    stored = make_plan("train", TrainConfig(**{**shipped, "teacher_model": "", "feature_loss": "none"}))
+    assert "teacher signal" not in stored and stored["host RAM per process for data"].endswith("decode the top-k)")
+
+
+@pytest.mark.unit
 def test_kd_on_token_only_shards_needs_a_teacher(tmp_path, tiny_student_dir, built_tokens, tiny_teacher_dir):
     with pytest.raises(ValueError, match="set teacher_model"):
         build_trainer(config(tmp_path, built_tokens, tiny_student_dir))
