@@ -169,12 +169,20 @@ def test_shards_are_read_a_bounded_batch_at_a_time_and_cut_into_parts(generation
 # determinism, bounded shards, dedup across parts, Ray on one machine
 
 
-def test_one_and_two_workers_write_the_same_bounded_shards(generation, tmp_path, tiny_tokenizer_dir):
+def test_one_and_two_workers_write_the_same_bounded_shards(generation, tmp_path, tiny_tokenizer_dir, monkeypatch):
+    from llmdistill.builder import cluster
+
     directory, rows = generation
     one = run_build(config(directory, tmp_path / "one", tiny_tokenizer_dir, workers=1))
     two = run_build(config(directory, tmp_path / "two", tiny_tokenizer_dir, workers=2))
     assert digests(tmp_path / "one") == digests(tmp_path / "two")
     assert one["steps"] == two["steps"]
+    # a build of many parts per worker runs on actors instead of tasks: the same bytes
+    monkeypatch.setattr(cluster, "ACTOR_PARTS_PER_WORKER", 2)
+    assert cluster.uses_actors(5, cluster.Runtime("local", 2, 2)) and not cluster.uses_actors(3, cluster.Runtime(
+        "local", 2, 2))
+    actors = run_build(config(directory, tmp_path / "actors", tiny_tokenizer_dir, workers=2))
+    assert digests(tmp_path / "actors") == digests(tmp_path / "one") and actors["steps"] == one["steps"]
 
     # the local Ray of this machine, the parts run in its worker processes
     assert two["run"]["runtime"] == {"address": "local", "cpus": os.cpu_count(), "workers": 2}

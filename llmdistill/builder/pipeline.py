@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 import llmdistill
-from llmdistill.builder.cluster import Runtime, map_parts, start_ray, warm_up
+from llmdistill.builder.cluster import Runtime, map_parts, start_ray, uses_actors, warm_up
 from llmdistill.builder.decide import EmptyBuildError, Ledger, decide, read_verdicts
 from llmdistill.builder.pack import packing_efficiency
 from llmdistill.builder.prompt_level import KEPT, Prompts, prompt_fates
@@ -91,7 +91,8 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         mix, locations = open_teachers(cfg, inp, tokenizer) or (None, {})
         laps("setup")
         runtime = start_ray(cfg.workers, cfg.ray_address)
-        warm_up(runtime, cfg.student_tokenizer)
+        if not uses_actors(len(parts), runtime):  # task workers: their start-up overlaps with phase A
+            warm_up(runtime, cfg.student_tokenizer)
         laps("ray_start")
 
         # A. prompts (driver)

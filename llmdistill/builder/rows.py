@@ -1,4 +1,4 @@
-"""Phase B (one Ray task per part): the verdict on every trace, from the medium columns.
+"""Phase B (a Ray Data task or actor per part): the verdict on every trace, from the medium columns.
 
 A part reads the completion text, finish reason, token count and reference of its rows, batch
 by batch (never the top-k). For the traces of prompts phase A kept it runs the verifier

@@ -1,4 +1,4 @@
-"""Phase D (one Ray task per part): the part's kept traces become built shards of bounded size.
+"""Phase D (a Ray Data task or actor per part): the part's kept traces become built shards of bounded size.
 
 A part reads its heavy columns (token ids, teacher top-k) a batch at a time and only keeps the
 rows phase C kept. Each trace is tokenised and aligned for the student
