@@ -236,22 +236,24 @@ class LayerDistiller:
 
 
 class ProjectorGrads(TrainerCallback):
-    """The feature projection's gradients, which the Trainer does not see (it zeroes the model's only):
-    under DDP averaged over processes before each optimizer step (DDP reduces the gradients of the
-    model it wraps, not of the projection beside it), and cleared after it."""
+    """The feature projection's gradients, which the Trainer does not see (it averages, clips and
+    zeroes the model's only): before each optimizer step averaged over processes under DDP (DDP
+    reduces the gradients of the model it wraps, not of the projection beside it) and clipped to
+    ``max_grad_norm`` on their own norm; cleared after it."""
 
     def __init__(self, projector: nn.Module, average: bool):
         self.projector = projector
         self.average = average
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if not self.average:
-            return
-        world = torch.distributed.get_world_size()
-        for p in self.projector.parameters():
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad)
-                p.grad.div_(world)
+        grads = [p.grad for p in self.projector.parameters() if p.grad is not None]
+        if self.average:
+            world = torch.distributed.get_world_size()
+            for grad in grads:
+                torch.distributed.all_reduce(grad)
+                grad.div_(world)
+        if grads and args.max_grad_norm is not None and args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.projector.parameters(), args.max_grad_norm)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.projector.zero_grad(set_to_none=True)

@@ -29,6 +29,7 @@ Checkpoints and the final model are written whole and a full disk is one clear e
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import resource
@@ -124,6 +125,9 @@ def schedule_value(kind: str, start: float, end: float, progress: float, warmup_
     raise ValueError(f"unknown schedule {kind!r}")
 
 
+LOSS_EMA_FILE = "loss_ema.json"  # in each checkpoint: the running loss of loss_adaptive schedules
+
+
 class LossEMA:
     """The running per-token loss of the run, for ``loss_adaptive`` schedules.
 
@@ -140,6 +144,13 @@ class LossEMA:
             self.first = self.value = loss
         else:
             self.value = self.decay * self.value + (1.0 - self.decay) * loss
+
+    def state(self) -> dict[str, float | None]:
+        """What a checkpoint keeps (:data:`LOSS_EMA_FILE`), so a resumed run goes on from the same value."""
+        return {"first": self.first, "value": self.value}
+
+    def load(self, state: dict[str, float | None]) -> None:
+        self.first, self.value = state["first"], state["value"]
 
     def progress(self) -> float:
         """How far the loss has fallen: ``clamp(1 - value / first, 0, 1)`` (0 before any update)."""
@@ -457,6 +468,9 @@ class DistillTrainer(SFTTrainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.layers is not None:
             self.layers.load(resume_from_checkpoint)
+        ema = Path(resume_from_checkpoint) / LOSS_EMA_FILE
+        if ema.is_file():  # checkpoints older than loss_adaptive schedules have none: the average restarts
+            self.loss_ema.load(json.loads(ema.read_text()))
 
     def _get_output_dir(self, trial: Any) -> str:
         # while _save_checkpoint runs, transformers writes `<this>/checkpoint-N`: the staging directory
@@ -483,8 +497,10 @@ class DistillTrainer(SFTTrainer):
         self._staging_root = staging_root
         try:
             super()._save_checkpoint(model, trial)
-            if self.args.should_save and self.layers is not None:
-                self.layers.save(staged)  # the projection beside the weights and the optimizer that trains it
+            if self.args.should_save:
+                (staged / LOSS_EMA_FILE).write_text(json.dumps(self.loss_ema.state()))
+                if self.layers is not None:
+                    self.layers.save(staged)  # the projection beside the weights and the optimizer that trains it
         except Exception as err:
             error = err
         finally:

@@ -19,7 +19,7 @@ from llmdistill.builder.pack import unpack_row
 from llmdistill.codec import decode_topk, encode_topk
 from llmdistill.config.base import ConfigError
 from llmdistill.config.build import BuildConfig
-from llmdistill.formats import read_built, shard_name, write_generation_shard
+from llmdistill.formats import iter_generations, read_built, shard_name, write_generation_shard
 from llmdistill.manifest import read_manifest
 from llmdistill.tinyworld.task import generate_problems, reference_completion, write_jsonl
 
@@ -255,26 +255,60 @@ def run_cli(stage: str, *args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+def _built_topk(built) -> dict[str, list[np.ndarray]]:
+    """Every built document's decoded top-k ids, by prompt id: one [tokens, k] array per document."""
+    table, meta = read_built(built)
+    docs: dict[str, list[np.ndarray]] = {}
+    for row in table.to_pylist():
+        ids, _ = decode_topk(row["topk"], sum(row["loss_mask"]), meta["k"], meta["vocab_size"], 12)
+        cursor = 0
+        for doc, (_, mask) in zip(row["doc_ids"], unpack_row(row), strict=True):
+            n = int(mask.sum())
+            docs[doc.rsplit("/", 1)[0]] = ids[cursor:cursor + n]
+            cursor += n
+    return docs
+
+
 @pytest.mark.integration
-def test_score_two_teachers_build_merged_and_train(tmp_path, tiny_teacher_dir, tiny_random_teacher_dir,
-                                                   tiny_student_dir):
-    rows = [{"id": p.id, "prompt": p.question, "completion": reference_completion(p), "answer": p.answer}
-            for p in generate_problems(24, seed=21, split="train")]
+def test_score_two_teachers_build_merged_and_routed_and_train(tmp_path, tiny_teacher_dir, tiny_random_teacher_dir,
+                                                              tiny_student_dir):
+    rows = [{"id": p.id, "prompt": p.question, "completion": reference_completion(p), "answer": p.answer,
+             "domain": ("tiny", "random", None)[i % 3]}
+            for i, p in enumerate(generate_problems(24, seed=21, split="train"))]
     pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
     for name, model in (("tiny", tiny_teacher_dir), ("random", tiny_random_teacher_dir)):
         run_cli("score", "--model", str(model), "--dataset", str(pairs), "--id_column", "id",
-                "--passthrough_columns", "answer", "--output_dir", str(tmp_path / f"score-{name}"),
+                "--passthrough_columns", "answer", "domain", "--output_dir", str(tmp_path / f"score-{name}"),
                 "--logprobs_top_k", "5" if name == "tiny" else "3", *ENGINE_FLAGS)
-    run_cli("build", "--config", "configs/build_multiteacher_tiny.yaml",
-            "--teachers", f"tiny={tmp_path / 'score-tiny'}", f"random={tmp_path / 'score-random'}",
-            "--output_dir", str(tmp_path / "built"), "--student_tokenizer", str(tiny_student_dir), "--workers", "1")
+    teachers = ["--teachers", f"tiny={tmp_path / 'score-tiny'}", f"random={tmp_path / 'score-random'}"]
+    common = ["--student_tokenizer", str(tiny_student_dir), "--workers", "1"]
+    run_cli("build", "--config", "configs/build_multiteacher_tiny.yaml", *teachers,
+            "--output_dir", str(tmp_path / "built"), *common)
     table, meta = read_built(tmp_path / "built")
     assert meta["k"] == 5 and [(t["name"], t["k"]) for t in meta["teachers"]] == [("tiny", 5), ("random", 3)]
     assert sorted(d.rsplit("/", 1)[0] for r in table.column("doc_ids").to_pylist() for d in r) == sorted(
         r["id"] for r in rows)
-    run_cli("train", "--config", "configs/train_tiny_kd.yaml", "--student_model", str(tiny_student_dir),
-            "--data_dir", str(tmp_path / "built"), "--output_dir", str(tmp_path / "student"), "--max_steps", "3",
-            "--warmup_steps", "0", "--logging_steps", "1")
-    history = json.loads((tmp_path / "student" / "manifest.json").read_text())
-    assert history["stage"] == "train"
-    assert (tmp_path / "student" / "config.json").is_file()
+
+    # routed: a trace whose domain names a teacher carries that teacher's top-k alone, the others the mixture
+    run_cli("build", "--config", "configs/build_multiteacher_tiny.yaml", *teachers, "--teacher_route_column",
+            "domain", "--output_dir", str(tmp_path / "routed"), *common)
+    assert read_built(tmp_path / "routed")[1]["teacher_route_column"] == "domain"
+    merged, routed = _built_topk(tmp_path / "built"), _built_topk(tmp_path / "routed")
+    scored = {name: {r.prompt_id: np.asarray(r.topk_ids) for r in iter_generations(tmp_path / f"score-{name}")}
+              for name in ("tiny", "random")}
+    domains = {r["id"]: r["domain"] for r in rows}
+    assert set(routed) == set(merged) == set(domains)
+    for pid, domain in domains.items():
+        if domain is None:
+            np.testing.assert_array_equal(routed[pid], merged[pid])
+        else:
+            own = scored[domain][pid]
+            np.testing.assert_array_equal(np.sort(routed[pid][:, :own.shape[1]], axis=1), np.sort(own, axis=1))
+    assert any(not np.array_equal(routed[p], merged[p]) for p, d in domains.items() if d == "random")
+
+    for built in ("built", "routed"):
+        run_cli("train", "--config", "configs/train_tiny_kd.yaml", "--student_model", str(tiny_student_dir),
+                "--data_dir", str(tmp_path / built), "--output_dir", str(tmp_path / f"student-{built}"),
+                "--max_steps", "3", "--warmup_steps", "0", "--logging_steps", "1")
+        assert json.loads((tmp_path / f"student-{built}" / "manifest.json").read_text())["stage"] == "train"
+        assert (tmp_path / f"student-{built}" / "config.json").is_file()

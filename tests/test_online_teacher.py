@@ -389,3 +389,41 @@ def test_checkpoints_hold_the_projection_and_a_resume_continues_it(tmp_path, tin
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-1"))
     for k, v in resumed.layers.projector.state_dict().items():
         assert torch.allclose(v, end[k], atol=1e-6), k
+
+
+@pytest.mark.unit
+def test_projection_gradients_are_clipped_on_their_own_norm_and_cleared():
+    from llmdistill.online import ProjectorGrads
+
+    projector = torch.nn.Linear(2, 1, bias=False)
+    projector.weight.grad = torch.tensor([[3.0, 4.0]])  # norm 5
+    callback = ProjectorGrads(projector, average=False)
+    callback.on_pre_optimizer_step(SimpleNamespace(max_grad_norm=1.0), None, None)
+    torch.testing.assert_close(projector.weight.grad, torch.tensor([[0.6, 0.8]]), rtol=1e-5, atol=1e-6)
+    projector.weight.grad = torch.tensor([[0.3, 0.4]])  # under the limit: untouched
+    callback.on_pre_optimizer_step(SimpleNamespace(max_grad_norm=1.0), None, None)
+    torch.testing.assert_close(projector.weight.grad, torch.tensor([[0.3, 0.4]]))
+    callback.on_pre_optimizer_step(SimpleNamespace(max_grad_norm=0.0), None, None)  # clipping off
+    torch.testing.assert_close(projector.weight.grad, torch.tensor([[0.3, 0.4]]))
+    callback.on_optimizer_step(SimpleNamespace(max_grad_norm=1.0), None, None)
+    assert projector.weight.grad is None
+
+
+@pytest.mark.unit
+def test_a_resumed_run_goes_on_from_the_checkpoints_running_loss(tmp_path, tiny_student_dir, built_kd):
+    from llmdistill.trainer import LOSS_EMA_FILE
+
+    adaptive = dict(alpha=0.9, alpha_start=0.1, alpha_schedule="loss_adaptive", adaptive_ema_decay=0.5, max_steps=4,
+                    save_strategy="steps", save_steps=2)
+    whole, _ = build_trainer(config(tmp_path / "a", built_kd, tiny_student_dir, **adaptive))
+    whole.train()
+    saved = json.loads((tmp_path / "a" / "out" / "checkpoint-2" / LOSS_EMA_FILE).read_text())
+    assert saved["value"] is not None and saved["value"] != whole.loss_ema.value
+
+    resumed, _ = build_trainer(config(tmp_path / "a", built_kd, tiny_student_dir, **adaptive,
+                                   resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2")))
+    resumed._load_from_checkpoint(str(tmp_path / "a" / "out" / "checkpoint-2"))
+    assert resumed.loss_ema.state() == saved
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    assert resumed.loss_ema.first == whole.loss_ema.first
+    assert resumed.loss_ema.value == pytest.approx(whole.loss_ema.value, rel=1e-5)
