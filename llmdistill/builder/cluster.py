@@ -125,14 +125,12 @@ def warm_up(runtime: Runtime, tokenizer: str) -> None:
         task.remote(tokenizer)
 
 
-def _run(row: dict[str, Any]) -> dict[str, Any]:
-    """One part in a worker: ``fn(task, context)`` with ``(fn, context)`` from the row's ``job``;
-    a user error comes back as data."""
+def _run(row: dict[str, Any], fn: Callable[[dict[str, Any], Any], dict[str, Any]], context: Any) -> dict[str, Any]:
+    """One part in a worker: ``fn(task, context)``; a user error comes back as data."""
     import sys
 
     if "torch" in sys.modules:  # one CPU per worker: no thread pools fighting over it
         sys.modules["torch"].set_num_threads(1)
-    fn, context = pickle.loads(row["job"])
     try:
         result = fn(pickle.loads(row["task"]), context)
     except UserError as err:
@@ -144,8 +142,11 @@ def _run(row: dict[str, Any]) -> dict[str, Any]:
 class _PartRunner:
     """A Ray Data actor that runs parts one after another (:func:`_run`), with a second part queued."""
 
+    def __init__(self, fn: Callable[[dict[str, Any], Any], dict[str, Any]], context: Any) -> None:
+        self.fn, self.context = fn, context
+
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        return _run(row)
+        return _run(row, self.fn, self.context)
 
 
 def map_parts(fn: Callable[[dict[str, Any], Any], dict[str, Any]], tasks: list[dict[str, Any]], context: Any,
@@ -163,7 +164,8 @@ def map_parts(fn: Callable[[dict[str, Any], Any], dict[str, Any]], tasks: list[d
     Args:
         fn: a module-level function (workers import it); it returns a small picklable dict.
         tasks: one dict per part, each with its ``part`` index.
-        context: what every task shares (config, tokenizer paths ...): pickled once, a few kB.
+        context: what every task shares (config, tokenizer paths ...): put in Ray's object store
+            once, not once per part.
         runtime: from :func:`start_ray`.
 
     Yields:
@@ -176,8 +178,8 @@ def map_parts(fn: Callable[[dict[str, Any], Any], dict[str, Any]], tasks: list[d
         return
     import ray.data
 
-    job = pickle.dumps((fn, context))
-    rows = [{"part": t["part"], "task": pickle.dumps(t), "job": job} for t in tasks]
+    rows = [{"part": t["part"], "task": pickle.dumps(t)} for t in tasks]
+    shared = {"fn": fn, "context": context}
     size = max(1, min(runtime.workers, len(rows)))
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
     if uses_actors(len(rows), runtime):
@@ -188,11 +190,12 @@ def map_parts(fn: Callable[[dict[str, Any], Any], dict[str, Any]], tasks: list[d
             # deprecated in Ray 2.60 and go in 2.64, where Ray's default applies.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                dataset = dataset.map(_PartRunner, num_cpus=1, compute=pool, max_restarts=0)
+                dataset = dataset.map(_PartRunner, fn_constructor_kwargs=shared, num_cpus=1, compute=pool,
+                                      max_restarts=0)
         except TypeError:
-            dataset = dataset.map(_PartRunner, num_cpus=1, compute=pool)
+            dataset = dataset.map(_PartRunner, fn_constructor_kwargs=shared, num_cpus=1, compute=pool)
     else:
-        dataset = dataset.map(_run, num_cpus=1, compute=ray.data.TaskPoolStrategy(size=size))
+        dataset = dataset.map(_run, fn_kwargs=shared, num_cpus=1, compute=ray.data.TaskPoolStrategy(size=size))
     for row in dataset.iter_rows():
         if row["error"]:
             raise pickle.loads(row["error"])
