@@ -372,3 +372,33 @@ def test_completion_dedup_can_be_scoped_to_each_prompt():
     groups = np.array([0, 1, 0, 1])
     np.testing.assert_array_equal(dedup.duplicates(texts, True, 0.9, 3, 64, groups=groups), [0, 0, 1, 1])
     np.testing.assert_array_equal(dedup.duplicates(texts, True, 0.9, 3, 64), [0, 1, 1, 1])
+
+
+def test_shipped_tokenizer_is_the_drivers_in_a_fresh_process(tiny_tokenizer_dir, tmp_path):
+    """A build worker's tokenizer (unpickled from the driver's) encodes, renders and fingerprints
+    exactly as ``load_tokenizer`` does, and unpickling it does not import torch."""
+    import pickle
+    import subprocess
+    import sys
+
+    from llmdistill.builder.tokenize import ShippedTokenizer, load_tokenizer
+    from llmdistill.formats import tokenizer_fingerprint
+
+    tokenizer = load_tokenizer(str(tiny_tokenizer_dir), "student")
+    texts = ["12+345=", "<think>7 plus 8 is 15</think> \\boxed{15}", ""]
+    messages = [{"role": "user", "content": "What is 12+345?"}]
+    expected = {"ids": tokenizer(texts, add_special_tokens=False)["input_ids"],
+                "chat": tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                "fingerprint": tokenizer_fingerprint(tokenizer), "eos": tokenizer.eos_token_id, "torch": False}
+    (tmp_path / "shipped.pkl").write_bytes(pickle.dumps(ShippedTokenizer(tokenizer)))
+    script = (
+        "import json, pickle, sys\n"
+        f"shipped = pickle.loads(open({str(tmp_path / 'shipped.pkl')!r}, 'rb').read())\n"
+        "tok = shipped.get()\n"
+        "assert shipped.get() is tok\n"
+        "from llmdistill.formats import tokenizer_fingerprint\n"
+        f"print(json.dumps({{'ids': tok({texts!r}, add_special_tokens=False)['input_ids'],\n"
+        f"  'chat': tok.apply_chat_template({messages!r}, tokenize=False, add_generation_prompt=True),\n"
+        "  'fingerprint': tokenizer_fingerprint(tok), 'eos': tok.eos_token_id, 'torch': 'torch' in sys.modules}))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == expected

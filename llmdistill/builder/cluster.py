@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from llmdistill.builder.tokenize import ShippedTokenizer
 from llmdistill.config.base import UserError
 from llmdistill.log import get_logger
 
@@ -105,24 +106,24 @@ def uses_actors(parts: int, runtime: Runtime) -> bool:
     return parts >= ACTOR_PARTS_PER_WORKER * runtime.workers
 
 
-def _warm(tokenizer: str) -> int:
-    """Import what the part tasks import and load the tokenizer into the worker's cache."""
+def _warm(tokenizer: ShippedTokenizer) -> int:
+    """Import what the part tasks import and unpickle the tokenizer into the worker's cache."""
     from llmdistill.builder import rows, shards  # noqa: F401
-    from llmdistill.builder.tokenize import load_tokenizer_cached
 
-    load_tokenizer_cached(tokenizer)
+    tokenizer.get()
     return os.getpid()
 
 
-def warm_up(runtime: Runtime, tokenizer: str) -> None:
+def warm_up(runtime: Runtime, tokenizer: ShippedTokenizer) -> None:
     """Start ``runtime.workers`` workers now, in the background, for phases that run on tasks: a
-    fresh worker spends seconds on imports and on loading the tokenizer, which then overlaps with
-    the driver's phase A, and the tasks of both phases reuse it."""
+    fresh worker spends seconds on imports and on the tokenizer, which then overlaps with the
+    driver's phase A, and the tasks of both phases reuse it."""
     import ray
 
     task = ray.remote(num_cpus=1)(_warm)
+    ref = ray.put(tokenizer)
     for _ in range(min(runtime.workers, runtime.cpus)):
-        task.remote(tokenizer)
+        task.remote(ref)
 
 
 def _run(row: dict[str, Any], fn: Callable[[dict[str, Any], Any], dict[str, Any]], context: Any) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from llmdistill.builder.shards import ShardsContext, part_dir, part_shards, read
 from llmdistill.builder.teachers import TeacherMix, open_teachers, part_sources
 from llmdistill.builder.tokenize import (
     DocumentSpec,
+    ShippedTokenizer,
     load_tokenizer,
     resolve_prompt_format,
     teacher_ids_usable,
@@ -78,6 +79,7 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
     if output.exists() and any(output.iterdir()) and not cfg.overwrite:
         raise ConfigError(f"output_dir {output} exists: choose another one or set overwrite: true")
     tokenizer = load_tokenizer(cfg.student_tokenizer, "student")
+    shipped = ShippedTokenizer(tokenizer)  # the workers' copy
     kind = find_input(cfg)
     key = resume_key(cfg, kind)
     with resumable_output(output, key, cfg.overwrite) as staging:
@@ -92,7 +94,7 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         laps("setup")
         runtime = start_ray(cfg.workers, cfg.ray_address)
         if not uses_actors(len(parts), runtime):  # task workers: their start-up overlaps with phase A
-            warm_up(runtime, cfg.student_tokenizer)
+            warm_up(runtime, shipped)
         laps("ray_start")
 
         # A. prompts (driver)
@@ -100,7 +102,7 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         laps("prompts")
 
         # B. verdicts (Ray Data, per part)
-        rows_ctx = RowsContext(cfg, kind, reference, str(work), cfg.student_tokenizer)
+        rows_ctx = RowsContext(cfg, kind, reference, str(work), shipped)
         verdict_runs = _run_verdicts(parts, prompts, cfg, rows_ctx, runtime)
         spec, meta = _document_spec(cfg, inp, tokenizer, mix), _shard_meta(cfg, tokenizer, inp, mix)
         laps("verdicts")
@@ -111,7 +113,7 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         laps("decide")
 
         # D. shards (Ray Data, per part)
-        shards_ctx = ShardsContext(cfg, spec, meta, str(work), mix, inp.k)
+        shards_ctx = ShardsContext(cfg, spec, meta, str(work), shipped, mix, inp.k)
         shard_runs = _run_shards(parts, ledger, shards_ctx, runtime, locations)
         laps("shards")
 

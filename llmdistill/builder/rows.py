@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from llmdistill.builder import dedup, filters
+from llmdistill.builder.tokenize import ShippedTokenizer
 from llmdistill.builder.traces import Part, read_part
 from llmdistill.builder.verify import check_references, verify_all
 from llmdistill.checking.checkers import CHECKERS
@@ -52,7 +53,7 @@ class RowsContext:
     kind: str
     reference_column: str | None
     work: str
-    student_tokenizer: str
+    tokenizer: ShippedTokenizer
 
 
 def rows_path(work: str | Path, part: int, what: str = "") -> Path:
@@ -72,10 +73,7 @@ def write_arrow_atomic(table: pa.Table, path: Path) -> None:
 def _token_counts(batch: pa.RecordBatch, ctx: RowsContext) -> np.ndarray:
     if ctx.kind == "generation":
         return pc.list_value_length(batch.column("completion_token_ids")).to_numpy(zero_copy_only=False)
-    from llmdistill.builder.tokenize import load_tokenizer_cached
-
-    tokenizer = load_tokenizer_cached(ctx.student_tokenizer)
-    ids = tokenizer(batch.column("completion").to_pylist(), add_special_tokens=False)["input_ids"]
+    ids = ctx.tokenizer.get()(batch.column("completion").to_pylist(), add_special_tokens=False)["input_ids"]
     return np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))  # + EOS
 
 

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from llmdistill.builder.pack import best_fit_decreasing, pack_row, split_overlong
 from llmdistill.builder.report import length_histogram
 from llmdistill.builder.teachers import TeacherMix, TeacherRows, merge_batch
-from llmdistill.builder.tokenize import Document, DocumentSpec, batch_documents, load_tokenizer_cached
+from llmdistill.builder.tokenize import Document, DocumentSpec, ShippedTokenizer, batch_documents
 from llmdistill.builder.traces import Part, read_part, select_rows
 from llmdistill.codec import encode_topk
 from llmdistill.config.build import BuildConfig
@@ -57,6 +57,7 @@ class ShardsContext:
     spec: DocumentSpec
     meta: dict[str, Any]
     work: str
+    tokenizer: ShippedTokenizer
     mix: TeacherMix | None = None
     input_k: int = 0
 
@@ -230,7 +231,7 @@ def part_shards(task: dict[str, Any], ctx: ShardsContext) -> dict[str, Any]:
     out = part_dir(ctx.work, part.index)
     shutil.rmtree(out, ignore_errors=True)  # what a killed attempt left
     out.mkdir(parents=True)
-    tokenizer = load_tokenizer_cached(cfg.student_tokenizer)
+    tokenizer = ctx.tokenizer.get()
     writer = BuiltShardWriter(out, ctx.meta, cfg.max_shard_mb << 20, cfg.max_row_group_mb << 20, cfg.rows_per_shard)
     stats, window, window_tokens, cache = PartStats(cfg.max_length), [], 0, {}
     t = time.process_time()
