@@ -41,11 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from llmdistill.checking.checkers import Reference, check_many
 from llmdistill.collate import DistillCollator
-from llmdistill.config.base import ConfigError, check_model_path
+from llmdistill.config.base import ConfigError, check_model_path, looks_like_local_path
 from llmdistill.config.onpolicy import RESUME_LATEST, OnPolicyConfig
 from llmdistill.formats import (
     SchemaError,
@@ -87,6 +88,30 @@ def seeded_batch(n: int, key: list[int], index: int, size: int) -> list[int]:
     return out
 
 
+class PromptTable:
+    """The prompt rows, as one Arrow table of only the columns the run reads.
+
+    A hub dataset stays memory-mapped (HF datasets' Arrow cache) and a local Parquet file is
+    memory-mapped; a JSONL file is parsed once, 64k lines at a time, into Arrow columns. A row
+    becomes a Python dict only when its step draws it, so a prompt set of millions of rows costs
+    its Arrow bytes, not millions of dicts.
+    """
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]]) -> PromptTable:
+        return cls(pa.Table.from_pylist(rows))
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def rows(self, indices: list[int]) -> list[dict[str, Any]]:
+        """The rows at ``indices``, in that order, as dicts."""
+        return self.table.take(pa.array(indices, type=pa.int64())).to_pylist()
+
+
 @dataclass
 class PromptStream:
     """The prompts in a seeded order, epoch after epoch: position ``p`` is always the same prompt.
@@ -95,46 +120,124 @@ class PromptStream:
     run would have seen.
     """
 
-    records: list[dict[str, Any]]
+    prompts: PromptTable
     seed: int
 
     def batch(self, step: int, size: int) -> list[int]:
-        """Indices into :attr:`records` of the prompts of optimizer step ``step``."""
-        return seeded_batch(len(self.records), [self.seed], step, size)
+        """Indices into :attr:`prompts` of the prompts of optimizer step ``step``."""
+        return seeded_batch(len(self.prompts), [self.seed], step, size)
 
 
-def load_prompts(cfg: OnPolicyConfig) -> list[dict[str, Any]]:
-    """The prompt rows, checked for the columns the run reads (file, line and column named)."""
-    path = Path(cfg.dataset)
-    if not path.is_file():
-        raise ConfigError(f"dataset {path} does not exist: point it at a local .jsonl/.json/.parquet prompt file")
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{path} line {number} is not valid JSON ({err.msg})") from None
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+_JSONL_CHUNK = 65_536  # lines parsed into one Arrow chunk
 
-        rows = pq.read_table(path).to_pylist()
-    else:
-        rows = json.loads(path.read_text())
+
+def _check_row(row: dict[str, Any], needed: list[str], cfg: OnPolicyConfig, location: str) -> None:
+    if missing := [c for c in needed if c not in row]:
+        raise ConfigError(f"{location}: column(s) {missing} missing (it has {sorted(row)})")
+    if empty := [c for c in needed if row[c] is None]:
+        raise ConfigError(f"{location}: column(s) {empty} empty: fill them or remove the row")
+    if cfg.teacher_column and row[cfg.teacher_column] not in cfg.teachers:
+        raise ConfigError(f"{location}: teacher '{row[cfg.teacher_column]}' is not one of {sorted(cfg.teachers)} "
+                          "(teacher_model)")
+
+
+def _jsonl_table(path: Path, needed: list[str], optional: list[str], cfg: OnPolicyConfig) -> pa.Table:
+    chunks, columns = [], {c: [] for c in needed + optional}
+
+    def flush() -> None:
+        if columns[needed[0]]:
+            chunks.append(pa.table({c: pa.array(v) for c, v in columns.items()}))
+            for values in columns.values():
+                values.clear()
+
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path} line {number} is not valid JSON ({err.msg}): fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path} line {number} is a JSON {type(row).__name__}, expected an object")
+            _check_row(row, needed, cfg, f"{path} line {number}")
+            for c in columns:
+                columns[c].append(row.get(c))
+            if len(columns[needed[0]]) >= _JSONL_CHUNK:
+                flush()
+    flush()
+    try:
+        return pa.concat_tables(chunks, promote_options="permissive") if chunks else pa.table({c: [] for c in columns})
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise ConfigError(f"{path}: a column changes type between rows ({err}): give each column one type") from None
+
+
+def load_prompts(cfg: OnPolicyConfig) -> PromptTable:
+    """The prompt rows (the columns the run reads), checked before any model loads: the file and
+    line or row, and the column, of the first problem named.
+
+    ``dataset`` is a local .jsonl/.json/.parquet file or a hub dataset id (``dataset_config``,
+    ``dataset_split``), as ``generate`` reads it.
+    """
     needed = [c for c in (cfg.prompt_column, cfg.teacher_column) if c]
     if cfg.reward_weight > 0 and cfg.answer_column:
         needed.append(cfg.answer_column)
-    for i, row in enumerate(rows):
-        missing = [c for c in needed if c not in row]
-        if missing:
-            raise ConfigError(f"{path} row {i}: column(s) {missing} missing (it has {sorted(row)})")
-        if cfg.teacher_column and row[cfg.teacher_column] not in cfg.teachers:
-            raise ConfigError(f"{path} row {i}: teacher '{row[cfg.teacher_column]}' is not one of "
-                              f"{sorted(cfg.teachers)} (teacher_model)")
-    if not rows:
-        raise ConfigError(f"{path} holds no prompts")
-    return rows
+    optional = [c for c in [cfg.answer_column] if c and c not in needed]  # the reference answer: the reward log
+    source = os.path.expanduser(cfg.dataset)
+    if os.path.isfile(source):
+        path = Path(source)
+        if path.suffix == ".jsonl":
+            table = _jsonl_table(path, needed, optional, cfg)
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path, memory_map=True)
+        elif path.suffix == ".json":
+            rows = json.loads(path.read_text())
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise ConfigError(f"{path} must hold a JSON list of objects (one per prompt)")
+            for i, row in enumerate(rows):
+                _check_row(row, needed, cfg, f"{path} row {i}")
+            table = pa.Table.from_pylist([{c: r.get(c) for c in needed + optional} for r in rows])
+        else:
+            raise ConfigError(f"dataset {path}: unsupported file type; use a .jsonl, .json or .parquet file")
+        name = str(path)
+    elif looks_like_local_path(cfg.dataset):
+        raise ConfigError(f"dataset {cfg.dataset} does not exist (and is not a hub dataset id): point it at a "
+                          "local .jsonl/.json/.parquet prompt file")
+    else:
+        import datasets
+
+        name = f"dataset {cfg.dataset} ({cfg.dataset_split})"
+        try:
+            table = datasets.load_dataset(cfg.dataset, name=cfg.dataset_config, split=cfg.dataset_split).data.table
+        except (OSError, ValueError) as err:  # not found, unreachable, no such config or split
+            raise ConfigError(f"could not load {name}: {err}. Check the id, dataset_config and dataset_split, "
+                              "or point dataset at a local file") from None
+    if missing := [c for c in needed if c not in table.column_names]:
+        raise ConfigError(f"{name}: column(s) {missing} missing (it has {table.column_names})")
+    table = table.select(needed + [c for c in optional if c in table.column_names])
+    if table.num_rows == 0:
+        raise ConfigError(f"{name} holds no prompts")
+    _check_columns(table, needed, cfg, name)
+    return PromptTable(table)
+
+
+def _check_columns(table: pa.Table, needed: list[str], cfg: OnPolicyConfig, name: str) -> None:
+    """:func:`_check_row`'s value checks on a whole table (Parquet or hub rows), the first bad row named."""
+    import pyarrow.compute as pc
+
+    for column in needed:
+        if table.column(column).null_count:
+            row = pc.index(pc.is_null(table.column(column)), True).as_py()
+            raise ConfigError(f"{name} row {row}: column(s) {[column]} empty: fill them or remove the row")
+    if cfg.teacher_column:
+        names = table.column(cfg.teacher_column).cast(pa.string())
+        known = pc.fill_null(pc.is_in(names, value_set=pa.array(sorted(cfg.teachers))), False)
+        if not pc.all(known).as_py():
+            row = pc.index(known, False).as_py()
+            raise ConfigError(f"{name} row {row}: teacher '{names[row].as_py()}' is not one of {sorted(cfg.teachers)} "
+                              "(teacher_model)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -236,7 +339,7 @@ def rollout(engine: VllmRollout | TransformersRollout, stream: PromptStream, ste
             tokenizer: Any, cfg: OnPolicyConfig) -> Rollouts:
     """Step 1: the current student's completions for this step's prompts."""
     indices = stream.batch(step, cfg.prompts_per_step)
-    records = [stream.records[i] for i in indices]
+    records = stream.prompts.rows(indices)
     prompt_ids = fmt.token_ids(tokenizer, [r[cfg.prompt_column] for r in records])
     completions = engine.sample(prompt_ids, cfg)
     n = cfg.samples_per_prompt
@@ -593,7 +696,7 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     started = time.time()
     check_inputs(cfg)
     on_policy = cfg.on_policy_fraction > 0  # else pure offline KD: no prompt, no rollout, no teacher
-    records = load_prompts(cfg) if on_policy else []
+    prompts = load_prompts(cfg) if on_policy else PromptTable(pa.table({}))
     # teacher servers answer before any model loads: an unreachable one fails here, in one line
     teachers = load_teachers(cfg) if on_policy and cfg.teacher_backend == "server" else {}
     for teacher in teachers.values():
@@ -623,7 +726,7 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     if on_policy and cfg.teacher_backend == "transformers":
         teachers = load_teachers(cfg, device)
     fmt = PromptFormat.from_settings(cfg.system_prompt, cfg.instruction_template, cfg.use_chat_template)
-    stream = PromptStream(records, cfg.seed)
+    stream = PromptStream(prompts, cfg.seed)
     offline = OfflineBatches(cfg, tokenizer) if cfg.on_policy_fraction < 1 else None
     engine: VllmRollout | TransformersRollout | None = None
     if on_policy and cfg.rollout_backend == "vllm":
@@ -702,7 +805,7 @@ def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 def answer_rewards(rollouts: Rollouts, tokenizer: Any, cfg: OnPolicyConfig) -> torch.Tensor | None:
     """1 where the answer checker accepts a sample's answer, else 0 (None without reference answers)."""
-    if not cfg.answer_column or any(cfg.answer_column not in r for r in rollouts.records):
+    if not cfg.answer_column or any(r.get(cfg.answer_column) is None for r in rollouts.records):
         return None
     texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
     verdicts = check_many(cfg.checker, texts, [Reference(answer=str(r[cfg.answer_column])) for r in rollouts.records])

@@ -198,7 +198,7 @@ def run_trl(world: dict[str, Path], out: Path, use_vllm: bool) -> dict[str, Any]
     cfg = onpolicy_config(world["prompts"], world["student"], world["teacher"], out)
     tokenizer = AutoTokenizer.from_pretrained(str(world["student"]), padding_side="left")
     trainer = DistillationTrainer(model=str(world["student"]), teacher_model=str(world["teacher"]),
-                                  args=trl_config(cfg, out, use_vllm), train_dataset=trl_prompts(load_prompts(cfg)),
+                                  args=trl_config(cfg, out, use_vllm), train_dataset=trl_prompts(load_prompts(cfg).table.to_pylist()),
                                   processing_class=tokenizer, callbacks=[StepTimes()])
     generate = trainer._generate_single_turn
 

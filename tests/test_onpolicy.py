@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -23,7 +24,16 @@ from llmdistill.config.base import ConfigError
 from llmdistill.config.onpolicy import OnPolicyConfig
 from llmdistill.formats import read_built
 from llmdistill.losses import TEACHER_PROB_FLOOR
-from llmdistill.onpolicy import PromptStream, load_student, offline_steps, onpolicy_loss, pack, score
+from llmdistill.onpolicy import (
+    PromptStream,
+    PromptTable,
+    load_prompts,
+    load_student,
+    offline_steps,
+    onpolicy_loss,
+    pack,
+    score,
+)
 from llmdistill.tinyworld.kd_data import write_tiny_built
 from llmdistill.tinyworld.task import generate_problems, to_records, write_jsonl
 
@@ -54,11 +64,78 @@ def config(prompts: Path, student: Path, teacher: Path, out: Path, **overrides) 
 
 @pytest.mark.unit
 def test_the_prompt_stream_is_a_seeded_order_that_a_resume_finds_again():
-    stream = PromptStream([{"i": i} for i in range(10)], seed=3)
+    table = PromptTable.from_rows([{"i": i} for i in range(10)])
+    stream = PromptStream(table, seed=3)
     steps = [stream.batch(s, 4) for s in range(5)]  # 20 positions: two epochs
     assert sorted(steps[0] + steps[1] + steps[2][:2]) == list(range(10))  # each prompt once per epoch
-    assert steps == [PromptStream([{"i": i} for i in range(10)], seed=3).batch(s, 4) for s in range(5)]
-    assert steps[0] != PromptStream(stream.records, seed=4).batch(0, 4)
+    assert steps == [PromptStream(PromptTable.from_rows([{"i": i} for i in range(10)]), seed=3).batch(s, 4)
+                     for s in range(5)]
+    assert steps[0] != PromptStream(table, seed=4).batch(0, 4)
+    assert table.rows(steps[0]) == [{"i": i} for i in steps[0]]
+
+
+def _prompt_config(dataset, **overrides) -> OnPolicyConfig:
+    return OnPolicyConfig(**{"dataset": str(dataset), "student_model": "org/student", "teacher_model": "org/teacher",
+                             "output_dir": "unused", **overrides})
+
+
+@pytest.mark.unit
+def test_prompts_load_the_same_from_jsonl_json_parquet_and_a_hub_dataset(tmp_path, monkeypatch):
+    import datasets
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"q{i}", "answer": i if i % 3 else None, "domain": "math" if i % 2 else "code", "extra": i}
+            for i in range(7)]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    monkeypatch.setattr(op, "_JSONL_CHUNK", 2)  # several Arrow chunks, int then null answers promoted
+    loaded = datasets.Dataset.from_list(rows)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: loaded)
+    settings = {"teacher_model": "math=org/a,code=org/b", "teacher_column": "domain"}
+    expected = [{"prompt": r["prompt"], "domain": r["domain"], "answer": r["answer"]} for r in rows]
+    for source in (tmp_path / "p.jsonl", tmp_path / "p.json", tmp_path / "p.parquet", "org/prompts"):
+        table = load_prompts(_prompt_config(source, **settings))
+        assert len(table) == 7 and table.table.column_names == ["prompt", "domain", "answer"], source
+        assert table.rows([6, 0, 3]) == [expected[6], expected[0], expected[3]], source
+
+
+@pytest.mark.unit
+def test_bad_prompt_rows_fail_in_one_line_naming_file_line_and_column(tmp_path, monkeypatch):
+    import datasets
+    import pyarrow.parquet as pq
+
+    def jsonl(*lines: str) -> Path:
+        path = tmp_path / f"p{len(list(tmp_path.iterdir()))}.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    good = json.dumps({"prompt": "q", "answer": "1", "domain": "math"})
+    routed = {"teacher_model": "math=org/a,code=org/b", "teacher_column": "domain"}
+    cases = [
+        (jsonl(good, "{oops"), {}, r"p\d\.jsonl line 2 is not valid JSON"),
+        (jsonl(good, "[1, 2]"), {}, r"line 2 is a JSON list, expected an object"),
+        (jsonl(good, json.dumps({"question": "q"})), {}, r"line 2: column\(s\) \['prompt'\] missing"),
+        (jsonl(good, json.dumps({"prompt": None})), {}, r"line 2: column\(s\) \['prompt'\] empty"),
+        (jsonl(good, json.dumps({"prompt": "q", "domain": "law"})), routed, r"line 2: teacher 'law' is not one of"),
+        (jsonl(good, json.dumps({"prompt": "q"})), {"reward_weight": 0.5}, r"line 2: column\(s\) \['answer'\] missing"),
+        (jsonl(""), {}, "holds no prompts"),
+        (tmp_path / "missing.jsonl", {}, "does not exist"),
+    ]
+    pq.write_table(pa.table({"prompt": ["a", "b"], "domain": ["code", "law"]}), tmp_path / "t.parquet")
+    cases.append((tmp_path / "t.parquet", routed, r"t\.parquet row 1: teacher 'law' is not one of"))
+    pq.write_table(pa.table({"question": ["a"]}), tmp_path / "q.parquet")
+    cases.append((tmp_path / "q.parquet", {}, r"q\.parquet: column\(s\) \['prompt'\] missing"))
+    for path, settings, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_prompts(_prompt_config(path, **settings))
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'org/prompts' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(ConfigError, match=r"could not load dataset org/prompts \(train\): Couldn't reach"):
+        load_prompts(_prompt_config("org/prompts"))
 
 
 @pytest.mark.unit
@@ -179,7 +256,7 @@ def test_the_teachers_grades_equal_a_plain_forward_and_sync_makes_the_engine_the
         prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from llmdistill.onpolicy import VllmRollout, load_prompts, rollout
+    from llmdistill.onpolicy import VllmRollout, rollout
     from llmdistill.prompts import PromptFormat
     from llmdistill.teacher import TransformersTeacher
 

@@ -23,7 +23,10 @@ RESUME_LATEST = "latest"
 class PromptsConfig:
     """The prompt stream the student answers (read once, then drawn in a seeded order)."""
 
-    dataset: str = field(default="", metadata={"help": "Prompts: a local .jsonl/.json/.parquet file (one row per prompt)."})
+    dataset: str = field(default="", metadata={
+        "help": "Prompts: a local .jsonl/.json/.parquet file (one row per prompt) or a hub dataset id."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Config name of a hub dataset."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
     prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt (text or chat messages)."})
     id_column: str | None = field(default="id", metadata={"help": "Column with a prompt id (else a hash of the prompt)."})
     answer_column: str | None = field(default="answer", metadata={
