@@ -46,7 +46,7 @@ import torch
 
 from llmdistill.checking.checkers import Reference, check_many
 from llmdistill.collate import DistillCollator
-from llmdistill.config.base import ConfigError, check_model_path, looks_like_local_path
+from llmdistill.config.base import ConfigError, check_model_path, jsonl_objects, looks_like_local_path
 from llmdistill.config.onpolicy import RESUME_LATEST, OnPolicyConfig
 from llmdistill.formats import (
     SchemaError,
@@ -150,21 +150,12 @@ def _jsonl_table(path: Path, needed: list[str], optional: list[str], cfg: OnPoli
             for values in columns.values():
                 values.clear()
 
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path} line {number} is not valid JSON ({err.msg}): fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"{path} line {number} is a JSON {type(row).__name__}, expected an object")
-            _check_row(row, needed, cfg, f"{path} line {number}")
-            for c in columns:
-                columns[c].append(row.get(c))
-            if len(columns[needed[0]]) >= _JSONL_CHUNK:
-                flush()
+    for number, row in jsonl_objects(path, ConfigError):
+        _check_row(row, needed, cfg, f"{path} line {number}")
+        for c in columns:
+            columns[c].append(row.get(c))
+        if len(columns[needed[0]]) >= _JSONL_CHUNK:
+            flush()
     flush()
     try:
         return pa.concat_tables(chunks, promote_options="permissive") if chunks else pa.table({c: [] for c in columns})

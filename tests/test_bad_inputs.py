@@ -38,8 +38,8 @@ class Case:
     needles: tuple[str, ...]
 
 
-def _prompts(tmp: Path, lines: list[str] | None = None) -> Path:
-    path = tmp / "prompts.jsonl"
+def _prompts(tmp: Path, lines: list[str] | None = None, name: str = "prompts.jsonl") -> Path:
+    path = tmp / name
     if lines is None:
         write_jsonl(path, to_records(generate_problems(4, seed=0)))
     else:
@@ -185,6 +185,10 @@ CASES = [
     Case("build: KD from a plain dataset", "build",
          lambda t, fx: _build_args(t, fx, write_jsonl(t / "d.jsonl", [{"prompt": "p", "completion": "c"}])),
          ("plain dataset", "kd: false")),
+    Case("build: malformed line in the decontamination file", "build",
+         lambda t, fx: _build_args(t, fx, _shards(t, fx), "--decontam_extra_file",
+                                   str(_prompts(t, ['{"problem": "1+1"}', '{"problem": '], "extra.jsonl"))),
+         ("extra.jsonl line 2", "not valid JSON")),
     # ---- train ---------------------------------------------------------------------------
     Case("train: float for an integer in YAML", "train",
          lambda t, fx: ["--config", _yaml(t, "max_steps: 40.5\n"), "--student_model", fx["teacher"],

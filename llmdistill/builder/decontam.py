@@ -8,12 +8,11 @@ prompt is contaminated when a benchmark problem contains it.
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from llmdistill.builder.dedup import normalize
-from llmdistill.config.base import ConfigError
+from llmdistill.config.base import ConfigError, jsonl_objects
 from llmdistill.config.build import DecontamConfig
 from llmdistill.log import get_logger
 
@@ -79,10 +78,7 @@ def read_problem_file(path: str | Path) -> list[str]:
     if path.suffix != ".jsonl":
         return [line for line in path.read_text().splitlines() if line.strip()]
     problems = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    for line_no, rec in jsonl_objects(path, ConfigError):
         field = next((f for f in ("problem", "question", "prompt") if f in rec), None)
         if field is None:
             raise ConfigError(f"{path}, line {line_no}: needs a 'problem', 'question' or 'prompt' field, has {sorted(rec)}")

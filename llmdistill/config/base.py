@@ -16,6 +16,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -256,3 +257,23 @@ def parse_json_field(name: str, value: str | dict | None) -> dict:
     if not isinstance(out, dict):
         raise ConfigError(f"{name} must be a JSON object, got {type(out).__name__}")
     return out
+
+
+def jsonl_objects(path: Path, error: type[UserError] = ConfigError) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The JSON objects of a user's JSONL file (prompt rows, seed queries, benchmark problems), one
+    line at a time, each with its line number; blank lines are skipped.
+
+    Raises:
+        error: a line that is not JSON, or not a JSON object, naming the file and the line.
+    """
+    with Path(path).open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise error(f"{path} line {number} is not valid JSON ({err.msg}): fix or remove that line") from None
+            if not isinstance(record, dict):
+                raise error(f"{path} line {number} is a JSON {type(record).__name__}, expected an object")
+            yield number, record

@@ -19,10 +19,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from llmdistill.config.base import UserError, looks_like_local_path
+from llmdistill.config.base import UserError, jsonl_objects, looks_like_local_path
 from llmdistill.config.generate import GenerateConfig, ScoreConfig
 from llmdistill.log import get_logger
-from llmdistill.prompts import PromptError, PromptFormat, prompt_hash, read_text_or_file, stored_prompt
+from llmdistill.prompts import (
+    PromptError,
+    PromptFormat,
+    prompt_hash,
+    read_text_or_file,
+    stored_prompt,
+)
 
 logger = get_logger(__name__)
 
@@ -159,22 +165,13 @@ def row_prompt_id(cfg: GenerateConfig | ScoreConfig, record: dict, location: str
 
 def _read_jsonl(path: Path, keep: Callable[[str, dict], bool], limit: int | None) -> PartRows:
     rows, total = [], 0
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            if limit is not None and total >= limit:
-                break
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path} line {number} is not valid JSON ({err.msg}): fix or remove that line") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{path} line {number} is a JSON {type(record).__name__}, expected an object")
-            total += 1
-            location = f"{path} line {number}"
-            if keep(location, record):
-                rows.append((location, record))
+    for number, record in jsonl_objects(path, InputError):
+        if limit is not None and total >= limit:
+            break
+        total += 1
+        location = f"{path} line {number}"
+        if keep(location, record):
+            rows.append((location, record))
     return PartRows(rows, total)
 
 

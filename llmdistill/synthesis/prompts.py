@@ -9,12 +9,11 @@ whatever the template.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
 
-from llmdistill.config.base import UserError
+from llmdistill.config.base import UserError, jsonl_objects
 from llmdistill.prompts import PromptFormat, read_text_or_file
 
 SENTINEL = "\u2063LLMDISTILL-USER-TURN\u2063"  # text no template writes on its own
@@ -51,21 +50,15 @@ def read_seeds(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise SynthesisError(f"seed_file {path} does not exist")
-    seeds = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        if file.suffix != ".jsonl":
-            seeds.append(line.strip())
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SynthesisError(f"{path} line {number} is not valid JSON ({err.msg})") from None
-        name = next((f for f in SEED_FIELDS if isinstance(record, dict) and f in record), None)
-        if name is None:
-            raise SynthesisError(f"{path} line {number}: needs one of the fields {list(SEED_FIELDS)}")
-        seeds.append(str(record[name]).strip())
+    if file.suffix != ".jsonl":
+        seeds = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        seeds = []
+        for number, record in jsonl_objects(file, SynthesisError):
+            name = next((f for f in SEED_FIELDS if f in record), None)
+            if name is None:
+                raise SynthesisError(f"{path} line {number}: needs one of the fields {list(SEED_FIELDS)}")
+            seeds.append(str(record[name]).strip())
     if not seeds:
         raise SynthesisError(f"seed_file {path} holds no seed query")
     return seeds
