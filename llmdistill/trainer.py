@@ -461,14 +461,18 @@ class DistillTrainer(SFTTrainer):
             ConfigError: an explicit checkpoint path that is not complete (:func:`resolve_resume`).
         """
         resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if resume is not None:
+            self._load_own_state(resume)
         return super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
                              **kwargs)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+    def _load_own_state(self, checkpoint: str) -> None:
+        """What llmdistill adds to a checkpoint: the feature projection and the running loss of
+        ``loss_adaptive`` schedules. Loaded here, before transformers loads the rest, for every
+        backend: transformers' ``_load_from_checkpoint`` is skipped for DeepSpeed and FSDP."""
         if self.layers is not None:
-            self.layers.load(resume_from_checkpoint)
-        ema = Path(resume_from_checkpoint) / LOSS_EMA_FILE
+            self.layers.load(checkpoint)
+        ema = Path(checkpoint) / LOSS_EMA_FILE
         if ema.is_file():  # checkpoints older than loss_adaptive schedules have none: the average restarts
             self.loss_ema.load(json.loads(ema.read_text()))
 

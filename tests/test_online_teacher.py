@@ -422,8 +422,7 @@ def test_a_resumed_run_goes_on_from_the_checkpoints_running_loss(tmp_path, tiny_
 
     resumed, _ = build_trainer(config(tmp_path / "a", built_kd, tiny_student_dir, **adaptive,
                                    resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2")))
-    resumed._load_from_checkpoint(str(tmp_path / "a" / "out" / "checkpoint-2"))
-    assert resumed.loss_ema.state() == saved
+    assert resumed.loss_ema.state() == {"first": None, "value": None}
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
     assert resumed.loss_ema.first == whole.loss_ema.first
     assert resumed.loss_ema.value == pytest.approx(whole.loss_ema.value, rel=1e-5)
