@@ -182,7 +182,9 @@ def load_prompts(cfg: OnPolicyConfig) -> PromptTable:
         elif path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path, memory_map=True)
+            present = set(pq.read_schema(path).names)
+            table = pq.read_table(path, columns=[c for c in needed + optional if c in present] or None,
+                                  memory_map=True)
         elif path.suffix == ".json":
             rows = json.loads(path.read_text())
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
