@@ -65,6 +65,7 @@ from llmdistill.teacher import TransformersTeacher, on_device, predicting_hidden
 logger = get_logger(__name__)
 
 PHASES = ("rollout", "scoring", "training", "sync")
+ADAPTER_DIR = "adapter"  # a LoRA student's adapter, beside the merged final model
 STATE = "state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 OFFLINE_STREAM = 1  # keeps the seeds of the offline step choice and row order apart from the prompt order's
 
@@ -281,9 +282,9 @@ class VllmRollout:
         return [list(o.token_ids) for res in outputs for o in res.outputs]
 
     def sync(self, model: torch.nn.Module) -> None:
-        """Load the trainer's current weights into the engine, in place, and drop cached prefixes."""
-        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        """Load the trainer's current weights into the engine, in place, and drop cached prefixes
+        (a LoRA student's base weights merged with its adapter: :func:`merged_weights`)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(model)})
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
@@ -619,11 +620,15 @@ def resume_point(cfg: OnPolicyConfig) -> Path | None:
         found = complete_checkpoints(Path(cfg.output_dir))
         if not found:
             logger.info("resume_from_checkpoint=%s: no complete checkpoint in %s, starting fresh", value, cfg.output_dir)
-        return found[-1] if found else None
-    path = Path(value)
-    if not (path / STATE).is_file():
-        raise ConfigError(f"resume_from_checkpoint={value} is not a complete checkpoint (no {STATE}); "
-                          f"use 'latest' for the newest complete one in {cfg.output_dir}")
+        path = found[-1] if found else None
+    else:
+        path = Path(value)
+        if not (path / STATE).is_file():
+            raise ConfigError(f"resume_from_checkpoint={value} is not a complete checkpoint (no {STATE}); "
+                              f"use 'latest' for the newest complete one in {cfg.output_dir}")
+    if path is not None and (path / "adapter_config.json").is_file() != cfg.use_peft:
+        held = "a full model" if cfg.use_peft else "a LoRA adapter"
+        raise ConfigError(f"{path} holds {held}: resume with the run's own setting, use_peft: {not cfg.use_peft}")
     return path
 
 
@@ -667,6 +672,42 @@ def load_student(path: str) -> tuple[torch.nn.Module, Any]:
     return model, AutoTokenizer.from_pretrained(path)
 
 
+def with_lora(model: torch.nn.Module, cfg: OnPolicyConfig, checkpoint: Path | None) -> tuple[torch.nn.Module, Any]:
+    """A LoRA adapter on the frozen student (``use_peft``): a new one, or a checkpoint's to resume.
+
+    Returns:
+        The HF model with the adapter's layers in it (what the loop forwards and the optimizer
+        trains: the adapter's parameters are its only trainable ones) and the ``PeftModel``
+        that saves the adapter.
+    """
+    from peft import PeftModel, get_peft_model
+
+    if checkpoint is not None:
+        peft_model = PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+    else:
+        peft_model = get_peft_model(model, cfg.peft_config())
+    return peft_model.get_base_model(), peft_model
+
+
+def merged_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The model's weights under the plain model's names, each LoRA layer's base weight plus its
+    adapters' delta (``scale * B @ A``): what the rollout engine, which holds the plain model, loads.
+    The trainer's weights are not touched (no merge and unmerge, which would round them)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    out = []
+    for key, tensor in model.state_dict().items():
+        if ".lora_" in key:
+            continue
+        owner, sep, rest = key.partition(".base_layer.")
+        if sep and rest == "weight":
+            layer = layers[owner]
+            tensor = tensor + sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+        out.append((f"{owner}.{rest}" if sep else key, tensor.detach()))
+    return out
+
+
 def check_inputs(cfg: OnPolicyConfig) -> None:
     """Everything that can fail before a model loads: paths, the offline data, the output directory."""
     check_model_path("student_model", cfg.student_model)
@@ -702,10 +743,15 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
 
     # Student, optimizer, schedule; resume
     resume = resume_point(cfg)
-    model, tokenizer = load_student(str(resume) if resume else cfg.student_model)
+    # a LoRA checkpoint holds the adapter only: the base is student_model
+    model, tokenizer = load_student(str(resume) if resume and not cfg.use_peft else cfg.student_model)
+    adapter = None
+    if cfg.use_peft:
+        model, adapter = with_lora(model, cfg, resume)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # one device: the loop is one process
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))
                                                   * max(0.0, 1 - s / cfg.max_steps))
     counters, history, first = Counters(), [], 0
@@ -723,7 +769,9 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     offline = OfflineBatches(cfg, tokenizer) if cfg.on_policy_fraction < 1 else None
     engine: VllmRollout | TransformersRollout | None = None
     if on_policy and cfg.rollout_backend == "vllm":
-        engine = VllmRollout(str(resume) if resume else cfg.student_model, cfg)
+        engine = VllmRollout(str(resume) if resume and adapter is None else cfg.student_model, cfg)
+        if adapter is not None and resume is not None:
+            engine.sync(model)  # the base weights plus the checkpoint's adapter
     elif on_policy:
         engine = TransformersRollout(model, tokenizer)
 
@@ -738,14 +786,14 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
                 history.append(log_window(step + 1, window, counters))
                 window = []
             if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
-                save_checkpoint(out, step + 1, model, tokenizer, optimizer, scheduler,
+                save_checkpoint(out, step + 1, adapter or model, tokenizer, optimizer, scheduler,
                                 {"history": history, "counters": counters.__dict__})
     finally:
         if engine is not None:
             engine.close()
 
     # Save the student and the run's record
-    return save_final(out, model, tokenizer, cfg, counters, history, started)
+    return save_final(out, model, tokenizer, cfg, counters, history, started, adapter)
 
 
 def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -815,11 +863,16 @@ def log_window(step: int, window: list[dict[str, float]], counters: Counters) ->
 
 
 def save_final(out: Path, model: torch.nn.Module, tokenizer: Any, cfg: OnPolicyConfig, counters: Counters,
-               history: list[dict[str, Any]], started: float) -> dict[str, Any]:
-    """The final student (a plain HF checkpoint in ``output_dir``), its log and the manifest, written last."""
+               history: list[dict[str, Any]], started: float, adapter: Any = None) -> dict[str, Any]:
+    """The final student (a plain HF checkpoint in ``output_dir``; a LoRA student merged into its base
+    weights, its adapter alone in ``output_dir/adapter``), its log and the manifest, written last."""
     (out / MANIFEST).unlink(missing_ok=True)
     tmp = out / f".model.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    if adapter is not None:
+        adapter.save_pretrained(str(tmp / ADAPTER_DIR))
+        model = adapter.merge_and_unload()
+        shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     for path in tmp.iterdir():

@@ -181,8 +181,14 @@ def _onpolicy_plan(cfg: Any) -> dict[str, Any]:
     params = params_from_name(cfg.student_model)
     if params:
         plan["student parameters"] = f"{params / 1e9:.2f} B"
-        plan["student weights + grads + AdamW (fp32)"] = (
-            f"{params * 16 / GIB:.0f} GiB, in the one training process (the loop has no LoRA or sharding)")
+        if cfg.use_peft:
+            plan["student weights (fp32, frozen) + LoRA adapter"] = (
+                f"{params * 4 / GIB:.0f} GiB + the rank-{cfg.lora_r} adapter's weights, grads and AdamW moments, "
+                "in the one training process (no sharding)")
+        else:
+            plan["student weights + grads + AdamW (fp32)"] = (
+                f"{params * 16 / GIB:.0f} GiB, in the one training process (no sharding; use_peft trains a LoRA "
+                "adapter)")
     return plan
 
 

@@ -200,16 +200,7 @@ def load_student(config: TrainConfig) -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(config.student_source, **kwargs)
     if config.student_init == "drop_layers":
         drop_layers(model)
-    if not config.use_peft:
-        return model, None
-    from peft import LoraConfig
-
-    targets = config.lora_target_modules
-    peft_config = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, task_type="CAUSAL_LM",
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
-    )
-    return model, peft_config
+    return model, config.peft_config()
 
 
 def drop_layers(model: Any) -> Any:

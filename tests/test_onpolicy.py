@@ -251,6 +251,29 @@ def test_loss_and_gradients_equal_a_dense_reference(objective, tiny_student_dir)
 # ---- with real models and engines --------------------------------------------------------------
 
 
+@pytest.mark.unit
+def test_a_lora_students_merged_weights_are_peft_merge_under_the_plain_names(tiny_student_dir):
+    import copy
+
+    from llmdistill.onpolicy import merged_weights, with_lora
+
+    plain, _ = load_student(str(tiny_student_dir))
+    assert [k for k, _ in merged_weights(plain)] == list(plain.state_dict())
+    cfg = OnPolicyConfig(dataset="p.jsonl", student_model="org/s", teacher_model="org/t", use_peft=True, lora_r=4)
+    model, adapter = with_lora(plain, cfg, None)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # a trained adapter: B is zero only at the start
+    merged = dict(merged_weights(model))
+    reference = copy.deepcopy(adapter).merge_and_unload().state_dict()
+    assert merged.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6)
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           model.state_dict()["model.layers.0.self_attn.q_proj.base_layer.weight"])
+
+
 @pytest.mark.integration
 def test_the_teachers_grades_equal_a_plain_forward_and_sync_makes_the_engine_the_trainer(
         prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path):
@@ -299,6 +322,43 @@ def test_the_teachers_grades_equal_a_plain_forward_and_sync_makes_the_engine_the
         engine.close()
 
 
+@pytest.mark.integration
+def test_after_a_sync_the_engine_samples_from_the_lora_students_merged_weights(prompts, tiny_student_dir,
+                                                                                tiny_random_teacher_dir, tmp_path):
+    """The engine holds the plain student; a sync loads base + adapter delta: its log-probs of its own
+    samples are the LoRA student's (fp32, within 1e-4)."""
+    from vllm import SamplingParams
+
+    from llmdistill.onpolicy import VllmRollout, with_lora
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    cfg = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "o", use_peft=True, lora_r=4)
+    plain, tok = load_student(str(tiny_student_dir))
+    student, _ = with_lora(plain, cfg, None)
+    torch.manual_seed(0)
+    for name, p in student.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    engine = VllmRollout(str(tiny_student_dir), cfg)
+    try:
+        engine.sync(student)
+        prompt = tok("12+345=", add_special_tokens=False)["input_ids"]
+        out = engine.llm.generate([{"prompt_token_ids": prompt}],
+                                  SamplingParams(max_tokens=12, logprobs=0, temperature=1.0), use_tqdm=False)[0]
+        ids = list(out.outputs[0].token_ids)
+        engine_lp = torch.tensor([d[t].logprob for d, t in zip(out.outputs[0].logprobs, ids, strict=True)])
+        student.eval()
+        with torch.no_grad():
+            logp = torch.log_softmax(student(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1], -1)
+            base = torch.log_softmax(load_student(str(tiny_student_dir))[0](torch.tensor([prompt + ids])).logits[
+                0, len(prompt) - 1:-1], -1)
+        picked = logp[torch.arange(len(ids)), torch.tensor(ids)]
+        torch.testing.assert_close(engine_lp, picked, rtol=0, atol=1e-4)
+        assert (picked - base[torch.arange(len(ids)), torch.tensor(ids)]).abs().max() > 1e-2  # the adapter counts
+    finally:
+        engine.close()
+
+
 KILLED_RUN = """
 import os, signal, sys
 import llmdistill.onpolicy as op
@@ -316,12 +376,15 @@ op.run_onpolicy(OnPolicyConfig(**__import__("json").loads(sys.argv[1])))
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("use_peft", [False, True], ids=["full", "lora"])
 def test_a_killed_run_resumes_with_the_prompt_stream_at_the_right_place(
-        prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path):
-    """transformers rollouts (the torch RNG is checkpointed): the resumed run ends bit-identical."""
-    from llmdistill.onpolicy import run_onpolicy
+        prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path, use_peft):
+    """transformers rollouts (the torch RNG is checkpointed): the resumed run ends bit-identical, a LoRA
+    student's (its checkpoints hold the adapter) too."""
+    from llmdistill.onpolicy import ADAPTER_DIR, run_onpolicy
 
-    common = dict(rollout_backend="transformers", max_steps=4, save_steps=2, max_new_tokens=16)
+    common = dict(rollout_backend="transformers", max_steps=4, save_steps=2, max_new_tokens=16, use_peft=use_peft,
+                  lora_r=4, learning_rate=1e-2 if use_peft else 1e-3)
     whole = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "whole", **common)
     run_onpolicy(whole)
     killed = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "killed", **common)
@@ -330,15 +393,25 @@ def test_a_killed_run_resumes_with_the_prompt_stream_at_the_right_place(
     args = json.dumps({k: getattr(killed, k) for k in ("dataset", "student_model", "teacher_model", "output_dir",
                                                         "prompts_per_step", "max_new_tokens", "max_steps",
                                                         "learning_rate", "logprobs_top_k", "logging_steps",
-                                                        "max_model_len", "seed", "rollout_backend", "save_steps")})
+                                                        "max_model_len", "seed", "rollout_backend", "save_steps",
+                                                        "use_peft", "lora_r")})
     res = subprocess.run([sys.executable, str(script), args], capture_output=True, text=True, timeout=600)
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     assert (tmp_path / "killed" / "checkpoint-2" / "state.json").is_file()
+    assert (tmp_path / "killed" / "checkpoint-2" / "adapter_config.json").is_file() == use_peft
+    with pytest.raises(ConfigError, match="use_peft"):  # a checkpoint resumed with the other setting
+        run_onpolicy(OnPolicyConfig(**{**killed.__dict__, "resume_from_checkpoint": "latest", "use_peft": not use_peft}))
     manifest = run_onpolicy(OnPolicyConfig(**{**killed.__dict__, "resume_from_checkpoint": "latest"}))
     a = load_file(str(tmp_path / "whole" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert manifest["counts"]["optimizer_steps"] == 4
+    base = load_file(str(Path(tiny_student_dir) / "model.safetensors"))
+    assert a.keys() == base.keys()  # a plain checkpoint either way (LoRA: merged), trained
+    assert not all(torch.equal(a[k], base[k]) for k in a)
+    if use_peft:  # only the adapted (linear) weights moved; the adapter is saved beside
+        assert all(torch.equal(a[k], base[k]) for k in a if "proj" not in k)
+        assert (tmp_path / "killed" / ADAPTER_DIR / "adapter_config.json").is_file()
 
 
 @pytest.mark.integration

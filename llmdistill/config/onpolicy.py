@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from llmdistill.config.base import ConfigError, check_choice, check_range
 from llmdistill.config.generate import VLLM_DEFAULT_MAX_LOGPROBS
+from llmdistill.config.lora import LoraSettings
 from llmdistill.vllm_runtime import DTYPES
 
 ROLLOUT_BACKENDS = ("vllm", "transformers")
@@ -120,8 +121,11 @@ class ObjectiveConfig:
 
 
 @dataclass
-class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConfig):
-    """``llmdistill onpolicy``: sample → score → loss → step → sync, with checkpoints and cost accounting."""
+class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConfig, LoraSettings):
+    """``llmdistill onpolicy``: sample → score → loss → step → sync, with checkpoints and cost accounting.
+
+    With ``use_peft`` (:class:`~llmdistill.config.lora.LoraSettings`, as ``train``) the student trains a LoRA
+    adapter; the rollout engine keeps the base weights and gets them merged with the adapter at every sync."""
 
     student_model: str = field(default="", metadata={
         "help": "The student to improve: a checkpoint (warm start from an SFT or KD run) or a hub id."})
@@ -160,6 +164,7 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
         check_range("learning_rate", self.learning_rate, 0.0)
         check_range("warmup_steps", self.warmup_steps, 0, self.max_steps)
         check_range("save_steps", self.save_steps, 0)
+        self.check_lora()
         if self.on_policy_fraction < 1.0 and not self.offline_data_dir:
             raise ConfigError("on_policy_fraction < 1 mixes in offline batches: set offline_data_dir to built shards")
         if self.on_policy_fraction < 1.0 and self.objective not in TOPK_OBJECTIVES:

@@ -30,6 +30,7 @@ import torch
 from trl import SFTConfig
 
 from llmdistill.config.base import ConfigError, check_choice, check_range, parse_json_field
+from llmdistill.config.lora import LoraSettings
 from llmdistill.layer_losses import FEATURE_LOSSES as _LAYER_FEATURE_LOSSES
 from llmdistill.layer_losses import map_layers
 from llmdistill.losses import DIVERGENCES as _DIVERGENCE_REGISTRY
@@ -134,8 +135,9 @@ def _has_accelerator() -> bool:
 
 
 @dataclass
-class TrainConfig(SFTConfig):
-    """Distillation training: TRL's SFTConfig plus the student, the built data and the KD loss."""
+class TrainConfig(SFTConfig, LoraSettings):
+    """Distillation training: TRL's SFTConfig plus the student, the built data and the KD loss (and LoRA:
+    :class:`~llmdistill.config.lora.LoraSettings`)."""
 
     # ---- resume (replaces TrainingArguments' field: it also takes `latest`/true) ----------
     resume_from_checkpoint: CheckpointRef | None = field(
@@ -298,15 +300,6 @@ class TrainConfig(SFTConfig):
         metadata={"help": f"Attention kernel, one of {list(ATTENTIONS)}. Packed documents are isolated by "
                           "position_ids: sdpa/eager get a block-diagonal mask, flash_attention_2 runs varlen."},
     )
-    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    lora_target_modules: str = field(
-        default="all-linear",
-        metadata={"help": "Comma-separated module names for LoRA, or 'all-linear' (every linear layer but "
-                          "the LM head)."},
-    )
     load_in_4bit: bool = field(
         default=False,
         metadata={"help": "QLoRA: load the frozen base weights in 4-bit NF4 (bitsandbytes); needs use_peft."},
@@ -363,9 +356,7 @@ class TrainConfig(SFTConfig):
 
     def _check_student_fields(self) -> None:
         check_choice("attention", self.attention, ATTENTIONS)
-        check_range("lora_r", self.lora_r, 1, None)
-        check_range("lora_alpha", self.lora_alpha, 1, None)
-        check_range("lora_dropout", self.lora_dropout, 0.0, 1.0)
+        self.check_lora()
         if self.load_in_4bit and not self.use_peft:
             raise ConfigError("load_in_4bit=true (QLoRA) trains a LoRA adapter: set use_peft=true as well")
         check_choice("student_init", self.student_init, STUDENT_INITS)
