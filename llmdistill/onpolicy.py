@@ -539,8 +539,57 @@ def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, target_ids: torc
     return torch.cat(parts)
 
 
+PER_TARGET = ("target_index", "target_ids", "seq_of_target", "teacher_ids", "teacher_logprobs",
+              "teacher_token_logprobs")  # a step's tensors with one row per target token
+
+
+def micro_batches(batch: dict[str, torch.Tensor], max_tokens: int) -> list[dict[str, torch.Tensor]]:
+    """A packed step (:func:`pack`, or an offline batch) as consecutive groups of whole samples of at most
+    ``max_tokens`` positions each (a longer sample alone); ``max_tokens`` 0: the step as it is.
+
+    A group's ``target_index`` counts from its own first position; ``seq_of_target`` keeps the step's
+    sample numbers (the reward term centres on the whole step).
+    """
+    length = batch["input_ids"].shape[1]
+    if max_tokens <= 0 or length <= max_tokens:
+        return [batch]
+    ends = torch.nonzero(batch["position_ids"][0] == 0).flatten().tolist()[1:] + [length]  # each sample's end
+    bounds, first, last = [], 0, 0
+    for end in ends:
+        if end - first > max_tokens and last > first:  # this sample would overflow a non-empty group
+            bounds.append((first, last))
+            first = last
+        last = end
+    bounds.append((first, length))
+    groups = []
+    for a, b in bounds:
+        rows = (batch["target_index"] >= a) & (batch["target_index"] < b)
+        group = {k: v[rows] if k in PER_TARGET else v for k, v in batch.items()}
+        group.update(input_ids=batch["input_ids"][:, a:b], position_ids=batch["position_ids"][:, a:b],
+                     target_index=batch["target_index"][rows] - a)
+        groups.append(group)
+    return groups
+
+
+def step_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: OnPolicyConfig,
+                   rewards: torch.Tensor | None = None) -> dict[str, float]:
+    """Backward of the step's loss (:func:`onpolicy_loss`), a micro-batch at a time
+    (``micro_batch_tokens``): the gradients add up to one backward of the whole step's mean loss."""
+    n = len(batch["target_ids"])
+    total: dict[str, float] = {}
+    for group in micro_batches(batch, cfg.micro_batch_tokens):
+        if not len(group["target_ids"]):
+            continue
+        loss, stats = onpolicy_loss(model, group, cfg, rewards, normalizer=n)
+        loss.backward()
+        share = len(group["target_ids"]) / n
+        for key, value in stats.items():  # the loss adds up (each is a share of the mean); means are weighted
+            total[key] = total.get(key, 0.0) + (value if key == "loss" else value * share)
+    return total
+
+
 def onpolicy_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: OnPolicyConfig,
-                  rewards: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                  rewards: torch.Tensor | None = None, normalizer: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Step 3: the mean per-token loss on the student's own tokens, and what to log.
 
     Args:
@@ -549,6 +598,7 @@ def onpolicy_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: O
             offline batch (:meth:`OfflineBatches.batch`: no ``teacher_token_logprobs``, a top-k objective).
         cfg: objective, JSD beta, reward weight, chunk size.
         rewards: (num_samples,) answer-checker verdicts (1 correct, 0 not) for the reward term.
+        normalizer: the target tokens the mean is over (a micro-batch of a step: the step's); None: the batch's.
 
     Returns:
         The loss (mean over target tokens) and ``loss``, ``reverse_kl`` (the sampled-token estimate
@@ -557,7 +607,7 @@ def onpolicy_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: O
     batch = on_device(batch, model)
     rewards = rewards.to(batch["target_ids"].device) if rewards is not None else None
     hidden, head = predicting_hidden(model, batch, cfg.pack_tokens)
-    n = len(batch["target_ids"])
+    n = normalizer or len(batch["target_ids"])
     needs_token_lp = cfg.objective == "sampled_reverse_kl" or cfg.reward_weight > 0
     student_lp = token_logprobs(hidden, head, batch["target_ids"], cfg.loss_chunk_size) if needs_token_lp else None
     if cfg.objective == "sampled_reverse_kl":
@@ -805,7 +855,8 @@ def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     if offline is not None and offline.takes(step):
         t = time.perf_counter()
         batch = offline.batch(step)
-        loss, stats = onpolicy_loss(model, batch, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        stats = step_gradients(model, batch, cfg)
         counters.offline_steps += 1
     else:
         t = time.perf_counter()
@@ -820,9 +871,8 @@ def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
         t = time.perf_counter()
         rewards = answer_rewards(rollouts, tokenizer, cfg) if cfg.reward_weight > 0 or cfg.answer_column else None
-        loss, stats = onpolicy_loss(model, batch, cfg, rewards if cfg.reward_weight > 0 else None)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        stats = step_gradients(model, batch, cfg, rewards if cfg.reward_weight > 0 else None)
     if cfg.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     optimizer.step()

@@ -248,6 +248,41 @@ def test_loss_and_gradients_equal_a_dense_reference(objective, tiny_student_dir)
         torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("objective", ["reverse_kl", "sampled_reverse_kl"])
+def test_micro_batches_add_up_to_the_steps_gradients(objective, tiny_student_dir):
+    """Whole samples per micro-batch (a longer one alone); their backward passes sum to the step's."""
+    from llmdistill.onpolicy import micro_batches, step_gradients
+
+    torch.manual_seed(0)
+    student, _ = load_student(str(tiny_student_dir))
+    student.double()
+    batch = pack([[1, 5, 9], [3, 4], [7, 8, 9, 10], [6]], [[11, 12, 13, 2], [20, 21, 22], [30, 31, 32, 33, 34], [5, 6, 7]])
+    n, k = len(batch["target_ids"]), 8
+    top = torch.log_softmax(torch.randn(n, student.config.vocab_size, dtype=torch.float64) * 3, -1).topk(k, -1)
+    graded = {**batch, "teacher_ids": top.indices, "teacher_logprobs": top.values,
+              "teacher_token_logprobs": top.values[:, 0] - 0.5}
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    groups = micro_batches(graded, 9)  # samples of 7, 5, 9 and 4 positions: [7], [5], [9], [4]
+    assert [g["input_ids"].shape[1] for g in groups] == [7, 5, 9, 4]
+    assert [len(g) for g in (micro_batches(graded, 12), micro_batches(graded, 100))] == [3, 1]
+    assert [g["input_ids"].shape[1] for g in micro_batches(graded, 6)] == [7, 5, 9, 4]  # longer ones alone
+    for g in groups:
+        assert torch.equal(g["input_ids"][0, g["target_index"]], g["target_ids"])
+    assert torch.equal(torch.cat([g["seq_of_target"] for g in groups]), batch["seq_of_target"])
+
+    cfg = OnPolicyConfig(dataset="p", student_model="s", teacher_model="t", objective=objective, loss_chunk_size=3,
+                         reward_weight=0.5, logprobs_top_k=k)
+    loss, whole_stats = onpolicy_loss(student, graded, cfg, rewards)
+    whole = torch.autograd.grad(loss, list(student.parameters()))
+    stats = step_gradients(student, graded, OnPolicyConfig(**{**cfg.__dict__, "micro_batch_tokens": 9}), rewards)
+    for g, p in zip(whole, student.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)
+    assert stats.keys() == whole_stats.keys()
+    for key in stats:
+        assert stats[key] == pytest.approx(whole_stats[key], rel=1e-9)
+
+
 # ---- with real models and engines --------------------------------------------------------------
 
 
@@ -384,7 +419,8 @@ def test_a_killed_run_resumes_with_the_prompt_stream_at_the_right_place(
     from llmdistill.onpolicy import ADAPTER_DIR, run_onpolicy
 
     common = dict(rollout_backend="transformers", max_steps=4, save_steps=2, max_new_tokens=16, use_peft=use_peft,
-                  lora_r=4, learning_rate=1e-2 if use_peft else 1e-3)
+                  lora_r=4, learning_rate=1e-2 if use_peft else 1e-3,
+                  micro_batch_tokens=64 if use_peft else 0)  # the LoRA run also backpropagates a sample at a time
     whole = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "whole", **common)
     run_onpolicy(whole)
     killed = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "killed", **common)
@@ -394,7 +430,7 @@ def test_a_killed_run_resumes_with_the_prompt_stream_at_the_right_place(
                                                         "prompts_per_step", "max_new_tokens", "max_steps",
                                                         "learning_rate", "logprobs_top_k", "logging_steps",
                                                         "max_model_len", "seed", "rollout_backend", "save_steps",
-                                                        "use_peft", "lora_r")})
+                                                        "use_peft", "lora_r", "micro_batch_tokens")})
     res = subprocess.run([sys.executable, str(script), args], capture_output=True, text=True, timeout=600)
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     assert (tmp_path / "killed" / "checkpoint-2" / "state.json").is_file()
@@ -472,10 +508,10 @@ def test_a_mixed_run_trains_on_offline_batches_on_exactly_the_seeded_steps(
         offline_batches[step] = (real_batch(self, step), self.row_indices(step))
         return offline_batches[step][0]
 
-    def spy_loss(model, batch, cfg, rewards=None):
+    def spy_loss(model, batch, cfg, rewards=None, normalizer=None):
         if "teacher_token_logprobs" not in batch:  # an offline batch: keep the weights it is computed with
             weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return real_loss(model, batch, cfg, rewards)
+        return real_loss(model, batch, cfg, rewards, normalizer)
 
     monkeypatch.setattr(op, "rollout", spy_rollout)
     monkeypatch.setattr(op.OfflineBatches, "batch", spy_batch)

@@ -118,6 +118,10 @@ class ObjectiveConfig:
         "help": "Most positions per forward pass of the teacher's scoring and the student's loss: a step's samples "
                 "run as right-padded batches of at most this many positions (count x longest; a longer sample runs "
                 "alone)."})
+    micro_batch_tokens: int = field(default=0, metadata={
+        "help": "Most positions per forward + backward of the student's loss: a step's samples are split into "
+                "micro-batches of whole samples (a longer sample alone) whose gradients add up to the step's. "
+                "Bounds the activations a step keeps for its backward (0: the whole step in one backward)."})
 
 
 @dataclass
@@ -164,6 +168,7 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
         check_range("learning_rate", self.learning_rate, 0.0)
         check_range("warmup_steps", self.warmup_steps, 0, self.max_steps)
         check_range("save_steps", self.save_steps, 0)
+        check_range("micro_batch_tokens", self.micro_batch_tokens, 0)
         self.check_lora()
         if self.on_policy_fraction < 1.0 and not self.offline_data_dir:
             raise ConfigError("on_policy_fraction < 1 mixes in offline batches: set offline_data_dir to built shards")
