@@ -270,6 +270,13 @@ class VllmRollout:
                                   "gpu_memory_utilization": cfg.gpu_memory_utilization}
         if cfg.max_model_len:
             kwargs["max_model_len"] = cfg.max_model_len
+        self.sleep_level = 0  # 0: always awake
+        if cfg.sleep_mode and torch.cuda.is_available():
+            kwargs["enable_sleep_mode"] = True
+            self.sleep_level = cfg.sleep_level
+        elif cfg.sleep_mode:
+            logger.warning("sleep_mode is vLLM's CUDA feature: on this machine the rollout engine stays awake")
+        self.asleep = False
         self.llm = LLM(model=model_dir, tokenizer=model_dir, **kwargs)
 
     def sample(self, prompt_ids: list[list[int]], cfg: OnPolicyConfig) -> list[list[int]]:
@@ -286,6 +293,27 @@ class VllmRollout:
         (a LoRA student's base weights merged with its adapter: :func:`merged_weights`)."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(model)})
         self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """After the step's rollouts (``sleep_mode``): free the engine's GPU memory for the student's update."""
+        if self.sleep_level:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep = True
+
+    def wake(self, model: torch.nn.Module, sync: bool) -> None:
+        """Before the next rollouts: the engine awake, with the student's weights when ``sync`` (always
+        after a level-2 sleep, which dropped them). The weights come back first and the KV cache
+        after the new weights are in, so the two never take GPU memory at once with the old weights."""
+        if self.asleep and self.sleep_level == 2:
+            self.llm.wake_up(tags=["weights"])
+            self.sync(model)
+            self.llm.wake_up(tags=["kv_cache"])
+        else:
+            if self.asleep:
+                self.llm.wake_up()
+            if sync:
+                self.sync(model)
+        self.asleep = False
 
     def close(self) -> None:
         from llmdistill.eval.engine import shutdown
@@ -323,6 +351,12 @@ class TransformersRollout:
         return completions
 
     def sync(self, model: torch.nn.Module) -> None:
+        pass
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self, model: torch.nn.Module, sync: bool) -> None:
         pass
 
     def close(self) -> None:
@@ -743,11 +777,14 @@ def merged_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The model's weights under the plain model's names, each LoRA layer's base weight plus its
     adapters' delta (``scale * B @ A``): what the rollout engine, which holds the plain model, loads.
     The trainer's weights are not touched (no merge and unmerge, which would round them)."""
+    state = model.state_dict()
+    if not any(".lora_" in key for key in state):  # a plain student
+        return [(key, tensor.detach()) for key, tensor in state.items()]
     from peft.tuners.lora import LoraLayer
 
     layers = {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
     out = []
-    for key, tensor in model.state_dict().items():
+    for key, tensor in state.items():
         if ".lora_" in key:
             continue
         owner, sep, rest = key.partition(".base_layer.")
@@ -861,6 +898,7 @@ def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     else:
         t = time.perf_counter()
         rollouts = rollout(engine, stream, step, fmt, tokenizer, cfg)
+        engine.sleep()
         counters.timed("rollout", t)
         counters.rollout_tokens += rollouts.num_tokens
 
@@ -881,9 +919,9 @@ def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     counters.optimizer_steps += 1
     counters.trained_tokens += len(batch["target_ids"])
 
-    if engine is not None and (step + 1) % cfg.sync_every == 0:
+    if engine is not None:
         t = time.perf_counter()
-        engine.sync(model)
+        engine.wake(model, sync=(step + 1) % cfg.sync_every == 0)
         counters.timed("sync", t)
     if offline is not None:
         stats["offline"] = float(rollouts is None)

@@ -199,6 +199,9 @@ def _onpolicy_steps(cfg: Any, steps: int) -> dict[str, Any]:
     engine = (f"in-process vLLM engine colocated with the trainer (gpu_memory_utilization {cfg.gpu_memory_utilization}), "
               f"weights synced every {cfg.sync_every} step(s)" if cfg.rollout_backend == "vllm"
               else "model.generate on the training weights")
+    if cfg.rollout_backend == "vllm" and cfg.sleep_mode:
+        engine += (f"; asleep while the student trains (vLLM sleep mode, level {cfg.sleep_level}: "
+                   + ("weights and KV cache freed)" if cfg.sleep_level == 2 else "weights to CPU RAM, KV cache freed)"))
     plan: dict[str, Any] = {
         "teachers": cfg.teachers,
         "rollouts per step": f"{cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples = {samples}, "

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +282,66 @@ def test_micro_batches_add_up_to_the_steps_gradients(objective, tiny_student_dir
     assert stats.keys() == whole_stats.keys()
     for key in stats:
         assert stats[key] == pytest.approx(whole_stats[key], rel=1e-9)
+
+
+class _RecordingLLM:
+    """Stands in for ``vllm.LLM``: records the calls the loop makes on its rollout engine."""
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.calls = kwargs, []
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.calls.append("generate")
+        completion = types.SimpleNamespace(token_ids=[5, 2])
+        return [types.SimpleNamespace(outputs=[completion] * params.n) for _ in prompts]
+
+    def sleep(self, level):
+        self.calls.append(f"sleep {level}")
+
+    def wake_up(self, tags=None):
+        self.calls.append(f"wake_up {','.join(tags) if tags else 'all'}")
+
+    def collective_rpc(self, method, kwargs):
+        self.calls.append(method)
+
+    def reset_prefix_cache(self):
+        self.calls.append("reset_prefix_cache")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("sync_every", [1, 2])
+def test_sleep_mode_frees_the_engine_while_the_student_trains(sync_every, tiny_student_dir, monkeypatch):
+    """On a GPU the engine sleeps after each step's rollouts and wakes before the next: level 2 (weights
+    dropped) when every step syncs, the weights back before the KV cache; level 1 otherwise. On a CPU
+    (the fallback that runs here) it stays awake."""
+    import vllm
+
+    from llmdistill.onpolicy import VllmRollout
+
+    monkeypatch.setattr(vllm, "LLM", lambda model, tokenizer, **kwargs: _RecordingLLM(**kwargs))
+    model, _ = load_student(str(tiny_student_dir))
+    cfg = OnPolicyConfig(dataset="p", student_model="s", teacher_model="t", sleep_mode=True, sync_every=sync_every,
+                         samples_per_prompt=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    engine = VllmRollout(str(tiny_student_dir), cfg)
+    assert engine.llm.kwargs["enable_sleep_mode"] is True
+    for step in range(2):  # as train_step: rollouts, sleep, (the update), wake with a sync when due
+        engine.sample([[1, 2]], cfg)
+        engine.sleep()
+        engine.wake(model, sync=(step + 1) % sync_every == 0)
+    if sync_every == 1:
+        one = ["generate", "sleep 2", "wake_up weights", "reload_weights", "reset_prefix_cache", "wake_up kv_cache"]
+        assert engine.llm.calls == one * 2
+    else:
+        assert engine.llm.calls == ["generate", "sleep 1", "wake_up all",
+                                    "generate", "sleep 1", "wake_up all", "reload_weights", "reset_prefix_cache"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    awake = VllmRollout(str(tiny_student_dir), cfg)
+    assert "enable_sleep_mode" not in awake.llm.kwargs
+    awake.sample([[1, 2]], cfg)
+    awake.sleep()
+    awake.wake(model, sync=True)
+    assert awake.llm.calls == ["generate", "reload_weights", "reset_prefix_cache"]
 
 
 # ---- with real models and engines --------------------------------------------------------------

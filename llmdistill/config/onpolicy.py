@@ -90,6 +90,16 @@ class RolloutConfig:
     gpu_memory_utilization: float = field(default=0.3, metadata={
         "help": "vLLM GPU memory fraction of the colocated rollout engine (the trainer shares the GPU)."})
     kv_cache_space_gb: int | None = field(default=1, metadata={"help": "CPU only: vLLM KV cache size in GiB."})
+    sleep_mode: bool = field(default=False, metadata={
+        "help": "GPU only (vLLM sleep mode): the colocated rollout engine frees its GPU memory while the student "
+                "trains. Level 2 (weights and KV cache dropped) when the weights are synced every step, as they "
+                "are reloaded then anyway; else level 1 (weights kept in CPU RAM). Without CUDA the engine stays "
+                "awake, with a warning."})
+
+    @property
+    def sleep_level(self) -> int:
+        """vLLM's sleep level of the rollout engine (:attr:`sleep_mode`)."""
+        return 2 if self.sync_every == 1 else 1
 
 
 @dataclass
