@@ -36,6 +36,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ from llmdistill.teacher import TransformersTeacher, on_device, predicting_hidden
 
 logger = get_logger(__name__)
 
-PHASES = ("rollout", "scoring", "training", "sync")
+PHASES = ("rollout", "scoring", "training", "sync")  # sync: the weights, and the engine's wake-up (sleep_mode)
 ADAPTER_DIR = "adapter"  # a LoRA student's adapter, beside the merged final model
 STATE = "state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 OFFLINE_STREAM = 1  # keeps the seeds of the offline step choice and row order apart from the prompt order's
@@ -92,10 +93,10 @@ def seeded_batch(n: int, key: list[int], index: int, size: int) -> list[int]:
 class PromptTable:
     """The prompt rows, as one Arrow table of only the columns the run reads.
 
-    A hub dataset stays memory-mapped (HF datasets' Arrow cache) and a local Parquet file is
-    memory-mapped; a JSONL file is parsed once, 64k lines at a time, into Arrow columns. A row
+    A hub dataset stays memory-mapped (HF datasets' Arrow cache); of a local Parquet file only those
+    columns are read; a JSONL file is parsed once, 64k lines at a time, into Arrow columns. A row
     becomes a Python dict only when its step draws it, so a prompt set of millions of rows costs
-    its Arrow bytes, not millions of dicts.
+    its Arrow bytes (of the columns read), not millions of dicts.
     """
 
     def __init__(self, table: pa.Table) -> None:
@@ -109,8 +110,15 @@ class PromptTable:
         return self.table.num_rows
 
     def rows(self, indices: list[int]) -> list[dict[str, Any]]:
-        """The rows at ``indices``, in that order, as dicts."""
-        return self.table.take(pa.array(indices, type=pa.int64())).to_pylist()
+        """The rows at ``indices``, in that order, as dicts. Chat messages come back with only the keys
+        they were given: Arrow holds all messages as one struct type, which fills a key another
+        message has with None (a chat template may test ``'tool_calls' in message``)."""
+        rows = self.table.take(pa.array(indices, type=pa.int64())).to_pylist()
+        for row in rows:
+            for key, value in row.items():
+                if isinstance(value, list) and value and isinstance(value[0], dict):
+                    row[key] = [{k: v for k, v in m.items() if v is not None} for m in value]
+        return rows
 
 
 @dataclass
@@ -137,24 +145,33 @@ def _check_row(row: dict[str, Any], needed: list[str], cfg: OnPolicyConfig, loca
         raise ConfigError(f"{location}: column(s) {missing} missing (it has {sorted(row)})")
     if empty := [c for c in needed if row[c] is None]:
         raise ConfigError(f"{location}: column(s) {empty} empty: fill them or remove the row")
-    if cfg.teacher_column and row[cfg.teacher_column] not in cfg.teachers:
+    if cfg.teacher_column and str(row[cfg.teacher_column]) not in cfg.teachers:
         raise ConfigError(f"{location}: teacher '{row[cfg.teacher_column]}' is not one of {sorted(cfg.teachers)} "
                           "(teacher_model)")
 
 
 def _jsonl_table(path: Path, needed: list[str], optional: list[str], cfg: OnPolicyConfig) -> pa.Table:
-    chunks, columns = [], {c: [] for c in needed + optional}
+    chunks, columns, lines = [], {c: [] for c in needed + optional}, [0, 0]
+    text = {c for c in (cfg.answer_column, cfg.teacher_column) if c}  # only ever read as text (str())
 
     def flush() -> None:
-        if columns[needed[0]]:
+        if not columns[needed[0]]:
+            return
+        try:
             chunks.append(pa.table({c: pa.array(v) for c, v in columns.items()}))
-            for values in columns.values():
-                values.clear()
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise ConfigError(f"{path} lines {lines[0]}-{lines[1]}: a column holds values of different types ({err}): "
+                              "give each column one type") from None
+        for values in columns.values():
+            values.clear()
+        lines[0] = 0
 
     for number, row in jsonl_objects(path, ConfigError):
         _check_row(row, needed, cfg, f"{path} line {number}")
         for c in columns:
-            columns[c].append(row.get(c))
+            value = row.get(c)
+            columns[c].append(str(value) if c in text and value is not None else value)
+        lines[0], lines[1] = lines[0] or number, number
         if len(columns[needed[0]]) >= _JSONL_CHUNK:
             flush()
     flush()
@@ -210,7 +227,11 @@ def load_prompts(cfg: OnPolicyConfig) -> PromptTable:
                               "or point dataset at a local file") from None
     if missing := [c for c in needed if c not in table.column_names]:
         raise ConfigError(f"{name}: column(s) {missing} missing (it has {table.column_names})")
-    table = table.select(needed + [c for c in optional if c in table.column_names])
+    table = table.select(needed + [c for c in optional  # an optional column no row fills is absent
+                                   if c in table.column_names and table.column(c).null_count < table.num_rows])
+    if cfg.teacher_column:  # teacher names are text, as teacher_model names them (a column of 0/1 is '0'/'1')
+        column = table.column_names.index(cfg.teacher_column)
+        table = table.set_column(column, cfg.teacher_column, table.column(column).cast(pa.string()))
     if table.num_rows == 0:
         raise ConfigError(f"{name} holds no prompts")
     _check_columns(table, needed, cfg, name)
@@ -226,7 +247,7 @@ def _check_columns(table: pa.Table, needed: list[str], cfg: OnPolicyConfig, name
             row = pc.index(pc.is_null(table.column(column)), True).as_py()
             raise ConfigError(f"{name} row {row}: column(s) {[column]} empty: fill them or remove the row")
     if cfg.teacher_column:
-        names = table.column(cfg.teacher_column).cast(pa.string())
+        names = table.column(cfg.teacher_column)
         known = pc.fill_null(pc.is_in(names, value_set=pa.array(sorted(cfg.teachers))), False)
         if not pc.all(known).as_py():
             row = pc.index(known, False).as_py()
@@ -773,26 +794,30 @@ def with_lora(model: torch.nn.Module, cfg: OnPolicyConfig, checkpoint: Path | No
     return peft_model.get_base_model(), peft_model
 
 
-def merged_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights under the plain model's names, each LoRA layer's base weight plus its
     adapters' delta (``scale * B @ A``): what the rollout engine, which holds the plain model, loads.
-    The trainer's weights are not touched (no merge and unmerge, which would round them)."""
+
+    One tensor at a time: a merged weight exists only while the engine copies it in (a list of
+    them would be a second copy of the model). The trainer's weights are not touched (no merge and
+    unmerge, which would round them).
+    """
     state = model.state_dict()
     if not any(".lora_" in key for key in state):  # a plain student
-        return [(key, tensor.detach()) for key, tensor in state.items()]
+        yield from ((key, tensor.detach()) for key, tensor in state.items())
+        return
     from peft.tuners.lora import LoraLayer
 
     layers = {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
-    out = []
     for key, tensor in state.items():
         if ".lora_" in key:
             continue
         owner, sep, rest = key.partition(".base_layer.")
         if sep and rest == "weight":
             layer = layers[owner]
-            tensor = tensor + sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-        out.append((f"{owner}.{rest}" if sep else key, tensor.detach()))
-    return out
+            with torch.no_grad():
+                tensor = tensor + sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+        yield (f"{owner}.{rest}" if sep else key), tensor.detach()
 
 
 def check_inputs(cfg: OnPolicyConfig) -> None:
@@ -960,9 +985,9 @@ def save_final(out: Path, model: torch.nn.Module, tokenizer: Any, cfg: OnPolicyC
     if adapter is not None:
         adapter.save_pretrained(str(tmp / ADAPTER_DIR))
         model = adapter.merge_and_unload()
-        shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)  # an earlier run's; this run's is in tmp if it has one
     for path in tmp.iterdir():
         os.replace(path, out / path.name)
     tmp.rmdir()

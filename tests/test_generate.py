@@ -144,6 +144,11 @@ def test_empty_prompt_and_malformed_line_are_reported_by_line(tiny_tokenizer_dir
     data.write_text('{"id": "a", "prompt": "hi", "answer": "1"}\n{"id": "b", "prompt": "x"\n')
     with pytest.raises(InputError, match=r"p\.jsonl line 2 is not valid JSON"):
         prepare(gen_cfg(tiny_tokenizer_dir, data, tmp_path / "o"), "generate")
+    # max_prompts takes the head of the file: the lines after it are not read
+    from llmdistill.generate.inputs import input_columns, load_rows
+
+    cfg = gen_cfg(tiny_tokenizer_dir, data, tmp_path / "o", max_prompts=1)
+    assert [r["id"] for _, r in load_rows(cfg, input_columns(cfg)).rows] == ["a"]
 
 
 @pytest.mark.unit

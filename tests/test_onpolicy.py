@@ -102,6 +102,29 @@ def test_prompts_load_the_same_from_jsonl_json_parquet_and_a_hub_dataset(tmp_pat
 
 
 @pytest.mark.unit
+def test_prompt_values_come_back_as_the_run_reads_them(tmp_path):
+    """Teacher names are text whatever the column's type; answers of mixed types load as text; chat
+    messages keep only their own keys (Arrow fills the keys of other messages with None)."""
+    import pyarrow.parquet as pq
+
+    routed = {"teacher_model": "0=org/a,1=org/b", "teacher_column": "src"}
+    pq.write_table(pa.table({"prompt": ["a", "b"], "src": [0, 1]}), tmp_path / "n.parquet")
+    (tmp_path / "n.jsonl").write_text('{"prompt": "a", "src": 0}\n{"prompt": "b", "src": 1}\n')
+    for name in ("n.parquet", "n.jsonl"):
+        assert load_prompts(_prompt_config(tmp_path / name, **routed)).rows([0, 1]) == [
+            {"prompt": "a", "src": "0"}, {"prompt": "b", "src": "1"}], name
+    messages = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}],
+                [{"role": "user", "content": "2+2?", "tool_calls": [{"name": "calc"}]}]]
+    (tmp_path / "m.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in [{"prompt": messages[0], "answer": 72}, {"prompt": messages[1], "answer": "3/4"}]))
+    assert load_prompts(_prompt_config(tmp_path / "m.jsonl")).rows([0, 1]) == [
+        {"prompt": messages[0], "answer": "72"}, {"prompt": messages[1], "answer": "3/4"}]
+    (tmp_path / "x.jsonl").write_text('{"prompt": "a"}\n\n{"prompt": [{"role": "user", "content": "b"}]}\n')
+    with pytest.raises(ConfigError, match=r"x\.jsonl lines 1-3: a column holds values of different types"):
+        load_prompts(_prompt_config(tmp_path / "x.jsonl"))
+
+
+@pytest.mark.unit
 def test_bad_prompt_rows_fail_in_one_line_naming_file_line_and_column(tmp_path, monkeypatch):
     import datasets
     import pyarrow.parquet as pq

@@ -259,17 +259,23 @@ def parse_json_field(name: str, value: str | dict | None) -> dict:
     return out
 
 
-def jsonl_objects(path: Path, error: type[UserError] = ConfigError) -> Iterator[tuple[int, dict[str, Any]]]:
+def jsonl_objects(path: Path, error: type[UserError] = ConfigError,
+                  limit: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """The JSON objects of a user's JSONL file (prompt rows, seed queries, benchmark problems), one
-    line at a time, each with its line number; blank lines are skipped.
+    line at a time, each with its line number; blank lines are skipped. With ``limit``, the first
+    ``limit`` objects only (the lines after them are not read).
 
     Raises:
         error: a line that is not JSON, or not a JSON object, naming the file and the line.
     """
+    count = 0
     with Path(path).open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
+            if limit is not None and count >= limit:
+                return
+            count += 1
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:

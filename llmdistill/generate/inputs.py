@@ -165,9 +165,7 @@ def row_prompt_id(cfg: GenerateConfig | ScoreConfig, record: dict, location: str
 
 def _read_jsonl(path: Path, keep: Callable[[str, dict], bool], limit: int | None) -> PartRows:
     rows, total = [], 0
-    for number, record in jsonl_objects(path, InputError):
-        if limit is not None and total >= limit:
-            break
+    for number, record in jsonl_objects(path, InputError, limit):
         total += 1
         location = f"{path} line {number}"
         if keep(location, record):
