@@ -36,7 +36,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,7 +137,7 @@ class PromptStream:
         return seeded_batch(len(self.prompts), [self.seed], step, size)
 
 
-_JSONL_CHUNK = 65_536  # lines parsed into one Arrow chunk
+_CHUNK_ROWS = 65_536  # JSONL/JSON rows turned into one Arrow chunk
 
 
 def _check_row(row: dict[str, Any], needed: list[str], cfg: OnPolicyConfig, location: str) -> None:
@@ -150,8 +150,11 @@ def _check_row(row: dict[str, Any], needed: list[str], cfg: OnPolicyConfig, loca
                           "(teacher_model)")
 
 
-def _jsonl_table(path: Path, needed: list[str], optional: list[str], cfg: OnPolicyConfig) -> pa.Table:
-    chunks, columns, lines = [], {c: [] for c in needed + optional}, [0, 0]
+def _records_table(path: Path, records: Iterable[tuple[str, dict[str, Any]]], needed: list[str],
+                   optional: list[str], cfg: OnPolicyConfig) -> pa.Table:
+    """Rows of a JSONL or JSON file, each with its location (file and line or row), checked
+    (:func:`_check_row`) and turned into Arrow columns 64k rows at a time."""
+    chunks, columns, span = [], {c: [] for c in needed + optional}, ["", ""]
     text = {c for c in (cfg.answer_column, cfg.teacher_column) if c}  # only ever read as text (str())
 
     def flush() -> None:
@@ -160,19 +163,19 @@ def _jsonl_table(path: Path, needed: list[str], optional: list[str], cfg: OnPoli
         try:
             chunks.append(pa.table({c: pa.array(v) for c, v in columns.items()}))
         except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-            raise ConfigError(f"{path} lines {lines[0]}-{lines[1]}: a column holds values of different types ({err}): "
+            raise ConfigError(f"{span[0]} to {span[1]}: a column holds values of different types ({err}): "
                               "give each column one type") from None
         for values in columns.values():
             values.clear()
-        lines[0] = 0
+        span[0] = ""
 
-    for number, row in jsonl_objects(path, ConfigError):
-        _check_row(row, needed, cfg, f"{path} line {number}")
+    for location, row in records:
+        _check_row(row, needed, cfg, location)
         for c in columns:
             value = row.get(c)
             columns[c].append(str(value) if c in text and value is not None else value)
-        lines[0], lines[1] = lines[0] or number, number
-        if len(columns[needed[0]]) >= _JSONL_CHUNK:
+        span[0], span[1] = span[0] or location, location
+        if len(columns[needed[0]]) >= _CHUNK_ROWS:
             flush()
     flush()
     try:
@@ -196,7 +199,8 @@ def load_prompts(cfg: OnPolicyConfig) -> PromptTable:
     if os.path.isfile(source):
         path = Path(source)
         if path.suffix == ".jsonl":
-            table = _jsonl_table(path, needed, optional, cfg)
+            records = ((f"{path} line {number}", row) for number, row in jsonl_objects(path, ConfigError))
+            table = _records_table(path, records, needed, optional, cfg)
         elif path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -207,9 +211,8 @@ def load_prompts(cfg: OnPolicyConfig) -> PromptTable:
             rows = json.loads(path.read_text())
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
                 raise ConfigError(f"{path} must hold a JSON list of objects (one per prompt)")
-            for i, row in enumerate(rows):
-                _check_row(row, needed, cfg, f"{path} row {i}")
-            table = pa.Table.from_pylist([{c: r.get(c) for c in needed + optional} for r in rows])
+            records = ((f"{path} row {i}", row) for i, row in enumerate(rows))
+            table = _records_table(path, records, needed, optional, cfg)
         else:
             raise ConfigError(f"dataset {path}: unsupported file type; use a .jsonl, .json or .parquet file")
         name = str(path)
@@ -898,7 +901,7 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
                 history.append(log_window(step + 1, window, counters))
                 window = []
             if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
-                save_checkpoint(out, step + 1, adapter or model, tokenizer, optimizer, scheduler,
+                save_checkpoint(out, step + 1, model if adapter is None else adapter, tokenizer, optimizer, scheduler,
                                 {"history": history, "counters": counters.__dict__})
     finally:
         if engine is not None:
