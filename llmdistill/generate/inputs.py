@@ -22,13 +22,7 @@ import pyarrow as pa
 from llmdistill.config.base import UserError, jsonl_objects, looks_like_local_path
 from llmdistill.config.generate import GenerateConfig, ScoreConfig
 from llmdistill.log import get_logger
-from llmdistill.prompts import (
-    PromptError,
-    PromptFormat,
-    prompt_hash,
-    read_text_or_file,
-    stored_prompt,
-)
+from llmdistill.prompts import PromptError, PromptFormat, prompt_hash, read_text_or_file, stored_prompt
 
 logger = get_logger(__name__)
 
