@@ -211,9 +211,12 @@ def test_two_processes_read_disjoint_rows_and_resume_at_the_exact_data_position(
                                                                                built, launcher):
     """2 processes x 4 rows a step over 33 rows: an epoch is 5 steps; resuming from the checkpoint at
     step 6 (one step into the second epoch) gives the 3 next losses of the uninterrupted run, bit for
-    bit, with the top-k decoded in one DataLoader worker per process."""
+    bit, with the top-k decoded in one DataLoader worker per process. Alpha follows the running loss
+    (loss_adaptive), which the checkpoint must carry under DeepSpeed too, where transformers skips
+    ``_load_from_checkpoint``."""
     data = copy_of(built, tmp_path / "built")
     run = dict(student_model=str(tiny_student_dir), data_dir=str(data), alpha=0.5, max_steps=9,
+               alpha_start=0.1, alpha_schedule="loss_adaptive", adaptive_ema_decay=0.5,
                per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1, save_strategy="steps",
                save_steps=6, gradient_checkpointing=False, report_to="none", seed=0, disable_tqdm=True,
                dataloader_num_workers=1)
