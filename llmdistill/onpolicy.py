@@ -220,14 +220,10 @@ def load_prompts(cfg: OnPolicyConfig) -> PromptTable:
         raise ConfigError(f"dataset {cfg.dataset} does not exist (and is not a hub dataset id): point it at a "
                           "local .jsonl/.json/.parquet prompt file")
     else:
-        import datasets
+        from llmdistill.generate.inputs import hub_table
 
         name = f"dataset {cfg.dataset} ({cfg.dataset_split})"
-        try:
-            table = datasets.load_dataset(cfg.dataset, name=cfg.dataset_config, split=cfg.dataset_split).data.table
-        except (OSError, ValueError) as err:  # not found, unreachable, no such config or split
-            raise ConfigError(f"could not load {name}: {err}. Check the id, dataset_config and dataset_split, "
-                              "or point dataset at a local file") from None
+        table = hub_table(cfg.dataset, cfg.dataset_config, cfg.dataset_split, ConfigError)
     if missing := [c for c in needed if c not in table.column_names]:
         raise ConfigError(f"{name}: column(s) {missing} missing (it has {table.column_names})")
     table = table.select(needed + [c for c in optional  # an optional column no row fills is absent

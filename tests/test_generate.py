@@ -152,6 +152,21 @@ def test_empty_prompt_and_malformed_line_are_reported_by_line(tiny_tokenizer_dir
 
 
 @pytest.mark.unit
+def test_an_unreachable_hub_dataset_fails_in_one_line(tiny_tokenizer_dir, tmp_path, monkeypatch):
+    import datasets
+
+    from llmdistill.generate.inputs import input_columns, load_rows
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'org/prompts' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    cfg = GenerateConfig(model=str(tiny_tokenizer_dir), dataset="org/prompts", output_dir=str(tmp_path / "o"))
+    with pytest.raises(InputError, match=r"could not load dataset org/prompts \(train\): Couldn't reach"):
+        load_rows(cfg, input_columns(cfg))
+
+
+@pytest.mark.unit
 def test_missing_model_path_fails_but_hub_ids_pass(prompts_file, tmp_path):
     with pytest.raises(ConfigError, match=r"model '/no/such/teacher' does not exist"):
         prepare(gen_cfg(Path("/no/such/teacher"), prompts_file, tmp_path / "o"), "generate")

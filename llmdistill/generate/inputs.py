@@ -229,11 +229,20 @@ def load_rows(cfg: GenerateConfig | ScoreConfig, columns: list[str], part: tuple
     return loaded
 
 
-def _load_hub(cfg: GenerateConfig | ScoreConfig, columns: list[str], keep: Callable[[str, dict], bool]) -> PartRows:
+def hub_table(dataset: str, config: str | None, split: str, error: type[UserError] = InputError) -> pa.Table:
+    """A hub dataset's split as its memory-mapped Arrow table (HF datasets' cache): only the rows a
+    caller takes are decoded. Not found, unreachable, or no such config or split: one line."""
     import datasets
 
-    ds = datasets.load_dataset(cfg.dataset, name=cfg.dataset_config, split=cfg.dataset_split)
-    table = ds.data.table  # memory-mapped Arrow: only the rows taken below are decoded
+    try:
+        return datasets.load_dataset(dataset, name=config, split=split).data.table
+    except (OSError, ValueError) as err:
+        raise error(f"could not load dataset {dataset} ({split}): {err}. Check the id, dataset_config and "
+                    "dataset_split, or point dataset at a local file") from None
+
+
+def _load_hub(cfg: GenerateConfig | ScoreConfig, columns: list[str], keep: Callable[[str, dict], bool]) -> PartRows:
+    table = hub_table(cfg.dataset, cfg.dataset_config, cfg.dataset_split)
     if cfg.max_prompts is not None:
         table = table.slice(0, cfg.max_prompts)
     return _select_table(cfg, table, f"dataset {cfg.dataset} ({cfg.dataset_split})", columns, keep)
