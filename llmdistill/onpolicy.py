@@ -6,7 +6,9 @@ Machines' on-policy distillation) shows it its own attempts instead, mistakes in
 the teacher's judgement of every token. Each optimizer step reads like a training loop:
 
 1. :func:`rollout` — the current student samples completions for a batch of prompts (an
-   in-process vLLM engine holding a copy of the student, or ``model.generate``);
+   in-process vLLM engine holding a copy of the student, the student's own vLLM servers, or
+   ``model.generate``); with ``async_rollouts`` the servers sample the next step's batch while
+   this one is scored and trained (:class:`RolloutSource`);
 2. :func:`score` — the teacher reads prompt + the student's completion in one prefill and
    returns its top-k log-probs (and the log-prob of the sampled token) at every completion
    position, never a full ``[tokens × vocab]`` tensor;
@@ -14,8 +16,10 @@ the teacher's judgement of every token. Each optimizer step reads like a trainin
    the tail bucket through :func:`llmdistill.losses.chunked_distill_loss`, or the sampled-token
    reverse-KL advantage as a policy gradient; optionally an answer-checker reward term;
 4. the AdamW step;
-5. :meth:`VllmRollout.sync` — every ``sync_every`` steps the rollout engine reloads the student's
-   weights in place (vLLM's ``reload_weights``), so the next rollouts come from the new policy.
+5. :meth:`VllmRollout.sync` / :meth:`ServerRollout.sync` — every ``sync_every`` steps the rollout
+   engine reloads the student's weights in place (vLLM's ``reload_weights``: handed the tensors
+   in process, or read by the servers from ``rollout_sync_dir``), so the next rollouts come from the
+   new policy.
 
 With ``on_policy_fraction`` (GKD's lambda) below 1, a seeded choice per step index sends some
 steps to :class:`OfflineBatches` instead: a batch of built shards (the teacher's own traces with
@@ -37,6 +41,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,6 +272,7 @@ class Rollouts:
     records: list[dict[str, Any]]
     teachers: list[str]
     texts: list[str] = field(default_factory=list)
+    policy_step: int = 0  # the optimizer steps behind the weights that sampled them
 
     @property
     def num_tokens(self) -> int:
@@ -297,6 +303,7 @@ class VllmRollout:
         elif cfg.sleep_mode:
             logger.warning("sleep_mode is vLLM's CUDA feature: on this machine the rollout engine stays awake")
         self.asleep = False
+        self.synced_step = 0
         self.llm = LLM(model=model_dir, tokenizer=model_dir, **kwargs)
 
     def sample(self, prompt_ids: list[list[int]], cfg: OnPolicyConfig) -> list[list[int]]:
@@ -346,6 +353,7 @@ class TransformersRollout:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any):
         self.model, self.tokenizer = model, tokenizer
+        self.synced_step = 0  # unused: it samples from the training weights themselves
 
     @torch.no_grad()
     def sample(self, prompt_ids: list[list[int]], cfg: OnPolicyConfig) -> list[list[int]]:
@@ -383,17 +391,239 @@ class TransformersRollout:
         pass
 
 
-def rollout(engine: VllmRollout | TransformersRollout, stream: PromptStream, step: int, fmt: PromptFormat,
+class ServerRollout:
+    """The student's own vLLM servers (``rollout_urls``): a separate process, or other GPUs and nodes.
+
+    A step's prompts go out in pieces of at most :attr:`PIECE_PROMPTS`, round-robin over the
+    servers, all at once: each piece is one non-streaming ``/v1/completions`` request over token ids
+    (``n`` samples per prompt, ``return_token_ids``), which the server batches as the in-process
+    engine would. A piece that fails for a server-side reason goes to the next server.
+
+    A sync writes the trainer's weights (a LoRA student's merged, :func:`merged_weights`) as
+    safetensors shards into a new directory under ``rollout_sync_dir``, then every server reloads
+    them in place with vLLM's own ``reload_weights(weights_path=...)`` through its
+    ``/collective_rpc`` (served with ``VLLM_SERVER_DEV_MODE=1``) and drops its cached prefixes.
+    The servers read the files themselves, so the directory must be on a filesystem they see; only
+    the latest weights are kept.
+
+    Args:
+        cfg: the run's settings (student name the servers serve, sampling, URLs, sync directory).
+    """
+
+    SHARD_BYTES = 2 << 30  # a sync holds at most one shard of merged weights in memory
+    PIECE_PROMPTS = 64  # prompts per request: replies of bounded size, spread over the servers
+
+    def __init__(self, cfg: OnPolicyConfig):
+        from llmdistill.config.generate import GenerateConfig
+        from llmdistill.generate.pool import ServerPool
+
+        self.urls = [u.rstrip("/") for u in dict.fromkeys(cfg.rollout_urls)]
+        self.model, self.timeout = cfg.student_model, cfg.rollout_timeout
+        self.directory = Path(cfg.rollout_sync_dir or Path(cfg.output_dir) / "rollout-weights").resolve()
+        # the generate stage's pool, for its start-up check: health, the model served, capacity
+        self.pool = ServerPool(GenerateConfig(model=cfg.student_model, dataset=cfg.dataset or "prompts",
+                                              backend="server", server_urls=self.urls,
+                                              progress_timeout=cfg.rollout_timeout))
+        self.synced_step = 0
+        self.syncs = 0
+
+    def probe(self) -> None:
+        """Every server answers, serves the student and can reload weights; else one line naming the fix."""
+        from llmdistill.generate.pool import ServerError
+
+        try:
+            self.pool.probe()
+        except ServerError as err:
+            raise ServerError(f"student rollout servers: {str(err).replace('progress_timeout', 'rollout_timeout')}; "
+                              "start them or fix rollout_urls") from None
+        for url in self.urls:
+            status, _ = _post_json(url + "/collective_rpc", {}, self.timeout)  # no method: answered 400 in dev mode
+            if status == 404:
+                raise ServerError(f"rollout server {url} cannot reload weights: start it with VLLM_SERVER_DEV_MODE=1 "
+                                  "(that serves the /collective_rpc a sync calls)")
+
+    def sample(self, prompt_ids: list[list[int]], cfg: OnPolicyConfig) -> list[list[int]]:
+        """``samples_per_prompt`` completions per prompt (token ids, the final EOS included), prompt by prompt."""
+        pieces = [prompt_ids[i:i + self.PIECE_PROMPTS] for i in range(0, len(prompt_ids), self.PIECE_PROMPTS)]
+        body = {"model": self.model, "n": cfg.samples_per_prompt, "max_tokens": cfg.max_new_tokens,
+                "temperature": cfg.rollout_temperature, "top_p": cfg.rollout_top_p, "return_token_ids": True}
+        if len(pieces) == 1:
+            return self._complete(0, {**body, "prompt": pieces[0]})
+        with ThreadPoolExecutor(min(len(pieces), 4 * len(self.urls))) as pool:
+            done = pool.map(lambda i: self._complete(i, {**body, "prompt": pieces[i]}), range(len(pieces)))
+            return [c for piece in done for c in piece]
+
+    def _complete(self, piece: int, body: dict[str, Any]) -> list[list[int]]:
+        """One piece's completions, from its server or, after a server-side failure, the next ones."""
+        from llmdistill.generate.pool import ServerError
+
+        failures = []
+        for turn in range(len(self.urls)):
+            url = self.urls[(piece + turn) % len(self.urls)]
+            status, text = _post_json(url + "/v1/completions", body, self.timeout)
+            if status == 200:
+                choices = sorted(json.loads(text)["choices"], key=lambda c: c["index"])  # prompt-major, then sample
+                return [c["token_ids"] for c in choices]
+            if 400 <= status < 500 and status != 429:  # the request itself is wrong: no server will take it
+                raise ServerError(f"rollout server {url} refused a request (HTTP {status}): {text[:300]}")
+            failures.append(f"{url}: {'HTTP ' + str(status) if status else ''} {text[:200]}".strip())
+        raise ServerError(f"no rollout server could sample: {'; '.join(failures)}")
+
+    def sync(self, model: torch.nn.Module) -> None:
+        """Write the trainer's weights, have every server reload them and drop its cached prefixes."""
+        from llmdistill.generate.pool import ServerError
+
+        self.syncs += 1
+        target = self.directory / f"weights-{self.syncs:06d}"
+        write_weights(merged_weights(model), target, self.SHARD_BYTES)
+        for url in self.urls:
+            for path, body in (("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(target)}}),
+                               ("/reset_prefix_cache", None)):
+                status, text = _post_json(url + path, body, self.timeout)
+                if status != 200:
+                    raise ServerError(f"rollout server {url} failed to reload the weights in {target} (HTTP {status}: "
+                                      f"{text[:300]}); rollout_sync_dir must be a path the servers can read")
+        for old in self.directory.glob("weights-*"):
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self, model: torch.nn.Module, sync: bool) -> None:
+        if sync:
+            self.sync(model)
+
+    def close(self) -> None:
+        pass
+
+
+def write_weights(weights: Iterable[tuple[str, torch.Tensor]], directory: Path, shard_bytes: int) -> None:
+    """Save ``(name, tensor)`` pairs as safetensors shards of about ``shard_bytes`` into ``directory``,
+    which appears whole (written beside it, then renamed)."""
+    from safetensors.torch import save_file
+
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shard: dict[str, torch.Tensor] = {}
+    size = files = 0
+    for name, tensor in weights:
+        shard[name] = tensor.detach().to("cpu", copy=True).contiguous()  # a copy: tied weights share no memory
+        size += shard[name].numel() * shard[name].element_size()
+        if size >= shard_bytes:
+            save_file(shard, str(tmp / f"model-{files:05d}.safetensors"))
+            shard, size, files = {}, 0, files + 1
+    if shard or not files:
+        save_file(shard, str(tmp / f"model-{files:05d}.safetensors"))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def _post_json(url: str, body: dict | None, timeout: float) -> tuple[int, str]:
+    """POST ``body`` as JSON (an empty body for None); return the status and the reply's text."""
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else b""
+    request = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, reply.read().decode(errors="replace")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError) as err:  # refused, unreachable, timed out
+        return 0, f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+
+
+RolloutEngine = VllmRollout | ServerRollout | TransformersRollout
+
+
+def rollout(engine: RolloutEngine, stream: PromptStream, step: int, fmt: PromptFormat,
             tokenizer: Any, cfg: OnPolicyConfig) -> Rollouts:
     """Step 1: the current student's completions for this step's prompts."""
     indices = stream.batch(step, cfg.prompts_per_step)
     records = stream.prompts.rows(indices)
     prompt_ids = fmt.token_ids(tokenizer, [r[cfg.prompt_column] for r in records])
+    policy_step = step if isinstance(engine, TransformersRollout) else engine.synced_step
     completions = engine.sample(prompt_ids, cfg)
     n = cfg.samples_per_prompt
     teachers = [r[cfg.teacher_column] if cfg.teacher_column else "default" for r in records]
     return Rollouts(prompt_ids=[p for p in prompt_ids for _ in range(n)], completion_ids=completions,
-                    records=[r for r in records for _ in range(n)], teachers=[t for t in teachers for _ in range(n)])
+                    records=[r for r in records for _ in range(n)], teachers=[t for t in teachers for _ in range(n)],
+                    policy_step=policy_step)
+
+
+class RolloutSource:
+    """Where each on-policy step's rollouts come from, and when the engine gets the new weights.
+
+    Synchronous: the step's rollouts are sampled when it starts, and after its update the engine
+    syncs every ``sync_every`` steps (and wakes, with ``sleep_mode``).
+
+    ``async_rollouts`` (a rollout server): the servers sample the next on-policy step's prompts in
+    the background while this step is scored and trained. When a step starts it takes its finished
+    batch, syncs the weights if they are ``sync_every`` updates behind, and submits the next batch.
+    Weights change only between two batches, so each batch comes from weights one update older than
+    those it trains (``policy_lag`` 1 in the log; 0 when synchronous with ``sync_every: 1``). A
+    batch is submitted only when the next step is on-policy: after offline steps (GKD's lambda) the
+    next batch is sampled when its step starts, from freshly synced weights.
+    """
+
+    def __init__(self, engine: RolloutEngine, stream: PromptStream, fmt: PromptFormat, tokenizer: Any,
+                 cfg: OnPolicyConfig, counters: Counters, offline: OfflineBatches | None):
+        self.engine, self.stream, self.fmt, self.tokenizer, self.cfg = engine, stream, fmt, tokenizer, cfg
+        self.counters, self.offline = counters, offline
+        self.pending: tuple[int, Future] | None = None
+        self.background = ThreadPoolExecutor(1, thread_name_prefix="rollouts") if cfg.async_rollouts else None
+
+    def take(self, step: int, model: torch.nn.Module) -> Rollouts:
+        """The rollouts of on-policy step ``step`` (and, async, the next step's batch submitted)."""
+        if self.pending is not None and self.pending[0] == step:
+            t = time.perf_counter()
+            rollouts = self.pending[1].result()
+            self.counters.timed("rollout", t)  # only the wait: the sampling not hidden behind the last step
+        else:  # synchronous; or async, at a run's first step or after offline steps
+            self._sync_if_behind(step, model)
+            t = time.perf_counter()
+            rollouts = rollout(self.engine, self.stream, step, self.fmt, self.tokenizer, self.cfg)
+            self.counters.timed("rollout", t)
+        self.pending = None
+        self.engine.sleep()
+        following = step + 1
+        if self.background is not None and following < self.cfg.max_steps and (
+                self.offline is None or not self.offline.takes(following)):
+            self._sync_if_behind(step, model)
+            self.pending = (following, self.background.submit(self._sample, following))
+        return rollouts
+
+    def _sync_if_behind(self, step: int, model: torch.nn.Module) -> None:
+        """Async: give the engine the weights if they are ``sync_every`` updates old (the engine is idle here)."""
+        if self.background is not None and step - self.engine.synced_step >= self.cfg.sync_every:
+            t = time.perf_counter()
+            self.engine.sync(model)
+            self.engine.synced_step = step
+            self.counters.timed("sync", t)
+
+    def updated(self, step: int, model: torch.nn.Module) -> None:
+        """After step ``step``'s update: synchronous engines wake and sync when due (async ones sync in :meth:`take`)."""
+        if self.background is None:
+            t = time.perf_counter()
+            sync = (step + 1) % self.cfg.sync_every == 0
+            self.engine.wake(model, sync=sync)
+            if sync:
+                self.engine.synced_step = step + 1
+            self.counters.timed("sync", t)
+
+    def _sample(self, step: int) -> Rollouts:
+        t = time.perf_counter()
+        rollouts = rollout(self.engine, self.stream, step, self.fmt, self.tokenizer, self.cfg)
+        self.counters.timed("rollout_in_background", t)
+        return rollouts
+
+    def close(self) -> None:
+        """Wait for a batch still being sampled (its weights may not change under it) and stop the thread."""
+        if self.background is not None:
+            self.background.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -765,7 +995,7 @@ class Counters:
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
     def timed(self, phase: str, started: float) -> None:
-        self.seconds[phase] += time.perf_counter() - started
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
 
 
 def load_student(path: str) -> tuple[torch.nn.Module, Any]:
@@ -846,6 +1076,10 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     teachers = load_teachers(cfg) if on_policy and cfg.teacher_backend == "server" else {}
     for teacher in teachers.values():
         teacher.probe()
+    engine: RolloutEngine | None = None
+    if on_policy and cfg.rollout_backend == "server":
+        engine = ServerRollout(cfg)
+        engine.probe()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -878,20 +1112,23 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     fmt = PromptFormat.from_settings(cfg.system_prompt, cfg.instruction_template, cfg.use_chat_template)
     stream = PromptStream(prompts, cfg.seed)
     offline = OfflineBatches(cfg, tokenizer) if cfg.on_policy_fraction < 1 else None
-    engine: VllmRollout | TransformersRollout | None = None
     if on_policy and cfg.rollout_backend == "vllm":
         engine = VllmRollout(str(resume) if resume and adapter is None else cfg.student_model, cfg)
         if adapter is not None and resume is not None:
             engine.sync(model)  # the base weights plus the checkpoint's adapter
+    elif isinstance(engine, ServerRollout):
+        engine.sync(model)  # the servers sample from this run's weights, whatever they were started with
     elif on_policy:
         engine = TransformersRollout(model, tokenizer)
+    if engine is not None:
+        engine.synced_step = first
+    source = RolloutSource(engine, stream, fmt, tokenizer, cfg, counters, offline) if engine is not None else None
 
     # Train: sample -> score -> loss -> step -> sync (or, on an offline step: built batch -> loss -> step)
     window = []
     try:
         for step in range(first, cfg.max_steps):
-            stats = train_step(step, model, optimizer, scheduler, engine, teachers, stream, fmt, tokenizer, cfg,
-                               counters, offline)
+            stats = train_step(step, model, optimizer, scheduler, source, teachers, tokenizer, cfg, counters, offline)
             window.append(stats)
             if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps:
                 history.append(log_window(step + 1, window, counters))
@@ -900,6 +1137,8 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
                 save_checkpoint(out, step + 1, model if adapter is None else adapter, tokenizer, optimizer, scheduler,
                                 {"history": history, "counters": counters.__dict__})
     finally:
+        if source is not None:
+            source.close()
         if engine is not None:
             engine.close()
 
@@ -908,8 +1147,7 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
 
 
 def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               engine: VllmRollout | TransformersRollout | None, teachers: dict[str, Teacher],
-               stream: PromptStream, fmt: PromptFormat, tokenizer: Any, cfg: OnPolicyConfig,
+               source: RolloutSource | None, teachers: dict[str, Teacher], tokenizer: Any, cfg: OnPolicyConfig,
                counters: Counters, offline: OfflineBatches | None = None) -> dict[str, float]:
     """One optimizer step on the student's own samples, or on an offline batch when ``offline`` takes the step."""
     rollouts, rewards = None, None
@@ -920,10 +1158,7 @@ def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         stats = step_gradients(model, batch, cfg)
         counters.offline_steps += 1
     else:
-        t = time.perf_counter()
-        rollouts = rollout(engine, stream, step, fmt, tokenizer, cfg)
-        engine.sleep()
-        counters.timed("rollout", t)
+        rollouts = source.take(step, model)
         counters.rollout_tokens += rollouts.num_tokens
 
         t = time.perf_counter()
@@ -943,16 +1178,15 @@ def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     counters.optimizer_steps += 1
     counters.trained_tokens += len(batch["target_ids"])
 
-    if engine is not None:
-        t = time.perf_counter()
-        engine.wake(model, sync=(step + 1) % cfg.sync_every == 0)
-        counters.timed("sync", t)
+    if source is not None:
+        source.updated(step, model)
     if offline is not None:
         stats["offline"] = float(rollouts is None)
     if rewards is not None:
         stats["reward"] = float(rewards.mean())
     if rollouts is not None:
         stats["completion_tokens"] = rollouts.num_tokens / len(rollouts.completion_ids)
+        stats["policy_lag"] = float(step - rollouts.policy_step)
     return stats
 
 

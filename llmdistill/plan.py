@@ -196,9 +196,13 @@ def _onpolicy_steps(cfg: Any, steps: int) -> dict[str, Any]:
     """Per on-policy step: the rollouts, the tokens the teacher scores, and the GPUs of each phase."""
     samples = cfg.prompts_per_step * cfg.samples_per_prompt
     rollout = samples * cfg.max_new_tokens
-    engine = (f"in-process vLLM engine colocated with the trainer (gpu_memory_utilization {cfg.gpu_memory_utilization}), "
-              f"weights synced every {cfg.sync_every} step(s)" if cfg.rollout_backend == "vllm"
-              else "model.generate on the training weights")
+    engine = {"vllm": f"in-process vLLM engine colocated with the trainer (gpu_memory_utilization "
+                      f"{cfg.gpu_memory_utilization}), weights synced every {cfg.sync_every} step(s)",
+              "server": f"{len(cfg.rollout_urls)} vLLM server(s) of the student, weights written to "
+                        f"{cfg.rollout_sync_dir or cfg.output_dir + '/rollout-weights'} and reloaded every "
+                        f"{cfg.sync_every} step(s)" + ("; the next step's rollouts sampled while this one trains "
+                                                       "(one update behind)" if cfg.async_rollouts else ""),
+              "transformers": "model.generate on the training weights"}[cfg.rollout_backend]
     if cfg.rollout_backend == "vllm" and cfg.sleep_mode:
         engine += (f"; asleep while the student trains (vLLM sleep mode, level {cfg.sleep_level}: "
                    + ("weights and KV cache freed)" if cfg.sleep_level == 2 else "weights to CPU RAM, KV cache freed)"))
@@ -213,19 +217,29 @@ def _onpolicy_steps(cfg: Any, steps: int) -> dict[str, Any]:
     plan["teacher tokens scored per step (upper bound: prompt + completion)"] = read
     plan["teacher scoring"] = (f"{cfg.teacher_backend}: one prefill per sample, top-{cfg.logprobs_top_k} and the "
                                "sampled token's log-prob at every completion position")
-    plan["GPUs: rollout + training"] = "1: one process holds the student, its optimizer and the rollout engine"
+    counted: list[int | None] = [1]  # the training process
+    if cfg.rollout_backend == "server":
+        plan["GPUs: training"] = "1: one process holds the student and its optimizer"
+        plan["GPUs: rollouts"], gpus = _server_gpus(len(cfg.rollout_urls), cfg.rollout_server_gpus, "rollout_server_gpus")
+        counted.append(gpus)
+    else:
+        plan["GPUs: rollout + training"] = "1: one process holds the student, its optimizer and the rollout engine"
     if cfg.teacher_backend == "server":
-        servers = len(cfg.teacher_urls)
-        if cfg.teacher_server_gpus:
-            gpus = servers * cfg.teacher_server_gpus
-            plan["GPUs: teacher scoring"] = f"{servers} vLLM server(s) x {cfg.teacher_server_gpus} = {gpus}"
-            plan["GPUs in all"] = 1 + gpus
-        else:
-            plan["GPUs: teacher scoring"] = f"held by {servers} vLLM server(s) (set teacher_server_gpus to count them)"
+        plan["GPUs: teacher scoring"], gpus = _server_gpus(len(cfg.teacher_urls), cfg.teacher_server_gpus,
+                                                           "teacher_server_gpus")
+        counted.append(gpus)
     else:
         plan["GPUs: teacher scoring"] = "0 more: the teacher runs in the student's process"
-        plan["GPUs in all"] = 1
+    if None not in counted:
+        plan["GPUs in all"] = sum(counted)
     return plan
+
+
+def _server_gpus(servers: int, per_server: int | None, field_name: str) -> tuple[str, int | None]:
+    """How a pool of vLLM servers is printed, and its GPU count when the config gives it."""
+    if per_server:
+        return f"{servers} vLLM server(s) x {per_server} = {servers * per_server}", servers * per_server
+    return f"held by {servers} vLLM server(s) (set {field_name} to count them)", None
 
 
 def _demo_plan(cfg: Any) -> dict[str, Any]:

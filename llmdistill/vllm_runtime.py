@@ -1,4 +1,5 @@
-"""Process layout of the vLLM engines that ``generate``, ``score`` and ``eval`` start.
+"""Process layout of the vLLM engines that ``generate``, ``score`` and ``eval`` start, and local
+``vllm serve`` processes for tests and benchmarks.
 
 vLLM v1 runs its engine core (scheduler, model runner, sampler) in a separate process by
 default and ships every step's outputs to the front-end over ZMQ. On a GPU that overlap pays;
@@ -12,6 +13,11 @@ per-step serialization of top-k log-prob blocks is pure overhead. Measured on a 
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 from llmdistill.log import get_logger
 
@@ -48,3 +54,61 @@ def set_engine_process(mode: str) -> str | None:
     os.environ[ENV_VAR] = "1" if mode == "on" else "0"
     logger.debug("vLLM engine core %s", "in its own process" if mode == "on" else "in this process")
     return os.environ[ENV_VAR]
+
+
+def start_local_server(model: str, *flags: str, dev: bool = False, env: dict[str, str] | None = None,
+                       port: int | None = None) -> tuple[str, subprocess.Popen]:
+    """Start ``vllm serve`` of ``model`` on 127.0.0.1 (a free port unless given), in its own process group:
+    fp32, eager, one process, 256-token context, 1 GiB of KV cache on a CPU, then ``flags``. Tests and
+    benchmarks use it; a cluster starts its servers from the recipe's SLURM scripts.
+
+    Args:
+        dev: ``VLLM_SERVER_DEV_MODE=1``: the server also answers ``/server_info`` and ``/collective_rpc``
+            (what a rollout server's weight sync calls).
+        env: more environment variables (e.g. ``VLLM_CPU_OMP_THREADS_BIND`` to pin it to cores).
+
+    Returns:
+        (base URL, the server process); stop it with :func:`stop_local_servers`.
+    """
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+            "--port", str(port), "--enforce-eager", "--dtype", "float32", "--max-model-len", "256",
+            "--distributed-executor-backend", "uni", *flags]
+    environ = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_SERVER_DEV_MODE": "1" if dev else "0", **(env or {})}
+    proc = subprocess.Popen(argv, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    return f"http://127.0.0.1:{port}", proc
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+    """Return once ``url/health`` answers 200; raise if the server exits or ``timeout`` seconds pass."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the vLLM server for {url} exited at start (code {proc.returncode})")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not become healthy within {timeout:.0f}s")
+
+
+def stop_local_servers(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each server's process group; SIGKILL what is still alive 30 s later."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

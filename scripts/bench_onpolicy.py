@@ -82,19 +82,24 @@ PROMPT_POOL = 2000
 SEED = 0
 REPEATS = int(os.environ.get("BENCH_ONPOLICY_REPEATS", "3"))
 THREADS = int(os.environ.get("BENCH_ONPOLICY_THREADS", str(min(2, os.cpu_count() or 1))))
-ARMS = ("trl", "llmdistill_vllm", "llmdistill_transformers")
+ARMS = ("trl", "llmdistill_vllm", "llmdistill_transformers", "llmdistill_server_async")
+BACKENDS = ("vllm", "transformers", "server_async")  # llmdistill's arms
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 # ---- the shared settings: one OnPolicyConfig, and TRL's config derived from it -----------------
 
 
-def onpolicy_config(prompts: Path, student: Path, teacher: Path, out: Path, backend: str = "vllm") -> OnPolicyConfig:
-    """llmdistill's settings for one arm (the TRL arm reads them through :func:`trl_config`)."""
+def onpolicy_config(prompts: Path, student: Path, teacher: Path, out: Path, backend: str = "vllm",
+                    rollout_url: str | None = None) -> OnPolicyConfig:
+    """llmdistill's settings for one arm (the TRL arm reads them through :func:`trl_config`); ``server_async``:
+    the student's rollout server at ``rollout_url``, sampling the next step while this one trains."""
     from llmdistill.config.onpolicy import OnPolicyConfig
 
-    return OnPolicyConfig(dataset=str(prompts), student_model=str(student), teacher_model=str(teacher),
-                          output_dir=str(out), rollout_backend=backend, objective="reverse_kl",
+    server = {"rollout_backend": "server", "rollout_urls": [rollout_url], "async_rollouts": True}
+    return OnPolicyConfig(**(server if backend == "server_async" else {"rollout_backend": backend}),
+                          dataset=str(prompts), student_model=str(student), teacher_model=str(teacher),
+                          output_dir=str(out), objective="reverse_kl",
                           prompts_per_step=PROMPTS, samples_per_prompt=1, max_new_tokens=MAX_NEW_TOKENS,
                           rollout_temperature=TEMPERATURE, rollout_top_p=1.0, sync_every=1, max_steps=STEPS,
                           learning_rate=LEARNING_RATE, warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
@@ -156,8 +161,12 @@ def make_world(root: Path) -> dict[str, Path]:
 
 
 def run_llmdistill(world: dict[str, Path], out: Path, backend: str) -> dict[str, Any]:
-    """``run_onpolicy``, with the end of every ``train_step`` timed from outside."""
+    """``run_onpolicy``, with the end of every ``train_step`` timed from outside. ``server_async``: first a
+    ``vllm serve`` of the student pinned to the last core, this process (one thread) to the others."""
+    import torch
+
     import llmdistill.onpolicy as op
+    from llmdistill.vllm_runtime import start_local_server, stop_local_servers, wait_healthy
 
     first_start: list[float] = []
     step_ends: list[float] = []
@@ -171,7 +180,20 @@ def run_llmdistill(world: dict[str, Path], out: Path, backend: str) -> dict[str,
 
     op.train_step = timed_step
     started = time.perf_counter()
-    manifest = op.run_onpolicy(onpolicy_config(world["prompts"], world["student"], world["teacher"], out, backend))
+    servers, url = [], None
+    if backend == "server_async":
+        last = (os.cpu_count() or 2) - 1
+        url, server = start_local_server(str(world["student"]), dev=True, env={"VLLM_CPU_OMP_THREADS_BIND": str(last)})
+        servers.append(server)
+        os.sched_setaffinity(0, set(range(last)) or {0})
+        torch.set_num_threads(max(1, last))
+    try:
+        if url:
+            wait_healthy(url, servers[0])
+        manifest = op.run_onpolicy(onpolicy_config(world["prompts"], world["student"], world["teacher"], out, backend,
+                                                   url))
+    finally:
+        stop_local_servers(servers)
     return {"step_ends": step_ends, "setup_s": first_start[0] - started, "phases_s": manifest["compute"]["seconds"],
             "completion_tokens": manifest["counts"]["rollout_tokens"]}
 
@@ -287,7 +309,7 @@ def run_arms(world: dict[str, Path], root: Path) -> tuple[dict[str, list[dict[st
     for repeat in range(REPEATS):
         arms["trl"].append(first_trl if repeat == 0 else
                            in_subprocess(world, root / f"trl-{repeat}", "trl", info["trl_generation"]))
-        for backend in ("vllm", "transformers"):
+        for backend in BACKENDS:
             name = f"llmdistill_{backend}"
             arms[name].append(in_subprocess(world, root / f"{name}-{repeat}", "llmdistill", backend))
     return arms, info
@@ -306,7 +328,7 @@ def speed(arms: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         for phase, seconds in best["phases_s"].items():
             out[f"{name}_{phase}_s_per_step"] = round(seconds / STEPS, 4)
     trl = out["trl_s_per_step"]
-    for backend in ("vllm", "transformers"):
+    for backend in BACKENDS:
         out[f"speedup_llmdistill_{backend}_over_trl"] = round(trl / out[f"llmdistill_{backend}_s_per_step"], 3)
     out["target_speedup_over_trl"] = 1.5
     return out
@@ -318,7 +340,7 @@ def accuracy(students: dict[str, Path]) -> dict[str, Any]:
     for name, path in students.items():
         value = evaluate(path)
         out[f"{name}_pass@1"], out[f"{name}_pass@1_se"] = value["pass@1"], value["se"]
-    for backend in ("vllm", "transformers"):
+    for backend in BACKENDS:
         out[f"llmdistill_{backend}_minus_trl_pass@1"] = round(out[f"llmdistill_{backend}_pass@1"] - out["trl_pass@1"], 4)
     out["target_llmdistill_minus_trl_pass@1"] = 0.0
     return out

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from test_generate import PY, K, assert_matches_reference, cli, gen_cfg, pairs, run_cli
+from test_generate import K, assert_matches_reference, cli, gen_cfg, pairs, run_cli
 
 from llmdistill.config.generate import GenerateConfig
 from llmdistill.generate.engines import OfflineEngine, Work
@@ -40,6 +39,7 @@ from llmdistill.generate.synthetic_server import (
     teacher_output,
 )
 from llmdistill.tinyworld.task import generate_problems, to_records, write_jsonl
+from llmdistill.vllm_runtime import start_local_server, stop_local_servers, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "recipes" / "r1-qwen7b"
@@ -352,54 +352,19 @@ def test_recipe_allocations_match_the_configs():
 # integration: two real vLLM servers behind the pool
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, deadline: float) -> None:
-    import requests
-
-    while time.time() < deadline:
-        assert proc.poll() is None, "a vLLM server exited at start"
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not become healthy")
-
-
 @pytest.fixture(scope="module")
 def vllm_servers(tiny_random_teacher_dir):
     """Two OpenAI-compatible vLLM servers on 127.0.0.1, started together; the first reports its
     max_num_seqs (dev mode), the second does not. Killed at the end of the module."""
-    procs, urls = [], []
-    for dev in ("1", "0"):
-        port = _free_port()
-        argv = [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_random_teacher_dir), "--host",
-                "127.0.0.1", "--port", str(port), "--max-logprobs", str(K), "--enforce-eager", "--dtype", "float32",
-                "--max-model-len", "256", "--max-num-seqs", "8", "--distributed-executor-backend", "uni"]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_SERVER_DEV_MODE": dev}
-        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      start_new_session=True))
-        urls.append(f"http://127.0.0.1:{port}")
+    started = [start_local_server(str(tiny_random_teacher_dir), "--max-logprobs", str(K), "--max-num-seqs", "8",
+                                  dev=dev) for dev in (True, False)]
+    urls, procs = [u for u, _ in started], [p for _, p in started]
     try:
-        deadline = time.time() + 300
-        for url, proc in zip(urls, procs, strict=True):
-            _wait_healthy(url, proc, deadline)
+        for url, proc in zip(urls, procs, strict=True):  # started together: they load side by side
+            wait_healthy(url, proc, timeout=300)
         yield SimpleNamespace(urls=urls, procs=procs)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_local_servers(procs)
 
 
 @pytest.fixture(scope="module")

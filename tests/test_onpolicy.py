@@ -747,3 +747,183 @@ def test_the_recipe_dry_runs_with_tokens_and_gpus_per_step():
                    "student weights + grads + AdamW (fp32) │ 104 GiB"):
         assert needle in text, (needle, text[-3000:])
     assert not (ROOT / "runs" / "r1-qwen7b").exists(), "a dry run must write nothing"
+
+
+class _VersionedEngine:
+    """A rollout engine that records which weights (the model's ``version``) sampled each batch, and
+    fails if weights are synced while a batch is being sampled."""
+
+    def __init__(self):
+        import threading
+
+        self.version, self.synced_step, self.sampling, self.calls = 0, 0, False, []
+        self.lock = threading.Lock()
+
+    def sample(self, prompt_ids, cfg):
+        import time
+
+        with self.lock:
+            self.sampling = True
+            version = self.version
+        time.sleep(0.02)  # long enough for the trainer to reach its next sync if it did not wait
+        self.calls.append(("sample", version))
+        with self.lock:
+            self.sampling = False
+        return [[5, 2]] * (len(prompt_ids) * cfg.samples_per_prompt)
+
+    def sync(self, model):
+        with self.lock:
+            assert not self.sampling, "weights synced while a batch was being sampled"
+            self.version = model.version
+        self.calls.append(("sync", model.version))
+
+    def sleep(self):
+        pass
+
+    def wake(self, model, sync):
+        if sync:
+            self.sync(model)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("async_rollouts,sync_every,offline_at,lags,sampled_by", [
+    (False, 1, (), [0, 0, 0, 0, 0], [0, 1, 2, 3, 4]),
+    (False, 2, (), [0, 1, 0, 1, 0], [0, 0, 2, 2, 4]),
+    (True, 1, (), [0, 1, 1, 1, 1], [0, 0, 1, 2, 3]),
+    (True, 2, (), [0, 1, 2, 1, 2], [0, 0, 0, 2, 2]),
+    (True, 1, (2,), [0, 1, None, 0, 1], [0, 0, 3, 3]),  # after an offline step: sampled fresh, not 2 updates old
+], ids=["sync", "sync-every-2", "async", "async-every-2", "async-offline"])
+def test_rollouts_come_from_the_weights_the_schedule_promises(async_rollouts, sync_every, offline_at, lags,
+                                                              sampled_by, tiny_tokenizer):
+    """Which weights sample each step's batch (by the number of updates behind them), synchronous or
+    async, and that the engine never gets weights while it samples."""
+    from llmdistill.onpolicy import Counters, RolloutSource
+    from llmdistill.prompts import PromptFormat
+
+    steps = len(lags)
+    cfg = OnPolicyConfig(dataset="p", student_model="s", teacher_model="t", rollout_backend="server",
+                         rollout_urls=["http://x"], async_rollouts=async_rollouts, sync_every=sync_every,
+                         prompts_per_step=2, max_steps=steps)
+    table = PromptTable.from_rows([{"id": str(i), "prompt": f"question {i}"} for i in range(8)])
+    engine, model = _VersionedEngine(), types.SimpleNamespace(version=0)
+    offline = types.SimpleNamespace(takes=lambda step: step in offline_at)
+    source = RolloutSource(engine, PromptStream(table, 0), PromptFormat(), tiny_tokenizer, cfg, Counters(), offline)
+    seen = []
+    try:
+        for step in range(steps):  # as train_step: take the rollouts (unless offline), update, then `updated`
+            seen.append(None if step in offline_at else step - source.take(step, model).policy_step)
+            model.version += 1
+            source.updated(step, model)
+    finally:
+        source.close()
+    assert seen == lags
+    assert [v for call, v in engine.calls if call == "sample"] == sampled_by
+
+
+@pytest.mark.unit
+def test_a_rollout_server_without_dev_mode_fails_in_one_line(synthetic_servers):
+    from llmdistill.cli import one_line
+    from llmdistill.generate.pool import ServerError
+    from llmdistill.generate.synthetic_server import MODEL
+    from llmdistill.onpolicy import ServerRollout
+
+    server = synthetic_servers()  # serves /v1/completions and /health, no /collective_rpc
+    cfg = OnPolicyConfig(dataset="p", student_model=MODEL, teacher_model="t", rollout_backend="server",
+                         rollout_urls=[server.url], rollout_timeout=5)
+    with pytest.raises(ServerError) as err:
+        ServerRollout(cfg).probe()
+    assert one_line(err.value) == str(err.value)
+    assert str(err.value) == (f"rollout server {server.url} cannot reload weights: start it with VLLM_SERVER_DEV_MODE=1 "
+                              "(that serves the /collective_rpc a sync calls)")
+
+
+@pytest.mark.unit
+def test_config_of_rollout_servers():
+    base = dict(dataset="p.jsonl", student_model="s", teacher_model="t")
+    with pytest.raises(ConfigError, match="rollout_backend server needs rollout_urls"):
+        OnPolicyConfig(**base, rollout_backend="server")
+    with pytest.raises(ConfigError, match="async_rollouts is for rollout_backend: server"):
+        OnPolicyConfig(**base, async_rollouts=True)
+    with pytest.raises(ConfigError, match="greedy rollouts are all the same"):
+        OnPolicyConfig(**base, rollout_temperature=0.0, samples_per_prompt=2)
+    with pytest.raises(ConfigError, match="sleep_mode is for the colocated engine"):
+        OnPolicyConfig(**base, rollout_backend="server", rollout_urls=["http://h:1"], sleep_mode=True)
+    OnPolicyConfig(**base, rollout_backend="server", rollout_urls=["http://h:1"], async_rollouts=True)
+
+
+@pytest.fixture(scope="module")
+def student_server(tiny_student_dir):
+    """A real ``vllm serve`` of the tiny student in dev mode (its weights can be reloaded)."""
+    from llmdistill.vllm_runtime import start_local_server, stop_local_servers, wait_healthy
+
+    url, proc = start_local_server(str(tiny_student_dir), "--max-logprobs", "1", dev=True)
+    try:
+        wait_healthy(url, proc)
+        yield url
+    finally:
+        stop_local_servers([proc])
+
+
+@pytest.mark.integration
+def test_a_synced_rollout_server_samples_from_the_trainers_weights(student_server, prompts, tiny_student_dir,
+                                                                    tiny_random_teacher_dir, tmp_path):
+    import socket
+
+    import requests
+
+    from llmdistill.onpolicy import ServerRollout
+
+    cfg = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "o", rollout_backend="server",
+                 rollout_urls=[student_server])
+    engine = ServerRollout(cfg)
+    engine.probe()
+    student, _ = load_student(str(tiny_student_dir))
+    before, _ = load_student(str(tiny_student_dir))
+    with torch.no_grad():  # an update the server must pick up
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
+    engine.sync(student)
+    engine.sync(student)
+    assert [d.name for d in engine.directory.iterdir()] == ["weights-000002"]  # only the latest weights stay
+
+    prompt = [1, 2, 3, 4]
+    assert [len(c) for c in engine.sample([prompt] * 3, cfg)] == [cfg.max_new_tokens] * 3  # random init: never stops
+    reply = requests.post(student_server + "/v1/completions", timeout=60, json={
+        "model": str(tiny_student_dir), "prompt": prompt, "max_tokens": 16, "logprobs": 0, "return_token_ids": True})
+    choice = reply.json()["choices"][0]
+    ids, served = choice["token_ids"], torch.tensor(choice["logprobs"]["token_logprobs"])
+    for model, close in ((student, True), (before, False)):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1], -1)
+        gap = (served - logp[torch.arange(len(ids)), torch.tensor(ids)]).abs().max().item()
+        assert gap < 1e-4 if close else gap > 1e-2, gap
+
+    # several pieces over two servers, one of them down: each prompt still gets its own completions, in order
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    engine.urls, engine.PIECE_PROMPTS = [down, student_server], 2
+    greedy = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "o", rollout_temperature=0.0,
+                    max_new_tokens=6)
+    asked = [[1, 2, 3, 4], [5, 6], [7, 8, 9], [10], [11, 12, 13]]
+    got = engine.sample(asked, greedy)
+    assert len(got) == len(asked)
+    for prompt, completion in zip(asked, got, strict=True):  # the synced student's greedy choices after that prompt
+        with torch.no_grad():
+            logits = student(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1]
+        chosen = logits[torch.arange(len(completion)), torch.tensor(completion)]
+        assert len(completion) == 6 and torch.all(chosen >= logits.max(-1).values - 1e-4), (prompt, completion)
+
+
+@pytest.mark.integration
+def test_an_async_run_trains_each_step_on_samples_of_the_weights_one_update_old(
+        student_server, prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path):
+    out = tmp_path / "async"
+    manifest = op.run_onpolicy(config(prompts, tiny_student_dir, tiny_random_teacher_dir, out, max_steps=4,
+                                      rollout_backend="server", rollout_urls=[student_server], async_rollouts=True))
+    history = json.loads((out / "log_history.json").read_text())
+    assert [h["policy_lag"] for h in history] == [0.0, 1.0, 1.0, 1.0]
+    counts, seconds = manifest["counts"], manifest["compute"]["seconds"]
+    assert counts["optimizer_steps"] == 4 and counts["rollout_tokens"] > 0
+    assert seconds["rollout_in_background"] > 0 and seconds["sync"] > 0
+    assert [d.name for d in (out / "rollout-weights").iterdir()] == ["weights-000003"]  # start + steps 1, 2

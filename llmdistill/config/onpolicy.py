@@ -13,7 +13,7 @@ from llmdistill.config.generate import VLLM_DEFAULT_MAX_LOGPROBS
 from llmdistill.config.lora import LoraSettings
 from llmdistill.vllm_runtime import DTYPES
 
-ROLLOUT_BACKENDS = ("vllm", "transformers")
+ROLLOUT_BACKENDS = ("vllm", "server", "transformers")
 TEACHER_BACKENDS = ("transformers", "server")
 OBJECTIVES = ("reverse_kl", "jsd", "sampled_reverse_kl")
 TOPK_OBJECTIVES = ("reverse_kl", "jsd")  # the divergences an offline batch (teacher top-k, no sampled log-prob) supports
@@ -76,7 +76,25 @@ class RolloutConfig:
 
     rollout_backend: str = field(default="vllm", metadata={
         "help": "vllm: an in-process vLLM engine holding a copy of the student, weights synced every sync_every "
-                "steps | transformers: model.generate on the training weights (no copy, no sync)."})
+                "steps | server: the student's own vLLM servers (rollout_urls), weights synced through "
+                "rollout_sync_dir | transformers: model.generate on the training weights (no copy, no sync)."})
+    rollout_urls: list[str] = field(default_factory=list, metadata={
+        "help": "rollout_backend server: base URLs of vLLM servers of the student, started with "
+                "VLLM_SERVER_DEV_MODE=1 (their /collective_rpc reloads the weights), e.g. "
+                "'VLLM_SERVER_DEV_MODE=1 vllm serve <student_model> --port 8001'."})
+    rollout_sync_dir: str | None = field(default=None, metadata={
+        "help": "rollout_backend server: where each sync writes the student's weights (safetensors) for the servers "
+                "to reload; it must be a path the servers see (a shared filesystem across nodes). Unset: "
+                "output_dir/rollout-weights."})
+    rollout_server_gpus: int | None = field(default=None, metadata={
+        "help": "rollout_backend server: GPUs each rollout server holds (for the dry run's GPU count)."})
+    rollout_timeout: float = field(default=600.0, metadata={
+        "help": "rollout_backend server: seconds to wait for a server to answer at the start, for one request's "
+                "completions (up to 64 prompts, not streamed), and for a weight reload."})
+    async_rollouts: bool = field(default=False, metadata={
+        "help": "rollout_backend server: the servers sample the next step's rollouts while this step is scored "
+                "and trained (one step off-policy, as PipelineRL and TRL's async trainers). The weights are synced "
+                "between the two, so a step trains on samples of the weights one update old."})
     prompts_per_step: int = field(default=16, metadata={"help": "Prompts per optimizer step."})
     samples_per_prompt: int = field(default=1, metadata={"help": "Student completions per prompt."})
     max_new_tokens: int = field(default=96, metadata={"help": "Token budget of one student completion."})
@@ -172,6 +190,9 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
             check_range(name, getattr(self, name), 1)
         check_range("rollout_temperature", self.rollout_temperature, 0.0)
         check_range("rollout_top_p", self.rollout_top_p, 0.0, 1.0)
+        if self.rollout_temperature == 0 and self.samples_per_prompt > 1:
+            raise ConfigError(f"greedy rollouts are all the same: with rollout_temperature 0 set samples_per_prompt 1, "
+                              f"or sample at a temperature > 0 (samples_per_prompt is {self.samples_per_prompt})")
         check_range("jsd_beta", self.jsd_beta, 0.0, 1.0)
         check_range("on_policy_fraction", self.on_policy_fraction, 0.0, 1.0)
         check_range("reward_weight", self.reward_weight, 0.0)
@@ -188,6 +209,24 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
                               f"not {self.objective}")
         if self.on_policy_fraction > 0:
             self._check_teachers()
+            self._check_rollouts()
+
+    def _check_rollouts(self) -> None:
+        if self.rollout_backend != "server":
+            for name in ("rollout_urls", "rollout_sync_dir", "rollout_server_gpus", "async_rollouts"):
+                if getattr(self, name):
+                    raise ConfigError(f"{name} is for rollout_backend: server (the student samples in this process "
+                                      f"with rollout_backend: {self.rollout_backend}, so sampling and training share "
+                                      "one Python interpreter and cannot overlap)")
+            return
+        if not self.rollout_urls:
+            raise ConfigError("rollout_backend server needs rollout_urls: the student's vLLM servers, started with "
+                              "VLLM_SERVER_DEV_MODE=1, e.g. --rollout_urls http://127.0.0.1:8001")
+        if self.sleep_mode:
+            raise ConfigError("sleep_mode is for the colocated engine (rollout_backend: vllm): a rollout server "
+                              "keeps its own GPUs")
+        check_range("rollout_timeout", self.rollout_timeout, 0.1)
+        check_range("rollout_server_gpus", self.rollout_server_gpus, 1)
 
     def _check_teachers(self) -> None:
         if len(self.teachers) > 1 and not self.teacher_column:
