@@ -40,6 +40,7 @@ import os
 import random
 import shutil
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -284,9 +285,14 @@ class VllmRollout:
 
     On a CPU host the engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``),
     which is also what lets :meth:`sync` hand it tensors without a copy through a socket.
+
+    A LoRA student (``adapter``, with ``lora_rollouts: adapter``) is served as vLLM serves LoRAs:
+    the engine holds the base weights, and each sync saves the adapter (:class:`WeightDrops`) and
+    samples with it as a new ``LoRARequest``. The base never changes, so ``sleep_mode`` keeps it in
+    CPU RAM (level 1) instead of dropping it.
     """
 
-    def __init__(self, model_dir: str, cfg: OnPolicyConfig):
+    def __init__(self, model_dir: str, cfg: OnPolicyConfig, adapter: Any = None):
         from vllm import LLM
 
         if cfg.kv_cache_space_gb is not None:
@@ -296,10 +302,15 @@ class VllmRollout:
                                   "gpu_memory_utilization": cfg.gpu_memory_utilization}
         if cfg.max_model_len:
             kwargs["max_model_len"] = cfg.max_model_len
+        self.adapter = adapter if cfg.lora_rollouts == "adapter" else None
+        self.lora_request: Any = None
+        if self.adapter is not None:
+            kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(cfg.lora_r), max_loras=1)
+            self.drops = WeightDrops(Path(cfg.output_dir) / "rollout-weights")
         self.sleep_level = 0  # 0: always awake
         if cfg.sleep_mode and torch.cuda.is_available():
             kwargs["enable_sleep_mode"] = True
-            self.sleep_level = cfg.sleep_level
+            self.sleep_level = cfg.sleep_level  # 1 with a LoRA adapter: the base weights stay in CPU RAM
         elif cfg.sleep_mode:
             logger.warning("sleep_mode is vLLM's CUDA feature: on this machine the rollout engine stays awake")
         self.asleep = False
@@ -312,12 +323,21 @@ class VllmRollout:
 
         params = SamplingParams(n=cfg.samples_per_prompt, temperature=cfg.rollout_temperature, top_p=cfg.rollout_top_p,
                                 max_tokens=cfg.max_new_tokens, detokenize=False)
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False,
+                                    lora_request=self.lora_request)
         return [list(o.token_ids) for res in outputs for o in res.outputs]
 
     def sync(self, model: torch.nn.Module) -> None:
-        """Load the trainer's current weights into the engine, in place, and drop cached prefixes
-        (a LoRA student's base weights merged with its adapter: :func:`merged_weights`)."""
+        """Give the engine the trainer's current weights: the LoRA adapter, saved and loaded as a new
+        LoRA request; or all the weights, loaded in place (a LoRA student's base weights merged with
+        its adapter: :func:`merged_weights`), and the cached prefixes dropped."""
+        if self.adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            path = self.drops.write(model, self.adapter)
+            self.lora_request = LoRARequest(path.name, self.drops.count, str(path))
+            self.drops.keep_only(path)  # the engine loaded the previous adapter already, the next loads this one
+            return
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(model)})
         self.llm.reset_prefix_cache()
 
@@ -399,18 +419,20 @@ class ServerRollout:
     (``n`` samples per prompt, ``return_token_ids``), which the server batches as the in-process
     engine would. A piece that fails for a server-side reason goes to the next server.
 
-    A sync writes the trainer's weights (a LoRA student's merged, :func:`merged_weights`) as
-    safetensors shards into a new directory under ``rollout_sync_dir``, then every server reloads
-    them in place with vLLM's own ``reload_weights(weights_path=...)`` through its
-    ``/collective_rpc`` (served with ``VLLM_SERVER_DEV_MODE=1``) and drops its cached prefixes.
-    The servers read the files themselves, so the directory must be on a filesystem they see; only
-    the latest weights are kept.
+    A sync writes the trainer's weights as safetensors shards into a new directory under
+    ``rollout_sync_dir`` (:class:`WeightDrops`), then every server reloads them in place with vLLM's
+    own ``reload_weights(weights_path=...)`` through its ``/collective_rpc`` (served with
+    ``VLLM_SERVER_DEV_MODE=1``) and drops its cached prefixes. A LoRA student (``lora_rollouts:
+    adapter``) writes only its adapter, which every server loads as a new LoRA
+    (``/v1/load_lora_adapter``; servers started with ``--enable-lora`` and
+    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``) and samples with; the previous one is unloaded. The
+    servers read the files themselves, so the directory must be on a filesystem they see; only the
+    latest weights are kept.
 
     Args:
         cfg: the run's settings (student name the servers serve, sampling, URLs, sync directory).
     """
 
-    SHARD_BYTES = 2 << 30  # a sync holds at most one shard of merged weights in memory
     PIECE_PROMPTS = 64  # prompts per request: replies of bounded size, spread over the servers
 
     def __init__(self, cfg: OnPolicyConfig):
@@ -419,13 +441,15 @@ class ServerRollout:
 
         self.urls = [u.rstrip("/") for u in dict.fromkeys(cfg.rollout_urls)]
         self.model, self.timeout = cfg.student_model, cfg.rollout_timeout
-        self.directory = Path(cfg.rollout_sync_dir or Path(cfg.output_dir) / "rollout-weights").resolve()
+        self.lora_adapters, self.lora_r = cfg.use_peft and cfg.lora_rollouts == "adapter", cfg.lora_r
+        self.adapter: Any = None  # the PeftModel, once the student is loaded (:meth:`use_adapter`)
+        self.run_tag = uuid.uuid4().hex[:8]  # LoRA names unique to this run: a server may outlive runs
+        self.drops = WeightDrops(Path(cfg.rollout_sync_dir or Path(cfg.output_dir) / "rollout-weights").resolve())
         # the generate stage's pool, for its start-up check: health, the model served, capacity
         self.pool = ServerPool(GenerateConfig(model=cfg.student_model, dataset=cfg.dataset or "prompts",
                                               backend="server", server_urls=self.urls,
                                               progress_timeout=cfg.rollout_timeout))
         self.synced_step = 0
-        self.syncs = 0
 
     def probe(self) -> None:
         """Every server answers, serves the student and can reload weights; else one line naming the fix."""
@@ -437,10 +461,21 @@ class ServerRollout:
             raise ServerError(f"student rollout servers: {str(err).replace('progress_timeout', 'rollout_timeout')}; "
                               "start them or fix rollout_urls") from None
         for url in self.urls:
+            if self.lora_adapters:  # an adapter of no name: answered 400 when runtime LoRA loading is on
+                status, _ = _post_json(url + "/v1/load_lora_adapter", {}, self.timeout)
+                if status == 404:
+                    raise ServerError(f"rollout server {url} cannot load LoRA adapters: start it with --enable-lora "
+                                      f"--max-lora-rank {vllm_lora_rank(self.lora_r)} and "
+                                      "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (or set lora_rollouts: merged)")
+                continue
             status, _ = _post_json(url + "/collective_rpc", {}, self.timeout)  # no method: answered 400 in dev mode
             if status == 404:
                 raise ServerError(f"rollout server {url} cannot reload weights: start it with VLLM_SERVER_DEV_MODE=1 "
                                   "(that serves the /collective_rpc a sync calls)")
+
+    def use_adapter(self, adapter: Any) -> None:
+        """A LoRA student's ``PeftModel``: with ``lora_rollouts: adapter`` its syncs send the adapter only."""
+        self.adapter = adapter if self.lora_adapters else None
 
     def sample(self, prompt_ids: list[list[int]], cfg: OnPolicyConfig) -> list[list[int]]:
         """``samples_per_prompt`` completions per prompt (token ids, the final EOS included), prompt by prompt."""
@@ -470,22 +505,27 @@ class ServerRollout:
         raise ServerError(f"no rollout server could sample: {'; '.join(failures)}")
 
     def sync(self, model: torch.nn.Module) -> None:
-        """Write the trainer's weights, have every server reload them and drop its cached prefixes."""
+        """Write the trainer's weights (or adapter); every server reloads them (or loads the adapter)."""
         from llmdistill.generate.pool import ServerError
 
-        self.syncs += 1
-        target = self.directory / f"weights-{self.syncs:06d}"
-        write_weights(merged_weights(model), target, self.SHARD_BYTES)
+        path = self.drops.write(model, self.adapter)
+        old = self.model
+        if self.adapter is not None:
+            self.model = f"{path.name}-{self.run_tag}"
         for url in self.urls:
-            for path, body in (("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(target)}}),
-                               ("/reset_prefix_cache", None)):
-                status, text = _post_json(url + path, body, self.timeout)
+            if self.adapter is not None:
+                calls = [("/v1/load_lora_adapter", {"lora_name": self.model, "lora_path": str(path)})]
+                if old.endswith(self.run_tag):
+                    calls.append(("/v1/unload_lora_adapter", {"lora_name": old}))
+            else:
+                calls = [("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(path)}}),
+                         ("/reset_prefix_cache", None)]
+            for route, body in calls:
+                status, text = _post_json(url + route, body, self.timeout)
                 if status != 200:
-                    raise ServerError(f"rollout server {url} failed to reload the weights in {target} (HTTP {status}: "
-                                      f"{text[:300]}); rollout_sync_dir must be a path the servers can read")
-        for old in self.directory.glob("weights-*"):
-            if old != target:
-                shutil.rmtree(old, ignore_errors=True)
+                    raise ServerError(f"rollout server {url} failed to load the weights in {path} ({route}: HTTP "
+                                      f"{status}: {text[:300]}); rollout_sync_dir must be a path the servers can read")
+        self.drops.keep_only(path)
 
     def sleep(self) -> None:
         pass
@@ -496,6 +536,47 @@ class ServerRollout:
 
     def close(self) -> None:
         pass
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts (a fixed set of sizes) that holds a rank-``rank`` adapter."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    sizes = sorted(get_args(MaxLoRARanks))
+    return next((size for size in sizes if size >= rank), sizes[-1])
+
+
+class WeightDrops:
+    """Numbered directories of the student's weights, or of its LoRA adapter, that a rollout engine
+    loads from (``weights-000001``, ...): each appears whole, and only the newest is kept."""
+
+    PREFIX = "weights-"
+    SHARD_BYTES = 2 << 30  # a sync holds at most one shard of merged weights in memory
+
+    def __init__(self, directory: Path):
+        self.directory, self.count = directory, 0
+
+    def write(self, model: torch.nn.Module, adapter: Any = None) -> Path:
+        """Save ``adapter`` (a ``PeftModel``: its adapter only), else every weight of ``model`` (a LoRA
+        student's merged, :func:`merged_weights`), into the next directory; return it."""
+        self.count += 1
+        target = self.directory / f"{self.PREFIX}{self.count:06d}"
+        if adapter is None:
+            write_weights(merged_weights(model), target, self.SHARD_BYTES)
+            return target
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        adapter.save_pretrained(str(tmp))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        return target
+
+    def keep_only(self, path: Path) -> None:
+        for old in self.directory.glob(f"{self.PREFIX}*"):
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def write_weights(weights: Iterable[tuple[str, torch.Tensor]], directory: Path, shard_bytes: int) -> None:
@@ -1113,10 +1194,11 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     stream = PromptStream(prompts, cfg.seed)
     offline = OfflineBatches(cfg, tokenizer) if cfg.on_policy_fraction < 1 else None
     if on_policy and cfg.rollout_backend == "vllm":
-        engine = VllmRollout(str(resume) if resume and adapter is None else cfg.student_model, cfg)
-        if adapter is not None and resume is not None:
-            engine.sync(model)  # the base weights plus the checkpoint's adapter
+        engine = VllmRollout(str(resume) if resume and adapter is None else cfg.student_model, cfg, adapter)
+        if adapter is not None and (resume is not None or engine.adapter is not None):
+            engine.sync(model)  # the checkpoint's adapter (merged into the base, or as a LoRA)
     elif isinstance(engine, ServerRollout):
+        engine.use_adapter(adapter)
         engine.sync(model)  # the servers sample from this run's weights, whatever they were started with
     elif on_policy:
         engine = TransformersRollout(model, tokenizer)

@@ -203,6 +203,9 @@ def _onpolicy_steps(cfg: Any, steps: int) -> dict[str, Any]:
                         f"{cfg.sync_every} step(s)" + ("; the next step's rollouts sampled while this one trains "
                                                        "(one update behind)" if cfg.async_rollouts else ""),
               "transformers": "model.generate on the training weights"}[cfg.rollout_backend]
+    if cfg.use_peft and cfg.rollout_backend != "transformers":
+        engine += ("; the LoRA adapter loaded as a vLLM LoRA at each sync" if cfg.lora_rollouts == "adapter"
+                   else "; base + LoRA delta loaded as plain weights at each sync")
     if cfg.rollout_backend == "vllm" and cfg.sleep_mode:
         engine += (f"; asleep while the student trains (vLLM sleep mode, level {cfg.sleep_level}: "
                    + ("weights and KV cache freed)" if cfg.sleep_level == 2 else "weights to CPU RAM, KV cache freed)"))

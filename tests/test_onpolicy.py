@@ -313,7 +313,7 @@ class _RecordingLLM:
     def __init__(self, **kwargs):
         self.kwargs, self.calls = kwargs, []
 
-    def generate(self, prompts, params, use_tqdm=False):
+    def generate(self, prompts, params, use_tqdm=False, lora_request=None):
         self.calls.append("generate")
         completion = types.SimpleNamespace(token_ids=[5, 2])
         return [types.SimpleNamespace(outputs=[completion] * params.n) for _ in prompts]
@@ -442,28 +442,35 @@ def test_the_teachers_grades_equal_a_plain_forward_and_sync_makes_the_engine_the
 
 
 @pytest.mark.integration
-def test_after_a_sync_the_engine_samples_from_the_lora_students_merged_weights(prompts, tiny_student_dir,
-                                                                                tiny_random_teacher_dir, tmp_path):
-    """The engine holds the plain student; a sync loads base + adapter delta: its log-probs of its own
-    samples are the LoRA student's (fp32, within 1e-4)."""
+@pytest.mark.parametrize("lora_rollouts", ["merged", "adapter"])
+def test_after_a_sync_the_engine_samples_from_the_lora_student(lora_rollouts, prompts, tiny_student_dir,
+                                                               tiny_random_teacher_dir, tmp_path):
+    """The engine holds the plain student; a sync loads base + adapter delta (merged), or the adapter as
+    a vLLM LoRA: either way its log-probs of its own samples are the LoRA student's (fp32, within 1e-4)."""
     from vllm import SamplingParams
 
     from llmdistill.onpolicy import VllmRollout, with_lora
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    cfg = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "o", use_peft=True, lora_r=4)
+    cfg = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "o", use_peft=True, lora_r=4,
+                 lora_rollouts=lora_rollouts)
     plain, tok = load_student(str(tiny_student_dir))
-    student, _ = with_lora(plain, cfg, None)
-    torch.manual_seed(0)
-    for name, p in student.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    engine = VllmRollout(str(tiny_student_dir), cfg)
+    student, adapter = with_lora(plain, cfg, None)
+    engine = VllmRollout(str(tiny_student_dir), cfg, adapter)
     try:
-        engine.sync(student)
+        for seed in (0, 1):  # two updates of the adapter, each synced: the engine follows the latest
+            torch.manual_seed(seed)
+            for name, p in student.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(p, std=0.05)
+            engine.sync(student)
+        if lora_rollouts == "adapter":
+            assert [d.name for d in (tmp_path / "o" / "rollout-weights").iterdir()] == ["weights-000002"]
+            assert (tmp_path / "o" / "rollout-weights" / "weights-000002" / "adapter_config.json").is_file()
         prompt = tok("12+345=", add_special_tokens=False)["input_ids"]
         out = engine.llm.generate([{"prompt_token_ids": prompt}],
-                                  SamplingParams(max_tokens=12, logprobs=0, temperature=1.0), use_tqdm=False)[0]
+                                  SamplingParams(max_tokens=12, logprobs=0, temperature=1.0), use_tqdm=False,
+                                  lora_request=engine.lora_request)[0]
         ids = list(out.outputs[0].token_ids)
         engine_lp = torch.tensor([d[t].logprob for d, t in zip(out.outputs[0].logprobs, ids, strict=True)])
         student.eval()
@@ -821,7 +828,7 @@ def test_rollouts_come_from_the_weights_the_schedule_promises(async_rollouts, sy
 
 
 @pytest.mark.unit
-def test_a_rollout_server_without_dev_mode_fails_in_one_line(synthetic_servers):
+def test_a_rollout_server_that_cannot_take_weights_fails_in_one_line(synthetic_servers):
     from llmdistill.cli import one_line
     from llmdistill.generate.pool import ServerError
     from llmdistill.generate.synthetic_server import MODEL
@@ -835,6 +842,12 @@ def test_a_rollout_server_without_dev_mode_fails_in_one_line(synthetic_servers):
     assert one_line(err.value) == str(err.value)
     assert str(err.value) == (f"rollout server {server.url} cannot reload weights: start it with VLLM_SERVER_DEV_MODE=1 "
                               "(that serves the /collective_rpc a sync calls)")
+    lora = OnPolicyConfig(**{**cfg.__dict__, "use_peft": True, "lora_r": 12})
+    with pytest.raises(ServerError) as err:
+        ServerRollout(lora).probe()
+    assert str(err.value) == (f"rollout server {server.url} cannot load LoRA adapters: start it with --enable-lora "
+                              "--max-lora-rank 16 and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (or set lora_rollouts: "
+                              "merged)")
 
 
 @pytest.mark.unit
@@ -848,15 +861,22 @@ def test_config_of_rollout_servers():
         OnPolicyConfig(**base, rollout_temperature=0.0, samples_per_prompt=2)
     with pytest.raises(ConfigError, match="sleep_mode is for the colocated engine"):
         OnPolicyConfig(**base, rollout_backend="server", rollout_urls=["http://h:1"], sleep_mode=True)
+    with pytest.raises(ConfigError, match="lora_rollouts='fused' is not one of"):
+        OnPolicyConfig(**base, use_peft=True, lora_rollouts="fused")
     OnPolicyConfig(**base, rollout_backend="server", rollout_urls=["http://h:1"], async_rollouts=True)
+    # a LoRA student's base never changes: sleep mode keeps it in CPU RAM even when every step syncs
+    assert OnPolicyConfig(**base, sleep_mode=True).sleep_level == 2
+    assert OnPolicyConfig(**base, sleep_mode=True, use_peft=True).sleep_level == 1
+    assert OnPolicyConfig(**base, sleep_mode=True, use_peft=True, lora_rollouts="merged").sleep_level == 2
 
 
 @pytest.fixture(scope="module")
 def student_server(tiny_student_dir):
-    """A real ``vllm serve`` of the tiny student in dev mode (its weights can be reloaded)."""
+    """A real ``vllm serve`` of the tiny student in dev mode (its weights can be reloaded), loading LoRAs at run time."""
     from llmdistill.vllm_runtime import start_local_server, stop_local_servers, wait_healthy
 
-    url, proc = start_local_server(str(tiny_student_dir), "--max-logprobs", "1", dev=True)
+    url, proc = start_local_server(str(tiny_student_dir), "--max-logprobs", "1", "--enable-lora", "--max-lora-rank", "8",
+                                   dev=True, env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
     try:
         wait_healthy(url, proc)
         yield url
@@ -871,7 +891,7 @@ def test_a_synced_rollout_server_samples_from_the_trainers_weights(student_serve
 
     import requests
 
-    from llmdistill.onpolicy import ServerRollout
+    from llmdistill.onpolicy import ServerRollout, with_lora
 
     cfg = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "o", rollout_backend="server",
                  rollout_urls=[student_server])
@@ -884,7 +904,7 @@ def test_a_synced_rollout_server_samples_from_the_trainers_weights(student_serve
             p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
     engine.sync(student)
     engine.sync(student)
-    assert [d.name for d in engine.directory.iterdir()] == ["weights-000002"]  # only the latest weights stay
+    assert [d.name for d in engine.drops.directory.iterdir()] == ["weights-000002"]  # only the latest weights stay
 
     prompt = [1, 2, 3, 4]
     assert [len(c) for c in engine.sample([prompt] * 3, cfg)] == [cfg.max_new_tokens] * 3  # random init: never stops
@@ -914,16 +934,50 @@ def test_a_synced_rollout_server_samples_from_the_trainers_weights(student_serve
         chosen = logits[torch.arange(len(completion)), torch.tensor(completion)]
         assert len(completion) == 6 and torch.all(chosen >= logits.max(-1).values - 1e-4), (prompt, completion)
 
+    # a LoRA student on the synced base: each sync sends its adapter only, loaded as a new LoRA, the old one unloaded
+    lora_cfg = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "lora", rollout_backend="server",
+                      rollout_urls=[student_server], use_peft=True, lora_r=4)
+    lora = ServerRollout(lora_cfg)
+    lora.probe()
+    lora_student, adapter = with_lora(student, lora_cfg, None)
+    lora.use_adapter(adapter)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        for name, p in lora_student.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        lora.sync(lora_student)
+    served_models = [m["id"] for m in requests.get(student_server + "/v1/models", timeout=10).json()["data"]]
+    assert lora.model == f"weights-000002-{lora.run_tag}" and lora.model in served_models
+    assert f"weights-000001-{lora.run_tag}" not in served_models  # unloaded
+    assert [d.name for d in lora.drops.directory.iterdir()] == ["weights-000002"]
+    assert (lora.drops.directory / "weights-000002" / "adapter_config.json").is_file()
+    reply = requests.post(student_server + "/v1/completions", timeout=60, json={
+        "model": lora.model, "prompt": prompt, "max_tokens": 16, "logprobs": 0, "return_token_ids": True})
+    choice = reply.json()["choices"][0]
+    ids, served = choice["token_ids"], torch.tensor(choice["logprobs"]["token_logprobs"])
+    lora_student.eval()  # no LoRA dropout
+    with torch.no_grad():
+        with_adapter = torch.log_softmax(lora_student(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1], -1)
+        with adapter.disable_adapter():
+            without = torch.log_softmax(lora_student(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1], -1)
+    rows, picked = torch.arange(len(ids)), torch.tensor(ids)
+    assert (served - with_adapter[rows, picked]).abs().max() < 1e-4
+    assert (served - without[rows, picked]).abs().max() > 1e-2  # the adapter counts
+
 
 @pytest.mark.integration
+@pytest.mark.parametrize("use_peft", [False, True], ids=["full", "lora"])
 def test_an_async_run_trains_each_step_on_samples_of_the_weights_one_update_old(
-        student_server, prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path):
+        use_peft, student_server, prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path):
     out = tmp_path / "async"
     manifest = op.run_onpolicy(config(prompts, tiny_student_dir, tiny_random_teacher_dir, out, max_steps=4,
-                                      rollout_backend="server", rollout_urls=[student_server], async_rollouts=True))
+                                      rollout_backend="server", rollout_urls=[student_server], async_rollouts=True,
+                                      use_peft=use_peft, lora_r=4))
     history = json.loads((out / "log_history.json").read_text())
     assert [h["policy_lag"] for h in history] == [0.0, 1.0, 1.0, 1.0]
     counts, seconds = manifest["counts"], manifest["compute"]["seconds"]
     assert counts["optimizer_steps"] == 4 and counts["rollout_tokens"] > 0
     assert seconds["rollout_in_background"] > 0 and seconds["sync"] > 0
     assert [d.name for d in (out / "rollout-weights").iterdir()] == ["weights-000003"]  # start + steps 1, 2
+    assert (out / "rollout-weights" / "weights-000003" / "adapter_config.json").is_file() == use_peft

@@ -14,6 +14,7 @@ from llmdistill.config.lora import LoraSettings
 from llmdistill.vllm_runtime import DTYPES
 
 ROLLOUT_BACKENDS = ("vllm", "server", "transformers")
+LORA_ROLLOUTS = ("adapter", "merged")
 TEACHER_BACKENDS = ("transformers", "server")
 OBJECTIVES = ("reverse_kl", "jsd", "sampled_reverse_kl")
 TOPK_OBJECTIVES = ("reverse_kl", "jsd")  # the divergences an offline batch (teacher top-k, no sampled log-prob) supports
@@ -78,6 +79,11 @@ class RolloutConfig:
         "help": "vllm: an in-process vLLM engine holding a copy of the student, weights synced every sync_every "
                 "steps | server: the student's own vLLM servers (rollout_urls), weights synced through "
                 "rollout_sync_dir | transformers: model.generate on the training weights (no copy, no sync)."})
+    lora_rollouts: str = field(default="adapter", metadata={
+        "help": "use_peft: how the rollout engine gets the LoRA student | adapter: it holds the base weights and "
+                "loads the adapter as a vLLM LoRA at every sync (megabytes, not the model; vLLM's LoRA kernels "
+                "in generation) | merged: base + adapter delta loaded as plain weights (the whole model at every "
+                "sync; plain generation)."})
     rollout_urls: list[str] = field(default_factory=list, metadata={
         "help": "rollout_backend server: base URLs of vLLM servers of the student, started with "
                 "VLLM_SERVER_DEV_MODE=1 (their /collective_rpc reloads the weights), e.g. "
@@ -116,8 +122,10 @@ class RolloutConfig:
 
     @property
     def sleep_level(self) -> int:
-        """vLLM's sleep level of the rollout engine (:attr:`sleep_mode`)."""
-        return 2 if self.sync_every == 1 else 1
+        """vLLM's sleep level of the rollout engine (:attr:`sleep_mode`): 2 (weights dropped) only when they
+        are all reloaded at every step; a LoRA student's base never changes, so it stays in CPU RAM (1)."""
+        adapters = getattr(self, "use_peft", False) and self.lora_rollouts == "adapter"
+        return 2 if self.sync_every == 1 and not adapters else 1
 
 
 @dataclass
@@ -157,7 +165,7 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
     """``llmdistill onpolicy``: sample → score → loss → step → sync, with checkpoints and cost accounting.
 
     With ``use_peft`` (:class:`~llmdistill.config.lora.LoraSettings`, as ``train``) the student trains a LoRA
-    adapter; the rollout engine keeps the base weights and gets them merged with the adapter at every sync."""
+    adapter; the rollout engine keeps the base weights and gets the adapter at every sync (``lora_rollouts``)."""
 
     student_model: str = field(default="", metadata={
         "help": "The student to improve: a checkpoint (warm start from an SFT or KD run) or a hub id."})
@@ -181,6 +189,7 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
             if not getattr(self, name):
                 raise ConfigError(f"{name} is required")
         check_choice("rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS)
+        check_choice("lora_rollouts", self.lora_rollouts, LORA_ROLLOUTS)
         check_choice("teacher_backend", self.teacher_backend, TEACHER_BACKENDS)
         check_choice("objective", self.objective, OBJECTIVES)
         check_choice("dtype", self.dtype, DTYPES)
