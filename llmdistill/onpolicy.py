@@ -39,9 +39,10 @@ import json
 import os
 import random
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,6 +367,8 @@ class VllmRollout:
         from llmdistill.eval.engine import shutdown
 
         shutdown(self.llm)
+        if self.adapter is not None:
+            shutil.rmtree(self.drops.directory, ignore_errors=True)
 
 
 class TransformersRollout:
@@ -417,17 +420,20 @@ class ServerRollout:
     A step's prompts go out in pieces of at most :attr:`PIECE_PROMPTS`, round-robin over the
     servers, all at once: each piece is one non-streaming ``/v1/completions`` request over token ids
     (``n`` samples per prompt, ``return_token_ids``), which the server batches as the in-process
-    engine would. A piece that fails for a server-side reason goes to the next server.
+    engine would. Every sampling setting is sent (``generate.pool.PLAIN_SAMPLING``), so the server's
+    ``generation_config.json`` defaults (a ``top_k``, a repetition penalty) never change the
+    student's distribution. A piece that fails for a server-side reason goes to the next server.
 
-    A sync writes the trainer's weights as safetensors shards into a new directory under
-    ``rollout_sync_dir`` (:class:`WeightDrops`), then every server reloads them in place with vLLM's
-    own ``reload_weights(weights_path=...)`` through its ``/collective_rpc`` (served with
-    ``VLLM_SERVER_DEV_MODE=1``) and drops its cached prefixes. A LoRA student (``lora_rollouts:
-    adapter``) writes only its adapter, which every server loads as a new LoRA
-    (``/v1/load_lora_adapter``; servers started with ``--enable-lora`` and
+    A sync writes the trainer's weights as safetensors shards in the engine's dtype into a new
+    directory (:class:`WeightDrops`, under ``rollout_sync_dir``), then every server reloads them in
+    place with vLLM's own ``reload_weights(weights_path=...)`` through its ``/collective_rpc``
+    (served with ``VLLM_SERVER_DEV_MODE=1``) and drops its cached prefixes. A LoRA student
+    (``lora_rollouts: adapter``) sends its base weights once, at the first sync (a server may hold
+    another run's weights), and from then on only its adapter, which every server loads as a new
+    LoRA (``/v1/load_lora_adapter``; servers started with ``--enable-lora`` and
     ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``) and samples with; the previous one is unloaded. The
-    servers read the files themselves, so the directory must be on a filesystem they see; only the
-    latest weights are kept.
+    servers read the files themselves, so the directory must be on a filesystem they see; a sync
+    needs every server.
 
     Args:
         cfg: the run's settings (student name the servers serve, sampling, URLs, sync directory).
@@ -443,8 +449,9 @@ class ServerRollout:
         self.model, self.timeout = cfg.student_model, cfg.rollout_timeout
         self.lora_adapters, self.lora_r = cfg.use_peft and cfg.lora_rollouts == "adapter", cfg.lora_r
         self.adapter: Any = None  # the PeftModel, once the student is loaded (:meth:`use_adapter`)
-        self.run_tag = uuid.uuid4().hex[:8]  # LoRA names unique to this run: a server may outlive runs
-        self.drops = WeightDrops(Path(cfg.rollout_sync_dir or Path(cfg.output_dir) / "rollout-weights").resolve())
+        self.run_tag = uuid.uuid4().hex[:8]  # a server or sync directory may serve several runs
+        self.drops = WeightDrops(Path(cfg.rollout_sync_dir or Path(cfg.output_dir) / "rollout-weights").resolve()
+                                 / f"run-{self.run_tag}", cfg.dtype)
         # the generate stage's pool, for its start-up check: health, the model served, capacity
         self.pool = ServerPool(GenerateConfig(model=cfg.student_model, dataset=cfg.dataset or "prompts",
                                               backend="server", server_urls=self.urls,
@@ -452,7 +459,8 @@ class ServerRollout:
         self.synced_step = 0
 
     def probe(self) -> None:
-        """Every server answers, serves the student and can reload weights; else one line naming the fix."""
+        """Every server answers, serves the student and can take weights (and adapters); else one line
+        naming the server and the fix."""
         from llmdistill.generate.pool import ServerError
 
         try:
@@ -460,18 +468,21 @@ class ServerRollout:
         except ServerError as err:
             raise ServerError(f"student rollout servers: {str(err).replace('progress_timeout', 'rollout_timeout')}; "
                               "start them or fix rollout_urls") from None
+        checks = [("/collective_rpc", "cannot reload weights: start it with VLLM_SERVER_DEV_MODE=1 (that serves "
+                                      "the /collective_rpc a sync calls)")]
+        if self.lora_adapters:
+            checks.insert(0, ("/v1/load_lora_adapter", f"cannot load LoRA adapters: start it with --enable-lora "
+                                                        f"--max-lora-rank {vllm_lora_rank(self.lora_r)} and "
+                                                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (or set "
+                                                        "lora_rollouts: merged)"))
         for url in self.urls:
-            if self.lora_adapters:  # an adapter of no name: answered 400 when runtime LoRA loading is on
-                status, _ = _post_json(url + "/v1/load_lora_adapter", {}, self.timeout)
+            for route, fix in checks:  # an empty request: refused as invalid (400/422) where the route is served
+                status, text = _post_json(url + route, {}, self.timeout)
                 if status == 404:
-                    raise ServerError(f"rollout server {url} cannot load LoRA adapters: start it with --enable-lora "
-                                      f"--max-lora-rank {vllm_lora_rank(self.lora_r)} and "
-                                      "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (or set lora_rollouts: merged)")
-                continue
-            status, _ = _post_json(url + "/collective_rpc", {}, self.timeout)  # no method: answered 400 in dev mode
-            if status == 404:
-                raise ServerError(f"rollout server {url} cannot reload weights: start it with VLLM_SERVER_DEV_MODE=1 "
-                                  "(that serves the /collective_rpc a sync calls)")
+                    raise ServerError(f"rollout server {url} {fix}")
+                if status not in (400, 422):
+                    raise ServerError(f"rollout server {url} does not answer {route} as vLLM does "
+                                      f"({'HTTP ' + str(status) if status else text[:200]}); check rollout_urls")
 
     def use_adapter(self, adapter: Any) -> None:
         """A LoRA student's ``PeftModel``: with ``lora_rollouts: adapter`` its syncs send the adapter only."""
@@ -479,9 +490,12 @@ class ServerRollout:
 
     def sample(self, prompt_ids: list[list[int]], cfg: OnPolicyConfig) -> list[list[int]]:
         """``samples_per_prompt`` completions per prompt (token ids, the final EOS included), prompt by prompt."""
+        from llmdistill.generate.pool import PLAIN_SAMPLING
+
         pieces = [prompt_ids[i:i + self.PIECE_PROMPTS] for i in range(0, len(prompt_ids), self.PIECE_PROMPTS)]
         body = {"model": self.model, "n": cfg.samples_per_prompt, "max_tokens": cfg.max_new_tokens,
-                "temperature": cfg.rollout_temperature, "top_p": cfg.rollout_top_p, "return_token_ids": True}
+                "temperature": cfg.rollout_temperature, "top_p": cfg.rollout_top_p, **PLAIN_SAMPLING,
+                "return_token_ids": True}
         if len(pieces) == 1:
             return self._complete(0, {**body, "prompt": pieces[0]})
         with ThreadPoolExecutor(min(len(pieces), 4 * len(self.urls))) as pool:
@@ -502,30 +516,39 @@ class ServerRollout:
             if 400 <= status < 500 and status != 429:  # the request itself is wrong: no server will take it
                 raise ServerError(f"rollout server {url} refused a request (HTTP {status}): {text[:300]}")
             failures.append(f"{url}: {'HTTP ' + str(status) if status else ''} {text[:200]}".strip())
-        raise ServerError(f"no rollout server could sample: {'; '.join(failures)}")
+        raise ServerError(f"no rollout server could sample (a request waits up to rollout_timeout "
+                          f"{self.timeout:g}s for its whole piece): {'; '.join(failures)}")
 
     def sync(self, model: torch.nn.Module) -> None:
         """Write the trainer's weights (or adapter); every server reloads them (or loads the adapter)."""
+        if self.adapter is not None and self.drops.count:
+            path = self.drops.write(model, self.adapter)
+            old, self.model = self.model, f"{path.name}-{self.run_tag}"
+            for url in self.urls:
+                self._call(url, "/v1/load_lora_adapter", {"lora_name": self.model, "lora_path": str(path)}, path)
+                if old != self.model and old.endswith(self.run_tag):
+                    self._call(url, "/v1/unload_lora_adapter", {"lora_name": old}, path, missing_ok=True)
+        else:  # all the weights; a LoRA student's first sync: its base, then its adapter
+            path = self.drops.write(model, with_adapter=self.adapter is None)
+            for url in self.urls:
+                self._call(url, "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(path)}},
+                           path)
+                self._call(url, "/reset_prefix_cache", None, path)
+            if self.adapter is not None:
+                self.sync(model)
+                return
+        self.drops.keep_only(path)
+
+    def _call(self, url: str, route: str, body: dict | None, path: Path, missing_ok: bool = False) -> None:
         from llmdistill.generate.pool import ServerError
 
-        path = self.drops.write(model, self.adapter)
-        old = self.model
-        if self.adapter is not None:
-            self.model = f"{path.name}-{self.run_tag}"
-        for url in self.urls:
-            if self.adapter is not None:
-                calls = [("/v1/load_lora_adapter", {"lora_name": self.model, "lora_path": str(path)})]
-                if old.endswith(self.run_tag):
-                    calls.append(("/v1/unload_lora_adapter", {"lora_name": old}))
-            else:
-                calls = [("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(path)}}),
-                         ("/reset_prefix_cache", None)]
-            for route, body in calls:
-                status, text = _post_json(url + route, body, self.timeout)
-                if status != 200:
-                    raise ServerError(f"rollout server {url} failed to load the weights in {path} ({route}: HTTP "
-                                      f"{status}: {text[:300]}); rollout_sync_dir must be a path the servers can read")
-        self.drops.keep_only(path)
+        status, text = _post_json(url + route, body, self.timeout)
+        if status != 200 and not (missing_ok and status == 404):
+            hint = (f"servers need --enable-lora --max-lora-rank {vllm_lora_rank(self.lora_r)}"
+                    if "lora" in route else "servers need VLLM_SERVER_DEV_MODE=1")
+            raise ServerError(f"rollout server {url} could not take the weights in {path} ({route}: "
+                              f"{'HTTP ' + str(status) if status else 'no answer'}: {text[:300]}); {hint}, and "
+                              "rollout_sync_dir must be a path they can read")
 
     def sleep(self) -> None:
         pass
@@ -535,42 +558,46 @@ class ServerRollout:
             self.sync(model)
 
     def close(self) -> None:
-        pass
+        """Remove this run's weight files (the servers hold the weights and adapter in memory)."""
+        shutil.rmtree(self.drops.directory, ignore_errors=True)
+
+
+# The max_lora_rank values vLLM 0.32 accepts (vllm.config.lora.MaxLoRARanks; a test checks they still match).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def vllm_lora_rank(rank: int) -> int:
-    """The smallest ``max_lora_rank`` vLLM accepts (a fixed set of sizes) that holds a rank-``rank`` adapter."""
-    from typing import get_args
-
-    from vllm.config.lora import MaxLoRARanks
-
-    sizes = sorted(get_args(MaxLoRARanks))
-    return next((size for size in sizes if size >= rank), sizes[-1])
+    """The smallest ``max_lora_rank`` vLLM accepts that holds a rank-``rank`` adapter (ranks above the
+    largest are refused by the config)."""
+    return next((size for size in VLLM_LORA_RANKS if size >= rank), VLLM_LORA_RANKS[-1])
 
 
 class WeightDrops:
     """Numbered directories of the student's weights, or of its LoRA adapter, that a rollout engine
-    loads from (``weights-000001``, ...): each appears whole, and only the newest is kept."""
+    loads from (``weights-000001``, ...): each appears whole, and only the newest is kept.
+
+    Args:
+        directory: where they go (one run's own directory: :meth:`keep_only` removes the others in it).
+        dtype: the engine's weight dtype (``auto``: the trainer's, fp32); weights are written in it.
+    """
 
     PREFIX = "weights-"
-    SHARD_BYTES = 2 << 30  # a sync holds at most one shard of merged weights in memory
+    SHARD_BYTES = 2 << 30  # a sync holds at most one shard of weights in memory
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, dtype: str = "auto"):
         self.directory, self.count = directory, 0
+        self.dtype = None if dtype == "auto" else getattr(torch, dtype)
 
-    def write(self, model: torch.nn.Module, adapter: Any = None) -> Path:
+    def write(self, model: torch.nn.Module, adapter: Any = None, with_adapter: bool = True) -> Path:
         """Save ``adapter`` (a ``PeftModel``: its adapter only), else every weight of ``model`` (a LoRA
-        student's merged, :func:`merged_weights`), into the next directory; return it."""
+        student's merged with its adapter, or with ``with_adapter=False`` its base alone:
+        :func:`merged_weights`), into the next directory; return it."""
         self.count += 1
         target = self.directory / f"{self.PREFIX}{self.count:06d}"
         if adapter is None:
-            write_weights(merged_weights(model), target, self.SHARD_BYTES)
-            return target
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        adapter.save_pretrained(str(tmp))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+            write_weights(merged_weights(model, with_adapter), target, self.SHARD_BYTES, self.dtype)
+        else:
+            _write_whole(target, lambda tmp: adapter.save_pretrained(str(tmp)))
         return target
 
     def keep_only(self, path: Path) -> None:
@@ -579,26 +606,35 @@ class WeightDrops:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def write_weights(weights: Iterable[tuple[str, torch.Tensor]], directory: Path, shard_bytes: int) -> None:
-    """Save ``(name, tensor)`` pairs as safetensors shards of about ``shard_bytes`` into ``directory``,
-    which appears whole (written beside it, then renamed)."""
-    from safetensors.torch import save_file
-
+def _write_whole(directory: Path, fill: Callable[[Path], None]) -> None:
+    """``fill`` a directory written beside ``directory`` and renamed onto it: it appears whole or not at all."""
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shard: dict[str, torch.Tensor] = {}
-    size = files = 0
-    for name, tensor in weights:
-        shard[name] = tensor.detach().to("cpu", copy=True).contiguous()  # a copy: tied weights share no memory
-        size += shard[name].numel() * shard[name].element_size()
-        if size >= shard_bytes:
-            save_file(shard, str(tmp / f"model-{files:05d}.safetensors"))
-            shard, size, files = {}, 0, files + 1
-    if shard or not files:
-        save_file(shard, str(tmp / f"model-{files:05d}.safetensors"))
+    fill(tmp)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
+
+
+def write_weights(weights: Iterable[tuple[str, torch.Tensor]], directory: Path, shard_bytes: int,
+                  dtype: torch.dtype | None = None) -> None:
+    """Save ``(name, tensor)`` pairs (cast to ``dtype`` when given) as safetensors shards of about
+    ``shard_bytes`` into ``directory``, which appears whole."""
+    from safetensors.torch import save_file
+
+    def fill(tmp: Path) -> None:
+        shard: dict[str, torch.Tensor] = {}
+        size = files = 0
+        for name, tensor in weights:  # copies: tied weights share no memory, the trainer's are untouched
+            shard[name] = tensor.detach().to("cpu", dtype=dtype or tensor.dtype, copy=True).contiguous()
+            size += shard[name].numel() * shard[name].element_size()
+            if size >= shard_bytes:
+                save_file(shard, str(tmp / f"model-{files:05d}.safetensors"))
+                shard, size, files = {}, 0, files + 1
+        if shard or not files:
+            save_file(shard, str(tmp / f"model-{files:05d}.safetensors"))
+
+    _write_whole(directory, fill)
 
 
 def _post_json(url: str, body: dict | None, timeout: float) -> tuple[int, str]:
@@ -644,8 +680,9 @@ class RolloutSource:
     ``async_rollouts`` (a rollout server): the servers sample the next on-policy step's prompts in
     the background while this step is scored and trained. When a step starts it takes its finished
     batch, syncs the weights if they are ``sync_every`` updates behind, and submits the next batch.
-    Weights change only between two batches, so each batch comes from weights one update older than
-    those it trains (``policy_lag`` 1 in the log; 0 when synchronous with ``sync_every: 1``). A
+    Weights change only between two batches, so with ``sync_every: 1`` each batch comes from weights
+    one update older than those it trains (``policy_lag`` 1 in the log, 0 when synchronous; with
+    ``sync_every: k`` up to k, against k - 1 when synchronous). A
     batch is submitted only when the next step is on-policy: after offline steps (GKD's lambda) the
     next batch is sampled when its step starts, from freshly synced weights.
     """
@@ -655,7 +692,7 @@ class RolloutSource:
         self.engine, self.stream, self.fmt, self.tokenizer, self.cfg = engine, stream, fmt, tokenizer, cfg
         self.counters, self.offline = counters, offline
         self.pending: tuple[int, Future] | None = None
-        self.background = ThreadPoolExecutor(1, thread_name_prefix="rollouts") if cfg.async_rollouts else None
+        self.background = cfg.async_rollouts
 
     def take(self, step: int, model: torch.nn.Module) -> Rollouts:
         """The rollouts of on-policy step ``step`` (and, async, the next step's batch submitted)."""
@@ -671,15 +708,16 @@ class RolloutSource:
         self.pending = None
         self.engine.sleep()
         following = step + 1
-        if self.background is not None and following < self.cfg.max_steps and (
+        if self.background and following < self.cfg.max_steps and (
                 self.offline is None or not self.offline.takes(following)):
             self._sync_if_behind(step, model)
-            self.pending = (following, self.background.submit(self._sample, following))
+            self.pending = (following, Future())
+            threading.Thread(target=self._sample, args=self.pending, name="rollouts", daemon=True).start()
         return rollouts
 
     def _sync_if_behind(self, step: int, model: torch.nn.Module) -> None:
         """Async: give the engine the weights if they are ``sync_every`` updates old (the engine is idle here)."""
-        if self.background is not None and step - self.engine.synced_step >= self.cfg.sync_every:
+        if self.background and step - self.engine.synced_step >= self.cfg.sync_every:
             t = time.perf_counter()
             self.engine.sync(model)
             self.engine.synced_step = step
@@ -687,7 +725,7 @@ class RolloutSource:
 
     def updated(self, step: int, model: torch.nn.Module) -> None:
         """After step ``step``'s update: synchronous engines wake and sync when due (async ones sync in :meth:`take`)."""
-        if self.background is None:
+        if not self.background:
             t = time.perf_counter()
             sync = (step + 1) % self.cfg.sync_every == 0
             self.engine.wake(model, sync=sync)
@@ -695,16 +733,14 @@ class RolloutSource:
                 self.engine.synced_step = step + 1
             self.counters.timed("sync", t)
 
-    def _sample(self, step: int) -> Rollouts:
+    def _sample(self, step: int, result: Future) -> None:
+        """The background thread (a daemon: a run that fails or is interrupted does not wait for it)."""
         t = time.perf_counter()
-        rollouts = rollout(self.engine, self.stream, step, self.fmt, self.tokenizer, self.cfg)
-        self.counters.timed("rollout_in_background", t)
-        return rollouts
-
-    def close(self) -> None:
-        """Wait for a batch still being sampled (its weights may not change under it) and stop the thread."""
-        if self.background is not None:
-            self.background.shutdown(wait=True, cancel_futures=True)
+        try:
+            result.set_result(rollout(self.engine, self.stream, step, self.fmt, self.tokenizer, self.cfg))
+        except BaseException as err:  # noqa: BLE001 - raised in the training thread by take()
+            result.set_exception(err)
+        self.counters.background_s += time.perf_counter() - t  # only this thread writes it
 
 
 # ---------------------------------------------------------------------------------------
@@ -1074,9 +1110,11 @@ class Counters:
     rollout_tokens: int = 0
     teacher_tokens_scored: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    # async_rollouts: seconds the background thread sampled, hidden behind training (not wall time)
+    background_s: float = 0.0
 
     def timed(self, phase: str, started: float) -> None:
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
+        self.seconds[phase] += time.perf_counter() - started
 
 
 def load_student(path: str) -> tuple[torch.nn.Module, Any]:
@@ -1104,9 +1142,10 @@ def with_lora(model: torch.nn.Module, cfg: OnPolicyConfig, checkpoint: Path | No
     return peft_model.get_base_model(), peft_model
 
 
-def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_weights(model: torch.nn.Module, with_adapter: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights under the plain model's names, each LoRA layer's base weight plus its
-    adapters' delta (``scale * B @ A``): what the rollout engine, which holds the plain model, loads.
+    adapters' delta (``scale * B @ A``; the base weight alone without ``with_adapter``): what the
+    rollout engine, which holds the plain model, loads.
 
     One tensor at a time: a merged weight exists only while the engine copies it in (a list of
     them would be a second copy of the model). The trainer's weights are not touched (no merge and
@@ -1123,7 +1162,7 @@ def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
         if ".lora_" in key:
             continue
         owner, sep, rest = key.partition(".base_layer.")
-        if sep and rest == "weight":
+        if sep and rest == "weight" and with_adapter:
             layer = layers[owner]
             with torch.no_grad():
                 tensor = tensor + sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
@@ -1219,8 +1258,6 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
                 save_checkpoint(out, step + 1, model if adapter is None else adapter, tokenizer, optimizer, scheduler,
                                 {"history": history, "counters": counters.__dict__})
     finally:
-        if source is not None:
-            source.close()
         if engine is not None:
             engine.close()
 
@@ -1317,4 +1354,6 @@ def save_final(out: Path, model: torch.nn.Module, tokenizer: Any, cfg: OnPolicyC
                                   "trained_tokens": counters.trained_tokens,
                                   "rollout_tokens": counters.rollout_tokens,
                                   "teacher_tokens_scored": counters.teacher_tokens_scored},
-                          compute={"seconds": {k: round(v, 3) for k, v in counters.seconds.items()}})
+                          compute={"seconds": {k: round(v, 3) for k, v in counters.seconds.items()},
+                                   **({"rollout_in_background_s": round(counters.background_s, 3)}
+                                      if cfg.async_rollouts else {})})

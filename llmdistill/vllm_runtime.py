@@ -104,11 +104,16 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> No
 
 def stop_local_servers(procs: list[subprocess.Popen]) -> None:
     """SIGTERM each server's process group; SIGKILL what is still alive 30 s later."""
+    def kill(proc: subprocess.Popen, sig: int) -> None:
+        try:  # the group, even when its leader is gone: vLLM's engine-core child may still run
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
     for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+        kill(proc, signal.SIGTERM)
     for proc in procs:
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill(proc, signal.SIGKILL)

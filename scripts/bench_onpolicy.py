@@ -21,7 +21,10 @@ Arms, each in a fresh process, one after another (never timed against each other
   ``trl_generation`` says which path ran, ``trl_vllm_error`` why the other did not;
 - llmdistill with ``rollout_backend: vllm`` (in-process engine, weights reloaded every step);
 - llmdistill with ``rollout_backend: transformers`` (``model.generate``: like for like with TRL's
-  transformers path).
+  transformers path);
+- llmdistill with ``rollout_backend: server`` and ``async_rollouts``: a ``vllm serve`` of the student
+  pinned to the last core samples the next step while this process (on the other cores, one thread
+  per core) scores and trains the current one.
 
 Measured:
 - seconds per optimizer step (rollout + scoring + update + weight sync): wall time between the
@@ -194,7 +197,10 @@ def run_llmdistill(world: dict[str, Path], out: Path, backend: str) -> dict[str,
                                                    url))
     finally:
         stop_local_servers(servers)
-    return {"step_ends": step_ends, "setup_s": first_start[0] - started, "phases_s": manifest["compute"]["seconds"],
+    phases = dict(manifest["compute"]["seconds"])
+    if "rollout_in_background_s" in manifest["compute"]:  # async: sampling hidden behind the steps
+        phases["rollout_in_background"] = manifest["compute"]["rollout_in_background_s"]
+    return {"step_ends": step_ends, "setup_s": first_start[0] - started, "phases_s": phases,
             "completion_tokens": manifest["counts"]["rollout_tokens"]}
 
 

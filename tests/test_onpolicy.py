@@ -816,13 +816,10 @@ def test_rollouts_come_from_the_weights_the_schedule_promises(async_rollouts, sy
     offline = types.SimpleNamespace(takes=lambda step: step in offline_at)
     source = RolloutSource(engine, PromptStream(table, 0), PromptFormat(), tiny_tokenizer, cfg, Counters(), offline)
     seen = []
-    try:
-        for step in range(steps):  # as train_step: take the rollouts (unless offline), update, then `updated`
-            seen.append(None if step in offline_at else step - source.take(step, model).policy_step)
-            model.version += 1
-            source.updated(step, model)
-    finally:
-        source.close()
+    for step in range(steps):  # as train_step: take the rollouts (unless offline), update, then `updated`
+        seen.append(None if step in offline_at else step - source.take(step, model).policy_step)
+        model.version += 1
+        source.updated(step, model)
     assert seen == lags
     assert [v for call, v in engine.calls if call == "sample"] == sampled_by
 
@@ -863,6 +860,9 @@ def test_config_of_rollout_servers():
         OnPolicyConfig(**base, rollout_backend="server", rollout_urls=["http://h:1"], sleep_mode=True)
     with pytest.raises(ConfigError, match="lora_rollouts='fused' is not one of"):
         OnPolicyConfig(**base, use_peft=True, lora_rollouts="fused")
+    with pytest.raises(ConfigError, match="vLLM serves LoRA adapters up to rank 512"):
+        OnPolicyConfig(**base, use_peft=True, lora_r=1024)
+    OnPolicyConfig(**base, use_peft=True, lora_r=1024, lora_rollouts="merged")
     OnPolicyConfig(**base, rollout_backend="server", rollout_urls=["http://h:1"], async_rollouts=True)
     # a LoRA student's base never changes: sleep mode keeps it in CPU RAM even when every step syncs
     assert OnPolicyConfig(**base, sleep_mode=True).sleep_level == 2
@@ -934,12 +934,13 @@ def test_a_synced_rollout_server_samples_from_the_trainers_weights(student_serve
         chosen = logits[torch.arange(len(completion)), torch.tensor(completion)]
         assert len(completion) == 6 and torch.all(chosen >= logits.max(-1).values - 1e-4), (prompt, completion)
 
-    # a LoRA student on the synced base: each sync sends its adapter only, loaded as a new LoRA, the old one unloaded
+    # a LoRA student of the original weights (the server holds the updated ones): the first sync sends its base,
+    # then each sync only its adapter, loaded as a new LoRA, the previous one unloaded
     lora_cfg = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "lora", rollout_backend="server",
                       rollout_urls=[student_server], use_peft=True, lora_r=4)
     lora = ServerRollout(lora_cfg)
     lora.probe()
-    lora_student, adapter = with_lora(student, lora_cfg, None)
+    lora_student, adapter = with_lora(before, lora_cfg, None)
     lora.use_adapter(adapter)
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -948,10 +949,12 @@ def test_a_synced_rollout_server_samples_from_the_trainers_weights(student_serve
                 torch.nn.init.normal_(p, std=0.05)
         lora.sync(lora_student)
     served_models = [m["id"] for m in requests.get(student_server + "/v1/models", timeout=10).json()["data"]]
-    assert lora.model == f"weights-000002-{lora.run_tag}" and lora.model in served_models
-    assert f"weights-000001-{lora.run_tag}" not in served_models  # unloaded
-    assert [d.name for d in lora.drops.directory.iterdir()] == ["weights-000002"]
-    assert (lora.drops.directory / "weights-000002" / "adapter_config.json").is_file()
+    assert lora.model == f"weights-000003-{lora.run_tag}" and lora.model in served_models  # 1: the base
+    assert f"weights-000002-{lora.run_tag}" not in served_models  # unloaded
+    assert [d.name for d in lora.drops.directory.iterdir()] == ["weights-000003"]
+    assert (lora.drops.directory / "weights-000003" / "adapter_config.json").is_file()
+    lora.close()
+    assert not lora.drops.directory.exists()
     reply = requests.post(student_server + "/v1/completions", timeout=60, json={
         "model": lora.model, "prompt": prompt, "max_tokens": 16, "logprobs": 0, "return_token_ids": True})
     choice = reply.json()["choices"][0]
@@ -978,6 +981,25 @@ def test_an_async_run_trains_each_step_on_samples_of_the_weights_one_update_old(
     assert [h["policy_lag"] for h in history] == [0.0, 1.0, 1.0, 1.0]
     counts, seconds = manifest["counts"], manifest["compute"]["seconds"]
     assert counts["optimizer_steps"] == 4 and counts["rollout_tokens"] > 0
-    assert seconds["rollout_in_background"] > 0 and seconds["sync"] > 0
-    assert [d.name for d in (out / "rollout-weights").iterdir()] == ["weights-000003"]  # start + steps 1, 2
-    assert (out / "rollout-weights" / "weights-000003" / "adapter_config.json").is_file() == use_peft
+    assert manifest["compute"]["rollout_in_background_s"] > 0 and seconds["sync"] > 0
+    assert manifest["counts"]["rollout_tokens"] == sum(h["completion_tokens"] * 4 for h in history)
+    assert list((out / "rollout-weights").iterdir()) == []  # the run's weight files are removed at its end
+
+
+@pytest.mark.unit
+def test_the_lora_ranks_are_vllms_and_server_requests_state_every_sampling_setting():
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from llmdistill.config.onpolicy import MAX_VLLM_LORA_RANK
+    from llmdistill.generate.pool import PLAIN_SAMPLING
+    from llmdistill.onpolicy import VLLM_LORA_RANKS, vllm_lora_rank
+
+    assert VLLM_LORA_RANKS == tuple(sorted(get_args(MaxLoRARanks))) and MAX_VLLM_LORA_RANK == VLLM_LORA_RANKS[-1]
+    assert [vllm_lora_rank(r) for r in (1, 4, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
+    # every field a server would otherwise fill from the model's generation_config.json, at vLLM's own neutral value
+    defaults = CompletionRequest.__private_attributes__["_DEFAULT_SAMPLING_PARAMS"].default
+    neutral = {k: v for k, v in defaults.items() if k not in ("temperature", "top_p")}
+    assert PLAIN_SAMPLING == neutral

@@ -15,6 +15,7 @@ from llmdistill.vllm_runtime import DTYPES
 
 ROLLOUT_BACKENDS = ("vllm", "server", "transformers")
 LORA_ROLLOUTS = ("adapter", "merged")
+MAX_VLLM_LORA_RANK = 512  # the largest max_lora_rank vLLM accepts (llmdistill.onpolicy.VLLM_LORA_RANKS)
 TEACHER_BACKENDS = ("transformers", "server")
 OBJECTIVES = ("reverse_kl", "jsd", "sampled_reverse_kl")
 TOPK_OBJECTIVES = ("reverse_kl", "jsd")  # the divergences an offline batch (teacher top-k, no sampled log-prob) supports
@@ -99,8 +100,9 @@ class RolloutConfig:
                 "completions (up to 64 prompts, not streamed), and for a weight reload."})
     async_rollouts: bool = field(default=False, metadata={
         "help": "rollout_backend server: the servers sample the next step's rollouts while this step is scored "
-                "and trained (one step off-policy, as PipelineRL and TRL's async trainers). The weights are synced "
-                "between the two, so a step trains on samples of the weights one update old."})
+                "and trained (off-policy by one more update, as PipelineRL and TRL's async trainers). The weights "
+                "are synced between two batches: with sync_every 1 a step trains on samples of the weights one "
+                "update old (policy_lag 1 in the log)."})
     prompts_per_step: int = field(default=16, metadata={"help": "Prompts per optimizer step."})
     samples_per_prompt: int = field(default=1, metadata={"help": "Student completions per prompt."})
     max_new_tokens: int = field(default=96, metadata={"help": "Token budget of one student completion."})
@@ -190,6 +192,10 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
                 raise ConfigError(f"{name} is required")
         check_choice("rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS)
         check_choice("lora_rollouts", self.lora_rollouts, LORA_ROLLOUTS)
+        if (self.use_peft and self.lora_rollouts == "adapter" and self.rollout_backend != "transformers"
+                and self.lora_r > MAX_VLLM_LORA_RANK):
+            raise ConfigError(f"lora_r={self.lora_r}: vLLM serves LoRA adapters up to rank {MAX_VLLM_LORA_RANK}; "
+                              "lower lora_r or set lora_rollouts: merged")
         check_choice("teacher_backend", self.teacher_backend, TEACHER_BACKENDS)
         check_choice("objective", self.objective, OBJECTIVES)
         check_choice("dtype", self.dtype, DTYPES)
@@ -224,9 +230,9 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
         if self.rollout_backend != "server":
             for name in ("rollout_urls", "rollout_sync_dir", "rollout_server_gpus", "async_rollouts"):
                 if getattr(self, name):
-                    raise ConfigError(f"{name} is for rollout_backend: server (the student samples in this process "
-                                      f"with rollout_backend: {self.rollout_backend}, so sampling and training share "
-                                      "one Python interpreter and cannot overlap)")
+                    why = (" (in process, sampling and training share one Python interpreter and cannot overlap)"
+                           if name == "async_rollouts" else "")
+                    raise ConfigError(f"{name} is for rollout_backend: server, not {self.rollout_backend}{why}")
             return
         if not self.rollout_urls:
             raise ConfigError("rollout_backend server needs rollout_urls: the student's vLLM servers, started with "

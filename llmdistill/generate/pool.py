@@ -51,6 +51,13 @@ HEALTH_TIMEOUT_S = 10.0  # a /health that takes longer is a failed check
 NO_SERVER_GRACE_S = 60.0  # the least time the pool waits for a server to come back before it gives up
 
 
+# What a sampling request states besides temperature and top_p: vLLM's neutral values. A server fills
+# unset fields from the model's generation_config.json (a top_k, a repetition penalty); the offline
+# engine's SamplingParams never do, so without these the two backends would sample differently.
+PLAIN_SAMPLING = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                  "frequency_penalty": 0.0}
+
+
 class ServerError(UserError):
     """The servers cannot do the work: a refused request, a model they do not serve, or no server left."""
 
@@ -318,7 +325,7 @@ class ServerPool:
 
         cfg = self.cfg
         body = {"model": self.model, "prompt": work.request.prompt_token_ids, "n": 1, "max_tokens": cfg.max_tokens,
-                "temperature": cfg.temperature, "top_p": cfg.top_p, "logprobs": self.k,
+                "temperature": cfg.temperature, "top_p": cfg.top_p, **PLAIN_SAMPLING, "logprobs": self.k,
                 "return_tokens_as_token_ids": True, "stream": True, "stream_interval": cfg.stream_interval}
         resp = await self._post(server, body)
         attempt = self._attempts[asyncio.current_task()]
