@@ -3,7 +3,8 @@
 For one seed, at the demo's budget (the demo's generate/build/train/eval configs, the KD arm):
 1. real arm: the demo's 2,400 train-split prompts -> generate -> build -> train (KD);
 2. data-free arm: ``llmdistill synthesize`` (``configs/synthesize_tiny.yaml``, the question-writing
-   teacher of :mod:`llmdistill.tinyworld.questions`) -> the same generate -> build -> train;
+   teacher of :mod:`llmdistill.tinyworld.questions`), the first ``--max_prompts`` kept (default 2,400:
+   as many prompts as the real arm; 0: all) -> the same generate -> build -> train;
 3. eval of both students on the held-out set (pass@1), and the synthesized set against the real one:
    distinct operation patterns and difficulty levels (read back with
    :func:`~llmdistill.tinyworld.questions.parse_question`), the share each filter dropped, how many
@@ -11,7 +12,9 @@ For one seed, at the demo's budget (the demo's generate/build/train/eval configs
 
 Every stage runs as ``python -m llmdistill <stage> --config <out>/configs/<arm>-<stage>.yaml``.
 
-    python scripts/exp_datafree.py --seed 0 --output_dir runs/datafree
+    python scripts/exp_datafree.py --seed 0 --output_dir runs/datafree   # -> runs/datafree/seed-0/summary-datafree-2400.json
+
+An arm already trained in the seed's directory is reused (the real arm, when only ``--max_prompts`` changes).
 """
 
 from __future__ import annotations
@@ -58,12 +61,16 @@ def _config_class(stage: str) -> type:
 
 
 def arm(name: str, prompts: Path, out: Path, teacher: Path, student: Path, seed: int) -> Path:
-    """generate -> build -> train (KD) on one prompt file; returns the student's directory."""
+    """generate -> build -> train (KD) on one prompt file; returns the student's directory (an arm already
+    trained in ``out`` by an earlier run of this script is reused)."""
+    trained = out / name / f"kd-{name}"  # eval's tables name a model by its directory
+    if (trained / "manifest.json").is_file():
+        print(f"[exp] {name}: reusing {trained}", flush=True)
+        return trained
     run("generate", f"{name}-generate", {"model": str(teacher), "dataset": str(prompts), "passthrough_columns": ["answer"],
                                          "output_dir": str(out / name / "generate"), "seed": seed}, out)
     run("build", f"{name}-build", {"input_path": str(out / name / "generate"), "student_tokenizer": str(student),
                                    "output_dir": str(out / name / "build"), "seed": seed}, out)
-    trained = out / name / f"kd-{name}"  # eval's tables name a model by its directory
     run("train", f"{name}-train", {"student_model": str(student), "data_dir": str(out / name / "build"),
                                    "output_dir": str(trained), "seed": seed, "data_seed": seed}, out)
     return trained
@@ -79,10 +86,11 @@ def profile(questions: list[str]) -> dict:
             "difficulty": {str(d): round(c / max(1, len(ok)), 3) for d, c in sorted(Counter(p.difficulty for p in ok).items())}}
 
 
-def set_summary(synthesized: Path, real: Path) -> dict:
-    """The synthesized set against the real one: diversity, what each filter dropped, answer accuracy."""
+def set_summary(synthesized: Path, used: Path, real: Path) -> dict:
+    """The synthesized set (the part of it the student learns from, ``used``) against the real one:
+    diversity, what each filter dropped, answer accuracy."""
     counts = read_manifest(synthesized)["counts"]
-    rows = [json.loads(line) for line in (synthesized / "prompts.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in used.read_text().splitlines()]
     truth = [parse_question(r["prompt"], strict=False) for r in rows]
     parsed = sum(t is not None for t in truth)
     return {
@@ -90,7 +98,7 @@ def set_summary(synthesized: Path, real: Path) -> dict:
         "real": profile([json.loads(line)["prompt"] for line in real.read_text().splitlines()]),
         "dropped_share": {k.removeprefix("dropped_"): round(v / counts["written"], 4)
                           for k, v in counts.items() if k.startswith("dropped_")},
-        "written": counts["written"], "kept": counts["kept"],
+        "written": counts["written"], "kept": counts["kept"], "used": len(rows),
         "decontamination_caught": counts["dropped_contaminated"],
         "agreed_answer_correct (parsed prompts)": round(sum(
             t is not None and str(t.answer) == r["answer"] for t, r in zip(truth, rows, strict=True)) / max(1, parsed), 4),
@@ -102,6 +110,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="runs/datafree")
     parser.add_argument("--num_queries", type=int, default=4000, help="queries written before the filters")
+    parser.add_argument("--max_prompts", type=int, default=NUM_PROMPTS,
+                        help="synthesized prompts the data-free student learns from: the first this many kept (the "
+                             "queries are i.i.d. samples, so a prefix is a random subset); default: the demo's "
+                             f"{NUM_PROMPTS}, as many as the real arm; 0: all kept")
     parser.add_argument("--synthesize_only", action="store_true",
                         help="stop after synthesize: the synthesized set's numbers, no students")
     args = parser.parse_args()
@@ -119,18 +131,26 @@ def main() -> None:
     run("synthesize", "synthesize", {"model": str(writer), "num_queries": args.num_queries, "seed": args.seed,
                                      "output_dir": str(out / "synthesize")}, out)
     synthesized = out / "synthesize" / "prompts.jsonl"
+    datafree = "datafree"
+    if args.max_prompts:
+        datafree = f"datafree-{args.max_prompts}"
+        kept = synthesized.read_text().splitlines(keepends=True)
+        if len(kept) < args.max_prompts:
+            raise SystemExit(f"only {len(kept)} synthesized prompts were kept: raise --num_queries")
+        synthesized = out / "data" / f"synthesized-{args.max_prompts}.jsonl"
+        synthesized.write_text("".join(kept[:args.max_prompts]))
 
-    summary = {"seed": args.seed, **set_summary(out / "synthesize", real)}
+    summary = {"seed": args.seed, **set_summary(out / "synthesize", synthesized, real)}
     if not args.synthesize_only:
         # Two KD students at the demo's budget, and their held-out pass@1
         students = {name: arm(name, prompts, out, teacher, student, args.seed)
-                    for name, prompts in (("real", real), ("datafree", synthesized))}
-        run("eval", "eval", {"models": ",".join(str(s) for s in students.values()), "output_dir": str(out / "eval"),
-                             "seed": args.seed}, out)
-        results = json.loads((out / "eval" / "results.json").read_text())["results"]
+                    for name, prompts in (("real", real), (datafree, synthesized))}
+        run("eval", f"eval-{datafree}", {"models": ",".join(str(s) for s in students.values()),
+                                          "output_dir": str(out / f"eval-{datafree}"), "seed": args.seed}, out)
+        results = json.loads((out / f"eval-{datafree}" / "results.json").read_text())["results"]
         pass1 = {name: results[str(path)]["tiny"]["pass@1"] for name, path in students.items()}
-        summary.update({"pass@1": pass1, "datafree_over_real": round(pass1["datafree"] / pass1["real"], 4)})
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary.update({"pass@1": pass1, "datafree_over_real": round(pass1[datafree] / pass1["real"], 4)})
+    (out / f"summary-{datafree}.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 
 
