@@ -981,7 +981,9 @@ def step_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: 
     for group in micro_batches(batch, cfg.micro_batch_tokens):
         if not len(group["target_ids"]):
             continue
-        loss, stats = onpolicy_loss(model, group, cfg, rewards, normalizer=n)
+        with torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16,
+                            enabled=cfg.bf16):
+            loss, stats = onpolicy_loss(model, group, cfg, rewards, normalizer=n)
         loss.backward()
         share = len(group["target_ids"]) / n
         for key, value in stats.items():  # the loss adds up (each is a share of the mean); means are weighted
@@ -1117,11 +1119,11 @@ class Counters:
         self.seconds[phase] += time.perf_counter() - started
 
 
-def load_student(path: str) -> tuple[torch.nn.Module, Any]:
-    """The student in float32 (the optimizer's master weights) and its tokenizer."""
+def load_student(path: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+    """The student (float32 by default: the optimizer's master weights) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model, AutoTokenizer.from_pretrained(path)
 
 
@@ -1209,12 +1211,17 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     # Student, optimizer, schedule; resume
     resume = resume_point(cfg)
     # a LoRA checkpoint holds the adapter only: the base is student_model
-    model, tokenizer = load_student(str(resume) if resume and not cfg.use_peft else cfg.student_model)
+    # a LoRA student's frozen base in bf16 with cfg.bf16 (peft keeps the adapter it adds in fp32)
+    model, tokenizer = load_student(str(resume) if resume and not cfg.use_peft else cfg.student_model,
+                                    torch.bfloat16 if cfg.bf16 and cfg.use_peft else torch.float32)
     adapter = None
     if cfg.use_peft:
         model, adapter = with_lora(model, cfg, resume)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # one device: the loop is one process
     model.to(device).train()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))

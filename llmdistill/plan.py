@@ -182,13 +182,19 @@ def _onpolicy_plan(cfg: Any) -> dict[str, Any]:
     if params:
         plan["student parameters"] = f"{params / 1e9:.2f} B"
         if cfg.use_peft:
-            plan["student weights (fp32, frozen) + LoRA adapter"] = (
-                f"{params * 4 / GIB:.0f} GiB + the rank-{cfg.lora_r} adapter's weights, grads and AdamW moments, "
-                "in the one training process (no sharding)")
+            width = 2 if cfg.bf16 else 4
+            plan[f"student weights ({'bf16' if cfg.bf16 else 'fp32'}, frozen) + LoRA adapter"] = (
+                f"{params * width / GIB:.0f} GiB + the rank-{cfg.lora_r} adapter's weights, grads and AdamW moments "
+                "(fp32), in the one training process (no sharding)")
         else:
             plan["student weights + grads + AdamW (fp32)"] = (
                 f"{params * 16 / GIB:.0f} GiB, in the one training process (no sharding; use_peft trains a LoRA "
                 "adapter)")
+    if cfg.gradient_checkpointing or cfg.micro_batch_tokens:
+        plan["activations kept for a backward"] = (
+            (f"<= {cfg.micro_batch_tokens} positions at a time" if cfg.micro_batch_tokens else "a whole step's")
+            + ("; each layer's recomputed in the backward (gradient checkpointing)"
+               if cfg.gradient_checkpointing else ""))
     return plan
 
 

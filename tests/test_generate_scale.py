@@ -327,25 +327,38 @@ def test_recipe_allocations_match_the_configs():
     train = _sbatch("train.sbatch")
     assert f"GPUS_PER_NODE={train['gpus-per-node']}" in (RECIPE / "slurm" / "train.sbatch").read_text()
 
-    # onpolicy: one job holds the student's GPU and its teacher servers' GPUs, as onpolicy.yaml records them
+    # onpolicy: one job holds the training GPU, the rollout server's and the teacher server's, as onpolicy.yaml
+    # records them
     onpolicy = yaml.safe_load((RECIPE / "onpolicy.yaml").read_text())
     job, text = _sbatch("onpolicy.sbatch"), (RECIPE / "slurm" / "onpolicy.sbatch").read_text()
-    tp, pp = _flag(text, "tensor-parallel-size", 1), _flag(text, "pipeline-parallel-size", 1)
-    servers = text.count("vllm.entrypoints.openai.api_server")
-    assert servers == len(onpolicy["teacher_urls"]) and onpolicy["teacher_backend"] == "server"
+    commands = re.split(r"\n(?=CUDA_VISIBLE_DEVICES=)", text)[1:]  # teacher server, rollout server, trainer
+    teacher, rollout, trainer = (next(c for c in commands if key in c)
+                                 for key in ('--model "$TEACHER"', '--model "$STUDENT"', "llmdistill onpolicy"))
+    tp, pp = _flag(teacher, "tensor-parallel-size", 1), _flag(teacher, "pipeline-parallel-size", 1)
+    assert text.count("vllm.entrypoints.openai.api_server") == 2
+    assert len(onpolicy["teacher_urls"]) == len(onpolicy["rollout_urls"]) == 1
+    assert onpolicy["teacher_backend"] == "server" and onpolicy["rollout_backend"] == "server"
     assert onpolicy["teacher_server_gpus"] == tp * pp
+    assert onpolicy["rollout_server_gpus"] == _flag(rollout, "tensor-parallel-size", 1)
     gpus = int(job["nodes"]) * int(job["gpus-per-node"])
-    assert gpus == 1 + servers * tp * pp  # the student's process uses one device
-    visible = [set(d.split(",")) for d in re.findall(r"CUDA_VISIBLE_DEVICES=([\d,]+)", text)]
-    assert sorted(map(len, visible)) == sorted([1] + [tp * pp] * servers)
+    assert gpus == 1 + tp * pp + onpolicy["rollout_server_gpus"]  # the training process uses one device
+    visible = [set(re.match(r"CUDA_VISIBLE_DEVICES=([\d,]+)", c)[1].split(",")) for c in (teacher, rollout, trainer)]
+    assert [len(v) for v in visible] == [tp * pp, onpolicy["rollout_server_gpus"], 1]
     assert len(set().union(*visible)) == gpus  # disjoint: no process shares another's GPU
-    # the servers serve what the client asks for: the model name, top-k, context
-    assert f"TEACHER={onpolicy['teacher_model']}" in text and '--served-model-name "$TEACHER"' in text
-    assert _flag(text, "max-logprobs", 20) == onpolicy["teacher_max_logprobs"] >= onpolicy["logprobs_top_k"]
-    assert _flag(text, "max-model-len", 0) >= onpolicy["max_model_len"]
-    port = re.search(r"PORT=\$\{PORT:-(\d+)\}", text)[1]
-    assert onpolicy["teacher_urls"] == [f"http://127.0.0.1:{port}"]
-    assert '--teacher_urls "http://127.0.0.1:$PORT"' in text
+    # the servers serve what the client asks for: the model names, top-k, context, LoRA rank, weight reloads
+    assert f"TEACHER={onpolicy['teacher_model']}" in text and '--served-model-name "$TEACHER"' in teacher
+    assert f"STUDENT=${{STUDENT:-{onpolicy['student_model']}}}" in text and '--served-model-name "$STUDENT"' in rollout
+    assert _flag(teacher, "max-logprobs", 20) == onpolicy["teacher_max_logprobs"] >= onpolicy["logprobs_top_k"]
+    for server in (teacher, rollout):
+        assert _flag(server, "max-model-len", 0) >= onpolicy["max_model_len"]
+    assert "VLLM_SERVER_DEV_MODE=1" in rollout and "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in rollout
+    assert "--enable-lora" in rollout and _flag(rollout, "max-lora-rank", 0) >= onpolicy["lora_r"]
+    assert onpolicy["use_peft"] and onpolicy["lora_rollouts"] == "adapter" and onpolicy["async_rollouts"]
+    for port, key, flag in (("PORT", "teacher_urls", "--teacher_urls"), ("ROLLOUT_PORT", "rollout_urls", "--rollout_urls")):
+        number = re.search(rf"\n{port}=\$\{{{port}:-(\d+)\}}", text)[1]
+        assert onpolicy[key] == [f"http://127.0.0.1:{number}"]
+        assert f'{flag} "http://127.0.0.1:${port}"' in trainer
+    assert '--student_model "$STUDENT"' in trainer
 
 
 # ---------------------------------------------------------------------------------------

@@ -307,6 +307,50 @@ def test_micro_batches_add_up_to_the_steps_gradients(objective, tiny_student_dir
         assert stats[key] == pytest.approx(whole_stats[key], rel=1e-9)
 
 
+@pytest.mark.unit
+def test_gradient_checkpointing_keeps_the_gradients_and_bf16_stays_close(tiny_student_dir):
+    """Recomputing activations in the backward changes no gradient (float64); bfloat16 autocast moves the
+    loss by under 1% and keeps every weight's gradient direction (cosine > 0.99)."""
+    from llmdistill.onpolicy import step_gradients
+
+    batch = pack([[1, 5, 9], [3, 4], [7, 8, 9, 10]], [[11, 12, 13, 2], [20, 21, 22], [30, 31, 32, 33, 34]])
+    n, k = len(batch["target_ids"]), 8
+    generator = torch.Generator().manual_seed(0)
+
+    def run(dtype: torch.dtype, **settings) -> tuple[dict[str, float], list[torch.Tensor], int]:
+        student, _ = load_student(str(tiny_student_dir))
+        student.to(dtype).train()
+        if settings.pop("checkpointing", False):
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        calls, attention = [], student.model.layers[0].self_attn
+        forward = attention.forward
+
+        def counted(*args, **kwargs):  # also called when the backward recomputes the layer
+            calls.append(1)
+            return forward(*args, **kwargs)
+
+        attention.forward = counted
+        top = torch.log_softmax(torch.randn(n, student.config.vocab_size, generator=generator.manual_seed(0)) * 3,
+                                -1).to(dtype).topk(k, -1)
+        graded = {**batch, "teacher_ids": top.indices, "teacher_logprobs": top.values}
+        cfg = OnPolicyConfig(dataset="p", student_model="s", teacher_model="t", logprobs_top_k=k, loss_chunk_size=4,
+                             **settings)
+        stats = step_gradients(student, graded, cfg)
+        return stats, [p.grad.double() for p in student.parameters()], len(calls)
+
+    plain, grads, forwards = run(torch.float64)
+    recomputed, again, recomputing = run(torch.float64, checkpointing=True, gradient_checkpointing=True)
+    assert recomputing == 2 * forwards  # the layer ran again in the backward
+    assert recomputed["loss"] == pytest.approx(plain["loss"], rel=1e-12)
+    for a, b in zip(grads, again, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    half, rough, _ = run(torch.float32, bf16=True)
+    assert half["loss"] == pytest.approx(plain["loss"], rel=1e-2)
+    for a, b in zip(grads, rough, strict=True):
+        if a.norm() > 1e-8:
+            assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
 class _RecordingLLM:
     """Stands in for ``vllm.LLM``: records the calls the loop makes on its rollout engine."""
 
@@ -745,14 +789,24 @@ def test_an_unreachable_teacher_server_fails_in_one_line_before_a_model_loads(pr
 @pytest.mark.unit
 def test_the_recipe_dry_runs_with_tokens_and_gpus_per_step():
     recipe = ROOT / "configs" / "recipes" / "r1-qwen7b" / "onpolicy.yaml"
-    res = subprocess.run([sys.executable, "-m", "llmdistill", "onpolicy", "--config", str(recipe), "--dry_run"],
-                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "COLUMNS": "250"}, timeout=120)
-    assert res.returncode == 0, res.stderr[-3000:]
-    text = " ".join(res.stdout.split())
+
+    def dry_run(*overrides: str) -> str:
+        res = subprocess.run([sys.executable, "-m", "llmdistill", "onpolicy", "--config", str(recipe), "--dry_run",
+                              *overrides], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "COLUMNS": "250"},
+                             timeout=120)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return " ".join(res.stdout.split())
+
+    text = dry_run()
     for needle in ("150: 150 on-policy, 0 on offline batches", "512 prompts x 4 samples = 2048",
-                   "rollout tokens per step (upper bound) │ 33554432", "1 vLLM server(s) x 2 = 2", "GPUs in all │ 3",
-                   "student weights + grads + AdamW (fp32) │ 104 GiB"):
+                   "rollout tokens per step (upper bound) │ 33554432", "GPUs: rollouts │ 1 vLLM server(s) x 1 = 1",
+                   "GPUs: teacher scoring │ 1 vLLM server(s) x 2 = 2", "GPUs in all │ 4",
+                   "the LoRA adapter loaded as a vLLM LoRA at each sync",
+                   "student weights (bf16, frozen) + LoRA adapter │ 13 GiB + the rank-128 adapter's",
+                   "each layer's recomputed in the backward (gradient checkpointing)"):
         assert needle in text, (needle, text[-3000:])
+    # full fine-tuning of the same student: the size that needs sharding
+    assert "student weights + grads + AdamW (fp32) │ 104 GiB" in dry_run("--use_peft", "false")
     assert not (ROOT / "runs" / "r1-qwen7b").exists(), "a dry run must write nothing"
 
 
@@ -976,7 +1030,8 @@ def test_an_async_run_trains_each_step_on_samples_of_the_weights_one_update_old(
     out = tmp_path / "async"
     manifest = op.run_onpolicy(config(prompts, tiny_student_dir, tiny_random_teacher_dir, out, max_steps=4,
                                       rollout_backend="server", rollout_urls=[student_server], async_rollouts=True,
-                                      use_peft=use_peft, lora_r=4))
+                                      use_peft=use_peft, lora_r=4,  # the LoRA run as the 7B recipe's: bf16 base
+                                      bf16=use_peft, gradient_checkpointing=use_peft))
     history = json.loads((out / "log_history.json").read_text())
     assert [h["policy_lag"] for h in history] == [0.0, 1.0, 1.0, 1.0]
     counts, seconds = manifest["counts"], manifest["compute"]["seconds"]

@@ -160,6 +160,13 @@ class ObjectiveConfig:
         "help": "Most positions per forward + backward of the student's loss: a step's samples are split into "
                 "micro-batches of whole samples (a longer sample alone) whose gradients add up to the step's. "
                 "Bounds the activations a step keeps for its backward (0: the whole step in one backward)."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute each layer's activations in the backward (HF gradient checkpointing, non-reentrant): "
+                "a micro-batch keeps about one layer's activations instead of all of them."})
+    bf16: bool = field(default=False, metadata={
+        "help": "The student's forward and backward under bfloat16 autocast (the loss's log-softmax stays fp32 per "
+                "chunk). With use_peft the frozen base weights are also held in bfloat16 (half the memory); the "
+                "adapter and every trained weight stay fp32."})
 
 
 @dataclass
