@@ -35,6 +35,7 @@ wall seconds per phase.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -43,7 +44,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -450,8 +451,11 @@ class ServerRollout:
         self.lora_adapters, self.lora_r = cfg.use_peft and cfg.lora_rollouts == "adapter", cfg.lora_r
         self.adapter: Any = None  # the PeftModel, once the student is loaded (:meth:`use_adapter`)
         self.run_tag = uuid.uuid4().hex[:8]  # a server or sync directory may serve several runs
-        self.drops = WeightDrops(Path(cfg.rollout_sync_dir or Path(cfg.output_dir) / "rollout-weights").resolve()
-                                 / f"run-{self.run_tag}", cfg.dtype)
+        root = Path(cfg.rollout_sync_dir or Path(cfg.output_dir) / "rollout-weights").resolve()
+        if not cfg.rollout_sync_dir:  # the output_dir's own: what is left there is an earlier, killed run's
+            for stale in root.glob("run-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.drops = WeightDrops(root / f"run-{self.run_tag}", cfg.dtype)
         # the generate stage's pool, for its start-up check: health, the model served, capacity
         self.pool = ServerPool(GenerateConfig(model=cfg.student_model, dataset=cfg.dataset or "prompts",
                                               backend="server", server_urls=self.urls,
@@ -475,9 +479,13 @@ class ServerRollout:
                                                         f"--max-lora-rank {vllm_lora_rank(self.lora_r)} and "
                                                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (or set "
                                                         "lora_rollouts: merged)"))
+        deadline = time.monotonic() + self.timeout
         for url in self.urls:
             for route, fix in checks:  # an empty request: refused as invalid (400/422) where the route is served
                 status, text = _post_json(url + route, {}, self.timeout)
+                while status == 0 and time.monotonic() < deadline:  # still loading (the pool needed only one)
+                    time.sleep(1.0)
+                    status, text = _post_json(url + route, {}, self.timeout)
                 if status == 404:
                     raise ServerError(f"rollout server {url} {fix}")
                 if status not in (400, 422):
@@ -498,9 +506,8 @@ class ServerRollout:
                 "return_token_ids": True}
         if len(pieces) == 1:
             return self._complete(0, {**body, "prompt": pieces[0]})
-        with ThreadPoolExecutor(min(len(pieces), 4 * len(self.urls))) as pool:
-            done = pool.map(lambda i: self._complete(i, {**body, "prompt": pieces[i]}), range(len(pieces)))
-            return [c for piece in done for c in piece]
+        running = [in_background(self._complete, i, {**body, "prompt": piece}) for i, piece in enumerate(pieces)]
+        return [c for piece in running for c in piece.result()]
 
     def _complete(self, piece: int, body: dict[str, Any]) -> list[list[int]]:
         """One piece's completions, from its server or, after a server-side failure, the next ones."""
@@ -711,8 +718,7 @@ class RolloutSource:
         if self.background and following < self.cfg.max_steps and (
                 self.offline is None or not self.offline.takes(following)):
             self._sync_if_behind(step, model)
-            self.pending = (following, Future())
-            threading.Thread(target=self._sample, args=self.pending, name="rollouts", daemon=True).start()
+            self.pending = (following, in_background(self._sample, following))
         return rollouts
 
     def _sync_if_behind(self, step: int, model: torch.nn.Module) -> None:
@@ -733,14 +739,27 @@ class RolloutSource:
                 self.engine.synced_step = step + 1
             self.counters.timed("sync", t)
 
-    def _sample(self, step: int, result: Future) -> None:
-        """The background thread (a daemon: a run that fails or is interrupted does not wait for it)."""
+    def _sample(self, step: int) -> Rollouts:
         t = time.perf_counter()
         try:
-            result.set_result(rollout(self.engine, self.stream, step, self.fmt, self.tokenizer, self.cfg))
-        except BaseException as err:  # noqa: BLE001 - raised in the training thread by take()
-            result.set_exception(err)
-        self.counters.background_s += time.perf_counter() - t  # only this thread writes it
+            return rollout(self.engine, self.stream, step, self.fmt, self.tokenizer, self.cfg)
+        finally:
+            self.counters.background_s += time.perf_counter() - t  # only this thread writes it
+
+
+def in_background(fn: Callable[..., Any], *args: Any) -> Future:
+    """``fn(*args)`` on a daemon thread, its result (or exception) in the returned future. A daemon: a run
+    that fails or is interrupted exits without waiting for work still in flight (a server's reply)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # noqa: BLE001 - raised where the result is read
+            future.set_exception(err)
+
+    threading.Thread(target=run, name="rollouts", daemon=True).start()
+    return future
 
 
 # ---------------------------------------------------------------------------------------
@@ -1198,10 +1217,19 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     teachers = load_teachers(cfg) if on_policy and cfg.teacher_backend == "server" else {}
     for teacher in teachers.values():
         teacher.probe()
-    engine: RolloutEngine | None = None
-    if on_policy and cfg.rollout_backend == "server":
-        engine = ServerRollout(cfg)
-        engine.probe()
+    server = ServerRollout(cfg) if on_policy and cfg.rollout_backend == "server" else None
+    if server is not None:
+        server.probe()
+    with contextlib.ExitStack() as cleanup:  # every engine is closed however the run ends
+        if server is not None:
+            cleanup.callback(server.close)
+        return _distill(cfg, prompts, teachers, server, cleanup, started)
+
+
+def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teacher], engine: RolloutEngine | None,
+             cleanup: contextlib.ExitStack, started: float) -> dict[str, Any]:
+    """:func:`run_onpolicy` once its inputs and servers are checked: load, train, save."""
+    on_policy = cfg.on_policy_fraction > 0
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -1221,7 +1249,6 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     model.to(device).train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))
@@ -1241,6 +1268,7 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     offline = OfflineBatches(cfg, tokenizer) if cfg.on_policy_fraction < 1 else None
     if on_policy and cfg.rollout_backend == "vllm":
         engine = VllmRollout(str(resume) if resume and adapter is None else cfg.student_model, cfg, adapter)
+        cleanup.callback(engine.close)
         if adapter is not None and (resume is not None or engine.adapter is not None):
             engine.sync(model)  # the checkpoint's adapter (merged into the base, or as a LoRA)
     elif isinstance(engine, ServerRollout):
@@ -1254,19 +1282,15 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
 
     # Train: sample -> score -> loss -> step -> sync (or, on an offline step: built batch -> loss -> step)
     window = []
-    try:
-        for step in range(first, cfg.max_steps):
-            stats = train_step(step, model, optimizer, scheduler, source, teachers, tokenizer, cfg, counters, offline)
-            window.append(stats)
-            if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps:
-                history.append(log_window(step + 1, window, counters))
-                window = []
-            if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
-                save_checkpoint(out, step + 1, model if adapter is None else adapter, tokenizer, optimizer, scheduler,
-                                {"history": history, "counters": counters.__dict__})
-    finally:
-        if engine is not None:
-            engine.close()
+    for step in range(first, cfg.max_steps):
+        stats = train_step(step, model, optimizer, scheduler, source, teachers, tokenizer, cfg, counters, offline)
+        window.append(stats)
+        if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps:
+            history.append(log_window(step + 1, window, counters))
+            window = []
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
+            save_checkpoint(out, step + 1, model if adapter is None else adapter, tokenizer, optimizer, scheduler,
+                            {"history": history, "counters": counters.__dict__})
 
     # Save the student and the run's record
     return save_final(out, model, tokenizer, cfg, counters, history, started, adapter)

@@ -103,7 +103,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> No
 
 
 def stop_local_servers(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM each server's process group; SIGKILL what is still alive 30 s later."""
+    """SIGTERM each server's process group; SIGKILL what is left of it, at the latest 30 s later."""
     def kill(proc: subprocess.Popen, sig: int) -> None:
         try:  # the group, even when its leader is gone: vLLM's engine-core child may still run
             os.killpg(proc.pid, sig)
@@ -116,4 +116,5 @@ def stop_local_servers(procs: list[subprocess.Popen]) -> None:
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            kill(proc, signal.SIGKILL)
+            pass
+        kill(proc, signal.SIGKILL)  # whatever of the group is still there

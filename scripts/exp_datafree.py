@@ -14,12 +14,14 @@ Every stage runs as ``python -m llmdistill <stage> --config <out>/configs/<arm>-
 
     python scripts/exp_datafree.py --seed 0 --output_dir runs/datafree   # -> runs/datafree/seed-0/summary-datafree-2400.json
 
-An arm already trained in the seed's directory is reused (the real arm, when only ``--max_prompts`` changes).
+An arm already trained in the seed's directory from the same prompts and configs (a fingerprint beside it) is
+reused: the real arm, when only ``--max_prompts`` changes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -40,13 +42,17 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NUM_PROMPTS = 2400  # the demo's (configs/demo.yaml)
 
 
+def stage_config(stage: str, settings: dict) -> dict:
+    """The config a stage runs: its shipped tiny-world YAML with ``settings`` put in."""
+    shipped = CONFIGS / ("train_tiny_kd.yaml" if stage == "train" else f"{stage}_tiny.yaml")
+    return {**read_yaml(shipped, _config_class(stage)), **settings}
+
+
 def run(stage: str, name: str, settings: dict, out: Path) -> None:
     """Run one stage in its own process from its shipped config with ``settings`` put in."""
-    config = {**read_yaml(CONFIGS / f"{stage}_tiny.yaml" if stage != "train" else CONFIGS / "train_tiny_kd.yaml",
-                          _config_class(stage)), **settings}
     path = out / "configs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.write_text(yaml.safe_dump(stage_config(stage, settings), sort_keys=False))
     print(f"[exp] {name}: llmdistill {stage} --config {path}", flush=True)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
            "TOKENIZERS_PARALLELISM": "false"}
@@ -60,19 +66,36 @@ def _config_class(stage: str) -> type:
     return resolve(COMMANDS[stage][0])
 
 
+def arm_stages(name: str, prompts: Path, out: Path, teacher: Path, student: Path, seed: int) -> list[tuple[str, dict]]:
+    """The settings of one arm's generate, build and train (KD) stages."""
+    return [("generate", {"model": str(teacher), "dataset": str(prompts), "passthrough_columns": ["answer"],
+                          "output_dir": str(out / name / "generate"), "seed": seed}),
+            ("build", {"input_path": str(out / name / "generate"), "student_tokenizer": str(student),
+                       "output_dir": str(out / name / "build"), "seed": seed}),
+            ("train", {"student_model": str(student), "data_dir": str(out / name / "build"),
+                       "output_dir": str(out / name / f"kd-{name}"), "seed": seed, "data_seed": seed})]
+
+
+def arm_fingerprint(prompts: Path, stages: list[tuple[str, dict]]) -> str:
+    """What decides an arm's student: the prompt file's bytes and every stage's config."""
+    digest = hashlib.sha256(prompts.read_bytes())
+    for stage, settings in stages:
+        digest.update(json.dumps(stage_config(stage, settings), sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def arm(name: str, prompts: Path, out: Path, teacher: Path, student: Path, seed: int) -> Path:
-    """generate -> build -> train (KD) on one prompt file; returns the student's directory (an arm already
-    trained in ``out`` by an earlier run of this script is reused)."""
-    trained = out / name / f"kd-{name}"  # eval's tables name a model by its directory
-    if (trained / "manifest.json").is_file():
-        print(f"[exp] {name}: reusing {trained}", flush=True)
+    """generate -> build -> train (KD) on one prompt file; returns the student's directory. An arm an earlier
+    run of this script trained in ``out`` from the same prompts and configs (its fingerprint) is reused."""
+    stages = arm_stages(name, prompts, out, teacher, student, seed)
+    trained, mark = out / name / f"kd-{name}", out / name / "fingerprint.txt"  # eval names a model by its directory
+    key = arm_fingerprint(prompts, stages)
+    if (trained / "manifest.json").is_file() and mark.is_file() and mark.read_text() == key:
+        print(f"[exp] {name}: reusing {trained} (same prompts and configs)", flush=True)
         return trained
-    run("generate", f"{name}-generate", {"model": str(teacher), "dataset": str(prompts), "passthrough_columns": ["answer"],
-                                         "output_dir": str(out / name / "generate"), "seed": seed}, out)
-    run("build", f"{name}-build", {"input_path": str(out / name / "generate"), "student_tokenizer": str(student),
-                                   "output_dir": str(out / name / "build"), "seed": seed}, out)
-    run("train", f"{name}-train", {"student_model": str(student), "data_dir": str(out / name / "build"),
-                                   "output_dir": str(trained), "seed": seed, "data_seed": seed}, out)
+    for stage, settings in stages:
+        run(stage, f"{name}-{stage}", settings, out)
+    mark.write_text(key)
     return trained
 
 

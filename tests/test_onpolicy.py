@@ -350,6 +350,30 @@ def test_gradient_checkpointing_keeps_the_gradients_and_bf16_stays_close(tiny_st
         if a.norm() > 1e-8:
             assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
 
+    # a LoRA student on a bf16 base (what bf16 + use_peft loads): its fp32 adapter's gradients against fp32's
+    from llmdistill.onpolicy import with_lora
+
+    lora_cfg = OnPolicyConfig(dataset="p", student_model="s", teacher_model="t", logprobs_top_k=k, loss_chunk_size=4,
+                              use_peft=True, lora_r=4, lora_dropout=0.0)
+    results = []
+    for dtype, bf16 in ((torch.float32, False), (torch.bfloat16, True)):
+        torch.manual_seed(0)  # the same adapter (A at peft's init, B drawn below) on either base
+        student, adapter = with_lora(load_student(str(tiny_student_dir), dtype)[0], lora_cfg, None)
+        top = torch.log_softmax(torch.randn(n, student.config.vocab_size, generator=generator.manual_seed(0)) * 3,
+                                -1).topk(k, -1)
+        graded = {**batch, "teacher_ids": top.indices, "teacher_logprobs": top.values}
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        student.train()
+        stats = step_gradients(student, graded, OnPolicyConfig(**{**lora_cfg.__dict__, "bf16": bf16}))
+        trained = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
+        assert trained and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for _, p in trained)
+        results.append((stats["loss"], torch.cat([p.grad.flatten() for _, p in trained])))
+    (full_loss, full_grad), (half_loss, half_grad) = results
+    assert half_loss == pytest.approx(full_loss, rel=1e-2)
+    assert torch.nn.functional.cosine_similarity(full_grad, half_grad, dim=0) > 0.99
+
 
 class _RecordingLLM:
     """Stands in for ``vllm.LLM``: records the calls the loop makes on its rollout engine."""

@@ -82,7 +82,7 @@ class RolloutConfig:
                 "rollout_sync_dir | transformers: model.generate on the training weights (no copy, no sync)."})
     lora_rollouts: str = field(default="adapter", metadata={
         "help": "use_peft: how the rollout engine gets the LoRA student | adapter: it holds the base weights and "
-                "loads the adapter as a vLLM LoRA at every sync (megabytes, not the model; vLLM's LoRA kernels "
+                "loads the adapter as a vLLM LoRA at every sync (the adapter, not the model; vLLM's LoRA kernels "
                 "in generation) | merged: base + adapter delta loaded as plain weights (the whole model at every "
                 "sync; plain generation)."})
     rollout_urls: list[str] = field(default_factory=list, metadata={
@@ -164,9 +164,10 @@ class ObjectiveConfig:
         "help": "Recompute each layer's activations in the backward (HF gradient checkpointing, non-reentrant): "
                 "a micro-batch keeps about one layer's activations instead of all of them."})
     bf16: bool = field(default=False, metadata={
-        "help": "The student's forward and backward under bfloat16 autocast (the loss's log-softmax stays fp32 per "
-                "chunk). With use_peft the frozen base weights are also held in bfloat16 (half the memory); the "
-                "adapter and every trained weight stay fp32."})
+        "help": "The student's forward and backward under bfloat16 autocast (the LM head's logits in bf16, the "
+                "loss's log-softmax in fp32 per chunk). With use_peft the frozen base weights are also held in "
+                "bfloat16 (half the memory) and so is the final merged student; the adapter and every trained "
+                "weight stay fp32."})
 
 
 @dataclass
