@@ -689,9 +689,9 @@ class RolloutSource:
     batch, syncs the weights if they are ``sync_every`` updates behind, and submits the next batch.
     Weights change only between two batches, so with ``sync_every: 1`` each batch comes from weights
     one update older than those it trains (``policy_lag`` 1 in the log, 0 when synchronous; with
-    ``sync_every: k`` up to k, against k - 1 when synchronous). A
-    batch is submitted only when the next step is on-policy: after offline steps (GKD's lambda) the
-    next batch is sampled when its step starts, from freshly synced weights.
+    ``sync_every: k`` up to k, against k - 1 when synchronous). A batch is submitted only when the
+    next step is on-policy: after offline steps (GKD's lambda) the next batch is sampled when its
+    step starts, from freshly synced weights.
     """
 
     def __init__(self, engine: RolloutEngine, stream: PromptStream, fmt: PromptFormat, tokenizer: Any,
