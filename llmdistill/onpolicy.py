@@ -308,7 +308,7 @@ class VllmRollout:
         self.lora_request: Any = None
         if self.adapter is not None:
             kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(cfg.lora_r), max_loras=1)
-            self.drops = WeightDrops(Path(cfg.output_dir) / "rollout-weights")
+            self.drops = WeightDrops(Path(cfg.rollout_weights_dir))
         self.sleep_level = 0  # 0: always awake
         if cfg.sleep_mode and torch.cuda.is_available():
             kwargs["enable_sleep_mode"] = True
@@ -451,7 +451,7 @@ class ServerRollout:
         self.lora_adapters, self.lora_r = cfg.use_peft and cfg.lora_rollouts == "adapter", cfg.lora_r
         self.adapter: Any = None  # the PeftModel, once the student is loaded (:meth:`use_adapter`)
         self.run_tag = uuid.uuid4().hex[:8]  # a server or sync directory may serve several runs
-        root = Path(cfg.rollout_sync_dir or Path(cfg.output_dir) / "rollout-weights").resolve()
+        root = Path(cfg.rollout_weights_dir).resolve()
         if not cfg.rollout_sync_dir:  # the output_dir's own: what is left there is an earlier, killed run's
             for stale in root.glob("run-*"):
                 shutil.rmtree(stale, ignore_errors=True)

@@ -205,7 +205,7 @@ def _onpolicy_steps(cfg: Any, steps: int) -> dict[str, Any]:
     engine = {"vllm": f"in-process vLLM engine colocated with the trainer (gpu_memory_utilization "
                       f"{cfg.gpu_memory_utilization}), weights synced every {cfg.sync_every} step(s)",
               "server": f"{len(cfg.rollout_urls)} vLLM server(s) of the student, weights written to "
-                        f"{cfg.rollout_sync_dir or cfg.output_dir + '/rollout-weights'} and reloaded every "
+                        f"{cfg.rollout_weights_dir} and reloaded every "
                         f"{cfg.sync_every} step(s)" + ("; the next step's rollouts sampled while this one trains "
                                                        "(one update behind)" if cfg.async_rollouts else ""),
               "transformers": "model.generate on the training weights"}[cfg.rollout_backend]

@@ -7,6 +7,7 @@ rollouts, loss, optimisation); the command line stays flat (``--objective revers
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from llmdistill.config.base import ConfigError, check_choice, check_range
 from llmdistill.config.generate import VLLM_DEFAULT_MAX_LOGPROBS
@@ -284,6 +285,11 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
                 raise ConfigError(f"teacher_model: '{part}' is not name=path (several teachers are 'a=path,b=path')")
             out[name.strip()] = path.strip()
         return out
+
+    @property
+    def rollout_weights_dir(self) -> str:
+        """Where syncs write the weights a rollout engine loads: ``rollout_sync_dir``, else ``output_dir/rollout-weights``."""
+        return self.rollout_sync_dir or str(Path(self.output_dir) / "rollout-weights")
 
     @property
     def teacher_url_pools(self) -> dict[str, list[str]]:
