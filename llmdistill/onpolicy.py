@@ -28,7 +28,9 @@ The teacher runs in this process (:class:`TransformersTeacher`) or on a pool of 
 servers (:class:`ServerTeacher`, the ``score`` stage's client).
 
 Checkpoints hold the student, the optimizer, the scheduler, the RNG states and the position in
-the prompt stream, so a resumed run continues with the prompts it would have seen. The manifest
+the prompt stream, so a resumed run continues with the prompts it would have seen. SIGTERM (sent
+ahead of a scheduler's time limit) stops the run at the end of its step with a checkpoint
+(:class:`StopRequest`), the engines closed and the sync files removed. The manifest
 records the compute: optimizer steps, trained tokens, rollout tokens, teacher tokens scored and
 wall seconds per phase.
 """
@@ -40,6 +42,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import threading
 import time
 import uuid
@@ -433,8 +436,12 @@ class ServerRollout:
     another run's weights), and from then on only its adapter, which every server loads as a new
     LoRA (``/v1/load_lora_adapter``; servers started with ``--enable-lora`` and
     ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``) and samples with; the previous one is unloaded. The
-    servers read the files themselves, so the directory must be on a filesystem they see; a sync
-    needs every server.
+    servers read the files themselves, so the directory must be on a filesystem they see.
+
+    Only the servers that took the latest sync sample (:attr:`active`): one that fails a sync (down,
+    restarting, out of memory) is left out with a warning until it takes a later full-weights sync,
+    tried with a growing gap once its ``/health`` answers (a LoRA student's servers, whose later
+    syncs are adapters only, do not come back). A sync that no server takes stops the run.
 
     Args:
         cfg: the run's settings (student name the servers serve, sampling, URLs, sync directory).
@@ -447,6 +454,8 @@ class ServerRollout:
         from llmdistill.generate.pool import ServerPool
 
         self.urls = [u.rstrip("/") for u in dict.fromkeys(cfg.rollout_urls)]
+        self.active = list(self.urls)  # the servers holding the latest weights: the ones that sample
+        self.syncs, self.out = 0, {}  # syncs so far; a server out: (syncs it missed, the sync to try it at)
         self.model, self.timeout = cfg.student_model, cfg.rollout_timeout
         self.lora_adapters, self.lora_r = cfg.use_peft and cfg.lora_rollouts == "adapter", cfg.lora_r
         self.adapter: Any = None  # the PeftModel, once the student is loaded (:meth:`use_adapter`)
@@ -514,8 +523,9 @@ class ServerRollout:
         from llmdistill.generate.pool import ServerError
 
         failures = []
-        for turn in range(len(self.urls)):
-            url = self.urls[(piece + turn) % len(self.urls)]
+        servers = list(self.active)
+        for turn in range(len(servers)):
+            url = servers[(piece + turn) % len(servers)]
             status, text = _post_json(url + "/v1/completions", body, self.timeout)
             if status == 200:
                 choices = sorted(json.loads(text)["choices"], key=lambda c: c["index"])  # prompt-major, then sample
@@ -527,24 +537,64 @@ class ServerRollout:
                           f"{self.timeout:g}s for its whole piece): {'; '.join(failures)}")
 
     def sync(self, model: torch.nn.Module) -> None:
-        """Write the trainer's weights (or adapter); every server reloads them (or loads the adapter)."""
+        """Write the trainer's weights (or adapter); the servers reload them (or load the adapter), and
+        those that did are the ones that sample next (:attr:`active`)."""
         if self.adapter is not None and self.drops.count:
             path = self.drops.write(model, self.adapter)
             old, self.model = self.model, f"{path.name}-{self.run_tag}"
-            for url in self.urls:
+
+            def load(url: str) -> None:
                 self._call(url, "/v1/load_lora_adapter", {"lora_name": self.model, "lora_path": str(path)}, path)
                 if old != self.model and old.endswith(self.run_tag):
                     self._call(url, "/v1/unload_lora_adapter", {"lora_name": old}, path, missing_ok=True)
+
+            self._sync_servers(self.active, load)
         else:  # all the weights; a LoRA student's first sync: its base, then its adapter
             path = self.drops.write(model, with_adapter=self.adapter is None)
-            for url in self.urls:
+
+            def reload(url: str) -> None:
                 self._call(url, "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(path)}},
                            path)
                 self._call(url, "/reset_prefix_cache", None, path)
+
+            self._sync_servers(self.urls, reload)
             if self.adapter is not None:
                 self.sync(model)
                 return
         self.drops.keep_only(path)
+
+    def _sync_servers(self, urls: list[str], take: Callable[[str], None]) -> None:
+        """``take(url)`` on each server; the ones that took it become :attr:`active`. A server out since an
+        earlier sync is tried again after 1, 2, 4, ... more syncs, and only when its ``/health`` answers
+        within 2 s, so a hung one does not hold up every step; each failure is logged. None took it:
+        ServerError."""
+        from llmdistill.generate.pool import ServerError
+        from llmdistill.vllm_runtime import healthy
+
+        self.syncs += 1
+        active, failures = [], {}
+        for url in urls:
+            misses, retry_at = self.out.get(url, (0, 0))
+            if url not in self.active and self.syncs < retry_at:
+                failures[url] = f"rollout server {url} is out (tried again at sync {retry_at})"
+                continue
+            if url not in self.active and not healthy(url):
+                failures[url] = f"rollout server {url} is still out: its /health does not answer"
+                self.out[url] = (misses + 1, self.syncs + 2 ** misses)
+                logger.info("%s", failures[url])
+                continue
+            try:
+                take(url)
+                active.append(url)
+                if self.out.pop(url, None):
+                    logger.info("rollout server %s took the weights again: it samples again", url)
+            except ServerError as err:
+                failures[url] = str(err)
+                self.out[url] = (misses + 1, self.syncs + 2 ** misses)
+                logger.warning("%s; it samples nothing until it takes a later sync", err)
+        if not active:
+            raise ServerError(f"no rollout server took the weights: {'; '.join(failures.values())}")
+        self.active = active
 
     def _call(self, url: str, route: str, body: dict | None, path: Path, missing_ok: bool = False) -> None:
         from llmdistill.generate.pool import ServerError
@@ -1104,6 +1154,37 @@ def resume_point(cfg: OnPolicyConfig) -> Path | None:
     return path
 
 
+class StopRequest:
+    """SIGTERM, as Slurm sends it ahead of a job's time limit (``--signal``), asks the loop to stop
+    after the step under way (:attr:`signum` set): it saves a checkpoint and exits with status 128 +
+    the signal, so the engines close and a resubmitted job resumes (a signal during the last step
+    lets the run finish). A second SIGTERM exits at once. Installed from the main thread only (where
+    Python runs signal handlers), once the output directory exists (before that, nothing is written
+    and SIGTERM ends the process as usual); the previous handler comes back on exit."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        logger.warning("%s: stopping after this step with a checkpoint (again to stop now)",
+                       signal.Signals(signum).name)
+
+
 def restore(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     """Optimizer, scheduler and RNG states of a checkpoint; returns its run state (step, counters)."""
     saved = torch.load(path / "training_state.pt", weights_only=False)
@@ -1232,6 +1313,7 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teac
     on_policy = cfg.on_policy_fraction > 0
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stop = cleanup.enter_context(StopRequest())  # from here a SIGTERM ends the run after a step, cleaned up
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -1285,12 +1367,17 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teac
     for step in range(first, cfg.max_steps):
         stats = train_step(step, model, optimizer, scheduler, source, teachers, tokenizer, cfg, counters, offline)
         window.append(stats)
-        if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps:
+        stopping = stop.signum is not None and step + 1 < cfg.max_steps
+        if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps or (stopping and window):
             history.append(log_window(step + 1, window, counters))
             window = []
-        if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
-            save_checkpoint(out, step + 1, model if adapter is None else adapter, tokenizer, optimizer, scheduler,
-                            {"history": history, "counters": counters.__dict__})
+        if stopping or cfg.save_steps and (step + 1) % cfg.save_steps == 0:
+            path = save_checkpoint(out, step + 1, model if adapter is None else adapter, tokenizer, optimizer,
+                                   scheduler, {"history": history, "counters": counters.__dict__})
+        if stopping:
+            logger.warning("stopped by %s after step %d of %d: %s saved; resume with --resume_from_checkpoint "
+                           "latest", signal.Signals(stop.signum).name, step + 1, cfg.max_steps, path)
+            raise SystemExit(128 + stop.signum)
 
     # Save the student and the run's record
     return save_final(out, model, tokenizer, cfg, counters, history, started, adapter)

@@ -83,21 +83,26 @@ def start_local_server(model: str, *flags: str, dev: bool = False, env: dict[str
     return f"http://127.0.0.1:{port}", proc
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
-    """Return once ``url/health`` answers 200; raise if the server exits or ``timeout`` seconds pass."""
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    """Whether the server at ``url`` answers ``GET /health`` with 200 within ``timeout`` seconds."""
     import urllib.error
     import urllib.request
 
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=timeout) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+    """Return once ``url/health`` answers 200; raise if the server exits or ``timeout`` seconds pass."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the vLLM server for {url} exited at start (code {proc.returncode})")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+        if healthy(url):
+            return
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not become healthy within {timeout:.0f}s")
 

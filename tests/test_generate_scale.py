@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -359,6 +360,27 @@ def test_recipe_allocations_match_the_configs():
         assert onpolicy[key] == [f"http://127.0.0.1:{number}"]
         assert f'{flag} "http://127.0.0.1:${port}"' in trainer
     assert '--student_model "$STUDENT"' in trainer
+
+
+FAKE_TRAINER = ("{python} -c 'import signal, sys, time\n"
+                "def stop(*_):\n    time.sleep(0.5); print(\"checkpoint saved\", flush=True); sys.exit(3)\n"
+                "signal.signal(signal.SIGTERM, stop); print(\"training\", flush=True); time.sleep(60)' &\n")
+
+
+@pytest.mark.unit
+def test_the_onpolicy_job_passes_slurms_early_sigterm_to_the_trainer_and_waits_for_its_checkpoint(tmp_path):
+    """The job script's own lines after the trainer starts, run behind a stand-in trainer that takes half a
+    second to save and exits 3: the script's SIGTERM reaches it, and the script exits with the trainer's
+    status (not the 143 of its own interrupted wait) once it saved."""
+    assert re.fullmatch(r"B:TERM@\d+", _sbatch("onpolicy.sbatch")["signal"])  # to the batch shell, early
+    text = (RECIPE / "slurm" / "onpolicy.sbatch").read_text()
+    script = tmp_path / "job.sh"
+    script.write_text("set -euo pipefail\n" + FAKE_TRAINER.format(python=sys.executable) + text[text.index("TRAINER=$!"):])
+    job = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, text=True)
+    assert job.stdout.readline() == "training\n"
+    job.send_signal(signal.SIGTERM)
+    out, _ = job.communicate(timeout=30)
+    assert (job.returncode, out) == (3, "checkpoint saved\n")
 
 
 # ---------------------------------------------------------------------------------------

@@ -553,6 +553,18 @@ def test_after_a_sync_the_engine_samples_from_the_lora_student(lora_rollouts, pr
         engine.close()
 
 
+def run_script(script: str, cfg: OnPolicyConfig, tmp_path: Path, more: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``script`` (it reads an OnPolicyConfig's fields as JSON from argv[1]) in a fresh interpreter, with
+    the fields :func:`config` sets and ``more``."""
+    path = tmp_path / "run.py"
+    path.write_text(textwrap.dedent(script))
+    fields = ("dataset", "student_model", "teacher_model", "output_dir", "prompts_per_step", "max_new_tokens",
+              "max_steps", "learning_rate", "logprobs_top_k", "logging_steps", "max_model_len", "seed",
+              "rollout_backend", *more)
+    args = json.dumps({k: getattr(cfg, k) for k in fields})
+    return subprocess.run([sys.executable, str(path), args], capture_output=True, text=True, timeout=600)
+
+
 KILLED_RUN = """
 import os, signal, sys
 import llmdistill.onpolicy as op
@@ -583,14 +595,7 @@ def test_a_killed_run_resumes_with_the_prompt_stream_at_the_right_place(
     whole = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "whole", **common)
     run_onpolicy(whole)
     killed = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "killed", **common)
-    script = tmp_path / "kill.py"
-    script.write_text(textwrap.dedent(KILLED_RUN))
-    args = json.dumps({k: getattr(killed, k) for k in ("dataset", "student_model", "teacher_model", "output_dir",
-                                                        "prompts_per_step", "max_new_tokens", "max_steps",
-                                                        "learning_rate", "logprobs_top_k", "logging_steps",
-                                                        "max_model_len", "seed", "rollout_backend", "save_steps",
-                                                        "use_peft", "lora_r", "micro_batch_tokens")})
-    res = subprocess.run([sys.executable, str(script), args], capture_output=True, text=True, timeout=600)
+    res = run_script(KILLED_RUN, killed, tmp_path, ("save_steps", "use_peft", "lora_r", "micro_batch_tokens"))
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     assert (tmp_path / "killed" / "checkpoint-2" / "state.json").is_file()
     assert (tmp_path / "killed" / "checkpoint-2" / "adapter_config.json").is_file() == use_peft
@@ -607,6 +612,47 @@ def test_a_killed_run_resumes_with_the_prompt_stream_at_the_right_place(
     if use_peft:  # only the adapted (linear) weights moved; the adapter is saved beside
         assert all(torch.equal(a[k], base[k]) for k in a if "proj" not in k)
         assert (tmp_path / "killed" / ADAPTER_DIR / "adapter_config.json").is_file()
+
+
+TERMINATED_RUN = """
+import os, signal, sys
+import llmdistill.onpolicy as op
+from llmdistill.config.onpolicy import OnPolicyConfig
+real = op.train_step
+def step_then_term(step, *args, **kwargs):
+    stats = real(step, *args, **kwargs)
+    if step == 1:  # a scheduler's SIGTERM arrives during the second step
+        os.kill(os.getpid(), signal.SIGTERM)
+    return stats
+op.train_step = step_then_term
+op.run_onpolicy(OnPolicyConfig(**__import__("json").loads(sys.argv[1])))
+"""
+
+
+@pytest.mark.integration
+def test_a_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(
+        prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path):
+    """Slurm's time-limit SIGTERM: the run saves checkpoint-2 although save_steps is 0, exits 143 with one
+    line saying how to resume, and the resumed run ends bit-identical to an uninterrupted one."""
+    from llmdistill.onpolicy import run_onpolicy
+
+    common = dict(rollout_backend="transformers", max_steps=4, max_new_tokens=16, logging_steps=1)
+    whole = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "whole", **common)
+    run_onpolicy(whole)
+    stopped = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "stopped", **common)
+    res = run_script(TERMINATED_RUN, stopped, tmp_path)
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr[-2000:]
+    said = " ".join(res.stderr.split())  # the log wraps its lines
+    assert "stopped by SIGTERM after step 2 of 4" in said and "--resume_from_checkpoint latest" in said
+    assert sorted(p.name for p in (tmp_path / "stopped").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (tmp_path / "stopped" / "manifest.json").exists()
+    manifest = run_onpolicy(OnPolicyConfig(**{**stopped.__dict__, "resume_from_checkpoint": "latest"}))
+    a = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    b = load_file(str(tmp_path / "stopped" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert manifest["counts"]["optimizer_steps"] == 4
+    history = json.loads((tmp_path / "stopped" / "log_history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
 
 
 @pytest.mark.integration
@@ -923,6 +969,70 @@ def test_a_rollout_server_that_cannot_take_weights_fails_in_one_line(synthetic_s
     assert str(err.value) == (f"rollout server {server.url} cannot load LoRA adapters: start it with --enable-lora "
                               "--max-lora-rank 16 and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (or set lora_rollouts: "
                               "merged)")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("use_peft", [False, True], ids=["full", "lora"])
+def test_a_rollout_server_that_misses_a_sync_samples_nothing_until_it_takes_one(
+        prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path, monkeypatch, use_peft):
+    """Two servers; B misses two syncs. Until it takes a later one (full weights, tried after a growing
+    gap and a /health check) it gets no requests; a LoRA student's B, whose later syncs are adapters
+    only, stays out. No server: one error."""
+    import llmdistill.onpolicy as op
+    from llmdistill.generate.pool import ServerError
+
+    down, calls = set(), []
+
+    def fake_post(url, body, timeout):
+        server, route = url[:len("http://a")], url[len("http://a"):]
+        calls.append((server, route))
+        if server in down:
+            return 0, "connection refused"
+        if route == "/v1/completions":
+            return 200, json.dumps({"choices": [{"index": i, "token_ids": [7, i]} for i in range(len(body["prompt"]))]})
+        return 200, "{}"
+
+    def fake_healthy(url, timeout=2.0):
+        calls.append((url, "/health"))
+        return url not in down
+
+    monkeypatch.setattr(op, "_post_json", fake_post)
+    monkeypatch.setattr("llmdistill.vllm_runtime.healthy", fake_healthy)
+    cfg = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "o", rollout_backend="server",
+                 rollout_urls=["http://a", "http://b"], use_peft=use_peft, lora_r=4)
+    engine = op.ServerRollout(cfg)
+    model, _ = load_student(str(tiny_student_dir))
+    if use_peft:
+        model, adapter = op.with_lora(model, cfg, None)
+        engine.use_adapter(adapter)
+    many = [[1, 2]] * (2 * engine.PIECE_PROMPTS)  # two pieces: one per active server
+
+    def sampled_by() -> set[str]:
+        calls.clear()
+        assert engine.sample(many, cfg) == [[7, i] for i in range(engine.PIECE_PROMPTS)] * 2
+        return {server for server, route in calls if route == "/v1/completions"}
+
+    engine.sync(model)
+    assert engine.active == ["http://a", "http://b"] and sampled_by() == {"http://a", "http://b"}
+    down.add("http://b")
+    engine.sync(model)
+    assert engine.active == ["http://a"] and sampled_by() == {"http://a"}
+    asked_b = []
+    for _ in range(3):  # sync 3: B down, only its /health is asked; 4: not asked (backing off); 5: B is back
+        calls.clear()
+        engine.sync(model)
+        asked_b.append([route for server, route in calls if server == "http://b"])
+        down.clear()
+    if use_peft:  # adapters go to the servers that hold this run's base: B is not asked again
+        assert asked_b == [[], [], []] and engine.active == ["http://a"]
+    else:
+        assert asked_b == [["/health"], [], ["/health", "/collective_rpc", "/reset_prefix_cache"]]
+        assert engine.active == ["http://a", "http://b"] and sampled_by() == {"http://a", "http://b"}
+    down.update({"http://a", "http://b"})
+    with pytest.raises(ServerError, match="no rollout server took the weights: rollout server http://a could not "
+                                          "take the weights"):
+        engine.sync(model)
+    engine.close()
 
 
 @pytest.mark.unit
