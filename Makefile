@@ -19,7 +19,7 @@ demo: install
 	$(BIN)/llmdistill demo --config configs/demo.yaml
 
 demo-seeds: install
-	$(BIN)/llmdistill demo --config configs/demo.yaml --seeds 0,1,2 --output_dir runs/demo-seeds
+	$(BIN)/llmdistill demo --config configs/demo.yaml --seeds 0,1,2,3,4 --output_dir runs/demo-seeds
 
 test: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -12,16 +12,21 @@
    every stage's manifest.
 
 Each stage runs as ``python -m llmdistill <stage> --config <output_dir>/configs/<stage>.yaml``
-in its own process, exactly as a user would run it; the configs stay in the output directory.
+in its own process on one thread, exactly as a user would run it; the configs stay in the output
+directory. The three training arms (SFT, KD, warm start then on-policy) do not depend on each
+other, so they run side by side, as many at once as the machine has cores (``workers``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +50,10 @@ STAGE_CLASSES = {"generate": GenerateConfig, "build": BuildConfig, "train": Trai
                  "eval": EvalConfig}
 # The trained arms and the stages whose training compute each one spent (the warm start counts for on-policy).
 ARM_STAGES = {"SFT student": ("train_sft",), "KD student": ("train_kd",), "on-policy student": ("train_warm", "onpolicy")}
-STAGE_ORDER = ("generate", "build", "train_sft", "train_kd", "train_warm", "onpolicy", "eval")
 STAGE_DIRS = {"train_sft": "train-sft", "train_kd": "train-kd", "train_warm": "train-warm", "onpolicy": "train-onpolicy"}
+# The training arms between build and eval, independent of each other: the longest first.
+ARM_LANES = [("train_warm", "onpolicy"), ("train_sft",), ("train_kd",)]
+LOGS = Path("logs")  # under the run directory: the output of the stages that ran side by side
 
 
 def stage_configs(cfg: DemoConfig, seed: int, run_dir: Path, teacher: Path, student: Path) -> dict[str, dict]:
@@ -84,8 +91,11 @@ def eval_models(run_dir: Path, teacher: Path, student: Path) -> list[Path]:
     return [teacher, student, *(run_dir / STAGE_DIRS[name] for name in ("train_sft", "train_kd", "onpolicy"))]
 
 
-def run_stage(name: str, overrides: dict, run_dir: Path, reuse: bool, header: str = "") -> float:
+def run_stage(name: str, overrides: dict, run_dir: Path, reuse: bool, header: str = "", log: Path | None = None) -> float:
     """Run one stage in its own process; skip it when ``reuse`` and it already finished with these settings.
+
+    Args:
+        log: where the stage's output goes (a stage running beside others); None: this terminal.
 
     Returns:
         The stage's wall time in seconds (0 when skipped).
@@ -101,14 +111,57 @@ def run_stage(name: str, overrides: dict, run_dir: Path, reuse: bool, header: st
         return 0.0
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(text)
-    logger.info("%s: llmdistill %s --config %s", name, stage, config_path)
+    logger.info("%s: llmdistill %s --config %s%s", name, stage, config_path, f" > {log}" if log else "")
     started = time.time()
+    # one thread per stage: the same numbers on any core count, and arms side by side do not contend
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-           "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "llmdistill", stage, "--config", str(config_path)], env=env)
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    command = [sys.executable, "-m", "llmdistill", stage, "--config", str(config_path)]
+    if log is None:
+        proc = subprocess.run(command, env=env)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as sink:
+            proc = subprocess.run(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        raise RuntimeError(f"demo stage '{name}' failed (exit {proc.returncode}); its config is {config_path}")
+        where = f"; its output is in {log}" if log is not None else ""
+        raise RuntimeError(f"demo stage '{name}' failed (exit {proc.returncode}); its config is {config_path}{where}")
+    logger.info("%s: done in %.0f s", name, time.time() - started)
     return time.time() - started
+
+
+def run_lanes(lanes: list[tuple[str, ...]], run: Callable[[str, Path | None], float], workers: int) -> dict[str, float]:
+    """The independent training arms, ``workers`` at a time: each lane's stages in order, the lanes side by
+    side (each stage its own process, its output in ``logs/<stage>.log`` when it shares the machine).
+
+    Returns:
+        Each stage's wall time. Once a stage fails no other starts; the first failure is raised when the
+        stages already running have ended.
+    """
+    if workers <= 1:
+        return {name: run(name, None) for lane in lanes for name in lane}
+    failed = threading.Event()
+    errors: list[BaseException] = []  # in the order they happened
+
+    def run_lane(lane: tuple[str, ...]) -> dict[str, float]:
+        seconds: dict[str, float] = {}
+        for name in lane:
+            if failed.is_set():
+                break
+            try:
+                seconds[name] = run(name, LOGS / f"{name}.log")
+            except BaseException as err:
+                failed.set()
+                errors.append(err)
+                logger.error("%s; waiting for the stages still running", err)
+                raise
+        return seconds
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(run_lane, lane) for lane in lanes]
+    if errors:
+        raise errors[0]
+    return {name: seconds for future in futures for name, seconds in future.result().items()}
 
 
 def write_prompts(cfg: DemoConfig, seed: int, path: Path) -> int:
@@ -138,13 +191,19 @@ def run_seed(cfg: DemoConfig, seed: int, run_dir: Path, teacher: Path) -> dict[s
     inputs = {"generate": [prompts_path], "build": [run_dir / "generate"], "train_sft": [run_dir / "build"],
               "train_kd": [run_dir / "build"], "train_warm": [run_dir / "build"],
               "onpolicy": [prompts_path, run_dir / STAGE_DIRS["train_warm"]], "eval": models[2:]}
-    for name in STAGE_ORDER:
+
+    def run(name: str, log: Path | None = None) -> float:
         # The inputs' fingerprints are part of what "the same config" means: a stage whose input was
         # just rewritten (a new manifest) runs again; one whose inputs did not change is reused.
         stamp = header + "".join(f"# input {p.name}: {fingerprint(p)}\n" for p in inputs[name])
-        timings[name] = run_stage(name, configs[name], run_dir, cfg.reuse, stamp)
-    run = collect(run_dir, timings, [str(m) for m in models], configs["train_kd"]["temperature"])
-    return {**run, "configs": configs}
+        return run_stage(name, configs[name], run_dir, cfg.reuse, stamp, log if log is None else run_dir / log)
+
+    for name in ("generate", "build"):
+        timings[name] = run(name)
+    timings |= run_lanes(ARM_LANES, run, cfg.worker_count)
+    timings["eval"] = run("eval")
+    run_info = collect(run_dir, timings, [str(m) for m in models], configs["train_kd"]["temperature"])
+    return {**run_info, "configs": configs, "wall_s": time.time() - t0, "workers": cfg.worker_count}
 
 
 def link(target: Path, name: Path) -> Path:
@@ -264,6 +323,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         run_dir = out if len(seeds) == 1 else out / f"seed-{seed}"
         runs[seed] = run_seed(cfg, seed, run_dir, teacher)
         runs[seed]["timings"]["teacher bootstrap"] = bootstrap_s if seed == seeds[0] else 0.0
+        runs[seed]["wall_s"] += runs[seed]["timings"]["teacher bootstrap"]
 
     # Report
     summary = write_report(cfg, runs, out, teacher)

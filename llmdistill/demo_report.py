@@ -305,7 +305,9 @@ def write_report(cfg: DemoConfig, runs: dict[int, dict], out: Path, teacher: Pat
         "",
         "| stage | seconds |", "|---|---|",
         *[f"| {stage} | {sec:.1f} |" if sec else f"| {stage} | reused |" for stage, sec in timings.items()],
-        f"| total | {sum(timings.values()):.1f} |",
+        f"| total (wall) | {statistics.fmean(run.get('wall_s', sum(run['timings'].values())) for run in runs.values()):.1f} |",
+        "",
+        f"The training arms ran {first.get('workers', 1)} at a time, each stage in its own process on one thread.",
         "",
         "Every stage's config is in `configs/` and its manifest in its output directory.",
     ]

@@ -10,6 +10,8 @@ import json
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -91,7 +93,7 @@ def test_each_tiny_config_is_exactly_the_demos_stage(tmp_path):
 def test_demo_small_end_to_end_and_reuse(tmp_path, tiny_teacher_dir):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "llmdistill", "demo", "--config", str(CONFIGS / "demo.yaml"), "--output_dir", str(out),
-           "--num_prompts", "48", "--configs_dir", str(small_configs(tmp_path / "configs"))]
+           "--num_prompts", "48", "--configs_dir", str(small_configs(tmp_path / "configs")), "--workers", "2"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
 
@@ -101,6 +103,10 @@ def test_demo_small_end_to_end_and_reuse(tmp_path, tiny_teacher_dir):
     for sub in ("generate", "build", "train-sft", "train-kd", "train-warm", "train-onpolicy", "eval"):
         assert (out / sub / "manifest.json").is_file(), sub
     assert (out / "manifest.json").is_file()
+    # the training arms ran two at a time, their output in logs/
+    for stage in ("train_sft", "train_kd", "train_warm", "onpolicy"):
+        assert (out / "logs" / f"{stage}.log").stat().st_size > 0, stage
+    assert "training arms ran 2 at a time" in (out / "REPORT.md").read_text()
     sft = yaml.safe_load((out / "configs" / "train_sft.yaml").read_text())
     kd = yaml.safe_load((out / "configs" / "train_kd.yaml").read_text())
     assert sft["alpha"] == 0.0 and kd["alpha"] > 0
@@ -161,7 +167,7 @@ def test_a_stage_reruns_exactly_when_its_inputs_changed(tmp_path, monkeypatch):
 
     stamps: dict[str, list[str]] = {}
 
-    def fake_run_stage(name, overrides, run_dir, reuse, header=""):
+    def fake_run_stage(name, overrides, run_dir, reuse, header="", log=None):
         stamps.setdefault(name, []).append(header)
         out = Path(overrides["output_dir"])
         out.mkdir(parents=True, exist_ok=True)
@@ -188,6 +194,39 @@ def test_a_stage_reruns_exactly_when_its_inputs_changed(tmp_path, monkeypatch):
     (tmp_path / "out" / "train-warm" / "manifest.json").write_text(json.dumps({"stage": "train_warm", "run": 2}))
     demo.run_seed(cfg, 0, tmp_path / "out", tmp_path / "teacher")
     assert {name for name, seen in stamps.items() if seen[3] != seen[2]} == {"onpolicy"}
+
+
+@pytest.mark.unit
+def test_the_training_arms_run_side_by_side_and_none_starts_after_a_failure():
+    import llmdistill.demo as demo
+
+    lock, started, logs, running = threading.Lock(), [], {}, {"now": 0, "most": 0}
+
+    def run(name, log):
+        with lock:
+            started.append(name)
+            logs[name] = log
+            running["now"] += 1
+            running["most"] = max(running["most"], running["now"])
+        time.sleep({"fail": 0.1, "slow": 0.5}.get(name, 0.2))
+        with lock:
+            running["now"] -= 1
+        if name == "fail":
+            raise RuntimeError("demo stage 'fail' failed")
+        return 1.0
+
+    assert demo.run_lanes([("warm", "onpolicy"), ("sft",), ("kd",)], run, workers=2) == dict.fromkeys(
+        ("warm", "onpolicy", "sft", "kd"), 1.0)
+    assert running["most"] == 2 and started.index("warm") < started.index("onpolicy")
+    assert logs == {name: demo.LOGS / f"{name}.log" for name in ("warm", "onpolicy", "sft", "kd")}
+    started.clear()
+    with pytest.raises(RuntimeError, match="'fail' failed"):
+        demo.run_lanes([("fail", "after"), ("slow",), ("never",)], run, workers=2)
+    assert sorted(started) == ["fail", "slow"]  # the running stage ended; nothing started after the failure
+    started.clear()
+    running["most"] = 0
+    demo.run_lanes([("warm", "onpolicy"), ("sft",)], run, workers=1)
+    assert started == ["warm", "onpolicy", "sft"] and running["most"] == 1 and logs["sft"] is None
 
 
 @pytest.mark.unit

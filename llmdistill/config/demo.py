@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,9 +35,16 @@ class DemoConfig:
     teacher_seed: int = field(default=0, metadata={"help": "Seed of the cached teacher bootstrap."})
     num_prompts: int = field(default=2400, metadata={"help": "Fresh training prompts (tiny-world train split) the teacher answers."})
     reuse: bool = field(default=True, metadata={"help": "Skip a stage whose output exists with the same config (resume)."})
+    workers: int = field(default=0, metadata={
+        "help": "Training arms run at once (SFT, KD, and the warm start followed by on-policy), each in its own "
+                "process on one thread; 0: as many as physical CPU cores, at most 3. Every stage runs with "
+                "OMP_NUM_THREADS=1 (unless set in the environment), so a seed's accuracies do not depend on the "
+                "core count or on how many arms share the machine (its wall seconds do: the report says how "
+                "many arms ran at once)."})
 
     def __post_init__(self) -> None:
         check_range("num_prompts", self.num_prompts, 1)
+        check_range("workers", self.workers, 0)
         missing = [name for name in STAGE_FILES.values() if not (Path(self.configs_dir) / name).is_file()]
         if missing:
             raise ConfigError(f"configs_dir {self.configs_dir} lacks {', '.join(missing)}: point it at the project's "
@@ -52,6 +60,15 @@ class DemoConfig:
     @property
     def seed_list(self) -> list[int]:
         return [int(s) for s in self.seeds.split(",") if s.strip()] if self.seeds else [self.seed]
+
+    @property
+    def worker_count(self) -> int:
+        """Training arms run at once: :attr:`workers`, or the physical CPU cores this process may use (two
+        hyperthreads of one core would slow each other's arm), at most the 3 arms."""
+        import psutil
+
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return self.workers or max(1, min(3, usable, psutil.cpu_count(logical=False) or usable))
 
     def stage_file(self, stage: str) -> Path:
         """The shipped config of a demo stage (a key of :data:`STAGE_FILES`)."""
