@@ -1368,7 +1368,7 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teac
         stats = train_step(step, model, optimizer, scheduler, source, teachers, tokenizer, cfg, counters, offline)
         window.append(stats)
         stopping = stop.signum is not None and step + 1 < cfg.max_steps
-        if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps or (stopping and window):
+        if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps or stopping:
             history.append(log_window(step + 1, window, counters))
             window = []
         if stopping or cfg.save_steps and (step + 1) % cfg.save_steps == 0:
