@@ -73,6 +73,7 @@ from llmdistill.losses import chunked_distill_loss
 from llmdistill.manifest import MANIFEST, write_json_atomic, write_manifest
 from llmdistill.prompts import PromptFormat
 from llmdistill.teacher import TransformersTeacher, on_device, predicting_hidden
+from llmdistill.vllm_runtime import vllm_lora_rank
 
 logger = get_logger(__name__)
 
@@ -617,16 +618,6 @@ class ServerRollout:
     def close(self) -> None:
         """Remove this run's weight files (the servers hold the weights and adapter in memory)."""
         shutil.rmtree(self.drops.directory, ignore_errors=True)
-
-
-# The max_lora_rank values vLLM 0.32 accepts (vllm.config.lora.MaxLoRARanks; a test checks they still match).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def vllm_lora_rank(rank: int) -> int:
-    """The smallest ``max_lora_rank`` vLLM accepts that holds a rank-``rank`` adapter (ranks above the
-    largest are refused by the config)."""
-    return next((size for size in VLLM_LORA_RANKS if size >= rank), VLLM_LORA_RANKS[-1])
 
 
 class WeightDrops:

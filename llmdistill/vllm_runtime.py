@@ -83,6 +83,16 @@ def start_local_server(model: str, *flags: str, dev: bool = False, env: dict[str
     return f"http://127.0.0.1:{port}", proc
 
 
+# The max_lora_rank values vLLM 0.32 accepts (vllm.config.lora.MaxLoRARanks; a test checks they still match).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds a rank-``rank`` adapter (the largest for
+    ranks above it, which callers refuse first)."""
+    return next((size for size in VLLM_LORA_RANKS if size >= rank), VLLM_LORA_RANKS[-1])
+
+
 def healthy(url: str, timeout: float = 2.0) -> bool:
     """Whether the server at ``url`` answers ``GET /health`` with 200 within ``timeout`` seconds."""
     import urllib.error

@@ -1184,7 +1184,7 @@ def test_the_lora_ranks_are_vllms_and_server_requests_state_every_sampling_setti
 
     from llmdistill.config.onpolicy import MAX_VLLM_LORA_RANK
     from llmdistill.generate.pool import PLAIN_SAMPLING
-    from llmdistill.onpolicy import VLLM_LORA_RANKS, vllm_lora_rank
+    from llmdistill.vllm_runtime import VLLM_LORA_RANKS, vllm_lora_rank
 
     assert VLLM_LORA_RANKS == tuple(sorted(get_args(MaxLoRARanks))) and MAX_VLLM_LORA_RANK == VLLM_LORA_RANKS[-1]
     assert [vllm_lora_rank(r) for r in (1, 4, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]

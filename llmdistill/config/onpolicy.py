@@ -12,11 +12,11 @@ from pathlib import Path
 from llmdistill.config.base import ConfigError, check_choice, check_range
 from llmdistill.config.generate import VLLM_DEFAULT_MAX_LOGPROBS
 from llmdistill.config.lora import LoraSettings
-from llmdistill.vllm_runtime import DTYPES
+from llmdistill.vllm_runtime import DTYPES, VLLM_LORA_RANKS
 
 ROLLOUT_BACKENDS = ("vllm", "server", "transformers")
 LORA_ROLLOUTS = ("adapter", "merged")
-MAX_VLLM_LORA_RANK = 512  # the largest max_lora_rank vLLM accepts (llmdistill.onpolicy.VLLM_LORA_RANKS)
+MAX_VLLM_LORA_RANK = VLLM_LORA_RANKS[-1]  # the largest max_lora_rank vLLM accepts
 TEACHER_BACKENDS = ("transformers", "server")
 OBJECTIVES = ("reverse_kl", "jsd", "sampled_reverse_kl")
 TOPK_OBJECTIVES = ("reverse_kl", "jsd")  # the divergences an offline batch (teacher top-k, no sampled log-prob) supports

@@ -24,11 +24,9 @@ from typing import Any
 from llmdistill.config.base import ConfigError, check_model_path
 from llmdistill.config.eval import EvalConfig
 from llmdistill.log import get_logger
-from llmdistill.vllm_runtime import set_engine_process
+from llmdistill.vllm_runtime import VLLM_LORA_RANKS, set_engine_process, vllm_lora_rank
 
 logger = get_logger(__name__)
-
-_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 @dataclass
@@ -81,11 +79,10 @@ def _merge_adapter(adapter: str, base: str, into: Path) -> None:
 def _lora_rank(adapter: str) -> int:
     """The smallest ``max_lora_rank`` vLLM accepts that fits the adapter's rank."""
     rank = int(json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 8))
-    fits = [r for r in _VLLM_LORA_RANKS if r >= rank]
-    if not fits:
-        raise ValueError(f"{adapter}: LoRA rank {rank} exceeds vLLM's largest ({_VLLM_LORA_RANKS[-1]}); "
+    if rank > VLLM_LORA_RANKS[-1]:
+        raise ValueError(f"{adapter}: LoRA rank {rank} exceeds vLLM's largest ({VLLM_LORA_RANKS[-1]}); "
                          f"use --lora_mode merge")
-    return fits[0]
+    return vllm_lora_rank(rank)
 
 
 def _engine_kwargs(config: EvalConfig) -> dict[str, Any]:
