@@ -20,7 +20,9 @@ other, so they run side by side, as many at once as the machine has cores (``wor
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -54,6 +56,7 @@ STAGE_DIRS = {"train_sft": "train-sft", "train_kd": "train-kd", "train_warm": "t
 # The training arms between build and eval, independent of each other: the longest first.
 ARM_LANES = [("train_warm", "onpolicy"), ("train_sft",), ("train_kd",)]
 LOGS = Path("logs")  # under the run directory: the output of the stages that ran side by side
+CURVE = Path("eval-curve")  # under the run directory: the eval of the arms' intermediate checkpoints
 
 
 def stage_configs(cfg: DemoConfig, seed: int, run_dir: Path, teacher: Path, student: Path) -> dict[str, dict]:
@@ -82,8 +85,45 @@ def stage_configs(cfg: DemoConfig, seed: int, run_dir: Path, teacher: Path, stud
         "eval": {"models": ",".join(str(m) for m in eval_models(run_dir, teacher, student)),
                  "reference_model": str(teacher), "output_dir": str(run_dir / "eval"), "seed": seed},
     }
-    return {name: {**read_yaml(cfg.stage_file(name), STAGE_CLASSES[name.split("_")[0]]), **overrides}
-            for name, overrides in paths.items()}
+    configs = {name: {**read_yaml(cfg.stage_file(name), STAGE_CLASSES[name.split("_")[0]]), **overrides}
+               for name, overrides in paths.items()}
+    curve = curve_models(run_dir, configs)
+    if curve:  # the same eval settings as the arms' final models, on their checkpoints
+        configs["eval_curve"] = {**read_yaml(cfg.stage_file("eval_curve"), EvalConfig),
+                                 "models": ",".join(str(m) for m in curve), "reference_model": "",
+                                 "output_dir": str(run_dir / CURVE), "seed": seed}
+    return configs
+
+
+def checkpoint_steps(stage: str, config: dict[str, Any]) -> list[int]:
+    """The steps before its last at which a training stage keeps a checkpoint, from its config with the
+    defaults filled in: every ``save_steps`` (below 1: that fraction of ``max_steps``, rounded up, as in
+    transformers) when ``save_strategy`` is ``steps`` (on-policy: ``save_steps`` > 0), the last
+    ``save_total_limit`` of them counting the one at the final step."""
+    defaults = {f.name: f.default for f in dataclasses.fields(STAGE_CLASSES[stage.split("_")[0]])}
+
+    def setting(name: str) -> Any:
+        return config[name] if name in config else defaults.get(name)
+
+    every, last = setting("save_steps") or 0, setting("max_steps")
+    if setting("save_strategy") not in (None, "steps") or every <= 0:  # on-policy has no save_strategy
+        return []
+    every = int(every) if every >= 1 else math.ceil(last * every)
+    steps = list(range(every, last, every))
+    limit = setting("save_total_limit")
+    if limit:  # transformers deletes the oldest; the final step's checkpoint is one of those kept
+        steps = steps[len(steps) - (limit - 1):] if limit > 1 else []
+    return steps
+
+
+def curve_models(run_dir: Path, configs: dict[str, dict]) -> list[Path]:
+    """What the accuracy-against-time curves evaluate beyond the five arms' models: every arm's
+    intermediate checkpoints, and the warm start's final model (the on-policy arm's midpoint)."""
+    models = []
+    for stage in STAGE_DIRS:
+        models += [run_dir / STAGE_DIRS[stage] / f"checkpoint-{step}"
+                   for step in checkpoint_steps(stage, configs[stage])]
+    return [*models, run_dir / STAGE_DIRS["train_warm"]] if models else []
 
 
 def eval_models(run_dir: Path, teacher: Path, student: Path) -> list[Path]:
@@ -190,7 +230,8 @@ def run_seed(cfg: DemoConfig, seed: int, run_dir: Path, teacher: Path) -> dict[s
     models = eval_models(run_dir, teacher, student)
     inputs = {"generate": [prompts_path], "build": [run_dir / "generate"], "train_sft": [run_dir / "build"],
               "train_kd": [run_dir / "build"], "train_warm": [run_dir / "build"],
-              "onpolicy": [prompts_path, run_dir / STAGE_DIRS["train_warm"]], "eval": models[2:]}
+              "onpolicy": [prompts_path, run_dir / STAGE_DIRS["train_warm"]], "eval": models[2:],
+              "eval_curve": [run_dir / directory for directory in STAGE_DIRS.values()]}
 
     def run(name: str, log: Path | None = None) -> float:
         # The inputs' fingerprints are part of what "the same config" means: a stage whose input was
@@ -201,8 +242,10 @@ def run_seed(cfg: DemoConfig, seed: int, run_dir: Path, teacher: Path) -> dict[s
     for name in ("generate", "build"):
         timings[name] = run(name)
     timings |= run_lanes(ARM_LANES, run, cfg.worker_count)
-    timings["eval"] = run("eval")
-    run_info = collect(run_dir, timings, [str(m) for m in models], configs["train_kd"]["temperature"])
+    # the final models' eval and the checkpoints' (one thread each) side by side
+    timings |= run_lanes([("eval",), ("eval_curve",)] if "eval_curve" in configs else [("eval",)], run,
+                         min(2, cfg.worker_count))
+    run_info = collect(run_dir, timings, [str(m) for m in models], configs)
     return {**run_info, "configs": configs, "wall_s": time.time() - t0, "workers": cfg.worker_count}
 
 
@@ -287,7 +330,50 @@ def arm_compute(run_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def collect(run_dir: Path, timings: dict[str, float], models: list[str], temperature: float = 1.0) -> dict[str, Any]:
+def stage_seconds_at(stage_dir: Path, step: int) -> float:
+    """Wall seconds a training stage had spent when it reached ``step``: its log entries' ``logged_at``
+    minus its manifest's ``started_at``, linear between the entries around ``step`` (before the first
+    entry: from the stage's start at step 0). Entries from before a resume are not used."""
+    import numpy as np
+
+    started = read_manifest(stage_dir)["started_at"]
+    logged = [(0, started)] + [(h["step"], h["logged_at"]) for h in _read(stage_dir / "log_history.json")
+                               if h.get("logged_at", 0) >= started]
+    steps, times = zip(*logged, strict=True)
+    return float(np.interp(step, steps, times)) - started
+
+
+def accuracy_curves(run_dir: Path, configs: dict[str, dict], scores: dict[str, dict]) -> dict[str, list[dict]]:
+    """Each trained arm's held-out pass@1 against its training wall seconds: the untrained student at 0,
+    every intermediate checkpoint (the ``eval_curve`` stage; the on-policy arm's seconds include its
+    warm start), the final model (the ``eval`` stage). Points: ``{"stage", "step", "seconds", "pass@1"}``."""
+    curve = _read(run_dir / CURVE / "results.json")["results"] if "eval_curve" in configs else {}
+
+    def curve_point(stage: str, step: int, model: Path, offset: float) -> dict[str, Any]:
+        seconds = offset + (stage_seconds_at(model.parent, step) if model.name.startswith("checkpoint-")
+                            else read_manifest(model)["wall_time_s"])
+        return {"stage": stage, "step": step, "seconds": round(seconds, 1),
+                "pass@1": curve[str(model)]["tiny"]["pass@1"]}
+
+    out = {}
+    for label, stages in ARM_STAGES.items():
+        points = [{"stage": "init", "step": 0, "seconds": 0.0, "pass@1": scores[LABELS[1]]["pass@1"]}]
+        offset = 0.0
+        for stage in stages:
+            stage_dir = run_dir / STAGE_DIRS[stage]
+            if curve:
+                points += [curve_point(stage, step, stage_dir / f"checkpoint-{step}", offset)
+                           for step in checkpoint_steps(stage, configs[stage])]
+            if stage != stages[-1] and curve:
+                points.append(curve_point(stage, configs[stage]["max_steps"], stage_dir, offset))
+            offset += read_manifest(stage_dir)["wall_time_s"]
+        points.append({"stage": stages[-1], "step": configs[stages[-1]]["max_steps"], "seconds": round(offset, 1),
+                       "pass@1": scores[label]["pass@1"]})
+        out[label] = points
+    return out
+
+
+def collect(run_dir: Path, timings: dict[str, float], models: list[str], configs: dict[str, dict]) -> dict[str, Any]:
     """The numbers of one seed's run, read back from the stages' own outputs."""
     gen = read_manifest(run_dir / "generate")["counts"]
     stats = _read(run_dir / "build" / "stats.json")
@@ -297,8 +383,8 @@ def collect(run_dir: Path, timings: dict[str, float], models: list[str], tempera
     history = {kind: _read(run_dir / f"train-{kind}" / "log_history.json") for kind in ("sft", "kd", "onpolicy")}
     return {"generate": gen, "build": stats, "eval": scores, "history": history, "timings": timings,
             "efficiency": {label: efficiency.get(m, {}) for label, m in zip(LABELS, models, strict=True)},
-            "compute": arm_compute(run_dir),
-            "teacher_signal": teacher_signal(run_dir / "generate", temperature),
+            "compute": arm_compute(run_dir), "curves": accuracy_curves(run_dir, configs, scores),
+            "teacher_signal": teacher_signal(run_dir / "generate", configs["train_kd"]["temperature"]),
             "minus_sft": paired_minus_sft(run_dir / "eval", models[2], {LABELS[3]: models[3], LABELS[4]: models[4]})}
 
 

@@ -119,16 +119,21 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_compute(runs: dict[int, dict], path: Path) -> None:
-    """Held-out pass@1 of each trained arm against the wall seconds its training phases took."""
+    """Held-out pass@1 of each trained arm against the wall seconds its training phases took: a curve
+    through its checkpoints per seed, the final model marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    alpha = 1.0 if len(runs) == 1 else 0.6
     for label, color in zip(TRAINED, COLORS[2:], strict=True):
-        points = [(run["compute"][label]["wall_s"], run["eval"][label]["pass@1"]) for run in runs.values()]
-        ax.scatter(*zip(*points, strict=True), color=color, label=label, s=40)
+        for i, run in enumerate(runs.values()):
+            curve = run["curves"][label]
+            ax.plot([p["seconds"] for p in curve], [p["pass@1"] for p in curve], color=color, alpha=alpha,
+                    marker=".", lw=1.2, label=label if i == 0 else None)
+            ax.scatter([curve[-1]["seconds"]], [curve[-1]["pass@1"]], color=color, s=40, zorder=3)
     teacher = statistics.fmean(run["eval"][LABELS[0]]["pass@1"] for run in runs.values())
     ax.axhline(teacher, color=COLORS[0], ls="--", lw=1, label="teacher")
     ax.set_xlabel("training wall seconds on this machine (warm start included)")
@@ -206,6 +211,37 @@ def compute_table(runs: dict[int, dict], rows: list[dict[str, Any]]) -> str:
             cells += ["–"] * 5
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def sft_at_same_time(run: dict[str, Any], label: str) -> str:
+    """Where the SFT curve stood when ``label``'s arm ended: linear between its points, or "finished" past
+    its last one. Empty when SFT has no intermediate checkpoint (its curve would be a guess)."""
+    import numpy as np
+
+    sft, arm = run["curves"][LABELS[2]], run["curves"][label][-1]
+    if len(sft) < 3:
+        return ""
+    mine = f"{label.replace(' student', '')}'s {arm['pass@1']:.3f}"
+    if arm["seconds"] >= sft[-1]["seconds"]:
+        return f"SFT had finished ({sft[-1]['pass@1']:.3f} at {sft[-1]['seconds']:.0f} s) against {mine}"
+    at = np.interp(arm["seconds"], [p["seconds"] for p in sft], [p["pass@1"] for p in sft])
+    return f"SFT {at:.3f} at {arm['seconds']:.0f} s against {mine}"
+
+
+def curve_lines(runs: dict[int, dict]) -> list[str]:
+    """The accuracy-against-time points of every arm and seed, and where SFT stood when the on-policy arm ended."""
+    lines = ["| seed | arm | pass@1 at training wall seconds (stage, step) |", "|---|---|---|"]
+    for seed, run in runs.items():
+        for label in TRAINED:
+            points = [f"{p['seconds']:.0f} s: {p['pass@1']:.3f}" + (f" ({p['stage']} {p['step']})" if p["step"] else "")
+                      for p in run["curves"][label]]
+            lines.append(f"| {seed} | {label} | " + " · ".join(points) + " |")
+    same_time = {seed: sft_at_same_time(run, LABELS[4]) for seed, run in runs.items()}
+    if all(same_time.values()):
+        lines += ["", "When the on-policy arm had spent its training time, the SFT curve (linear between its "
+                  "checkpoints) stood at: " + "; ".join(f"seed {seed}: {text}" for seed, text in same_time.items())
+                  + "."]
+    return lines
 
 
 def _verdict(label: str, comparison: dict[str, Any], multi: bool) -> str:
@@ -286,6 +322,14 @@ def write_report(cfg: DemoConfig, runs: dict[int, dict], out: Path, teacher: Pat
             f"{label}: " + ", ".join(f"{k} {v:.0f}" for k, v in first["compute"][label]["phases_s"].items())
             for label in TRAINED) + (" (first seed)" if multi else ""),
         "",
+        "### Accuracy against training time",
+        "",
+        "Held-out pass@1 of each arm's intermediate checkpoints (the same eval as the final models), placed at "
+        "the wall seconds the arm had spent (a stage's loading and saving counted at its start; the on-policy "
+        "arm's warm start included).",
+        "",
+        *curve_lines(runs),
+        "",
         "![accuracy against compute](accuracy_vs_compute.png)",
         "",
         "## Pipeline" + (f" (seed {next(iter(runs))})" if multi else ""),
@@ -320,4 +364,5 @@ def write_report(cfg: DemoConfig, runs: dict[int, dict], out: Path, teacher: Pat
     Console().print(Markdown("\n".join(["## llmdistill demo", "", table, "", *[f"{v}.\n" for v in verdicts],
                                          *spent, "", f"Report: {out / 'REPORT.md'}"])))
     return {"results": rows, "versus_sft": comparison, "compute": {seed: run["compute"] for seed, run in runs.items()},
+            "curves": {seed: run["curves"] for seed, run in runs.items()},
             "counts": {"seeds": len(runs), **_flat(counts)}, "timings": timings, "report": str(out / "REPORT.md")}

@@ -96,6 +96,7 @@ def write_manifest(
                    for k, v in (inputs or {}).items()},
         "counts": counts or {},
         "wall_time_s": round(time.time() - started, 3) if started else None,
+        "started_at": round(started, 3) if started else None,  # Unix seconds: what log entries' logged_at count from
     }
     data.update(extra)
     Path(output_dir).mkdir(parents=True, exist_ok=True)

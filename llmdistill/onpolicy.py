@@ -433,16 +433,17 @@ class ServerRollout:
     directory (:class:`WeightDrops`, under ``rollout_sync_dir``), then every server reloads them in
     place with vLLM's own ``reload_weights(weights_path=...)`` through its ``/collective_rpc``
     (served with ``VLLM_SERVER_DEV_MODE=1``) and drops its cached prefixes. A LoRA student
-    (``lora_rollouts: adapter``) sends its base weights once, at the first sync (a server may hold
-    another run's weights), and from then on only its adapter, which every server loads as a new
+    (``lora_rollouts: adapter``) sends its base weights at the first sync (a server may hold
+    another run's weights) and to a server that comes back, and otherwise only its adapter, which every server loads as a new
     LoRA (``/v1/load_lora_adapter``; servers started with ``--enable-lora`` and
     ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``) and samples with; the previous one is unloaded. The
     servers read the files themselves, so the directory must be on a filesystem they see.
 
     Only the servers that took the latest sync sample (:attr:`active`): one that fails a sync (down,
-    restarting, out of memory) is left out with a warning until it takes a later full-weights sync,
-    tried with a growing gap once its ``/health`` answers (a LoRA student's servers, whose later
-    syncs are adapters only, do not come back). A sync that no server takes stops the run.
+    restarting, out of memory) is left out with a warning until it takes a later sync, tried with a
+    growing gap once its ``/health`` answers (a LoRA student's server that comes back reloads the
+    frozen base first, written again for it, then loads the adapter). A sync that no server takes
+    stops the run.
 
     Args:
         cfg: the run's settings (student name the servers serve, sampling, URLs, sync directory).
@@ -460,6 +461,7 @@ class ServerRollout:
         self.model, self.timeout = cfg.student_model, cfg.rollout_timeout
         self.lora_adapters, self.lora_r = cfg.use_peft and cfg.lora_rollouts == "adapter", cfg.lora_r
         self.adapter: Any = None  # the PeftModel, once the student is loaded (:meth:`use_adapter`)
+        self.adapters: dict[str, str] = {}  # each server's loaded adapter of this run, unloaded at the next
         self.run_tag = uuid.uuid4().hex[:8]  # a server or sync directory may serve several runs
         root = Path(cfg.rollout_weights_dir).resolve()
         if not cfg.rollout_sync_dir:  # the output_dir's own: what is left there is an earlier, killed run's
@@ -540,29 +542,39 @@ class ServerRollout:
     def sync(self, model: torch.nn.Module) -> None:
         """Write the trainer's weights (or adapter); the servers reload them (or load the adapter), and
         those that did are the ones that sample next (:attr:`active`)."""
+        from llmdistill.generate.pool import ServerError
+
         if self.adapter is not None and self.drops.count:
             path = self.drops.write(model, self.adapter)
-            old, self.model = self.model, f"{path.name}-{self.run_tag}"
+            self.model = f"{path.name}-{self.run_tag}"
+            base: list[Path] = []  # the frozen base, written only when a server comes back at this sync
 
             def load(url: str) -> None:
+                if url not in self.active:  # back after missing syncs, maybe restarted on other weights
+                    if not base:
+                        base.append(self.drops.write(model, with_adapter=False))
+                    self._reload(url, base[0])
                 self._call(url, "/v1/load_lora_adapter", {"lora_name": self.model, "lora_path": str(path)}, path)
-                if old != self.model and old.endswith(self.run_tag):
-                    self._call(url, "/v1/unload_lora_adapter", {"lora_name": old}, path, missing_ok=True)
+                old, self.adapters[url] = self.adapters.get(url), self.model
+                if old is not None and old != self.model:
+                    try:  # the new one is in: a server that keeps an old adapter still samples right
+                        self._call(url, "/v1/unload_lora_adapter", {"lora_name": old}, path, missing_ok=True)
+                    except ServerError as err:
+                        logger.warning("%s (the adapter %s stays loaded there)", err, old)
 
-            self._sync_servers(self.active, load)
+            self._sync_servers(self.urls, load)
         else:  # all the weights; a LoRA student's first sync: its base, then its adapter
             path = self.drops.write(model, with_adapter=self.adapter is None)
-
-            def reload(url: str) -> None:
-                self._call(url, "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(path)}},
-                           path)
-                self._call(url, "/reset_prefix_cache", None, path)
-
-            self._sync_servers(self.urls, reload)
+            self._sync_servers(self.urls, lambda url: self._reload(url, path))
             if self.adapter is not None:
                 self.sync(model)
                 return
         self.drops.keep_only(path)
+
+    def _reload(self, url: str, path: Path) -> None:
+        """A server reloads all its weights from ``path`` and drops the prefix cache of the old ones."""
+        self._call(url, "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(path)}}, path)
+        self._call(url, "/reset_prefix_cache", None, path)
 
     def _sync_servers(self, urls: list[str], take: Callable[[str], None]) -> None:
         """``take(url)`` on each server; the ones that took it become :attr:`active`. A server out since an
@@ -1080,7 +1092,7 @@ def onpolicy_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: O
     else:
         out = chunked_distill_loss(hidden, head.weight, batch["target_ids"], batch["teacher_ids"],
                                    batch["teacher_logprobs"], alpha=1.0, divergence=cfg.objective, beta=cfg.jsd_beta,
-                                   chunk_size=cfg.loss_chunk_size, lm_head_bias=head.bias)
+                                   temperature=cfg.temperature, chunk_size=cfg.loss_chunk_size, lm_head_bias=head.bias)
         loss = out.loss / n
     if rewards is not None and cfg.reward_weight > 0:
         assert student_lp is not None
@@ -1428,11 +1440,15 @@ def answer_rewards(rollouts: Rollouts, tokenizer: Any, cfg: OnPolicyConfig) -> t
 
 
 def log_window(step: int, window: list[dict[str, float]], counters: Counters) -> dict[str, Any]:
-    """The mean of each statistic over the window's steps that have it (offline steps have no rollout stats)."""
+    """The mean of each statistic over the window's steps that have it (offline steps have no rollout stats),
+    the seconds of each phase so far (carried over a resume) and ``logged_at`` (Unix seconds: with the
+    manifest's ``started_at``, when the run reached the step)."""
     keys = dict.fromkeys(k for w in window for k in w)
     entry = {"step": step, **{k: float(np.mean([w[k] for w in window if k in w])) for k in keys},
-             "seconds": {k: round(v, 3) for k, v in counters.seconds.items()}}
-    logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if isinstance(v, float)))
+             "seconds": {k: round(v, 3) for k, v in counters.seconds.items()},
+             "logged_at": round(time.time(), 3)}
+    logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in entry.items()
+                                                     if isinstance(v, float) and k != "logged_at"))
     return entry
 
 

@@ -13,7 +13,9 @@ Only what distillation needs is overridden:
   ``target_fraction``, ``alpha`` and ``temperature`` (with layer terms also ``feature_loss``,
   ``attention_loss`` and their weights), and the cost of the run beside them:
   ``data_wait_s`` (seconds per optimizer step spent waiting for data), ``data_wait_fraction``,
-  ``peak_rss_gib`` and, on GPUs, ``peak_accelerator_gib`` (see :meth:`DistillTrainer._window_metrics`).
+  ``peak_rss_gib`` and, on GPUs, ``peak_accelerator_gib`` (see :meth:`DistillTrainer._window_metrics`),
+  and ``logged_at`` (Unix seconds: with the manifest's ``started_at``, when the run reached the
+  step; the demo's accuracy-against-time curves place checkpoints by it).
 
 With an online teacher (``teacher_model``) the teacher's top-k comes from its forward over the same
 batch, and the feature/attention terms compare its layers with the student's (:mod:`llmdistill.online`).
@@ -385,6 +387,7 @@ class DistillTrainer(SFTTrainer):
         # every process calls log at the same steps, so the all-reduce below is matched
         if self.model.training and self._stats_calls and "loss" in logs:
             logs.update(self._window_metrics())
+            logs["logged_at"] = round(time.time(), 3)
         super().log(logs, start_time)
 
     def _window_metrics(self) -> dict[str, float]:

@@ -24,10 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 # the CI-sized demo: the shipped stage configs with these values changed
 SMALL = {"generate_tiny.yaml": {"num_samples": 2}, "build_tiny.yaml": {"max_length": 256},
-         "train_tiny_sft.yaml": {"max_steps": 12, "per_device_train_batch_size": 2},
-         "train_tiny_kd.yaml": {"max_steps": 12, "per_device_train_batch_size": 2},
-         "train_tiny_warm.yaml": {"max_steps": 4, "per_device_train_batch_size": 2},
-         "onpolicy_tiny.yaml": {"max_steps": 3, "warmup_steps": 1, "prompts_per_step": 4, "max_new_tokens": 24},
+         "train_tiny_sft.yaml": {"max_steps": 12, "per_device_train_batch_size": 2, "save_steps": 6, "logging_steps": 4},
+         "train_tiny_kd.yaml": {"max_steps": 12, "per_device_train_batch_size": 2, "save_steps": 6, "logging_steps": 4},
+         "train_tiny_warm.yaml": {"max_steps": 4, "per_device_train_batch_size": 2, "save_steps": 6,
+                                  "logging_steps": 4},
+         "onpolicy_tiny.yaml": {"max_steps": 3, "warmup_steps": 1, "prompts_per_step": 4, "max_new_tokens": 24,
+                                "save_steps": 2, "logging_steps": 1},
          "eval_tiny.yaml": {"limit": 40, "num_samples": 2}}
 
 
@@ -87,6 +89,14 @@ def test_each_tiny_config_is_exactly_the_demos_stage(tmp_path):
     assert configs["onpolicy"]["student_model"] == warm["output_dir"]
     assert configs["onpolicy"]["dataset"] == configs["generate"]["dataset"]  # the same training prompts
     assert configs["eval"]["models"].split(",")[-1] == configs["onpolicy"]["output_dir"]
+    # the accuracy-against-time curves: every checkpoint the shipped configs save before their last step
+    run = tmp_path / "run"
+    assert configs["eval_curve"]["models"].split(",") == [
+        *(str(run / arm / f"checkpoint-{step}") for arm in ("train-sft", "train-kd") for step in (450, 900, 1350)),
+        str(run / "train-warm" / "checkpoint-450"),
+        *(str(run / "train-onpolicy" / f"checkpoint-{step}") for step in (125, 250, 375)),
+        str(run / "train-warm")]
+    assert configs["eval_curve"]["output_dir"] == str(run / "eval-curve")
 
 
 @pytest.mark.integration
@@ -98,9 +108,9 @@ def test_demo_small_end_to_end_and_reuse(tmp_path, tiny_teacher_dir):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
 
     # every stage ran from a saved config and left its manifest
-    for stage in ("generate", "build", "train_sft", "train_kd", "train_warm", "onpolicy", "eval"):
+    for stage in ("generate", "build", "train_sft", "train_kd", "train_warm", "onpolicy", "eval", "eval_curve"):
         assert (out / "configs" / f"{stage}.yaml").is_file()
-    for sub in ("generate", "build", "train-sft", "train-kd", "train-warm", "train-onpolicy", "eval"):
+    for sub in ("generate", "build", "train-sft", "train-kd", "train-warm", "train-onpolicy", "eval", "eval-curve"):
         assert (out / sub / "manifest.json").is_file(), sub
     assert (out / "manifest.json").is_file()
     # the training arms ran two at a time, their output in logs/
@@ -146,6 +156,24 @@ def test_demo_small_end_to_end_and_reuse(tmp_path, tiny_teacher_dir):
                                                 + manifests["train-onpolicy"]["wall_time_s"], abs=0.1)
     assert on_policy["rollout_tokens"] == manifests["train-onpolicy"]["counts"]["rollout_tokens"] > 0
     assert set(on_policy["phases_s"]) == {"warm start (SFT)", "rollout", "scoring", "training", "sync"}
+    # the accuracy-against-time curves: the checkpoints' pass@1 from eval-curve, placed at the arm's seconds
+    curve_results = json.loads((out / "eval-curve" / "results.json").read_text())["results"]
+    curves = summary["curves"]["0"]
+    untrained = results[models[1]]["tiny"]["pass@1"]
+    sft = curves["SFT student"]
+    assert [(p["stage"], p["step"]) for p in sft] == [("init", 0), ("train_sft", 6), ("train_sft", 12)]
+    assert sft[0]["pass@1"] == untrained and sft[0]["seconds"] == 0.0
+    assert sft[1]["pass@1"] == curve_results[str(out / "train-sft" / "checkpoint-6")]["tiny"]["pass@1"]
+    assert sft[2]["pass@1"] == results[models[2]]["tiny"]["pass@1"]
+    assert 0 < sft[1]["seconds"] < sft[2]["seconds"] == pytest.approx(compute["SFT student"]["wall_s"], abs=0.1)
+    op = curves["on-policy student"]
+    assert [(p["stage"], p["step"]) for p in op] == [("init", 0), ("train_warm", 4), ("onpolicy", 2), ("onpolicy", 3)]
+    warm_s = manifests["train-warm"]["wall_time_s"]
+    assert op[1]["seconds"] == pytest.approx(warm_s, abs=0.1)
+    assert op[1]["pass@1"] == curve_results[str(out / "train-warm")]["tiny"]["pass@1"]
+    assert op[2]["pass@1"] == curve_results[str(out / "train-onpolicy" / "checkpoint-2")]["tiny"]["pass@1"]
+    assert warm_s < op[2]["seconds"] < op[3]["seconds"] == pytest.approx(on_policy["wall_s"], abs=0.1)
+    assert "When the on-policy arm had spent its training time, the SFT curve" in report
     efficiency = json.loads((out / "eval" / "results.json").read_text())["efficiency"]
     assert f"| teacher | {efficiency[models[0]]['parameters']:,} |" in report
     gen = json.loads((out / "generate" / "manifest.json").read_text())["counts"]
@@ -176,7 +204,7 @@ def test_a_stage_reruns_exactly_when_its_inputs_changed(tmp_path, monkeypatch):
         return 0.0
 
     monkeypatch.setattr(demo, "run_stage", fake_run_stage)
-    monkeypatch.setattr(demo, "collect", lambda run_dir, timings, models, temperature: timings)
+    monkeypatch.setattr(demo, "collect", lambda run_dir, timings, models, configs: timings)
     monkeypatch.setattr(demo, "load_config", lambda cls, **values: None)
     monkeypatch.setattr("llmdistill.tinyworld.bootstrap.student_init", lambda seed: tmp_path / "student")
     (tmp_path / "student").mkdir()
@@ -189,11 +217,11 @@ def test_a_stage_reruns_exactly_when_its_inputs_changed(tmp_path, monkeypatch):
     (tmp_path / "out" / "train-sft" / "manifest.json").write_text(json.dumps({"stage": "train_sft", "run": 2}))
     demo.run_seed(cfg, 0, tmp_path / "out", tmp_path / "teacher")
     changed = {name for name, seen in stamps.items() if seen[2] != seen[1]}
-    assert changed == {"eval"}
+    assert changed == {"eval", "eval_curve"}
     # a new warm start is distilled on-policy again; SFT, KD and (until the new on-policy student exists) eval are kept
     (tmp_path / "out" / "train-warm" / "manifest.json").write_text(json.dumps({"stage": "train_warm", "run": 2}))
     demo.run_seed(cfg, 0, tmp_path / "out", tmp_path / "teacher")
-    assert {name for name, seen in stamps.items() if seen[3] != seen[2]} == {"onpolicy"}
+    assert {name for name, seen in stamps.items() if seen[3] != seen[2]} == {"onpolicy", "eval_curve"}
 
 
 @pytest.mark.unit
@@ -272,3 +300,72 @@ def test_each_arm_minus_sft_is_paired_by_problem_over_the_eval_details(tmp_path)
     got = paired_minus_sft(tmp_path, "sft", {"KD": "kd", "KD again": "kd"})
     # per-problem KD − SFT: p1 1 - 0.5 = 0.5, p2 0.5 - 0 = 0.5 → mean 0.5, no spread
     assert got == {name: {"diff": pytest.approx(0.5), "se": pytest.approx(0.0)} for name in ("KD", "KD again")}
+
+
+@pytest.mark.unit
+def test_checkpoint_steps_are_the_ones_the_training_stage_keeps():
+    from llmdistill.demo import checkpoint_steps
+
+    sft = {"max_steps": 1800, "save_strategy": "steps"}
+    assert checkpoint_steps("train_sft", {**sft, "save_steps": 450}) == [450, 900, 1350]
+    assert checkpoint_steps("train_sft", {**sft, "save_steps": 0.25}) == [450, 900, 1350]  # a fraction, rounded up
+    assert checkpoint_steps("train_sft", {**sft, "save_steps": 0.3}) == [540, 1080, 1620]
+    assert checkpoint_steps("train_sft", {"max_steps": 1800}) == [500, 1000, 1500]  # transformers' defaults
+    assert checkpoint_steps("train_sft", {**sft, "save_steps": 100, "save_total_limit": 3}) == [1600, 1700]
+    assert checkpoint_steps("train_sft", {**sft, "save_steps": 100, "save_total_limit": 1}) == []
+    assert checkpoint_steps("train_sft", {"max_steps": 1800, "save_strategy": "no", "save_steps": 450}) == []
+    assert checkpoint_steps("train_sft", {"max_steps": 1800, "save_strategy": "epoch"}) == []
+    assert checkpoint_steps("onpolicy", {"max_steps": 500, "save_steps": 125}) == [125, 250, 375]
+    assert checkpoint_steps("onpolicy", {"max_steps": 500}) == []  # on-policy saves only when asked
+
+
+@pytest.mark.unit
+def test_accuracy_curves_place_each_checkpoint_at_the_seconds_its_arm_had_spent(tmp_path):
+    """Seconds from each stage's log (logged_at) and manifest (started_at, wall_time_s), linear between
+    log entries; the on-policy arm's after its warm start's; pass@1 from eval-curve and the final eval."""
+    from llmdistill.demo import accuracy_curves
+    from llmdistill.demo_report import curve_lines
+
+    stages = {  # directory: (config, started_at, wall_time_s, [(step, logged_at), ...])
+        "train-sft": ({"max_steps": 100, "save_steps": 40}, 1000.0, 50.0, [(20, 1010.0), (60, 1030.0), (100, 1045.0)]),
+        "train-kd": ({"max_steps": 100, "save_steps": 40}, 1000.0, 60.0, [(100, 1050.0)]),
+        "train-warm": ({"max_steps": 60, "save_steps": 40}, 2000.0, 30.0, [(30, 2012.0), (60, 2025.0)]),
+        # an entry from before a resume (logged before this process started) is not used
+        "train-onpolicy": ({"max_steps": 20, "save_steps": 10}, 3000.0, 20.0, [(5, 2990.0), (10, 3008.0), (20, 3016.0)]),
+    }
+    configs = {}
+    for directory, (config, started, wall, logged) in stages.items():
+        (tmp_path / directory).mkdir()
+        (tmp_path / directory / "manifest.json").write_text(json.dumps({"started_at": started, "wall_time_s": wall}))
+        (tmp_path / directory / "log_history.json").write_text(json.dumps(
+            [{"step": s, "loss": 1.0, "logged_at": t} for s, t in logged] + [{"step": config["max_steps"], "train_runtime": 1}]))
+        stage = {"train-sft": "train_sft", "train-kd": "train_kd", "train-warm": "train_warm"}.get(directory, "onpolicy")
+        configs[stage] = {**config, **({"save_strategy": "steps"} if stage != "onpolicy" else {})}
+    configs["eval_curve"] = {}
+    curve_scores = {"train-sft/checkpoint-40": 0.1, "train-sft/checkpoint-80": 0.2, "train-kd/checkpoint-40": 0.3,
+                    "train-kd/checkpoint-80": 0.4, "train-warm/checkpoint-40": 0.05, "train-warm": 0.15,
+                    "train-onpolicy/checkpoint-10": 0.25}
+    (tmp_path / "eval-curve").mkdir()
+    (tmp_path / "eval-curve" / "results.json").write_text(json.dumps(
+        {"results": {str(tmp_path / m): {"tiny": {"pass@1": p}} for m, p in curve_scores.items()}}))
+    scores = {"student (untrained)": {"pass@1": 0.01}, "SFT student": {"pass@1": 0.5}, "KD student": {"pass@1": 0.6},
+              "on-policy student": {"pass@1": 0.35}}
+
+    curves = accuracy_curves(tmp_path, configs, scores)
+    as_tuples = {label: [(p["stage"], p["step"], p["seconds"], p["pass@1"]) for p in points]
+                 for label, points in curves.items()}
+    assert as_tuples == {
+        "SFT student": [("init", 0, 0.0, 0.01), ("train_sft", 40, 20.0, 0.1), ("train_sft", 80, 37.5, 0.2),
+                        ("train_sft", 100, 50.0, 0.5)],
+        # one log entry: from the stage's start (step 0) to step 100, linear
+        "KD student": [("init", 0, 0.0, 0.01), ("train_kd", 40, 20.0, 0.3), ("train_kd", 80, 40.0, 0.4),
+                       ("train_kd", 100, 60.0, 0.6)],
+        "on-policy student": [("init", 0, 0.0, 0.01), ("train_warm", 40, 16.3, 0.05), ("train_warm", 60, 30.0, 0.15),
+                              ("onpolicy", 10, 38.0, 0.25), ("onpolicy", 20, 50.0, 0.35)],
+    }
+    # where SFT stood when the on-policy arm ended (50 s): SFT had finished by then
+    report = "\n".join(curve_lines({0: {"curves": curves}}))
+    assert "seed 0: SFT had finished (0.500 at 50 s) against on-policy's 0.350" in report
+    curves["on-policy student"][-1]["seconds"] = 30.0  # earlier: between SFT's 20 s (0.1) and 37.5 s (0.2)
+    report = "\n".join(curve_lines({0: {"curves": curves}}))
+    assert f"seed 0: SFT {0.1 + 0.1 * 10 / 17.5:.3f} at 30 s against on-policy's 0.350" in report

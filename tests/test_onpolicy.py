@@ -203,6 +203,10 @@ def test_config_needs_its_inputs_and_names_multi_teacher_routing():
         OnPolicyConfig(**base, on_policy_fraction=0.5, offline_data_dir="b", objective="sampled_reverse_kl")
     # pure offline KD needs neither prompts nor a teacher
     assert OnPolicyConfig(student_model="s", on_policy_fraction=0.0, offline_data_dir="b").max_steps == 100
+    with pytest.raises(ConfigError, match="temperature=0.0 must be > 0"):
+        OnPolicyConfig(**base, temperature=0.0)
+    with pytest.raises(ConfigError, match="top-k objectives only"):
+        OnPolicyConfig(**base, temperature=2.0, objective="sampled_reverse_kl")
 
 
 @pytest.mark.unit
@@ -234,23 +238,27 @@ def test_the_offline_steps_are_a_seeded_choice_by_step_index():
     assert not np.array_equal(offline_steps(1, 0.25, 400), chosen)
     assert offline_steps(0, 0.0, 50).all() and not offline_steps(0, 1.0, 50).any()
 
-def _dense_reference(student, batch, teacher_logits, objective):
-    """Per-token mean loss from full-vocabulary logits, float64, by the textbook formulas."""
+def _dense_reference(student, batch, teacher_logits, objective, temperature=1.0):
+    """Per-token mean loss from full-vocabulary logits, float64, by the textbook formulas (reverse KL at
+    temperature T: both sides ``log_softmax(logits / T)``, scaled by T^2)."""
     hidden = student.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                 use_cache=False).last_hidden_state[0]  # packed: each sample attends to itself only
     logits = student.get_output_embeddings()(hidden[batch["target_index"] - 1]).double()
+    if objective == "reverse_kl":
+        s = torch.log_softmax(logits / temperature, -1)
+        t = torch.log_softmax(teacher_logits.double() / temperature, -1)
+        return temperature**2 * (s.exp() * (s - t)).sum(-1).mean()
     s = torch.log_softmax(logits, -1)
     t = torch.log_softmax(teacher_logits.double(), -1)
-    if objective == "reverse_kl":
-        return (s.exp() * (s - t)).sum(-1).mean()
     lp = s.gather(-1, batch["target_ids"][:, None])[:, 0]
     advantage = (t.gather(-1, batch["target_ids"][:, None])[:, 0] - lp).detach()
     return -(advantage * lp).mean()
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("objective", ["reverse_kl", "sampled_reverse_kl"])
-def test_loss_and_gradients_equal_a_dense_reference(objective, tiny_student_dir):
+@pytest.mark.parametrize(("objective", "temperature"),
+                         [("reverse_kl", 1.0), ("reverse_kl", 2.0), ("sampled_reverse_kl", 1.0)])
+def test_loss_and_gradients_equal_a_dense_reference(objective, temperature, tiny_student_dir):
     """With k = the whole vocabulary the top-k support is exact: the sparse loss is the dense one."""
     torch.manual_seed(0)
     student, _ = load_student(str(tiny_student_dir))
@@ -262,10 +270,11 @@ def test_loss_and_gradients_equal_a_dense_reference(objective, tiny_student_dir)
     top = t.topk(vocab, -1)
     graded = {**batch, "teacher_ids": top.indices, "teacher_logprobs": top.values,
               "teacher_token_logprobs": t.gather(-1, batch["target_ids"][:, None])[:, 0]}
-    cfg = OnPolicyConfig(dataset="p", student_model="s", teacher_model="t", objective=objective, loss_chunk_size=3)
+    cfg = OnPolicyConfig(dataset="p", student_model="s", teacher_model="t", objective=objective, loss_chunk_size=3,
+                         temperature=temperature)
     loss, _ = onpolicy_loss(student, graded, cfg)
     grads = torch.autograd.grad(loss, list(student.parameters()))
-    ref = _dense_reference(student, batch, teacher_logits, objective)
+    ref = _dense_reference(student, batch, teacher_logits, objective, temperature)
     ref_grads = torch.autograd.grad(ref, list(student.parameters()))
     assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-9, abs=1e-12)
     for g, r in zip(grads, ref_grads, strict=True):
@@ -672,6 +681,9 @@ def test_the_cli_runs_and_records_the_compute(prompts, tiny_student_dir, tiny_ra
     assert set(seconds) == {"rollout", "scoring", "training", "sync"} and all(v > 0 for v in seconds.values())
     history = json.loads((out / "log_history.json").read_text())
     assert [h["step"] for h in history] == [1, 2] and "reverse_kl" in history[0]
+    # logged_at: when the run reached the step, within the stage's wall time (the demo's curves place checkpoints by it)
+    start = manifest["started_at"]
+    assert start < history[0]["logged_at"] < history[1]["logged_at"] <= start + manifest["wall_time_s"]
 
 
 # ---- GKD's lambda: offline built batches ------------------------------------------------------
@@ -975,19 +987,21 @@ def test_a_rollout_server_that_cannot_take_weights_fails_in_one_line(synthetic_s
 @pytest.mark.parametrize("use_peft", [False, True], ids=["full", "lora"])
 def test_a_rollout_server_that_misses_a_sync_samples_nothing_until_it_takes_one(
         prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path, monkeypatch, use_peft):
-    """Two servers; B misses two syncs. Until it takes a later one (full weights, tried after a growing
-    gap and a /health check) it gets no requests; a LoRA student's B, whose later syncs are adapters
-    only, stays out. No server: one error."""
+    """Two servers; B misses two syncs. Until it takes a later one (tried after a growing gap and a
+    /health check) it gets no requests; a LoRA student's B reloads the base, then loads the adapter.
+    No server: one error."""
     import llmdistill.onpolicy as op
     from llmdistill.generate.pool import ServerError
 
-    down, calls = set(), []
+    down, calls, refuse_unload = set(), [], []
 
     def fake_post(url, body, timeout):
         server, route = url[:len("http://a")], url[len("http://a"):]
         calls.append((server, route))
         if server in down:
             return 0, "connection refused"
+        if route == "/v1/unload_lora_adapter" and server in refuse_unload:
+            return 500, "internal error"
         if route == "/v1/completions":
             return 200, json.dumps({"choices": [{"index": i, "token_ids": [7, i]} for i in range(len(body["prompt"]))]})
         return 200, "{}"
@@ -1023,11 +1037,19 @@ def test_a_rollout_server_that_misses_a_sync_samples_nothing_until_it_takes_one(
         engine.sync(model)
         asked_b.append([route for server, route in calls if server == "http://b"])
         down.clear()
-    if use_peft:  # adapters go to the servers that hold this run's base: B is not asked again
-        assert asked_b == [[], [], []] and engine.active == ["http://a"]
-    else:
-        assert asked_b == [["/health"], [], ["/health", "/collective_rpc", "/reset_prefix_cache"]]
-        assert engine.active == ["http://a", "http://b"] and sampled_by() == {"http://a", "http://b"}
+    back = ["/health", "/collective_rpc", "/reset_prefix_cache"]  # B's full reload when it is back
+    if use_peft:  # then the newest adapter; the one it held from before it dropped out is unloaded
+        back += ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"]
+    assert asked_b == [["/health"], [], back]
+    assert engine.active == ["http://a", "http://b"] and sampled_by() == {"http://a", "http://b"}
+    if use_peft:  # it samples with the newest adapter, like A; the frozen base written for it is gone
+        assert engine.adapters == {"http://a": engine.model, "http://b": engine.model}
+        assert [p.name for p in engine.drops.directory.iterdir()] == [engine.model.rsplit("-", 1)[0]]
+        # a server that cannot unload the old adapter still holds the new one: it keeps sampling
+        refuse_unload.append("http://a")
+        engine.sync(model)
+        assert engine.active == ["http://a", "http://b"] and engine.adapters["http://a"] == engine.model
+        refuse_unload.clear()
     down.update({"http://a", "http://b"})
     with pytest.raises(ServerError, match="no rollout server took the weights: rollout server http://a could not "
                                           "take the weights"):

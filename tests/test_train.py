@@ -354,6 +354,11 @@ def test_resume_continues_at_the_exact_data_position(tmp_path, tiny_student_dir,
     for entry in a.values():
         assert entry["tokens_per_s"] > 0 and 0 <= entry["data_wait_fraction"] < 1
         assert 0 <= entry["data_wait_s"] < 5 and 0.1 < entry["peak_rss_gib"] < 8
+    # logged_at: when the run reached each step, rising, within the stage's wall time
+    logged = [a[step]["logged_at"] for step in sorted(a)]
+    first = json.loads((tmp_path / "a" / "out" / "manifest.json").read_text())
+    assert first["started_at"] < logged[0] and all(x < y for x, y in zip(logged, logged[1:], strict=False))
+    assert logged[-1] <= first["started_at"] + first["wall_time_s"]
     manifest = json.loads((tmp_path / "b" / "out" / "manifest.json").read_text())
     assert manifest["stage"] == "train" and manifest["counts"]["global_steps"] == 21
     assert manifest["counts"]["trained_tokens"] == a[21]["trained_tokens"] > a[20]["trained_tokens"] > 0

@@ -10,7 +10,7 @@ from llmdistill.config.base import ConfigError, check_range
 
 STAGE_FILES = {"generate": "generate_tiny.yaml", "build": "build_tiny.yaml", "train_sft": "train_tiny_sft.yaml",
                "train_kd": "train_tiny_kd.yaml", "train_warm": "train_tiny_warm.yaml", "onpolicy": "onpolicy_tiny.yaml",
-               "eval": "eval_tiny.yaml"}
+               "eval": "eval_tiny.yaml", "eval_curve": "eval_tiny.yaml"}
 
 
 @dataclass
@@ -45,7 +45,7 @@ class DemoConfig:
     def __post_init__(self) -> None:
         check_range("num_prompts", self.num_prompts, 1)
         check_range("workers", self.workers, 0)
-        missing = [name for name in STAGE_FILES.values() if not (Path(self.configs_dir) / name).is_file()]
+        missing = [name for name in dict.fromkeys(STAGE_FILES.values()) if not (Path(self.configs_dir) / name).is_file()]
         if missing:
             raise ConfigError(f"configs_dir {self.configs_dir} lacks {', '.join(missing)}: point it at the project's "
                               "configs/ (or a copy of it)")

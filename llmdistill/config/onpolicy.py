@@ -140,6 +140,10 @@ class ObjectiveConfig:
                 "generalized JSD(beta) on the same support | sampled_reverse_kl: the sampled-token estimate "
                 "log p_student(x) - log p_teacher(x) as a per-token advantage (policy gradient)."})
     jsd_beta: float = field(default=0.5, metadata={"help": "beta of generalized JSD (0: forward KL, 1: reverse KL)."})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Distillation temperature of the top-k objectives (reverse_kl, jsd): both sides tempered on the "
+                "teacher's top-k plus the tail bucket, the loss scaled by T^2, as in offline KD and GKD. Rollouts "
+                "use rollout_temperature."})
     offline_data_dir: str | None = field(default=None, metadata={
         "help": "Built shards of teacher traces with their top-k (`llmdistill build`, kd: true) to mix in, GKD's "
                 "lambda < 1."})
@@ -218,6 +222,12 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
             raise ConfigError(f"greedy rollouts are all the same: with rollout_temperature 0 set samples_per_prompt 1, "
                               f"or sample at a temperature > 0 (samples_per_prompt is {self.samples_per_prompt})")
         check_range("jsd_beta", self.jsd_beta, 0.0, 1.0)
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature={self.temperature} must be > 0 (1: the teacher's and student's own "
+                              "distributions)")
+        if self.temperature != 1 and self.objective == "sampled_reverse_kl":
+            raise ConfigError(f"temperature={self.temperature} applies to the top-k objectives only: with objective "
+                              "sampled_reverse_kl leave it at 1 (rollout_temperature sets the sampling)")
         check_range("on_policy_fraction", self.on_policy_fraction, 0.0, 1.0)
         check_range("reward_weight", self.reward_weight, 0.0)
         check_range("learning_rate", self.learning_rate, 0.0)
