@@ -30,9 +30,12 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
+from transformers.trainer_callback import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llmdistill.config.base import ConfigError
@@ -314,3 +317,80 @@ def is_disk_full(err: BaseException, where: str | Path, needed: int = 0) -> bool
     if any(isinstance(e, RuntimeError) and any(s in str(e) for s in _TORCH_WRITE_FAILED) for e in chain):
         return free_bytes(Path(where)) < max(needed, 1 << 20)
     return False
+
+
+class StopRequest:
+    """SIGTERM, as Slurm sends it ahead of a job's time limit (``--signal``), asks a training loop to
+    stop after the step under way (:attr:`signum` set): it saves a checkpoint and exits with status
+    128 + the signal, so a resubmitted job resumes (a signal during the last step lets the run
+    finish). Installed from the main thread only (where Python runs signal handlers), once the output
+    directory exists (before that, nothing is written and SIGTERM ends the process as usual); the
+    previous handler comes back on exit. Used by ``onpolicy`` and, agreed over all processes
+    (:class:`StopOnSignal`), by ``train``.
+
+    Args:
+        repeat_exits: a second SIGTERM exits at once. Off for ``train``: under ``accelerate launch``
+            (torchrun) a worker gets the signal from the launcher as well as from Slurm, and a second
+            one must not cut the checkpoint short.
+    """
+
+    def __init__(self, repeat_exits: bool = True) -> None:
+        self.signum: int | None = None
+        self.repeat_exits = repeat_exits
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            if self.repeat_exits:
+                raise SystemExit(128 + signum)
+            return  # already stopping after this step
+        self.signum = signum
+        logger.warning("%s: stopping after this step with a checkpoint%s", signal.Signals(signum).name,
+                       " (again to stop now)" if self.repeat_exits else "")
+
+
+def stop_message(signum: int, step: int, max_steps: int, checkpoint: str | Path) -> str:
+    """The one line a run stopped by a signal logs."""
+    return (f"stopped by {signal.Signals(signum).name} after step {step} of {max_steps}: {checkpoint} saved; "
+            "resume with --resume_from_checkpoint latest")
+
+
+class StopOnSignal(TrainerCallback):
+    """A callback that ends transformers' ``train`` after the step
+    under way once any process got a stop request: after each optimizer step the processes sum their
+    flags (one scalar all-reduce), so all of them save the same checkpoint at the same step and stop
+    together, whichever of them Slurm or the launcher signalled. :attr:`signum` is then set on every
+    process. A request during the last step lets the run finish.
+
+    Args:
+        stop: this process's :class:`StopRequest`.
+        accelerator: the trainer's ``Accelerator`` (its ``reduce`` over the processes).
+    """
+
+    def __init__(self, stop: StopRequest, accelerator: Any):
+        self.stop, self.accelerator = stop, accelerator
+        self.signum: int | None = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        import torch
+
+        flag = torch.tensor([float(self.stop.signum or 0)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if float(flag.item()) > 0 and state.global_step < state.max_steps:
+            self.signum = self.stop.signum or signal.SIGTERM  # the signalled processes all got SIGTERM
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+

@@ -30,7 +30,7 @@ servers (:class:`ServerTeacher`, the ``score`` stage's client).
 Checkpoints hold the student, the optimizer, the scheduler, the RNG states and the position in
 the prompt stream, so a resumed run continues with the prompts it would have seen. SIGTERM (sent
 ahead of a scheduler's time limit) stops the run at the end of its step with a checkpoint
-(:class:`StopRequest`), the engines closed and the sync files removed. The manifest
+(:class:`~llmdistill.checkpoints.StopRequest`), the engines closed and the sync files removed. The manifest
 records the compute: optimizer steps, trained tokens, rollout tokens, teacher tokens scored and
 wall seconds per phase.
 """
@@ -42,7 +42,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import threading
 import time
 import uuid
@@ -1157,37 +1156,6 @@ def resume_point(cfg: OnPolicyConfig) -> Path | None:
     return path
 
 
-class StopRequest:
-    """SIGTERM, as Slurm sends it ahead of a job's time limit (``--signal``), asks the loop to stop
-    after the step under way (:attr:`signum` set): it saves a checkpoint and exits with status 128 +
-    the signal, so the engines close and a resubmitted job resumes (a signal during the last step
-    lets the run finish). A second SIGTERM exits at once. Installed from the main thread only (where
-    Python runs signal handlers), once the output directory exists (before that, nothing is written
-    and SIGTERM ends the process as usual); the previous handler comes back on exit."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: Any = None
-        self._installed = False
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            raise SystemExit(128 + signum)
-        self.signum = signum
-        logger.warning("%s: stopping after this step with a checkpoint (again to stop now)",
-                       signal.Signals(signum).name)
-
-
 def restore(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     """Optimizer, scheduler and RNG states of a checkpoint; returns its run state (step, counters)."""
     saved = torch.load(path / "training_state.pt", weights_only=False)
@@ -1313,6 +1281,8 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
 def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teacher], engine: RolloutEngine | None,
              cleanup: contextlib.ExitStack, started: float) -> dict[str, Any]:
     """:func:`run_onpolicy` once its inputs and servers are checked: load, train, save."""
+    from llmdistill.checkpoints import StopRequest, stop_message
+
     on_policy = cfg.on_policy_fraction > 0
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1378,8 +1348,7 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teac
             path = save_checkpoint(out, step + 1, model if adapter is None else adapter, tokenizer, optimizer,
                                    scheduler, {"history": history, "counters": counters.__dict__})
         if stopping:
-            logger.warning("stopped by %s after step %d of %d: %s saved; resume with --resume_from_checkpoint "
-                           "latest", signal.Signals(stop.signum).name, step + 1, cfg.max_steps, path)
+            logger.warning("%s", stop_message(stop.signum, step + 1, cfg.max_steps, path))
             raise SystemExit(128 + stop.signum)
 
     # Save the student and the run's record

@@ -10,6 +10,8 @@ manifest holds a finished run). The built data is memory-mapped, never loaded: i
 are converted once per machine into Arrow files that every process maps (:func:`load_built`).
 Checkpoints and the final model are written whole, and ``resume_from_checkpoint: latest`` resumes
 from the newest complete checkpoint at the exact data position: see :mod:`llmdistill.trainer`.
+A SIGTERM to any process (Slurm's ``--signal``, a launcher passing it on) ends the run after the
+step under way with a checkpoint, all processes at the same step, and exit status 143.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
             one the shards were built with.
         SchemaError: shards from another schema version.
     """
-    from llmdistill.checkpoints import is_disk_full, resolve_resume
+    from llmdistill.checkpoints import StopOnSignal, StopRequest, is_disk_full, resolve_resume, stop_message
 
     started = time.time()
     # the checkpoint to resume from, before anything loads: `latest` -> newest complete one
@@ -56,8 +58,16 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     # Data, student and trainer
     trainer, meta = build_trainer(config)
 
-    # Train
-    result = trainer.train(resume_from_checkpoint=resume)
+    # Train; a SIGTERM to any process: all of them save the same checkpoint after the step and exit
+    with StopRequest(repeat_exits=False) as stop:
+        stopper = StopOnSignal(stop, trainer.accelerator)
+        trainer.add_callback(stopper)
+        result = trainer.train(resume_from_checkpoint=resume)
+    if stopper.signum is not None:
+        step = trainer.state.global_step
+        logger.warning("%s", stop_message(stopper.signum, step, trainer.state.max_steps,
+                                          Path(config.output_dir) / f"checkpoint-{step}"))
+        raise SystemExit(128 + stopper.signum)
 
     # Save
     replicas = replica_fingerprints(trainer)

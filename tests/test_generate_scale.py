@@ -368,12 +368,17 @@ FAKE_TRAINER = ("{python} -c 'import signal, sys, time\n"
 
 
 @pytest.mark.unit
-def test_the_onpolicy_job_passes_slurms_early_sigterm_to_the_trainer_and_waits_for_its_checkpoint(tmp_path):
-    """The job script's own lines after the trainer starts, run behind a stand-in trainer that takes half a
-    second to save and exits 3: the script's SIGTERM reaches it, and the script exits with the trainer's
-    status (not the 143 of its own interrupted wait) once it saved."""
-    assert re.fullmatch(r"B:TERM@\d+", _sbatch("onpolicy.sbatch")["signal"])  # to the batch shell, early
-    text = (RECIPE / "slurm" / "onpolicy.sbatch").read_text()
+@pytest.mark.parametrize("job", ["onpolicy.sbatch", "train.sbatch"])
+def test_the_training_jobs_pass_slurms_early_sigterm_on_and_wait_for_the_checkpoint(tmp_path, job):
+    """The job script's own lines after the trainer (train: srun of the launchers) starts, run behind a
+    stand-in trainer that takes half a second to save and exits 3: the script's SIGTERM reaches it, and
+    the script exits with the trainer's status (not the 143 of its own interrupted wait) once it saved."""
+    assert re.fullmatch(r"B:TERM@\d+", _sbatch(job)["signal"])  # to the batch shell, early
+    text = (RECIPE / "slurm" / job).read_text()
+    assert "--resume_from_checkpoint latest" in text  # a resubmitted job resumes
+    if job == "train.sbatch":  # torchrun waits for the checkpoint longer than its 30 s, and less than the lead time
+        grace = int(re.search(r"TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-(\d+)", text)[1])
+        assert 30 < grace < int(_sbatch(job)["signal"].split("@")[1])
     script = tmp_path / "job.sh"
     script.write_text("set -euo pipefail\n" + FAKE_TRAINER.format(python=sys.executable) + text[text.index("TRAINER=$!"):])
     job = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, text=True)

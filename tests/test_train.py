@@ -366,6 +366,54 @@ def test_resume_continues_at_the_exact_data_position(tmp_path, tiny_student_dir,
 
 
 @pytest.mark.integration
+def test_a_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(tmp_path, tiny_student_dir, built_kd,
+                                                                               monkeypatch, caplog):
+    """SIGTERM during step 4 of 8 (checkpoints off): checkpoint-4, no final model or manifest, exit 143; the
+    resumed run ends with the weights and step losses of an uninterrupted one, bit for bit."""
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    import llmdistill.train as train_module
+    from llmdistill.checkpoints import complete_checkpoints
+
+    settings = dict(max_steps=8, alpha=0.8, temperature=2.0)
+    run_train(config(tmp_path / "whole", tiny_student_dir, built_kd, **settings))
+
+    class SigtermAt(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 3:  # the 4th step begins
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    real_build = train_module.build_trainer
+
+    def build_with_a_signal(cfg):
+        trainer, meta = real_build(cfg)
+        trainer.add_callback(SigtermAt())
+        return trainer, meta
+
+    monkeypatch.setattr(train_module, "build_trainer", build_with_a_signal)
+    out = tmp_path / "cut" / "out"
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        run_train(config(tmp_path / "cut", tiny_student_dir, built_kd, **settings))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert complete_checkpoints(out) == [out / "checkpoint-4"]
+    assert not (out / "manifest.json").exists() and not (out / "model.safetensors").exists()
+    assert "stopped by SIGTERM after step 4 of 8" in caplog.text and "--resume_from_checkpoint latest" in caplog.text
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is gone with the run
+
+    monkeypatch.setattr(train_module, "build_trainer", real_build)
+    run_train(config(tmp_path / "cut", tiny_student_dir, built_kd, **settings, resume_from_checkpoint="latest"))
+    whole, resumed = logged_steps(tmp_path / "whole" / "out"), logged_steps(out)
+    assert sorted(resumed) == list(range(1, 9))
+    assert [resumed[s]["loss"] for s in range(5, 9)] == [whole[s]["loss"] for s in range(5, 9)]
+    weights = [load_file(d / "model.safetensors") for d in (tmp_path / "whole" / "out", out)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+@pytest.mark.integration
 def test_lora_saves_a_loadable_adapter_and_a_matching_merged_model(tmp_path, tiny_student_dir, built_kd):
     from peft import PeftModel
 
@@ -452,6 +500,60 @@ def test_two_processes_end_identical_and_equal_one_process_with_accumulation(tmp
     for key in ("loss", "grad_norm", "ce_loss", "kd_loss"):  # grad_norm: the gradient scale, not just its sign
         values = [[h[key] for h in history if "ce_loss" in h] for history in logged]
         assert values[0] == pytest.approx(values[1], rel=1e-4) and len(values[0]) == 4, key
+
+
+@pytest.mark.integration
+def test_a_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, tiny_student_dir, built_kd):
+    """`accelerate launch` with 2 CPU processes, SIGTERM to rank 1 only once training runs: both ranks save
+    one checkpoint at the same step and exit; `resume_from_checkpoint: latest` finishes the run."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+    import yaml
+
+    from llmdistill.checkpoints import complete_checkpoints
+
+    out = tmp_path / "out"
+    run = {**_common_run(tiny_student_dir, built_kd), "output_dir": str(out), "max_steps": 300}
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump(run))
+
+    def launch(path: Path) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"), "--num_processes", "2",
+               "--main_process_port", str(_free_port()), "-m", "llmdistill", "train", "--config", str(path)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    proc, lines = launch(run_yaml), []
+    for line in proc.stdout:  # rank 0 prints each step's log: training is under way
+        lines.append(line)
+        if "'loss'" in line:
+            break
+    ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "llmdistill" in " ".join(p.cmdline())}
+    ranks["1"].send_signal(signal.SIGTERM)
+    lines += proc.stdout.readlines()
+    proc.wait(timeout=600)
+    said = "".join(lines)
+    assert proc.returncode != 0, said[-3000:]
+    stops = set(re.findall(r"stopped by SIGTERM after step (\d+) of 300", said))
+    assert len(stops) == 1, said[-3000:]  # both ranks, one step
+    step = int(stops.pop())
+    assert complete_checkpoints(out) == [out / f"checkpoint-{step}"] and 1 <= step < 300
+    assert not (out / "manifest.json").exists()
+
+    run_yaml.write_text(yaml.safe_dump({**run, "resume_from_checkpoint": "latest"}))
+    resumed = launch(run_yaml)
+    said = resumed.communicate(timeout=900)[0]
+    assert resumed.returncode == 0, said[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["global_steps"] == 300 and manifest["counts"]["world_size"] == 2
+    assert len(set(manifest["replica_fingerprints"])) == 1
 
 
 def _heldout_kl(teacher_dir: Path, student_dir: Path, docs) -> float:

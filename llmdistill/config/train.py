@@ -91,6 +91,9 @@ UNSUPPORTED_SFT_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
                                      "adds no MoE load-balancing loss"),
     "average_tokens_across_devices": ((), "the loss is always divided by the target-token count of the whole "
                                           "optimizer step, over all processes and accumulation steps"),
+    "enable_jit_checkpoint": ((), "llmdistill train always stops on SIGTERM with a checkpoint, after the step "
+                                  "under way and at the same step on every process (transformers' JIT "
+                                  "checkpoint saves from each process on its own)"),
 }
 _SFT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SFTConfig)}
 
