@@ -390,7 +390,13 @@ class StopOnSignal(TrainerCallback):
             flag = self.accelerator.reduce(flag, reduction="sum")
         if float(flag.item()) > 0 and state.global_step < state.max_steps:
             self.signum = self.stop.signum or signal.SIGTERM  # the signalled processes all got SIGTERM
+            control.should_log = True  # the steps since the last log: in log_history and the checkpoint
             control.should_save = True
             control.should_training_stop = True
+        return control
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.signum is not None:  # saved already: save_strategy epoch would save the same step again
+            control.should_save = False
         return control
 

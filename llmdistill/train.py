@@ -5,9 +5,10 @@ machines: ``accelerate launch --config_file configs/accelerate/<ddp_cpu|deepspee
 -m llmdistill train --config ...`` (see the comments in those files for multi-node launches).
 
 The run reads top to bottom in :func:`run_train`: built data -> student (+ LoRA / QLoRA) ->
-online teacher (with ``teacher_model``) -> trainer -> train -> save -> loss curve + ``manifest.json`` (written last: a directory with a
-manifest holds a finished run). The built data is memory-mapped, never loaded: its Parquet shards
-are converted once per machine into Arrow files that every process maps (:func:`load_built`).
+online teacher (with ``teacher_model``) -> trainer -> train -> :func:`save_run` (model, loss curve,
+``manifest.json`` written last: a directory with a manifest holds a finished run). The built
+data is memory-mapped, never loaded: its Parquet shards are converted once per machine into Arrow
+files that every process maps (:func:`load_built`).
 Checkpoints and the final model are written whole, and ``resume_from_checkpoint: latest`` resumes
 from the newest complete checkpoint at the exact data position: see :mod:`llmdistill.trainer`.
 A SIGTERM to any process (Slurm's ``--signal``, a launcher passing it on) ends the run after the
@@ -50,7 +51,7 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
             one the shards were built with.
         SchemaError: shards from another schema version.
     """
-    from llmdistill.checkpoints import StopOnSignal, StopRequest, is_disk_full, resolve_resume, stop_message
+    from llmdistill.checkpoints import StopOnSignal, StopRequest, resolve_resume, stop_message
 
     started = time.time()
     # the checkpoint to resume from, before anything loads: `latest` -> newest complete one
@@ -58,18 +59,27 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     # Data, student and trainer
     trainer, meta = build_trainer(config)
 
-    # Train; a SIGTERM to any process: all of them save the same checkpoint after the step and exit
+    # Train; a SIGTERM to any process: all of them save the same checkpoint after the step and exit (one
+    # during the last step lets the run finish, and the final save is not cut short by another)
     with StopRequest(repeat_exits=False) as stop:
         stopper = StopOnSignal(stop, trainer.accelerator)
         trainer.add_callback(stopper)
         result = trainer.train(resume_from_checkpoint=resume)
-    if stopper.signum is not None:
-        step = trainer.state.global_step
-        logger.warning("%s", stop_message(stopper.signum, step, trainer.state.max_steps,
-                                          Path(config.output_dir) / f"checkpoint-{step}"))
-        raise SystemExit(128 + stopper.signum)
+        if stopper.signum is not None:
+            step = trainer.state.global_step
+            logger.warning("%s", stop_message(stopper.signum, step, trainer.state.max_steps,
+                                              Path(config.output_dir) / f"checkpoint-{step}"))
+            raise SystemExit(128 + stopper.signum)
 
-    # Save
+        # Save
+        save_run(trainer, config, result, started, meta)
+    return result.metrics
+
+
+def save_run(trainer: Any, config: TrainConfig, result: Any, started: float, meta: dict[str, Any]) -> None:
+    """The final student, then (main process) its log, loss curve and ``manifest.json``, written last."""
+    from llmdistill.checkpoints import is_disk_full
+
     replicas = replica_fingerprints(trainer)
     save_student(trainer, config)
     if trainer.accelerator.is_main_process:
@@ -93,7 +103,6 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
                             f"model in {out} is complete, but without manifest.json the run does not count as "
                             "finished: free some space and rerun") from err
     trainer.accelerator.wait_for_everyone()
-    return result.metrics
 
 
 def build_trainer(config: TrainConfig) -> tuple[Any, dict[str, Any]]:

@@ -368,17 +368,27 @@ FAKE_TRAINER = ("{python} -c 'import signal, sys, time\n"
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("job", ["onpolicy.sbatch", "train.sbatch"])
-def test_the_training_jobs_pass_slurms_early_sigterm_on_and_wait_for_the_checkpoint(tmp_path, job):
-    """The job script's own lines after the trainer (train: srun of the launchers) starts, run behind a
-    stand-in trainer that takes half a second to save and exits 3: the script's SIGTERM reaches it, and
-    the script exits with the trainer's status (not the 143 of its own interrupted wait) once it saved."""
-    assert re.fullmatch(r"B:TERM@\d+", _sbatch(job)["signal"])  # to the batch shell, early
-    text = (RECIPE / "slurm" / job).read_text()
+def test_the_train_job_has_slurm_signal_the_ranks_and_torchrun_wait_for_their_checkpoint():
+    """srun turns a SIGTERM it gets into SIGKILLs, so Slurm signals the job step's processes (no B:), srun
+    runs in the foreground with the launcher exec'd as its task, and torchrun's grace period is longer
+    than its 30 s default and shorter than the lead time; a resubmitted job resumes."""
+    job, text = _sbatch("train.sbatch"), (RECIPE / "slurm" / "train.sbatch").read_text()
+    lead = re.fullmatch(r"TERM@(\d+)", job["signal"])
+    grace = int(re.search(r"TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-(\d+)", text)[1])
+    assert lead and 30 < grace < int(lead[1])
+    srun = text[text.index("\nsrun "):]
+    assert 'bash -c "exec accelerate launch' in srun and not srun.rstrip().endswith("&") and "trap" not in text
+    assert "--resume_from_checkpoint latest" in srun
+
+
+@pytest.mark.unit
+def test_the_onpolicy_job_passes_slurms_early_sigterm_to_the_trainer_and_waits_for_its_checkpoint(tmp_path):
+    """The job script's own lines after the trainer starts, run behind a stand-in trainer that takes half a
+    second to save and exits 3: the script's SIGTERM reaches it, and the script exits with the trainer's
+    status (not the 143 of its own interrupted wait) once it saved."""
+    assert re.fullmatch(r"B:TERM@\d+", _sbatch("onpolicy.sbatch")["signal"])  # to the batch shell, early
+    text = (RECIPE / "slurm" / "onpolicy.sbatch").read_text()
     assert "--resume_from_checkpoint latest" in text  # a resubmitted job resumes
-    if job == "train.sbatch":  # torchrun waits for the checkpoint longer than its 30 s, and less than the lead time
-        grace = int(re.search(r"TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-(\d+)", text)[1])
-        assert 30 < grace < int(_sbatch(job)["signal"].split("@")[1])
     script = tmp_path / "job.sh"
     script.write_text("set -euo pipefail\n" + FAKE_TRAINER.format(python=sys.executable) + text[text.index("TRAINER=$!"):])
     job = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, text=True)

@@ -537,13 +537,11 @@ def test_a_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path,
     ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children(recursive=True)
              if "llmdistill" in " ".join(p.cmdline())}
     ranks["1"].send_signal(signal.SIGTERM)
-    lines += proc.stdout.readlines()
-    proc.wait(timeout=600)
-    said = "".join(lines)
+    said = "".join(lines) + proc.communicate(timeout=600)[0]
     assert proc.returncode != 0, said[-3000:]
-    stops = set(re.findall(r"stopped by SIGTERM after step (\d+) of 300", said))
-    assert len(stops) == 1, said[-3000:]  # both ranks, one step
-    step = int(stops.pop())
+    stops = re.findall(r"stopped by SIGTERM after step (\d+) of 300", said)
+    assert len(stops) == 2 and stops[0] == stops[1], said[-3000:]  # each rank says so, at one step
+    step = int(stops[0])
     assert complete_checkpoints(out) == [out / f"checkpoint-{step}"] and 1 <= step < 300
     assert not (out / "manifest.json").exists()
 
