@@ -367,8 +367,8 @@ def stop_message(signum: int, step: int, max_steps: int, checkpoint: str | Path)
 
 
 class StopOnSignal(TrainerCallback):
-    """A callback that ends transformers' ``train`` after the step
-    under way once any process got a stop request: after each optimizer step the processes sum their
+    """A ``TrainerCallback`` that ends transformers' ``train`` after the step under way once any
+    process got a stop request: after each optimizer step the processes sum their
     flags (one scalar all-reduce), so all of them save the same checkpoint at the same step and stop
     together, whichever of them Slurm or the launcher signalled. :attr:`signum` is then set on every
     process. A request during the last step lets the run finish.

@@ -325,8 +325,8 @@ def write_report(cfg: DemoConfig, runs: dict[int, dict], out: Path, teacher: Pat
         "### Accuracy against training time",
         "",
         "Held-out pass@1 of each arm's intermediate checkpoints (the same eval as the final models), placed at "
-        "the wall seconds the arm had spent (a stage's loading and saving counted at its start; the on-policy "
-        "arm's warm start included).",
+        "the wall seconds the arm had spent when it reached them (from each stage's log entries and manifest; "
+        "the on-policy arm's warm start included).",
         "",
         *curve_lines(runs),
         "",

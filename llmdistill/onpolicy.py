@@ -30,8 +30,8 @@ servers (:class:`ServerTeacher`, the ``score`` stage's client).
 Checkpoints hold the student, the optimizer, the scheduler, the RNG states and the position in
 the prompt stream, so a resumed run continues with the prompts it would have seen. SIGTERM (sent
 ahead of a scheduler's time limit) stops the run at the end of its step with a checkpoint
-(:class:`~llmdistill.checkpoints.StopRequest`), the engines closed and the sync files removed. The manifest
-records the compute: optimizer steps, trained tokens, rollout tokens, teacher tokens scored and
+(:class:`~llmdistill.checkpoints.StopRequest`), the engines closed and the sync files removed.
+The manifest records the compute: optimizer steps, trained tokens, rollout tokens, teacher tokens scored and
 wall seconds per phase.
 """
 
@@ -433,10 +433,11 @@ class ServerRollout:
     place with vLLM's own ``reload_weights(weights_path=...)`` through its ``/collective_rpc``
     (served with ``VLLM_SERVER_DEV_MODE=1``) and drops its cached prefixes. A LoRA student
     (``lora_rollouts: adapter``) sends its base weights at the first sync (a server may hold
-    another run's weights) and to a server that comes back, and otherwise only its adapter, which every server loads as a new
-    LoRA (``/v1/load_lora_adapter``; servers started with ``--enable-lora`` and
-    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``) and samples with; the previous one is unloaded. The
-    servers read the files themselves, so the directory must be on a filesystem they see.
+    another run's weights) and to a server that comes back, and otherwise only its adapter, which
+    every server loads as a new LoRA (``/v1/load_lora_adapter``; servers started with
+    ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``) and samples with; the previous
+    one is unloaded. The servers read the files themselves, so the directory must be on a
+    filesystem they see.
 
     Only the servers that took the latest sync sample (:attr:`active`): one that fails a sync (down,
     restarting, out of memory) is left out with a warning until it takes a later sync, tried with a

@@ -152,7 +152,7 @@ NON_DEFAULT_SFT_VALUES = {
     "dataset_num_proc": 4, "shuffle_dataset": True, "eos_token": "<|im_end|>", "chat_template_path": "chat.jinja",
     "completion_only_loss": False, "assistant_only_loss": True, "loss_type": "dft", "label_smoothing_factor": 0.1,
     "use_liger_kernel": True, "liger_kernel_config": {"rms_norm": True}, "router_aux_loss_coef": 0.01,
-    "average_tokens_across_devices": False,
+    "average_tokens_across_devices": False, "enable_jit_checkpoint": True,
 }
 
 
