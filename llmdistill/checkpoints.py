@@ -383,12 +383,13 @@ class StopOnSignal(TrainerCallback):
         self.signum: int | None = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        import torch
+        asked = self.stop.signum is not None
+        if self.accelerator.num_processes > 1:  # the one collective (and host sync) a step, only when shared
+            import torch
 
-        flag = torch.tensor([float(self.stop.signum or 0)], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        if float(flag.item()) > 0 and state.global_step < state.max_steps:
+            flag = torch.tensor([float(asked)], device=self.accelerator.device)
+            asked = float(self.accelerator.reduce(flag, reduction="sum").item()) > 0
+        if asked and state.global_step < state.max_steps:
             self.signum = self.stop.signum or signal.SIGTERM  # the signalled processes all got SIGTERM
             control.should_log = True  # the steps since the last log: in log_history and the checkpoint
             control.should_save = True
