@@ -27,6 +27,10 @@ its top-k, read as ``train`` reads them) and the same divergence, with no rollou
 The teacher runs in this process (:class:`TransformersTeacher`) or on a pool of ``vllm serve``
 servers (:class:`ServerTeacher`, the ``score`` stage's client).
 
+Under ``accelerate launch`` with several processes (:class:`Ranks`) they train one student
+data-parallel: each samples, scores and back-propagates its share of every step's prompts, and the
+gradients are summed over all of them before the one optimizer step every process takes.
+
 Checkpoints hold the student, the optimizer, the scheduler, the RNG states and the position in
 the prompt stream, so a resumed run continues with the prompts it would have seen. SIGTERM (sent
 ahead of a scheduler's time limit) stops the run at the end of its step with a checkpoint
@@ -42,6 +46,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import threading
 import time
 import uuid
@@ -80,6 +85,102 @@ PHASES = ("rollout", "scoring", "training", "sync")  # sync: the weights, and th
 ADAPTER_DIR = "adapter"  # a LoRA student's adapter, beside the merged final model
 STATE = "state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 OFFLINE_STREAM = 1  # keeps the seeds of the offline step choice and row order apart from the prompt order's
+
+
+# ---------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass
+class Ranks:
+    """The processes of a run: one, or several started by ``accelerate launch`` (or ``torchrun``).
+
+    Several train one student data-parallel, as DDP does: every process holds the whole student and
+    its optimizer; each step each one samples, scores and back-propagates its own share of the
+    step's prompts (:meth:`share`), the gradients are summed over all of them (:meth:`sum_gradients`,
+    one all-reduce), and every process takes the same optimizer step, so their weights stay equal.
+    The loss is normalised by the step's target tokens over all processes, so a step is the same
+    update as one process computing it alone. The student is replicated, not sharded: a student
+    whose weights, gradients and AdamW moments do not fit one device trains as a LoRA (``use_peft``).
+    """
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def start(cls) -> Ranks:
+        """This process's place: joins the launcher's process group (gloo on a CPU host, NCCL on GPUs)."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return cls(state.process_index, state.num_processes, state.device)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, items: list[Any]) -> list[Any]:
+        """This process's contiguous part of a step's items (their count divides by :attr:`world`)."""
+        size = len(items) // self.world
+        return items[self.rank * size:(self.rank + 1) * size]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Each value summed over the processes (one all-reduce; the values themselves with one process)."""
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        total = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return total.tolist()
+
+    def sum_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Every trainable parameter's gradient summed over the processes, in buckets of one dtype and at most 256 MiB."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        grads = []
+        for p in params:  # the same list on every process: a gradient this one did not reach is zero
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        bucket: list[torch.Tensor] = []
+
+        def flush() -> None:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
+                g.copy_(part.view_as(g))
+            bucket.clear()
+
+        for grad in grads:
+            if bucket and (grad.dtype != bucket[0].dtype
+                           or (sum(g.numel() for g in bucket) + grad.numel()) * grad.element_size() > 256 << 20):
+                flush()
+            bucket.append(grad)
+        if bucket:
+            flush()
+
+    def broadcast(self, value: Any) -> Any:
+        """The main process's ``value`` on every process."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,23 +396,31 @@ class VllmRollout:
     the engine holds the base weights, and each sync saves the adapter (:class:`WeightDrops`) and
     samples with it as a new ``LoRARequest``. The base never changes, so ``sleep_mode`` keeps it in
     CPU RAM (level 1) instead of dropping it.
+
+    With several training processes each holds its own engine (seeded ``seed + rank``), which samples
+    that process's share; on GPUs it joins the launcher's process group as vLLM's
+    ``external_launcher``, as TRL's colocate mode does.
     """
 
-    def __init__(self, model_dir: str, cfg: OnPolicyConfig, adapter: Any = None):
+    def __init__(self, model_dir: str, cfg: OnPolicyConfig, adapter: Any = None, ranks: Ranks | None = None):
         from vllm import LLM
 
+        ranks = ranks or Ranks()
         if cfg.kv_cache_space_gb is not None:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_space_gb))
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        kwargs: dict[str, Any] = {"dtype": cfg.dtype, "enforce_eager": cfg.enforce_eager, "seed": cfg.seed,
+        kwargs: dict[str, Any] = {"dtype": cfg.dtype, "enforce_eager": cfg.enforce_eager, "seed": cfg.seed + ranks.rank,
                                   "gpu_memory_utilization": cfg.gpu_memory_utilization}
+        if ranks.world > 1 and torch.cuda.is_available():
+            # one engine per training process on that process's GPU, in the launcher's process group (as TRL's colocate mode)
+            kwargs["distributed_executor_backend"] = "external_launcher"
         if cfg.max_model_len:
             kwargs["max_model_len"] = cfg.max_model_len
         self.adapter = adapter if cfg.lora_rollouts == "adapter" else None
         self.lora_request: Any = None
         if self.adapter is not None:
             kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(cfg.lora_r), max_loras=1)
-            self.drops = WeightDrops(Path(cfg.rollout_weights_dir))
+            self.drops = WeightDrops(Path(cfg.rollout_weights_dir) / (f"rank-{ranks.rank}" if ranks.world > 1 else ""))
         self.sleep_level = 0  # 0: always awake
         if cfg.sleep_mode and torch.cuda.is_available():
             kwargs["enable_sleep_mode"] = True
@@ -445,13 +554,18 @@ class ServerRollout:
     frozen base first, written again for it, then loads the adapter). A sync that no server takes
     stops the run.
 
+    With several training processes (:class:`Ranks`) each samples its own share from the servers, and
+    the main one alone writes and sends the weights, once every process's rollouts are back, so no
+    request is in flight while the servers' weights change.
+
     Args:
         cfg: the run's settings (student name the servers serve, sampling, URLs, sync directory).
+        ranks: the training processes.
     """
 
     PIECE_PROMPTS = 64  # prompts per request: replies of bounded size, spread over the servers
 
-    def __init__(self, cfg: OnPolicyConfig):
+    def __init__(self, cfg: OnPolicyConfig, ranks: Ranks | None = None):
         from llmdistill.config.generate import GenerateConfig
         from llmdistill.generate.pool import ServerPool
 
@@ -462,9 +576,10 @@ class ServerRollout:
         self.lora_adapters, self.lora_r = cfg.use_peft and cfg.lora_rollouts == "adapter", cfg.lora_r
         self.adapter: Any = None  # the PeftModel, once the student is loaded (:meth:`use_adapter`)
         self.adapters: dict[str, str] = {}  # each server's loaded adapter of this run, unloaded at the next
+        self.ranks = ranks or Ranks()
         self.run_tag = uuid.uuid4().hex[:8]  # a server or sync directory may serve several runs
         root = Path(cfg.rollout_weights_dir).resolve()
-        if not cfg.rollout_sync_dir:  # the output_dir's own: what is left there is an earlier, killed run's
+        if not cfg.rollout_sync_dir and self.ranks.main:  # the output_dir's own: an earlier, killed run's
             for stale in root.glob("run-*"):
                 shutil.rmtree(stale, ignore_errors=True)
         self.drops = WeightDrops(root / f"run-{self.run_tag}", cfg.dtype)
@@ -541,7 +656,13 @@ class ServerRollout:
 
     def sync(self, model: torch.nn.Module) -> None:
         """Write the trainer's weights (or adapter); the servers reload them (or load the adapter), and
-        those that did are the ones that sample next (:attr:`active`)."""
+        those that did are the ones that sample next (:attr:`active`), for every training process."""
+        self.ranks.barrier()  # every process's rollouts are back
+        if self.ranks.main:
+            self._sync_weights(model)
+        self.active, self.model = self.ranks.broadcast((self.active, self.model))
+
+    def _sync_weights(self, model: torch.nn.Module) -> None:
         from llmdistill.generate.pool import ServerError
 
         if self.adapter is not None and self.drops.count:
@@ -567,7 +688,7 @@ class ServerRollout:
             path = self.drops.write(model, with_adapter=self.adapter is None)
             self._sync_servers(self.urls, lambda url: self._reload(url, path))
             if self.adapter is not None:
-                self.sync(model)
+                self._sync_weights(model)
                 return
         self.drops.keep_only(path)
 
@@ -629,7 +750,8 @@ class ServerRollout:
 
     def close(self) -> None:
         """Remove this run's weight files (the servers hold the weights and adapter in memory)."""
-        shutil.rmtree(self.drops.directory, ignore_errors=True)
+        if self.ranks.main:
+            shutil.rmtree(self.drops.directory, ignore_errors=True)
 
 
 class WeightDrops:
@@ -717,9 +839,9 @@ RolloutEngine = VllmRollout | ServerRollout | TransformersRollout
 
 
 def rollout(engine: RolloutEngine, stream: PromptStream, step: int, fmt: PromptFormat,
-            tokenizer: Any, cfg: OnPolicyConfig) -> Rollouts:
-    """Step 1: the current student's completions for this step's prompts."""
-    indices = stream.batch(step, cfg.prompts_per_step)
+            tokenizer: Any, cfg: OnPolicyConfig, ranks: Ranks | None = None) -> Rollouts:
+    """Step 1: the current student's completions for this step's prompts (this process's share of them)."""
+    indices = (ranks or Ranks()).share(stream.batch(step, cfg.prompts_per_step))
     records = stream.prompts.rows(indices)
     prompt_ids = fmt.token_ids(tokenizer, [r[cfg.prompt_column] for r in records])
     policy_step = step if isinstance(engine, TransformersRollout) else engine.synced_step
@@ -748,9 +870,9 @@ class RolloutSource:
     """
 
     def __init__(self, engine: RolloutEngine, stream: PromptStream, fmt: PromptFormat, tokenizer: Any,
-                 cfg: OnPolicyConfig, counters: Counters, offline: OfflineBatches | None):
+                 cfg: OnPolicyConfig, counters: Counters, offline: OfflineBatches | None, ranks: Ranks | None = None):
         self.engine, self.stream, self.fmt, self.tokenizer, self.cfg = engine, stream, fmt, tokenizer, cfg
-        self.counters, self.offline = counters, offline
+        self.counters, self.offline, self.ranks = counters, offline, ranks or Ranks()
         self.pending: tuple[int, Future] | None = None
         self.background = cfg.async_rollouts
 
@@ -763,7 +885,7 @@ class RolloutSource:
         else:  # synchronous; or async, at a run's first step or after offline steps
             self._sync_if_behind(step, model)
             t = time.perf_counter()
-            rollouts = rollout(self.engine, self.stream, step, self.fmt, self.tokenizer, self.cfg)
+            rollouts = rollout(self.engine, self.stream, step, self.fmt, self.tokenizer, self.cfg, self.ranks)
             self.counters.timed("rollout", t)
         self.pending = None
         self.engine.sleep()
@@ -795,7 +917,7 @@ class RolloutSource:
     def _sample(self, step: int) -> Rollouts:
         t = time.perf_counter()
         try:
-            return rollout(self.engine, self.stream, step, self.fmt, self.tokenizer, self.cfg)
+            return rollout(self.engine, self.stream, step, self.fmt, self.tokenizer, self.cfg, self.ranks)
         finally:
             self.counters.background_s += time.perf_counter() - t  # only this thread writes it
 
@@ -967,8 +1089,9 @@ class OfflineBatches:
     order, ``i`` counted from the step index, so a resumed run continues with the rows it would have seen.
     """
 
-    def __init__(self, cfg: OnPolicyConfig, tokenizer: Any):
+    def __init__(self, cfg: OnPolicyConfig, tokenizer: Any, ranks: Ranks | None = None):
         directory = cfg.offline_data_dir
+        self.ranks = ranks or Ranks()
         cache = built_cache_dir(directory)
         convert_built_to_arrow(directory, cache)
         self.rows, meta = open_built(directory, cache)
@@ -988,8 +1111,9 @@ class OfflineBatches:
         return seeded_batch(len(self.rows), [self.seed, OFFLINE_STREAM], int(self.index[step]), self.size)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        """The collated rows of step ``step``, with ``target_ids`` (N,): what :func:`onpolicy_loss` reads."""
-        batch = self.collator([self.rows[i] for i in self.row_indices(step)])
+        """The collated rows of step ``step`` (this process's share), with ``target_ids`` (N,): what
+        :func:`onpolicy_loss` reads."""
+        batch = self.collator([self.rows[i] for i in self.ranks.share(self.row_indices(step))])
         batch["target_ids"] = batch["input_ids"][0, batch["target_index"]]
         return batch
 
@@ -1045,17 +1169,22 @@ def micro_batches(batch: dict[str, torch.Tensor], max_tokens: int) -> list[dict[
 
 
 def step_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: OnPolicyConfig,
-                   rewards: torch.Tensor | None = None) -> dict[str, float]:
+                   rewards: torch.Tensor | None = None, normalizer: int | None = None,
+                   baseline: float | None = None) -> dict[str, float]:
     """Backward of the step's loss (:func:`onpolicy_loss`), a micro-batch at a time
-    (``micro_batch_tokens``): the gradients add up to one backward of the whole step's mean loss."""
-    n = len(batch["target_ids"])
+    (``micro_batch_tokens``): the gradients add up to one backward of the whole step's mean loss.
+
+    ``normalizer`` and ``baseline``: the step's target tokens and mean reward over all processes (None:
+    this batch's); the logged values are then this process's shares, which add up over the processes.
+    """
+    n = normalizer or len(batch["target_ids"])
     total: dict[str, float] = {}
     for group in micro_batches(batch, cfg.micro_batch_tokens):
         if not len(group["target_ids"]):
             continue
         with torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16,
                             enabled=cfg.bf16):
-            loss, stats = onpolicy_loss(model, group, cfg, rewards, normalizer=n)
+            loss, stats = onpolicy_loss(model, group, cfg, rewards, normalizer=n, baseline=baseline)
         loss.backward()
         share = len(group["target_ids"]) / n
         for key, value in stats.items():  # the loss adds up (each is a share of the mean); means are weighted
@@ -1064,7 +1193,8 @@ def step_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: 
 
 
 def onpolicy_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: OnPolicyConfig,
-                  rewards: torch.Tensor | None = None, normalizer: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                  rewards: torch.Tensor | None = None, normalizer: int | None = None,
+                  baseline: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Step 3: the mean per-token loss on the student's own tokens, and what to log.
 
     Args:
@@ -1074,6 +1204,7 @@ def onpolicy_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: O
         cfg: objective, JSD beta, reward weight, chunk size.
         rewards: (num_samples,) answer-checker verdicts (1 correct, 0 not) for the reward term.
         normalizer: the target tokens the mean is over (a micro-batch of a step: the step's); None: the batch's.
+        baseline: the reward the term centres on (the step's mean over all processes); None: ``rewards``' mean.
 
     Returns:
         The loss (mean over target tokens) and ``loss``, ``reverse_kl`` (the sampled-token estimate
@@ -1096,7 +1227,7 @@ def onpolicy_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: O
         loss = out.loss / n
     if rewards is not None and cfg.reward_weight > 0:
         assert student_lp is not None
-        centred = (rewards - rewards.mean())[batch["seq_of_target"]]
+        centred = (rewards - (rewards.mean() if baseline is None else baseline))[batch["seq_of_target"]]
         loss = loss - cfg.reward_weight * (centred * student_lp).sum() / n
     stats = {"loss": float(loss.detach())}
     if "teacher_token_logprobs" in batch:
@@ -1117,20 +1248,44 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def rng_states() -> dict[str, Any]:
+    """This process's random generators (a checkpoint keeps every process's: each samples its own)."""
+    return {"torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(saved: dict[str, Any]) -> None:
+    torch.set_rng_state(saved["torch_rng"])
+    if saved.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    np.random.set_state(saved["numpy_rng"])
+    random.setstate(saved["python_rng"])
+
+
 def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any]) -> Path:
-    """Write ``checkpoint-<step>`` under a temporary name, then rename it: never half a checkpoint."""
+                    optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any],
+                    ranks: Ranks | None = None) -> Path:
+    """Write ``checkpoint-<step>`` under a temporary name, then rename it: never half a checkpoint.
+
+    The main process writes the student, optimizer and scheduler (equal on every process); each other
+    process adds its random generators (``rng-<rank>.pt``) before the rename."""
+    ranks = ranks or Ranks()
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = output_dir / f".checkpoint-{step}.tmp"
+    if ranks.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ranks.barrier()
+    if not ranks.main:
+        torch.save(rng_states(), tmp / f"rng-{ranks.rank}.pt")
+    ranks.barrier()
+    if not ranks.main:
+        return final
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-                "python_rng": random.getstate(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng_states()},
                tmp / "training_state.pt")
-    write_json_atomic(tmp / STATE, {**state, "step": step})
+    write_json_atomic(tmp / STATE, {**state, "step": step, "processes": ranks.world})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -1157,17 +1312,24 @@ def resume_point(cfg: OnPolicyConfig) -> Path | None:
     return path
 
 
-def restore(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Optimizer, scheduler and RNG states of a checkpoint; returns its run state (step, counters)."""
+def restore(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any, ranks: Ranks | None = None) -> dict[str, Any]:
+    """Optimizer, scheduler and this process's RNG states of a checkpoint; returns its run state (step,
+    counters). A checkpoint of a run with another number of processes resumes with the weights, optimizer
+    and prompt stream; the processes it did not have seed their generators afresh (``seed + rank``)."""
+    ranks = ranks or Ranks()
     saved = torch.load(path / "training_state.pt", weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["torch_rng"])
-    if saved.get("cuda_rng") is not None:
-        torch.cuda.set_rng_state_all(saved["cuda_rng"])
-    np.random.set_state(saved["numpy_rng"])
-    random.setstate(saved["python_rng"])
-    return json.loads((path / STATE).read_text())
+    own = path / f"rng-{ranks.rank}.pt"
+    if ranks.main:
+        set_rng_states(saved)
+    elif own.is_file():
+        set_rng_states(torch.load(own, weights_only=False))
+    state = json.loads((path / STATE).read_text())
+    if state.get("processes", 1) != ranks.world:
+        logger.warning("%s was saved by %d process(es), resumed by %d: the samples differ from an uninterrupted run's",
+                       path, state.get("processes", 1), ranks.world)
+    return state
 
 
 # ---------------------------------------------------------------------------------------
@@ -1243,8 +1405,22 @@ def merged_weights(model: torch.nn.Module, with_adapter: bool = True) -> Iterato
         yield (f"{owner}.{rest}" if sep else key), tensor.detach()
 
 
-def check_inputs(cfg: OnPolicyConfig) -> None:
-    """Everything that can fail before a model loads: paths, the offline data, the output directory."""
+def check_inputs(cfg: OnPolicyConfig, ranks: Ranks | None = None) -> None:
+    """Everything that can fail before a model loads: the launch, paths, the offline data, the output directory."""
+    ranks = ranks or Ranks()
+    sharded = [name for name, var in (("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"), ("FSDP", "ACCELERATE_USE_FSDP"))
+               if os.environ.get(var, "").lower() in ("1", "true")]
+    if sharded:
+        raise ConfigError(f"onpolicy trains a replicated student, data-parallel as DDP does, not with {sharded[0]}: launch "
+                          "it with a config without DeepSpeed or FSDP (configs/accelerate/ddp_cpu.yaml: one process "
+                          "per GPU on a GPU host), and train a student too big for one device as a LoRA (use_peft: true)")
+    if ranks.world > 1:
+        sizes = [("prompts_per_step", cfg.prompts_per_step)] if cfg.on_policy_fraction > 0 else []
+        sizes += [("offline_rows_per_step", cfg.offline_rows_per_step)] if cfg.on_policy_fraction < 1 else []
+        for name, size in sizes:
+            if size % ranks.world:
+                raise ConfigError(f"{name}={size} does not divide among the {ranks.world} processes: each takes an "
+                                  f"equal share of every step; set a multiple of {ranks.world}")
     check_model_path("student_model", cfg.student_model)
     if cfg.on_policy_fraction > 0 and cfg.teacher_backend == "transformers":
         for name, path in cfg.teachers.items():
@@ -1261,34 +1437,40 @@ def check_inputs(cfg: OnPolicyConfig) -> None:
 
 
 def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
-    """Run on-policy distillation (see the module docstring); returns the manifest."""
+    """Run on-policy distillation (see the module docstring); returns the manifest.
+
+    Under ``accelerate launch`` (or ``torchrun``) with several processes they train one student
+    data-parallel (:class:`Ranks`)."""
     started = time.time()
-    check_inputs(cfg)
+    ranks = Ranks.start()
+    check_inputs(cfg, ranks)
     on_policy = cfg.on_policy_fraction > 0  # else pure offline KD: no prompt, no rollout, no teacher
     prompts = load_prompts(cfg) if on_policy else PromptTable(pa.table({}))
     # teacher servers answer before any model loads: an unreachable one fails here, in one line
     teachers = load_teachers(cfg) if on_policy and cfg.teacher_backend == "server" else {}
     for teacher in teachers.values():
         teacher.probe()
-    server = ServerRollout(cfg) if on_policy and cfg.rollout_backend == "server" else None
+    server = ServerRollout(cfg, ranks) if on_policy and cfg.rollout_backend == "server" else None
     if server is not None:
         server.probe()
     with contextlib.ExitStack() as cleanup:  # every engine is closed however the run ends
         if server is not None:
             cleanup.callback(server.close)
-        return _distill(cfg, prompts, teachers, server, cleanup, started)
+        return _distill(cfg, prompts, teachers, server, cleanup, started, ranks)
 
 
 def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teacher], engine: RolloutEngine | None,
-             cleanup: contextlib.ExitStack, started: float) -> dict[str, Any]:
+             cleanup: contextlib.ExitStack, started: float, ranks: Ranks) -> dict[str, Any]:
     """:func:`run_onpolicy` once its inputs and servers are checked: load, train, save."""
     from llmdistill.checkpoints import StopRequest, stop_message
 
     on_policy = cfg.on_policy_fraction > 0
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stop = cleanup.enter_context(StopRequest())  # from here a SIGTERM ends the run after a step, cleaned up
-    torch.manual_seed(cfg.seed)
+    # from here a SIGTERM ends the run after a step, cleaned up; under a launcher a process may get it twice
+    # (from Slurm and from torchrun passing it on), and the second must not cut the checkpoint short
+    stop = cleanup.enter_context(StopRequest(repeat_exits=ranks.world == 1))
+    torch.manual_seed(cfg.seed)  # the same on every process: a new LoRA adapter starts equal everywhere
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
@@ -1301,7 +1483,7 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teac
     adapter = None
     if cfg.use_peft:
         model, adapter = with_lora(model, cfg, resume)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # one device: the loop is one process
+    device = ranks.device
     model.to(device).train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -1310,8 +1492,12 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teac
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))
                                                   * max(0.0, 1 - s / cfg.max_steps))
     counters, history, first = Counters(), [], 0
+    if ranks.world > 1:  # each process samples its own rollouts
+        torch.manual_seed(cfg.seed + ranks.rank)
+        random.seed(cfg.seed + ranks.rank)
+        np.random.seed(cfg.seed + ranks.rank)
     if resume is not None:
-        state = restore(resume, optimizer, scheduler)
+        state = restore(resume, optimizer, scheduler, ranks)
         first, history = state["step"], state["history"]
         counters = Counters(**{k: v for k, v in state["counters"].items()})
         logger.info("resuming from %s at step %d", resume, first)
@@ -1321,9 +1507,9 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teac
         teachers = load_teachers(cfg, device)
     fmt = PromptFormat.from_settings(cfg.system_prompt, cfg.instruction_template, cfg.use_chat_template)
     stream = PromptStream(prompts, cfg.seed)
-    offline = OfflineBatches(cfg, tokenizer) if cfg.on_policy_fraction < 1 else None
+    offline = OfflineBatches(cfg, tokenizer, ranks) if cfg.on_policy_fraction < 1 else None
     if on_policy and cfg.rollout_backend == "vllm":
-        engine = VllmRollout(str(resume) if resume and adapter is None else cfg.student_model, cfg, adapter)
+        engine = VllmRollout(str(resume) if resume and adapter is None else cfg.student_model, cfg, adapter, ranks)
         cleanup.callback(engine.close)
         if adapter is not None and (resume is not None or engine.adapter is not None):
             engine.sync(model)  # the checkpoint's adapter (merged into the base, or as a LoRA)
@@ -1334,69 +1520,95 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teac
         engine = TransformersRollout(model, tokenizer)
     if engine is not None:
         engine.synced_step = first
-    source = RolloutSource(engine, stream, fmt, tokenizer, cfg, counters, offline) if engine is not None else None
+    source = RolloutSource(engine, stream, fmt, tokenizer, cfg, counters, offline, ranks) if engine is not None else None
 
     # Train: sample -> score -> loss -> step -> sync (or, on an offline step: built batch -> loss -> step)
     window = []
     for step in range(first, cfg.max_steps):
-        stats = train_step(step, model, optimizer, scheduler, source, teachers, tokenizer, cfg, counters, offline)
+        stats = train_step(step, model, optimizer, scheduler, source, teachers, tokenizer, cfg, counters, offline, ranks)
         window.append(stats)
-        stopping = stop.signum is not None and step + 1 < cfg.max_steps
+        asked = stop.signum is not None
+        if ranks.world > 1:  # any process signalled: all save the same step and stop
+            asked = ranks.sum([float(asked)])[0] > 0
+        stopping = asked and step + 1 < cfg.max_steps
         if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps or stopping:
             history.append(log_window(step + 1, window, counters))
             window = []
         if stopping or cfg.save_steps and (step + 1) % cfg.save_steps == 0:
             path = save_checkpoint(out, step + 1, model if adapter is None else adapter, tokenizer, optimizer,
-                                   scheduler, {"history": history, "counters": counters.__dict__})
+                                   scheduler, {"history": history, "counters": counters.__dict__}, ranks)
         if stopping:
-            logger.warning("%s", stop_message(stop.signum, step + 1, cfg.max_steps, path))
-            raise SystemExit(128 + stop.signum)
+            signum = stop.signum or signal.SIGTERM  # the processes Slurm or the launcher signalled got SIGTERM
+            logger.warning("%s", stop_message(signum, step + 1, cfg.max_steps, path))
+            raise SystemExit(128 + signum)
 
     # Save the student and the run's record
-    return save_final(out, model, tokenizer, cfg, counters, history, started, adapter)
+    if ranks.main:
+        manifest = save_final(out, model, tokenizer, cfg, counters, history, started, adapter)
+    ranks.barrier()
+    return manifest if ranks.main else json.loads((out / MANIFEST).read_text())
 
 
 def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                source: RolloutSource | None, teachers: dict[str, Teacher], tokenizer: Any, cfg: OnPolicyConfig,
-               counters: Counters, offline: OfflineBatches | None = None) -> dict[str, float]:
-    """One optimizer step on the student's own samples, or on an offline batch when ``offline`` takes the step."""
-    rollouts, rewards = None, None
+               counters: Counters, offline: OfflineBatches | None = None, ranks: Ranks | None = None) -> dict[str, float]:
+    """One optimizer step on the student's own samples, or on an offline batch when ``offline`` takes the
+    step. With several processes each computes the gradients of its share; the sums over all of them
+    (:meth:`Ranks.sum_gradients`) are the whole step's, and every process takes the same step."""
+    ranks = ranks or Ranks()
+    rollouts, rewards, reward_sum = None, None, 0.0
     if offline is not None and offline.takes(step):
         t = time.perf_counter()
         batch = offline.batch(step)
+        total = int(ranks.sum([len(batch["target_ids"])])[0])
         optimizer.zero_grad(set_to_none=True)
-        stats = step_gradients(model, batch, cfg)
+        stats = step_gradients(model, batch, cfg, normalizer=total)
         counters.offline_steps += 1
     else:
         rollouts = source.take(step, model)
-        counters.rollout_tokens += rollouts.num_tokens
 
         t = time.perf_counter()
         batch = score(teachers, rollouts, cfg)
         counters.timed("scoring", t)
-        counters.teacher_tokens_scored += int(batch["input_ids"].shape[1])
 
         t = time.perf_counter()
         rewards = answer_rewards(rollouts, tokenizer, cfg) if cfg.reward_weight > 0 or cfg.answer_column else None
+        counts = [len(batch["target_ids"])] + ([float(rewards.sum()), len(rewards)] if rewards is not None else [])
+        total, *reward_counts = ranks.sum(counts)
+        baseline = reward_counts[0] / reward_counts[1] if rewards is not None else None
+        reward_sum = reward_counts[0] if rewards is not None else 0.0
         optimizer.zero_grad(set_to_none=True)
-        stats = step_gradients(model, batch, cfg, rewards if cfg.reward_weight > 0 else None)
+        stats = step_gradients(model, batch, cfg, rewards if cfg.reward_weight > 0 else None, normalizer=int(total),
+                               baseline=baseline)
+    ranks.sum_gradients(model.parameters())
     if cfg.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     optimizer.step()
     scheduler.step()
     counters.timed("training", t)
+
+    # what the step logs and counts, over all processes (the loss terms are shares that add up)
+    keys = sorted(stats)
+    local = [stats[k] for k in keys] + [len(batch["target_ids"])]
+    if rollouts is not None:
+        local += [rollouts.num_tokens, len(rollouts.completion_ids), int(batch["input_ids"].shape[1])]
+    summed = ranks.sum(local)
+    stats = dict(zip(keys, summed, strict=False))
     counters.optimizer_steps += 1
-    counters.trained_tokens += len(batch["target_ids"])
+    counters.trained_tokens += int(summed[len(keys)])
+    if rollouts is not None:
+        rollout_tokens, samples, scored = (int(v) for v in summed[len(keys) + 1:])
+        counters.rollout_tokens += rollout_tokens
+        counters.teacher_tokens_scored += scored
+        stats["completion_tokens"] = rollout_tokens / samples
+        stats["policy_lag"] = float(step - rollouts.policy_step)
+        if rewards is not None:
+            stats["reward"] = reward_sum / samples
 
     if source is not None:
         source.updated(step, model)
     if offline is not None:
         stats["offline"] = float(rollouts is None)
-    if rewards is not None:
-        stats["reward"] = float(rewards.mean())
-    if rollouts is not None:
-        stats["completion_tokens"] = rollouts.num_tokens / len(rollouts.completion_ids)
-        stats["policy_lag"] = float(step - rollouts.policy_step)
     return stats
 
 

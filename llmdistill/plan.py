@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -185,11 +186,11 @@ def _onpolicy_plan(cfg: Any) -> dict[str, Any]:
             width = 2 if cfg.bf16 else 4
             plan[f"student weights ({'bf16' if cfg.bf16 else 'fp32'}, frozen) + LoRA adapter"] = (
                 f"{params * width / GIB:.0f} GiB + the rank-{cfg.lora_r} adapter's weights, grads and AdamW moments "
-                "(fp32), in the one training process (no sharding)")
+                "(fp32), in each training process (replicated: data-parallel, not sharded)")
         else:
             plan["student weights + grads + AdamW (fp32)"] = (
-                f"{params * 16 / GIB:.0f} GiB, in the one training process (no sharding; use_peft trains a LoRA "
-                "adapter)")
+                f"{params * 16 / GIB:.0f} GiB, in each training process (replicated: data-parallel, not sharded; "
+                "use_peft trains a LoRA adapter)")
     if cfg.gradient_checkpointing or cfg.micro_batch_tokens:
         plan["activations kept for a backward"] = (
             (f"<= {cfg.micro_batch_tokens} positions at a time" if cfg.micro_batch_tokens else "a whole step's")
@@ -226,19 +227,22 @@ def _onpolicy_steps(cfg: Any, steps: int) -> dict[str, Any]:
     plan["teacher tokens scored per step (upper bound: prompt + completion)"] = read
     plan["teacher scoring"] = (f"{cfg.teacher_backend}: one prefill per sample, top-{cfg.logprobs_top_k} and the "
                                "sampled token's log-prob at every completion position")
-    counted: list[int | None] = [1]  # the training process
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # the launch's: `accelerate launch --num_processes N`
+    each = (f"{processes} training processes ({cfg.prompts_per_step // processes} prompts of each step each), "
+            "data-parallel" if processes > 1 else "one training process")
+    counted: list[int | None] = [processes]
     if cfg.rollout_backend == "server":
-        plan["GPUs: training"] = "1: one process holds the student and its optimizer"
+        plan["GPUs: training"] = f"{processes}: {each}, each holding the student and its optimizer"
         plan["GPUs: rollouts"], gpus = _server_gpus(len(cfg.rollout_urls), cfg.rollout_server_gpus, "rollout_server_gpus")
         counted.append(gpus)
     else:
-        plan["GPUs: rollout + training"] = "1: one process holds the student, its optimizer and the rollout engine"
+        plan["GPUs: rollout + training"] = f"{processes}: {each}, each holding the student, its optimizer and a rollout engine"
     if cfg.teacher_backend == "server":
         plan["GPUs: teacher scoring"], gpus = _server_gpus(len(cfg.teacher_urls), cfg.teacher_server_gpus,
                                                            "teacher_server_gpus")
         counted.append(gpus)
     else:
-        plan["GPUs: teacher scoring"] = "0 more: the teacher runs in the student's process"
+        plan["GPUs: teacher scoring"] = "0 more: the teacher runs in each training process"
     if None not in counted:
         plan["GPUs in all"] = sum(counted)
     return plan

@@ -72,3 +72,18 @@ def synthetic_servers():
     yield start
     for server in started:
         server.stop()
+
+
+def accelerate_launch(*args: str, launcher: str = "ddp_cpu", processes: int = 2) -> list[str]:
+    """The command that runs ``args`` (``-m llmdistill ...`` or a script) in ``processes`` CPU processes through
+    ``accelerate launch`` with the project's ``configs/accelerate/<launcher>.yaml`` (DDP: gloo here), on a free port."""
+    import socket
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{launcher}.yaml"
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
+            str(processes), "--main_process_port", str(port), *args]

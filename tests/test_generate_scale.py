@@ -328,38 +328,89 @@ def test_recipe_allocations_match_the_configs():
     train = _sbatch("train.sbatch")
     assert f"GPUS_PER_NODE={train['gpus-per-node']}" in (RECIPE / "slurm" / "train.sbatch").read_text()
 
-    # onpolicy: one job holds the training GPU, the rollout server's and the teacher server's, as onpolicy.yaml
-    # records them
+    # onpolicy: one job holds the training GPUs, the rollout servers' and the teacher servers', as onpolicy.yaml
+    # records them (test_the_onpolicy_job_starts_what_its_config_records runs the script)
+
+
+STUB = """#!{python}
+import json, os, sys, time
+with open({log!r}, "a") as f:
+    f.write(json.dumps({{"argv": [os.path.basename(sys.argv[0])] + sys.argv[1:], "env": dict(os.environ)}}) + "\\n")
+if os.path.basename(sys.argv[0]) == "accelerate":
+    time.sleep(1)  # the trainer: the servers started before it have written their lines when the job ends
+"""
+
+
+@pytest.mark.unit
+def test_the_onpolicy_job_starts_what_its_config_records(tmp_path):
+    """slurm/onpolicy.sbatch run with `python` and `accelerate` stubbed (each records its arguments and
+    environment): the servers and the trainer it starts use the job's GPUs once each, in the numbers
+    onpolicy.yaml records, and the trainer is pointed at exactly the servers started."""
     onpolicy = yaml.safe_load((RECIPE / "onpolicy.yaml").read_text())
-    job, text = _sbatch("onpolicy.sbatch"), (RECIPE / "slurm" / "onpolicy.sbatch").read_text()
-    commands = re.split(r"\n(?=CUDA_VISIBLE_DEVICES=)", text)[1:]  # teacher server, rollout server, trainer
-    teacher, rollout, trainer = (next(c for c in commands if key in c)
-                                 for key in ('--model "$TEACHER"', '--model "$STUDENT"', "llmdistill onpolicy"))
-    tp, pp = _flag(teacher, "tensor-parallel-size", 1), _flag(teacher, "pipeline-parallel-size", 1)
-    assert text.count("vllm.entrypoints.openai.api_server") == 2
-    assert len(onpolicy["teacher_urls"]) == len(onpolicy["rollout_urls"]) == 1
+    job = _sbatch("onpolicy.sbatch")
+    log, stubs = tmp_path / "calls.jsonl", tmp_path / "bin"
+    stubs.mkdir()
+    for name in ("python", "accelerate"):
+        (stubs / name).write_text(STUB.format(python=sys.executable, log=str(log)))
+        (stubs / name).chmod(0o755)
+    (tmp_path / "prompts.parquet").write_bytes(b"")  # present: the job does not build it
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PROMPTS": str(tmp_path / "prompts.parquet")}
+    env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)
+    done = subprocess.run(["bash", str(RECIPE / "slurm" / "onpolicy.sbatch")], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    servers = [c for c in calls if "vllm.entrypoints.openai.api_server" in c["argv"]]
+    (trainer,) = [c for c in calls if c["argv"][0] == "accelerate"]
+    assert len(servers) + 1 == len(calls)
+
+    def value(argv: list[str], flag: str, default: str | None = None) -> str:
+        return argv[argv.index(flag) + 1] if flag in argv or default is None else default
+
+    def values(argv: list[str], flag: str) -> list[str]:  # a list field: the arguments up to the next flag
+        rest = argv[argv.index(flag) + 1:]
+        return rest[:next((i for i, a in enumerate(rest) if a.startswith("--")), len(rest))]
+
+    def gpus(call: dict) -> set[str]:
+        return set(call["env"]["CUDA_VISIBLE_DEVICES"].split(","))
+
+    teachers = [c for c in servers if value(c["argv"], "--model") == onpolicy["teacher_model"]]
+    rollouts = [c for c in servers if value(c["argv"], "--model") == onpolicy["student_model"]]
+    assert len(teachers) + len(rollouts) == len(servers)
     assert onpolicy["teacher_backend"] == "server" and onpolicy["rollout_backend"] == "server"
-    assert onpolicy["teacher_server_gpus"] == tp * pp
-    assert onpolicy["rollout_server_gpus"] == _flag(rollout, "tensor-parallel-size", 1)
-    gpus = int(job["nodes"]) * int(job["gpus-per-node"])
-    assert gpus == 1 + tp * pp + onpolicy["rollout_server_gpus"]  # the training process uses one device
-    visible = [set(re.match(r"CUDA_VISIBLE_DEVICES=([\d,]+)", c)[1].split(",")) for c in (teacher, rollout, trainer)]
-    assert [len(v) for v in visible] == [tp * pp, onpolicy["rollout_server_gpus"], 1]
-    assert len(set().union(*visible)) == gpus  # disjoint: no process shares another's GPU
+    # the trainer asks exactly the servers started, by the URLs the config records
+    for started, key in ((teachers, "teacher_urls"), (rollouts, "rollout_urls")):
+        urls = sorted(f"http://127.0.0.1:{value(c['argv'], '--port')}" for c in started)  # started side by side
+        assert urls == sorted(onpolicy[key]) and onpolicy[key] == values(trainer["argv"], f"--{key}")
+    # GPUs: each teacher server TP x PP, each rollout server its TP, one per training process; all distinct
+    for c in teachers:
+        assert len(gpus(c)) == onpolicy["teacher_server_gpus"] == (
+            int(value(c["argv"], "--tensor-parallel-size", "1")) * int(value(c["argv"], "--pipeline-parallel-size", "1")))
+    for c in rollouts:
+        assert len(gpus(c)) == onpolicy["rollout_server_gpus"] == int(value(c["argv"], "--tensor-parallel-size", "1"))
+    processes = int(value(trainer["argv"], "--num_processes"))
+    assert len(gpus(trainer)) == processes and onpolicy["prompts_per_step"] % processes == 0
+    held = [g for c in calls for g in gpus(c)]
+    assert len(held) == len(set(held)) == int(job["nodes"]) * int(job["gpus-per-node"])  # each GPU once, all used
     # the servers serve what the client asks for: the model names, top-k, context, LoRA rank, weight reloads
-    assert f"TEACHER={onpolicy['teacher_model']}" in text and '--served-model-name "$TEACHER"' in teacher
-    assert f"STUDENT=${{STUDENT:-{onpolicy['student_model']}}}" in text and '--served-model-name "$STUDENT"' in rollout
-    assert _flag(teacher, "max-logprobs", 20) == onpolicy["teacher_max_logprobs"] >= onpolicy["logprobs_top_k"]
-    for server in (teacher, rollout):
-        assert _flag(server, "max-model-len", 0) >= onpolicy["max_model_len"]
-    assert "VLLM_SERVER_DEV_MODE=1" in rollout and "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in rollout
-    assert "--enable-lora" in rollout and _flag(rollout, "max-lora-rank", 0) >= onpolicy["lora_r"]
+    for c in servers:
+        assert value(c["argv"], "--served-model-name") == value(c["argv"], "--model")
+        assert int(value(c["argv"], "--max-model-len")) >= onpolicy["max_model_len"]
+        assert c["env"]["VLLM_SERVER_DEV_MODE"] == "1"
+    for c in teachers:
+        assert int(value(c["argv"], "--max-logprobs")) == onpolicy["teacher_max_logprobs"] >= onpolicy["logprobs_top_k"]
+    for c in rollouts:
+        assert c["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and "--enable-lora" in c["argv"]
+        assert int(value(c["argv"], "--max-lora-rank")) >= onpolicy["lora_r"]
     assert onpolicy["use_peft"] and onpolicy["lora_rollouts"] == "adapter" and onpolicy["async_rollouts"]
-    for port, key, flag in (("PORT", "teacher_urls", "--teacher_urls"), ("ROLLOUT_PORT", "rollout_urls", "--rollout_urls")):
-        number = re.search(rf"\n{port}=\$\{{{port}:-(\d+)\}}", text)[1]
-        assert onpolicy[key] == [f"http://127.0.0.1:{number}"]
-        assert f'{flag} "http://127.0.0.1:${port}"' in trainer
-    assert '--student_model "$STUDENT"' in trainer
+    # the trainer: the DDP launch config, the student the rollout servers serve, a resume, and torchrun's
+    # grace period (after it passes the SIGTERM on) within Slurm's lead time
+    assert value(trainer["argv"], "--config_file") == "configs/accelerate/ddp_cpu.yaml"
+    assert trainer["argv"][trainer["argv"].index("-m") + 1:][:2] == ["llmdistill", "onpolicy"]
+    assert value(trainer["argv"], "--student_model") == onpolicy["student_model"]
+    assert value(trainer["argv"], "--resume_from_checkpoint") == "latest"
+    lead = int(re.fullmatch(r"B:TERM@(\d+)", job["signal"])[1])
+    assert 30 < int(trainer["env"]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) < lead
 
 
 FAKE_TRAINER = ("{python} -c 'import signal, sys, time\n"

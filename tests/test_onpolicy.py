@@ -664,6 +664,98 @@ def test_a_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(
     assert [h["step"] for h in history] == [1, 2, 3, 4]
 
 
+TWO_PROCESS_RUN = """
+import os, signal, sys
+import llmdistill.onpolicy as op
+from llmdistill.config.onpolicy import OnPolicyConfig
+from llmdistill.log import setup_logging
+real = op.train_step
+def step_then_term(step, *args, **kwargs):
+    stats = real(step, *args, **kwargs)
+    if step == 1 and os.environ["RANK"] == "1" and os.environ.get("TERM_AT_STEP_2"):  # only rank 1 is signalled
+        os.kill(os.getpid(), signal.SIGTERM)
+    return stats
+op.train_step = step_then_term
+setup_logging()  # as the llmdistill command: INFO on rank 0, WARNING on the others
+op.run_onpolicy(OnPolicyConfig(**__import__("json").loads(sys.argv[1])))
+"""
+
+
+def launch_two(cfg: OnPolicyConfig, tmp_path: Path, term: bool = False) -> subprocess.CompletedProcess:
+    """:data:`TWO_PROCESS_RUN` of ``cfg`` in 2 CPU processes under ``accelerate launch`` (DDP config, gloo)."""
+    from conftest import accelerate_launch
+
+    script = tmp_path / "two.py"
+    script.write_text(textwrap.dedent(TWO_PROCESS_RUN))
+    fields = {k: v for k, v in cfg.__dict__.items() if not k.startswith("_")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TERM_AT_STEP_2": "1" if term else ""}
+    return subprocess.run(accelerate_launch(str(script), json.dumps(fields)), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.integration
+def test_two_processes_take_the_same_steps_as_one(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path):
+    """Data-parallel on-policy distillation: 2 processes each sample, score and back-propagate half of every
+    step's prompts, the gradients are summed, and the run equals one process doing whole steps (greedy
+    rollouts: the same completions either way), in weights, logged loss and counted tokens."""
+    from llmdistill.onpolicy import run_onpolicy
+
+    common = dict(rollout_backend="transformers", rollout_temperature=0.0, max_steps=3, max_new_tokens=16,
+                  prompts_per_step=4, micro_batch_tokens=48)  # micro-batches differ in number between the processes
+    one = run_onpolicy(config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "one", **common))
+    done = launch_two(config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "two", **common), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert two["counts"] == one["counts"] and one["counts"]["rollout_tokens"] > 0
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    base = load_file(str(Path(tiny_student_dir) / "model.safetensors"))
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+    assert max(float((a[k] - base[k]).abs().max()) for k in a) > 1e-3  # trained: the steps moved the weights
+    logs = [json.loads((tmp_path / d / "log_history.json").read_text()) for d in ("one", "two")]
+    for key in ("loss", "reverse_kl", "completion_tokens"):
+        assert [h[key] for h in logs[0]] == pytest.approx([h[key] for h in logs[1]], rel=1e-4), key
+    assert (done.stdout + done.stderr).count("step 3:") == 1  # one log: the main process's
+
+
+@pytest.mark.integration
+def test_a_sigterm_to_one_of_two_processes_stops_both_and_the_resume_is_exact(
+        prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path):
+    """Sampled rollouts (each process its own generator, every one of them checkpointed): only rank 1 gets
+    SIGTERM in step 2; both stop after it with one checkpoint, and the resumed run ends bit-identical to
+    an uninterrupted 2-process run."""
+    common = dict(rollout_backend="transformers", max_steps=4, max_new_tokens=16, prompts_per_step=4)
+    whole = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "whole", **common)
+    assert launch_two(whole, tmp_path).returncode == 0
+    stopped = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "stopped", **common)
+    done = launch_two(stopped, tmp_path, term=True)
+    said = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode != 0 and said.count("stopped by SIGTERM after step 2 of 4") == 2, said[-3000:]  # each rank
+    assert sorted(p.name for p in (tmp_path / "stopped").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (tmp_path / "stopped" / "checkpoint-2" / "rng-1.pt").is_file()
+    done = launch_two(OnPolicyConfig(**{**stopped.__dict__, "resume_from_checkpoint": "latest"}), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    b = load_file(str(tmp_path / "stopped" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    history = json.loads((tmp_path / "stopped" / "log_history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+
+
+@pytest.mark.unit
+def test_a_sharded_launch_and_steps_that_do_not_divide_fail_in_one_line(prompts, tmp_path, monkeypatch):
+    from llmdistill.onpolicy import Ranks, check_inputs
+
+    cfg = config(prompts, tmp_path, tmp_path, tmp_path / "out", prompts_per_step=6)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="replicated student.*not with DeepSpeed.*use_peft"):
+        check_inputs(cfg)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    with pytest.raises(ConfigError, match="prompts_per_step=6 does not divide among the 4 processes"):
+        check_inputs(cfg, Ranks(rank=1, world=4))
+    assert Ranks(rank=1, world=3).share(list(range(6))) == [2, 3]
+
+
 @pytest.mark.integration
 def test_the_cli_runs_and_records_the_compute(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path):
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -725,10 +817,10 @@ def test_a_mixed_run_trains_on_offline_batches_on_exactly_the_seeded_steps(
         offline_batches[step] = (real_batch(self, step), self.row_indices(step))
         return offline_batches[step][0]
 
-    def spy_loss(model, batch, cfg, rewards=None, normalizer=None):
+    def spy_loss(model, batch, cfg, *args, **kwargs):
         if "teacher_token_logprobs" not in batch:  # an offline batch: keep the weights it is computed with
             weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return real_loss(model, batch, cfg, rewards, normalizer)
+        return real_loss(model, batch, cfg, *args, **kwargs)
 
     monkeypatch.setattr(op, "rollout", spy_rollout)
     monkeypatch.setattr(op.OfflineBatches, "batch", spy_batch)
@@ -872,21 +964,25 @@ def test_an_unreachable_teacher_server_fails_in_one_line_before_a_model_loads(pr
 def test_the_recipe_dry_runs_with_tokens_and_gpus_per_step():
     recipe = ROOT / "configs" / "recipes" / "r1-qwen7b" / "onpolicy.yaml"
 
-    def dry_run(*overrides: str) -> str:
+    def dry_run(*overrides: str, processes: int = 2) -> str:  # WORLD_SIZE: the training processes of the launch
         res = subprocess.run([sys.executable, "-m", "llmdistill", "onpolicy", "--config", str(recipe), "--dry_run",
-                              *overrides], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "COLUMNS": "250"},
-                             timeout=120)
+                              *overrides], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                             env={**os.environ, "COLUMNS": "250", "WORLD_SIZE": str(processes)})
         assert res.returncode == 0, res.stderr[-3000:]
         return " ".join(res.stdout.split())
 
     text = dry_run()
     for needle in ("150: 150 on-policy, 0 on offline batches", "512 prompts x 4 samples = 2048",
-                   "rollout tokens per step (upper bound) │ 33554432", "GPUs: rollouts │ 1 vLLM server(s) x 1 = 1",
-                   "GPUs: teacher scoring │ 1 vLLM server(s) x 2 = 2", "GPUs in all │ 4",
-                   "the LoRA adapter loaded as a vLLM LoRA at each sync",
+                   "rollout tokens per step (upper bound) │ 33554432",
+                   "GPUs: training │ 2: 2 training processes (256 prompts of each step each), data-parallel",
+                   "GPUs: rollouts │ 2 vLLM server(s) x 1 = 2", "GPUs: teacher scoring │ 2 vLLM server(s) x 2 = 4",
+                   "GPUs in all │ 8", "the LoRA adapter loaded as a vLLM LoRA at each sync",
                    "student weights (bf16, frozen) + LoRA adapter │ 13 GiB + the rank-128 adapter's",
+                   "in each training process (replicated: data-parallel, not sharded)",
                    "each layer's recomputed in the backward (gradient checkpointing)"):
         assert needle in text, (needle, text[-3000:])
+    alone = dry_run(processes=1)
+    assert "GPUs: training │ 1: one training process" in alone and "GPUs in all │ 7" in alone
     # full fine-tuning of the same student: the size that needs sharding
     assert "student weights + grads + AdamW (fp32) │ 104 GiB" in dry_run("--use_peft", "false")
     assert not (ROOT / "runs" / "r1-qwen7b").exists(), "a dry run must write nothing"

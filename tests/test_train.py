@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import accelerate_launch  # tests/ is on sys.path (pytest's rootdir conftest)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -441,14 +442,6 @@ def test_qlora_trains_a_4bit_student_on_cpu(tmp_path, tiny_student_dir, built_kd
     assert saved["r"] == 4 and (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _common_run(student, data) -> dict:
     return dict(student_model=str(student), data_dir=str(data), alpha=0.5, max_steps=4,
                 per_device_train_batch_size=2, learning_rate=3e-3, logging_steps=1, save_strategy="no",
@@ -475,15 +468,12 @@ def test_two_processes_end_identical_and_equal_one_process_with_accumulation(tmp
     """
     import os
     import subprocess
-    import sys
 
     import yaml
 
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text(yaml.safe_dump({**_common_run(tiny_student_dir, built_kd), "output_dir": str(tmp_path / "out")}))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / f"{launcher}.yaml"), "--num_processes", "2",
-           "--main_process_port", str(_free_port()), "-m", "llmdistill", "train", "--config", str(run_yaml)]
+    cmd = accelerate_launch("-m", "llmdistill", "train", "--config", str(run_yaml), launcher=launcher)
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -510,7 +500,6 @@ def test_a_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path,
     import re
     import signal
     import subprocess
-    import sys
 
     import psutil
     import yaml
@@ -523,9 +512,7 @@ def test_a_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path,
     run_yaml.write_text(yaml.safe_dump(run))
 
     def launch(path: Path) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"), "--num_processes", "2",
-               "--main_process_port", str(_free_port()), "-m", "llmdistill", "train", "--config", str(path)]
+        cmd = accelerate_launch("-m", "llmdistill", "train", "--config", str(path))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

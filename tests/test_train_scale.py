@@ -14,12 +14,12 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import accelerate_launch  # tests/ is on sys.path (pytest's rootdir conftest)
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -178,22 +178,12 @@ main(sys.argv[2:])
 '''
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_two(tmp_path: Path, launcher: str, run: dict, record: Path) -> None:
     """`accelerate launch` of the real CLI with 2 CPU processes, recording the rows each rank collates."""
     run_yaml, wrapper = tmp_path / f"{record.name}.yaml", tmp_path / "wrapper.py"
     run_yaml.write_text(yaml.safe_dump(run))
     wrapper.write_text(RECORDING_WRAPPER)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / f"{launcher}.yaml"), "--num_processes", "2",
-           "--main_process_port", str(_free_port()), str(wrapper), str(record), "train", "--config", str(run_yaml)]
+    cmd = accelerate_launch(str(wrapper), str(record), "train", "--config", str(run_yaml), launcher=launcher)
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
