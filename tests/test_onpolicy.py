@@ -742,6 +742,23 @@ def test_a_sigterm_to_one_of_two_processes_stops_both_and_the_resume_is_exact(
     assert [h["step"] for h in history] == [1, 2, 3, 4]
 
 
+@pytest.mark.integration
+def test_two_processes_each_sample_with_their_own_engine_and_lora_adapter(prompts, tiny_student_dir,
+                                                                          tiny_random_teacher_dir, tmp_path):
+    """In-process vLLM rollouts in 2 processes, a LoRA student synced as vLLM LoRA adapters: each process's
+    engine loads its own adapter copies (no shared sync directory), both shares are trained and counted,
+    and the sync files are gone at the end."""
+    cfg = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "two", rollout_backend="vllm",
+                 use_peft=True, lora_r=4, lora_rollouts="adapter", max_steps=2, save_steps=1, kv_cache_space_gb=1)
+    done = launch_two(cfg, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["optimizer_steps"] == 2 and counts["trained_tokens"] == counts["rollout_tokens"] > 0
+    assert (tmp_path / "two" / "checkpoint-1" / "rng-1.pt").is_file()
+    assert not any((tmp_path / "two" / "rollout-weights").rglob("*.safetensors"))
+
+
 @pytest.mark.unit
 def test_a_sharded_launch_and_steps_that_do_not_divide_fail_in_one_line(prompts, tmp_path, monkeypatch):
     from llmdistill.onpolicy import Ranks, check_inputs
