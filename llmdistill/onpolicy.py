@@ -24,8 +24,9 @@ the teacher's judgement of every token. Each optimizer step reads like a trainin
 With ``on_policy_fraction`` (GKD's lambda) below 1, a seeded choice per step index sends some
 steps to :class:`OfflineBatches` instead: a batch of built shards (the teacher's own traces with
 its top-k, read as ``train`` reads them) and the same divergence, with no rollout and no scoring.
-The teacher runs in this process (:class:`TransformersTeacher`) or on a pool of ``vllm serve``
-servers (:class:`ServerTeacher`, the ``score`` stage's client).
+The teacher runs in this process (:class:`TransformersTeacher`, or a vLLM engine: :class:`VllmTeacher`, the
+``score`` stage's offline engine) or on a pool of ``vllm serve`` servers (:class:`ServerTeacher`, the
+``score`` stage's client).
 
 Under ``accelerate launch`` with several processes (:class:`Ranks`) they train one student
 data-parallel: each samples, scores and back-propagates its share of every step's prompts, and the
@@ -974,13 +975,37 @@ def unpack(batch: dict[str, torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]
     return [(ids[starts[i]:first], ids[first:ends[i]]) for i, first in zip(samples, firsts, strict=True)]
 
 
-class ServerTeacher:
-    """A teacher on a pool of ``vllm serve`` servers: the ``score`` stage's client.
+class StreamedTeacher:
+    """A teacher behind one of the ``score`` stage's engines, which take (prompt, completion) pairs and
+    stream back the top-k and the sampled token's log-prob at every completion position: each sample is
+    one ``prompt_logprobs`` prefill over its prompt + completion token ids."""
 
-    Each sample is one ``prompt_logprobs`` request over its prompt + completion token ids
-    (:class:`~llmdistill.generate.pool.ServerPool`, least-loaded routing, retries, health checks);
-    the reply is parsed straight to arrays (:func:`~llmdistill.generate.responses.parse_scored`):
-    the top-k and the sampled token's log-prob at every completion position.
+    engine: Any  # ServerPool or OfflineEngine: ``k`` and ``stream(work)``
+
+    def score(self, batch: dict[str, torch.Tensor], k: int, chunk_size: int) -> dict[str, torch.Tensor]:
+        """The same grades as :meth:`TransformersTeacher.score` (``chunk_size`` is unused)."""
+        from llmdistill.generate.engines import Work
+        from llmdistill.generate.inputs import Request
+
+        if k != self.engine.k:
+            raise ValueError(f"the teacher's engine was asked for top-{self.engine.k}, not top-{k}")
+        samples = unpack(batch)
+        work = [Work(Request(str(i), "", "", prompt, completion_token_ids=completion), 0)
+                for i, (prompt, completion) in enumerate(samples)]
+        graded: dict[int, Any] = {}
+        for finished in self.engine.stream(work):
+            if finished is not None:
+                graded[int(finished[0].request.prompt_id)] = finished[1]
+        parts = [graded[i] for i in range(len(samples))]
+        return {"teacher_ids": torch.from_numpy(np.concatenate([c.topk_ids for c in parts]).astype(np.int64)),
+                "teacher_logprobs": torch.from_numpy(np.concatenate([c.topk_logprobs for c in parts])),
+                "teacher_token_logprobs": torch.from_numpy(np.concatenate([c.token_logprobs for c in parts]))}
+
+
+class ServerTeacher(StreamedTeacher):
+    """A teacher on a pool of ``vllm serve`` servers: the ``score`` stage's client
+    (:class:`~llmdistill.generate.pool.ServerPool`: least-loaded routing, retries, health checks), each
+    reply parsed straight to arrays (:func:`~llmdistill.generate.responses.parse_scored`).
 
     Args:
         model: the model name the servers serve.
@@ -996,46 +1021,63 @@ class ServerTeacher:
                                   logprobs_top_k=cfg.logprobs_top_k, max_logprobs=cfg.teacher_max_logprobs,
                                   progress_timeout=cfg.teacher_timeout,
                                   health_interval=max(0.1, min(10.0, cfg.teacher_timeout / 4)))
-        self.pool = ServerPool(self.config, scoring=True)
+        self.engine = ServerPool(self.config, scoring=True)
 
     def probe(self) -> None:
         """Wait up to ``teacher_timeout`` for a server to answer; fail in one line naming the URLs otherwise."""
         from llmdistill.generate.pool import ServerError
 
         try:
-            self.pool.probe()
+            self.engine.probe()
         except ServerError as err:
             raise ServerError(f"teacher '{self.config.model}': {str(err).replace('progress_timeout', 'teacher_timeout')}"
                               "; start the teacher servers or fix teacher_urls") from None
 
-    def score(self, batch: dict[str, torch.Tensor], k: int, chunk_size: int) -> dict[str, torch.Tensor]:
-        """The same grades as :meth:`TransformersTeacher.score`, from the servers (``chunk_size`` is unused)."""
-        from llmdistill.generate.engines import Work
-        from llmdistill.generate.inputs import Request
 
-        if k != self.pool.k:
-            raise ValueError(f"the teacher servers were asked for top-{self.pool.k}, not top-{k}")
-        samples = unpack(batch)
-        work = [Work(Request(str(i), "", "", prompt, completion_token_ids=completion), 0)
-                for i, (prompt, completion) in enumerate(samples)]
-        graded: dict[int, Any] = {}
-        for finished in self.pool.stream(work):
-            if finished is not None:
-                graded[int(finished[0].request.prompt_id)] = finished[1]
-        parts = [graded[i] for i in range(len(samples))]
-        return {"teacher_ids": torch.from_numpy(np.concatenate([c.topk_ids for c in parts]).astype(np.int64)),
-                "teacher_logprobs": torch.from_numpy(np.concatenate([c.topk_logprobs for c in parts])),
-                "teacher_token_logprobs": torch.from_numpy(np.concatenate([c.token_logprobs for c in parts]))}
+class VllmTeacher(StreamedTeacher):
+    """A teacher in an in-process vLLM engine: the ``score`` stage's offline engine
+    (:class:`~llmdistill.generate.engines.OfflineEngine`, prefix caching off, so every position is
+    computed), beside the student and its rollout engine. Faster than a transformers forward for long
+    samples (paged attention, no padding); the teacher must fit the device with the student.
+
+    Args:
+        path: the teacher's checkpoint.
+        cfg: top-k, context length, dtype, memory fraction, seed.
+        ranks: the training processes (each holds its own engine; on GPUs in the launcher's process group).
+    """
+
+    def __init__(self, path: str, cfg: OnPolicyConfig, ranks: Ranks | None = None):
+        from llmdistill.config.generate import ScoreConfig
+        from llmdistill.generate.engines import OfflineEngine
+
+        ranks = ranks or Ranks()
+        if cfg.kv_cache_space_gb is not None:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_space_gb))
+        launcher = "external_launcher" if ranks.world > 1 and torch.cuda.is_available() else None
+        self.config = ScoreConfig(model=path, dataset=cfg.dataset or "prompts", backend="offline",
+                                  dtype=cfg.teacher_dtype, max_model_len=cfg.max_model_len,
+                                  gpu_memory_utilization=cfg.teacher_gpu_memory_utilization,
+                                  enforce_eager=cfg.enforce_eager, logprobs_top_k=cfg.logprobs_top_k,
+                                  seed=cfg.seed + ranks.rank, vllm_multiprocessing="off",
+                                  distributed_executor_backend=launcher)
+        self.engine = OfflineEngine(self.config, scoring=True)
+
+    def close(self) -> None:
+        from llmdistill.eval.engine import shutdown
+
+        shutdown(self.engine.llm)
 
 
-Teacher = TransformersTeacher | ServerTeacher
+Teacher = TransformersTeacher | ServerTeacher | VllmTeacher
 
 
-def load_teachers(cfg: OnPolicyConfig, device: torch.device | str = "cpu") -> dict[str, Teacher]:
-    """Every teacher by name: loaded in this process (on ``device``), or a client of its servers."""
+def load_teachers(cfg: OnPolicyConfig, device: torch.device | str = "cpu", ranks: Ranks | None = None) -> dict[str, Teacher]:
+    """Every teacher by name: loaded in this process (on ``device``, or in a vLLM engine), or a client of its servers."""
     if cfg.teacher_backend == "server":
         pools = cfg.teacher_url_pools
         return {name: ServerTeacher(model, pools[name], cfg) for name, model in cfg.teachers.items()}
+    if cfg.teacher_backend == "vllm":
+        return {name: VllmTeacher(path, cfg, ranks) for name, path in cfg.teachers.items()}
     return {name: TransformersTeacher(path, cfg.teacher_dtype, device, cfg.pack_tokens)
             for name, path in cfg.teachers.items()}
 
@@ -1422,7 +1464,7 @@ def check_inputs(cfg: OnPolicyConfig, ranks: Ranks | None = None) -> None:
                 raise ConfigError(f"{name}={size} does not divide among the {ranks.world} processes: each takes an "
                                   f"equal share of every step; set a multiple of {ranks.world}")
     check_model_path("student_model", cfg.student_model)
-    if cfg.on_policy_fraction > 0 and cfg.teacher_backend == "transformers":
+    if cfg.on_policy_fraction > 0 and cfg.teacher_backend != "server":
         for name, path in cfg.teachers.items():
             check_model_path(f"teacher '{name}'", path)
     if cfg.on_policy_fraction < 1:
@@ -1503,8 +1545,11 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teac
         logger.info("resuming from %s at step %d", resume, first)
 
     # Teachers, rollout engine, prompts, offline batches
-    if on_policy and cfg.teacher_backend == "transformers":
-        teachers = load_teachers(cfg, device)
+    if on_policy and cfg.teacher_backend != "server":
+        teachers = load_teachers(cfg, device, ranks)
+        for teacher in teachers.values():
+            if isinstance(teacher, VllmTeacher):
+                cleanup.callback(teacher.close)
     fmt = PromptFormat.from_settings(cfg.system_prompt, cfg.instruction_template, cfg.use_chat_template)
     stream = PromptStream(prompts, cfg.seed)
     offline = OfflineBatches(cfg, tokenizer, ranks) if cfg.on_policy_fraction < 1 else None

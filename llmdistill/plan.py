@@ -241,6 +241,9 @@ def _onpolicy_steps(cfg: Any, steps: int) -> dict[str, Any]:
         plan["GPUs: teacher scoring"], gpus = _server_gpus(len(cfg.teacher_urls), cfg.teacher_server_gpus,
                                                            "teacher_server_gpus")
         counted.append(gpus)
+    elif cfg.teacher_backend == "vllm":
+        plan["GPUs: teacher scoring"] = ("0 more: the teacher's vLLM engine in each training process "
+                                         f"(teacher_gpu_memory_utilization {cfg.teacher_gpu_memory_utilization})")
     else:
         plan["GPUs: teacher scoring"] = "0 more: the teacher runs in each training process"
     if None not in counted:

@@ -473,20 +473,25 @@ def test_a_lora_students_merged_weights_are_peft_merge_under_the_plain_names(tin
 @pytest.mark.integration
 def test_the_teachers_grades_equal_a_plain_forward_and_sync_makes_the_engine_the_trainer(
         prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path):
+    """The grades of a step's rollouts, from the teacher in process (transformers, and a vLLM engine beside the
+    rollout engine), equal a plain forward of the teacher on each sample; after one update and a sync the
+    rollout engine's log-probs of its own samples are the trainer's."""
     from transformers import AutoModelForCausalLM
 
-    from llmdistill.onpolicy import VllmRollout, rollout
+    from llmdistill.onpolicy import VllmRollout, VllmTeacher, rollout
     from llmdistill.prompts import PromptFormat
     from llmdistill.teacher import TransformersTeacher
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     cfg = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "o")
     student, tok = load_student(str(tiny_student_dir))
-    engine = VllmRollout(str(tiny_student_dir), cfg)
+    engine, in_vllm = VllmRollout(str(tiny_student_dir), cfg), None
     try:
         stream = PromptStream(load_prompts(cfg), cfg.seed)
         rollouts = rollout(engine, stream, 0, PromptFormat(), tok, cfg)
         graded = score({"default": TransformersTeacher(str(tiny_random_teacher_dir), "float32")}, rollouts, cfg)
+        in_vllm = VllmTeacher(str(tiny_random_teacher_dir), cfg)  # teacher_backend vllm, beside the rollout engine
+        by_vllm = score({"default": in_vllm}, rollouts, cfg)
         # every target's grade equals the teacher's own forward of that sample alone
         teacher = AutoModelForCausalLM.from_pretrained(str(tiny_random_teacher_dir), dtype=torch.float32).eval()
         offset = 0
@@ -494,10 +499,15 @@ def test_the_teachers_grades_equal_a_plain_forward_and_sync_makes_the_engine_the
             with torch.no_grad():
                 logp = torch.log_softmax(teacher(torch.tensor([p + c])).logits[0, len(p) - 1:-1], -1)
             top = logp.topk(cfg.logprobs_top_k, -1)
+            own = logp[torch.arange(len(c)), torch.tensor(c)]
             rows = slice(offset, offset + len(c))
             torch.testing.assert_close(graded["teacher_logprobs"][rows], top.values, rtol=0, atol=1e-5)
             assert graded["teacher_ids"][rows].tolist() == top.indices.tolist()
+            torch.testing.assert_close(by_vllm["teacher_logprobs"][rows], top.values, rtol=0, atol=1e-4)
+            torch.testing.assert_close(by_vllm["teacher_token_logprobs"][rows], own, rtol=0, atol=1e-4)
+            assert by_vllm["teacher_ids"][rows].tolist() == top.indices.tolist()
             offset += len(c)
+        assert offset == len(by_vllm["teacher_ids"]) > 0
 
         # one optimizer step, then a sync: the engine's log-probs of its own samples are the trainer's
         loss, _ = onpolicy_loss(student, graded, cfg)
@@ -516,6 +526,8 @@ def test_the_teachers_grades_equal_a_plain_forward_and_sync_makes_the_engine_the
         torch.testing.assert_close(engine_lp, logp[torch.arange(len(ids)), torch.tensor(ids)], rtol=0, atol=1e-4)
     finally:
         engine.close()
+        if in_vllm is not None:
+            in_vllm.close()
 
 
 @pytest.mark.integration
@@ -780,7 +792,8 @@ def test_the_cli_runs_and_records_the_compute(prompts, tiny_student_dir, tiny_ra
     res = subprocess.run([sys.executable, "-m", "llmdistill", "onpolicy", "--dataset", str(prompts),
                           "--student_model", str(tiny_student_dir), "--teacher_model", str(tiny_random_teacher_dir),
                           "--output_dir", str(out), "--max_steps", "2", "--prompts_per_step", "4",
-                          "--max_new_tokens", "16", "--max_model_len", "256", "--logging_steps", "1"],
+                          "--max_new_tokens", "16", "--max_model_len", "256", "--logging_steps", "1",
+                          "--teacher_backend", "vllm"],  # two engines in the process: the rollouts' and the teacher's
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())

@@ -17,7 +17,7 @@ from llmdistill.vllm_runtime import DTYPES, VLLM_LORA_RANKS
 ROLLOUT_BACKENDS = ("vllm", "server", "transformers")
 LORA_ROLLOUTS = ("adapter", "merged")
 MAX_VLLM_LORA_RANK = VLLM_LORA_RANKS[-1]  # the largest max_lora_rank vLLM accepts
-TEACHER_BACKENDS = ("transformers", "server")
+TEACHER_BACKENDS = ("transformers", "vllm", "server")
 OBJECTIVES = ("reverse_kl", "jsd", "sampled_reverse_kl")
 TOPK_OBJECTIVES = ("reverse_kl", "jsd")  # the divergences an offline batch (teacher top-k, no sampled log-prob) supports
 RESUME_LATEST = "latest"
@@ -52,7 +52,8 @@ class TeachersConfig:
         "help": "Prompt column holding the teacher name of each prompt (multi-teacher routing)."})
     teacher_backend: str = field(default="transformers", metadata={
         "help": "transformers: the teacher runs in this process, one prefill forward per step (small teachers) | "
-                "server: a pool of `vllm serve` servers (teacher_urls) scores each sample by one prompt_logprobs "
+                "vllm: an in-process vLLM engine of the teacher scores each sample by one prompt_logprobs prefill "
+                "(the score stage's offline engine), beside the student on its device | server: a pool of `vllm serve` servers (teacher_urls) scores each sample by one prompt_logprobs "
                 "request over prompt + completion, the `llmdistill score` code path; teacher_model is then the "
                 "model name the servers serve."})
     teacher_urls: list[str] = field(default_factory=list, metadata={
@@ -69,6 +70,9 @@ class TeachersConfig:
         "help": "teacher_backend server: seconds to wait for a server to answer /health at the start, and for a "
                 "scoring reply before it is retried on another server."})
     teacher_dtype: str = field(default="float32", metadata={"help": "Teacher weights dtype (float32 | bfloat16)."})
+    teacher_gpu_memory_utilization: float = field(default=0.3, metadata={
+        "help": "teacher_backend vllm: GPU memory fraction of the teacher's in-process engine (the trainer and the "
+                "rollout engine share the GPU)."})
     logprobs_top_k: int = field(default=20, metadata={
         "help": "Teacher log-probs kept per completion token (the top-k plus one tail bucket form the loss support)."})
 
@@ -265,6 +269,8 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
     def _check_teachers(self) -> None:
         if len(self.teachers) > 1 and not self.teacher_column:
             raise ConfigError("several teachers need teacher_column: the prompt column that names each prompt's teacher")
+        if self.teacher_backend == "vllm":
+            check_range("teacher_gpu_memory_utilization", self.teacher_gpu_memory_utilization, 0.01, 1.0)
         if self.teacher_backend != "server":
             if self.teacher_urls:
                 raise ConfigError("teacher_urls are for teacher_backend: server (the teacher runs in this process "
