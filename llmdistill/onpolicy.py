@@ -1037,8 +1037,9 @@ class ServerTeacher(StreamedTeacher):
 class VllmTeacher(StreamedTeacher):
     """A teacher in an in-process vLLM engine: the ``score`` stage's offline engine
     (:class:`~llmdistill.generate.engines.OfflineEngine`, prefix caching off, so every position is
-    computed), beside the student and its rollout engine. Faster than a transformers forward for long
-    samples (paged attention, no padding); the teacher must fit the device with the student.
+    computed), beside the student and its rollout engine; the teacher must fit the device with the
+    student. It reads samples of any length without padding them to a batch (paged attention); on a
+    CPU, for the tiny world's short samples, it is slower than :class:`TransformersTeacher`.
 
     Args:
         path: the teacher's checkpoint.
@@ -1310,7 +1311,9 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, tokeniz
     """Write ``checkpoint-<step>`` under a temporary name, then rename it: never half a checkpoint.
 
     The main process writes the student, optimizer and scheduler (equal on every process); each other
-    process adds its random generators (``rng-<rank>.pt``) before the rename."""
+    process adds its random generators (``rng-<rank>.pt``) before the rename, and none returns before
+    the checkpoint is complete (a process that exits early, as after a SIGTERM, would have the
+    launcher stop the main one mid-save)."""
     ranks = ranks or Ranks()
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
@@ -1321,15 +1324,15 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, tokeniz
     if not ranks.main:
         torch.save(rng_states(), tmp / f"rng-{ranks.rank}.pt")
     ranks.barrier()
-    if not ranks.main:
-        return final
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng_states()},
-               tmp / "training_state.pt")
-    write_json_atomic(tmp / STATE, {**state, "step": step, "processes": ranks.world})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    if ranks.main:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng_states()},
+                   tmp / "training_state.pt")
+        write_json_atomic(tmp / STATE, {**state, "step": step, "processes": ranks.world})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    ranks.barrier()
     return final
 
 
