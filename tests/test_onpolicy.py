@@ -444,6 +444,29 @@ def test_sleep_mode_frees_the_engine_while_the_student_trains(sync_every, tiny_s
     assert awake.llm.calls == ["generate", "reload_weights", "reset_prefix_cache"]
 
 
+@pytest.mark.unit
+def test_on_gpus_each_training_process_starts_its_engines_in_the_launchers_process_group(tiny_student_dir, monkeypatch):
+    """Several training processes on GPUs (validated on paper): the rollout engine and an in-process vLLM teacher
+    of each process run as vLLM's external_launcher (one engine per process and GPU, TRL's colocate mode),
+    seeded per process; one process, or a CPU host, keeps vLLM's own executor."""
+    import vllm
+
+    from llmdistill.onpolicy import Ranks, VllmRollout, VllmTeacher
+
+    made = []
+    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: made.append(kwargs) or _RecordingLLM(**kwargs))
+    cfg = OnPolicyConfig(dataset="p", student_model="s", teacher_model="t", teacher_backend="vllm", seed=5)
+    for gpus, ranks in ((True, Ranks(rank=1, world=2)), (True, Ranks()), (False, Ranks(rank=1, world=2))):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpus=gpus: gpus)
+        made.clear()
+        VllmRollout(str(tiny_student_dir), cfg, ranks=ranks)
+        VllmTeacher(str(tiny_student_dir), cfg, ranks)
+        assert [m["seed"] for m in made] == [5 + ranks.rank] * 2
+        expected = "external_launcher" if gpus and ranks.world > 1 else None
+        assert [m.get("distributed_executor_backend") for m in made] == [expected] * 2
+        assert made[1]["enable_prefix_caching"] is False  # the teacher computes every position it grades
+
+
 # ---- with real models and engines --------------------------------------------------------------
 
 
