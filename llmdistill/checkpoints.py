@@ -32,10 +32,11 @@ import re
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from transformers.trainer_callback import TrainerCallback
+from transformers.trainer_callback import ExportableState, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llmdistill.config.base import ConfigError
@@ -401,3 +402,44 @@ class StopOnSignal(TrainerCallback):
             control.should_save = False
         return control
 
+
+
+class RunClock(TrainerCallback, ExportableState):
+    """The wall seconds a training run has spent, over every process that ran it: a run resumed from a
+    checkpoint continues from the seconds the checkpoint saved, so a run split over several scheduler
+    jobs reports its whole time. Log entries carry it as ``elapsed_s``, the final manifest as
+    ``wall_time_total_s`` (``wall_time_s`` is the last process's). ``train`` keeps it among the
+    trainer's callbacks (transformers writes :meth:`state` into each checkpoint's ``trainer_state.json``);
+    ``onpolicy`` writes :attr:`elapsed` into its checkpoints' state.
+
+    Args:
+        before: the seconds of the processes before this one (0 for a fresh run).
+        started: when this process started, Unix seconds (now when None).
+    """
+
+    def __init__(self, before: float = 0.0, started: float | None = None):
+        self.before = before
+        self.started = time.time() if started is None else started
+
+    @property
+    def elapsed(self) -> float:
+        return self.before + time.time() - self.started
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (transformers' ``ExportableState``): the seconds so far."""
+        return {"args": {"before": round(self.elapsed, 3)}, "attributes": {}}
+
+    @classmethod
+    def resumed(cls, checkpoint: str | Path | None, started: float) -> RunClock:
+        """The clock of a ``train`` run resumed from ``checkpoint`` (its ``trainer_state.json``), or a fresh one
+        (also for a checkpoint saved without a clock)."""
+        saved = None
+        if checkpoint is not None and (Path(checkpoint) / "trainer_state.json").is_file():
+            state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+            saved = (state.get("stateful_callbacks") or {}).get(cls.__name__)
+        return cls(float(saved["args"]["before"]) if saved else 0.0, started)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        # a checkpoint saved without a clock has no entry for it, which transformers' save expects
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
+        return control

@@ -314,13 +314,13 @@ def arm_compute(run_dir: Path) -> dict[str, dict[str, Any]]:
         for stage in stages:
             manifest = read_manifest(run_dir / STAGE_DIRS[stage])
             counts = manifest["counts"]
-            arm["wall_s"] += manifest["wall_time_s"]
+            arm["wall_s"] += stage_wall_s(manifest)
             arm["optimizer_steps"] += counts.get("global_steps", counts.get("optimizer_steps", 0))
             arm["trained_tokens"] += counts.get("trained_tokens", 0)
             for key in ("rollout_tokens", "teacher_tokens_scored"):
                 if key in counts:
                     arm[key] = counts[key]
-            phases = manifest.get("compute", {}).get("seconds") or {"training": manifest["wall_time_s"]}
+            phases = manifest.get("compute", {}).get("seconds") or {"training": stage_wall_s(manifest)}
             name = "warm start (SFT)" if stage == "train_warm" else None
             for phase, seconds in phases.items():
                 key = name or phase
@@ -330,17 +330,27 @@ def arm_compute(run_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def stage_wall_s(manifest: dict[str, Any]) -> float:
+    """A stage's wall seconds: of all the processes that ran it when it was resumed (``wall_time_total_s``)."""
+    return manifest.get("wall_time_total_s", manifest["wall_time_s"])
+
+
 def stage_seconds_at(stage_dir: Path, step: int) -> float:
-    """Wall seconds a training stage had spent when it reached ``step``: its log entries' ``logged_at``
-    minus its manifest's ``started_at``, linear between the entries around ``step`` (before the first
-    entry: from the stage's start at step 0). Entries from before a resume are not used."""
+    """Wall seconds a training stage had spent when it reached ``step``, linear between the log entries
+    around ``step`` (before the first: from the stage's start at step 0): their ``elapsed_s``, which
+    counts the processes before a resume too; for logs without it, ``logged_at`` minus the manifest's
+    ``started_at``, from the entries of the last process only."""
     import numpy as np
 
-    started = read_manifest(stage_dir)["started_at"]
-    logged = [(0, started)] + [(h["step"], h["logged_at"]) for h in _read(stage_dir / "log_history.json")
+    history = _read(stage_dir / "log_history.json")
+    if all("elapsed_s" in h for h in history if "logged_at" in h):
+        logged = [(0, 0.0)] + [(h["step"], h["elapsed_s"]) for h in history if "elapsed_s" in h]
+    else:
+        started = read_manifest(stage_dir)["started_at"]
+        logged = [(0, 0.0)] + [(h["step"], h["logged_at"] - started) for h in history
                                if h.get("logged_at", 0) >= started]
     steps, times = zip(*logged, strict=True)
-    return float(np.interp(step, steps, times)) - started
+    return float(np.interp(step, steps, times))
 
 
 def accuracy_curves(run_dir: Path, configs: dict[str, dict], scores: dict[str, dict]) -> dict[str, list[dict]]:
@@ -351,7 +361,7 @@ def accuracy_curves(run_dir: Path, configs: dict[str, dict], scores: dict[str, d
 
     def curve_point(stage: str, step: int, model: Path, offset: float) -> dict[str, Any]:
         seconds = offset + (stage_seconds_at(model.parent, step) if model.name.startswith("checkpoint-")
-                            else read_manifest(model)["wall_time_s"])
+                            else stage_wall_s(read_manifest(model)))
         return {"stage": stage, "step": step, "seconds": round(seconds, 1),
                 "pass@1": curve[str(model)]["tiny"]["pass@1"]}
 
@@ -366,7 +376,7 @@ def accuracy_curves(run_dir: Path, configs: dict[str, dict], scores: dict[str, d
                            for step in checkpoint_steps(stage, configs[stage])]
             if stage != stages[-1] and curve:
                 points.append(curve_point(stage, configs[stage]["max_steps"], stage_dir, offset))
-            offset += read_manifest(stage_dir)["wall_time_s"]
+            offset += stage_wall_s(read_manifest(stage_dir))
         points.append({"stage": stages[-1], "step": configs[stages[-1]]["max_steps"], "seconds": round(offset, 1),
                        "pass@1": scores[label]["pass@1"]})
         out[label] = points

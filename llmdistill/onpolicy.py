@@ -1507,7 +1507,7 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
 def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teacher], engine: RolloutEngine | None,
              cleanup: contextlib.ExitStack, started: float, ranks: Ranks) -> dict[str, Any]:
     """:func:`run_onpolicy` once its inputs and servers are checked: load, train, save."""
-    from llmdistill.checkpoints import StopRequest, stop_message
+    from llmdistill.checkpoints import RunClock, StopRequest, stop_message
 
     on_policy = cfg.on_policy_fraction > 0
     out = Path(cfg.output_dir)
@@ -1536,7 +1536,7 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teac
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))
                                                   * max(0.0, 1 - s / cfg.max_steps))
-    counters, history, first = Counters(), [], 0
+    counters, history, first, clock = Counters(), [], 0, RunClock(0.0, started)
     if ranks.world > 1:  # each process samples its own rollouts
         torch.manual_seed(cfg.seed + ranks.rank)
         random.seed(cfg.seed + ranks.rank)
@@ -1545,6 +1545,7 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teac
         state = restore(resume, optimizer, scheduler, ranks)
         first, history = state["step"], state["history"]
         counters = Counters(**{k: v for k, v in state["counters"].items()})
+        clock.before = state.get("wall_time_total_s", 0.0)  # the seconds of the processes before this one
         logger.info("resuming from %s at step %d", resume, first)
 
     # Teachers, rollout engine, prompts, offline batches
@@ -1580,11 +1581,12 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teac
             asked = ranks.sum([float(asked)])[0] > 0
         stopping = asked and step + 1 < cfg.max_steps
         if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps or stopping:
-            history.append(log_window(step + 1, window, counters))
+            history.append(log_window(step + 1, window, counters, clock))
             window = []
         if stopping or cfg.save_steps and (step + 1) % cfg.save_steps == 0:
             path = save_checkpoint(out, step + 1, model if adapter is None else adapter, tokenizer, optimizer,
-                                   scheduler, {"history": history, "counters": counters.__dict__}, ranks)
+                                   scheduler, {"history": history, "counters": counters.__dict__,
+                                               "wall_time_total_s": round(clock.elapsed, 3)}, ranks)
         if stopping:
             signum = stop.signum or signal.SIGTERM  # the processes Slurm or the launcher signalled got SIGTERM
             logger.warning("%s", stop_message(signum, step + 1, cfg.max_steps, path))
@@ -1592,7 +1594,7 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teac
 
     # Save the student and the run's record
     if ranks.main:
-        manifest = save_final(out, model, tokenizer, cfg, counters, history, started, adapter)
+        manifest = save_final(out, model, tokenizer, cfg, counters, history, started, clock, adapter)
     ranks.barrier()
     return manifest if ranks.main else json.loads((out / MANIFEST).read_text())
 
@@ -1669,21 +1671,21 @@ def answer_rewards(rollouts: Rollouts, tokenizer: Any, cfg: OnPolicyConfig) -> t
     return torch.tensor([float(v.correct) for v in verdicts])
 
 
-def log_window(step: int, window: list[dict[str, float]], counters: Counters) -> dict[str, Any]:
+def log_window(step: int, window: list[dict[str, float]], counters: Counters, clock: Any = None) -> dict[str, Any]:
     """The mean of each statistic over the window's steps that have it (offline steps have no rollout stats),
-    the seconds of each phase so far (carried over a resume) and ``logged_at`` (Unix seconds: with the
-    manifest's ``started_at``, when the run reached the step)."""
+    the seconds of each phase so far (carried over a resume), ``logged_at`` (Unix seconds: when the run
+    reached the step) and ``elapsed_s`` (the run's wall seconds then, resumes included: ``clock``)."""
     keys = dict.fromkeys(k for w in window for k in w)
     entry = {"step": step, **{k: float(np.mean([w[k] for w in window if k in w])) for k in keys},
              "seconds": {k: round(v, 3) for k, v in counters.seconds.items()},
-             "logged_at": round(time.time(), 3)}
+             "logged_at": round(time.time(), 3), **({"elapsed_s": round(clock.elapsed, 3)} if clock else {})}
     logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in entry.items()
                                                      if isinstance(v, float) and k != "logged_at"))
     return entry
 
 
 def save_final(out: Path, model: torch.nn.Module, tokenizer: Any, cfg: OnPolicyConfig, counters: Counters,
-               history: list[dict[str, Any]], started: float, adapter: Any = None) -> dict[str, Any]:
+               history: list[dict[str, Any]], started: float, clock: Any, adapter: Any = None) -> dict[str, Any]:
     """The final student (a plain HF checkpoint in ``output_dir``; a LoRA student merged into its base
     weights, its adapter alone in ``output_dir/adapter``), its log and the manifest, written last."""
     (out / MANIFEST).unlink(missing_ok=True)
@@ -1709,6 +1711,7 @@ def save_final(out: Path, model: torch.nn.Module, tokenizer: Any, cfg: OnPolicyC
                                   "trained_tokens": counters.trained_tokens,
                                   "rollout_tokens": counters.rollout_tokens,
                                   "teacher_tokens_scored": counters.teacher_tokens_scored},
+                          wall_time_total_s=round(clock.elapsed, 3),
                           compute={"seconds": {k: round(v, 3) for k, v in counters.seconds.items()},
                                    **({"rollout_in_background_s": round(counters.background_s, 3)}
                                       if cfg.async_rollouts else {})})

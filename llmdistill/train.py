@@ -51,7 +51,7 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
             one the shards were built with.
         SchemaError: shards from another schema version.
     """
-    from llmdistill.checkpoints import StopOnSignal, StopRequest, resolve_resume, stop_message
+    from llmdistill.checkpoints import RunClock, StopOnSignal, StopRequest, resolve_resume, stop_message
 
     started = time.time()
     # the checkpoint to resume from, before anything loads: `latest` -> newest complete one
@@ -61,6 +61,8 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
 
     # Train; a SIGTERM to any process: all of them save the same checkpoint after the step and exit (one
     # during the last step lets the run finish, and the final save is not cut short by another)
+    clock = RunClock.resumed(resume, started)  # the seconds of the processes before this one, if resumed
+    trainer.add_callback(clock)
     with StopRequest(repeat_exits=False) as stop:
         stopper = StopOnSignal(stop, trainer.accelerator)
         trainer.add_callback(stopper)
@@ -72,11 +74,12 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
             raise SystemExit(128 + stopper.signum)
 
         # Save
-        save_run(trainer, config, result, started, meta)
+        save_run(trainer, config, result, started, meta, clock)
     return result.metrics
 
 
-def save_run(trainer: Any, config: TrainConfig, result: Any, started: float, meta: dict[str, Any]) -> None:
+def save_run(trainer: Any, config: TrainConfig, result: Any, started: float, meta: dict[str, Any],
+             clock: Any = None) -> None:
     """The final student, then (main process) its log, loss curve and ``manifest.json``, written last."""
     from llmdistill.checkpoints import is_disk_full
 
@@ -94,7 +97,8 @@ def save_run(trainer: Any, config: TrainConfig, result: Any, started: float, met
             if config.teacher_model:
                 inputs["teacher"] = config.teacher_model
             write_manifest(config.output_dir, "train", config, inputs=inputs, counts=_counts(trainer, result),
-                           started=started, built=meta, replica_fingerprints=replicas)
+                           started=started, built=meta, replica_fingerprints=replicas,
+                           **({"wall_time_total_s": round(clock.elapsed, 3)} if clock is not None else {}))
         except OSError as err:
             if not is_disk_full(err, out):
                 raise

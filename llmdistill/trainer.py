@@ -14,8 +14,9 @@ Only what distillation needs is overridden:
   ``attention_loss`` and their weights), and the cost of the run beside them:
   ``data_wait_s`` (seconds per optimizer step spent waiting for data), ``data_wait_fraction``,
   ``peak_rss_gib`` and, on GPUs, ``peak_accelerator_gib`` (see :meth:`DistillTrainer._window_metrics`),
-  and ``logged_at`` (Unix seconds: with the manifest's ``started_at``, when the run reached the
-  step; the demo's accuracy-against-time curves place checkpoints by it).
+  ``logged_at`` (Unix seconds: when the run reached the step) and ``elapsed_s`` (the run's wall
+  seconds at the step, the processes before a resume included: :class:`~llmdistill.checkpoints.RunClock`;
+  the demo's accuracy-against-time curves place checkpoints by it).
 
 With an online teacher (``teacher_model``) the teacher's top-k comes from its forward over the same
 batch, and the feature/attention terms compare its layers with the student's (:mod:`llmdistill.online`).
@@ -50,6 +51,7 @@ from trl import SFTTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from llmdistill.checkpoints import (
+    RunClock,
     clean_stale,
     complete_checkpoints,
     dir_bytes,
@@ -388,6 +390,9 @@ class DistillTrainer(SFTTrainer):
         if self.model.training and self._stats_calls and "loss" in logs:
             logs.update(self._window_metrics())
             logs["logged_at"] = round(time.time(), 3)
+            clock = next((c for c in self.callback_handler.callbacks if isinstance(c, RunClock)), None)
+            if clock is not None:  # the run's seconds so far, resumes included
+                logs["elapsed_s"] = round(clock.elapsed, 3)
         super().log(logs, start_time)
 
     def _window_metrics(self) -> dict[str, float]:

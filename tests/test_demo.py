@@ -320,6 +320,24 @@ def test_checkpoint_steps_are_the_ones_the_training_stage_keeps():
 
 
 @pytest.mark.unit
+def test_a_resumed_stage_is_placed_by_the_seconds_of_all_its_processes(tmp_path):
+    """A stage stopped after 40 s and resumed by a process that ran 32 s more: its checkpoints sit at the
+    seconds of both processes (the log's elapsed_s), and its wall time is the manifest's total."""
+    from llmdistill.demo import stage_seconds_at, stage_wall_s
+
+    stage = tmp_path / "train-sft"
+    stage.mkdir()
+    manifest = {"started_at": 5000.0, "wall_time_s": 32.0, "wall_time_total_s": 72.0}
+    (stage / "manifest.json").write_text(json.dumps(manifest))
+    (stage / "log_history.json").write_text(json.dumps([
+        {"step": 20, "logged_at": 1020.0, "elapsed_s": 20.0}, {"step": 40, "logged_at": 1040.0, "elapsed_s": 40.0},
+        {"step": 60, "logged_at": 5014.0, "elapsed_s": 54.0}, {"step": 80, "logged_at": 5030.0, "elapsed_s": 70.0},
+        {"step": 80, "train_runtime": 32.0}]))
+    assert [stage_seconds_at(stage, s) for s in (10, 30, 50, 70)] == [10.0, 30.0, 47.0, 62.0]
+    assert stage_wall_s(manifest) == 72.0 and stage_wall_s({"wall_time_s": 32.0}) == 32.0
+
+
+@pytest.mark.unit
 def test_accuracy_curves_place_each_checkpoint_at_the_seconds_its_arm_had_spent(tmp_path):
     """Seconds from each stage's log (logged_at) and manifest (started_at, wall_time_s), linear between
     log entries; the on-policy arm's after its warm start's; pass@1 from eval-curve and the final eval."""

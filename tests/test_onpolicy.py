@@ -697,6 +697,11 @@ def test_a_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(
     assert manifest["counts"]["optimizer_steps"] == 4
     history = json.loads((tmp_path / "stopped" / "log_history.json").read_text())
     assert [h["step"] for h in history] == [1, 2, 3, 4]
+    # the run's time counts both processes: elapsed_s goes on from the checkpoint's, the manifest has the total
+    saved = json.loads((tmp_path / "stopped" / "checkpoint-2" / "state.json").read_text())["wall_time_total_s"]
+    elapsed = [h["elapsed_s"] for h in history]
+    assert elapsed == sorted(elapsed) and elapsed[1] <= saved < elapsed[2]
+    assert manifest["wall_time_total_s"] == pytest.approx(manifest["wall_time_s"] + saved, abs=0.5)
 
 
 TWO_PROCESS_RUN = """

@@ -373,6 +373,7 @@ def test_a_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(t
     resumed run ends with the weights and step losses of an uninterrupted one, bit for bit."""
     import os
     import signal
+    import time
 
     from transformers import TrainerCallback
 
@@ -384,6 +385,8 @@ def test_a_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(t
 
     class SigtermAt(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:  # the first process spends at least a second more than its steps
+                time.sleep(1.0)
             if state.global_step == 3:  # the 4th step begins
                 os.kill(os.getpid(), signal.SIGTERM)
 
@@ -412,6 +415,13 @@ def test_a_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(t
     assert [resumed[s]["loss"] for s in range(5, 9)] == [whole[s]["loss"] for s in range(5, 9)]
     weights = [load_file(d / "model.safetensors") for d in (tmp_path / "whole" / "out", out)]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    # the run's time counts both processes: the log's elapsed_s goes on from the checkpoint's, the manifest's total
+    saved = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["stateful_callbacks"]["RunClock"]
+    elapsed = [resumed[s]["elapsed_s"] for s in range(1, 9)]
+    assert elapsed == sorted(elapsed) and elapsed[3] < saved["args"]["before"] < elapsed[4]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert saved["args"]["before"] > 1 and manifest["wall_time_total_s"] == pytest.approx(
+        manifest["wall_time_s"] + saved["args"]["before"], abs=0.5)
 
 
 @pytest.mark.integration
