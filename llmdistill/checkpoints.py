@@ -433,10 +433,13 @@ class RunClock(TrainerCallback, ExportableState):
     def resumed(cls, checkpoint: str | Path | None, started: float) -> RunClock:
         """The clock of a ``train`` run resumed from ``checkpoint`` (its ``trainer_state.json``), or a fresh one
         (also for a checkpoint saved without a clock)."""
+        from transformers import TrainerState
+        from transformers.trainer import TRAINER_STATE_NAME
+
         saved = None
-        if checkpoint is not None and (Path(checkpoint) / "trainer_state.json").is_file():
-            state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-            saved = (state.get("stateful_callbacks") or {}).get(cls.__name__)
+        if checkpoint is not None and (Path(checkpoint) / TRAINER_STATE_NAME).is_file():
+            state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+            saved = (state.stateful_callbacks or {}).get(cls.__name__)
         return cls(float(saved["args"]["before"]) if saved else 0.0, started)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:

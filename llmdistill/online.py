@@ -29,6 +29,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from llmdistill.config.base import UserError
+from llmdistill.distributed import sum_gradients
 from llmdistill.layer_losses import (
     attention_kl_loss,
     document_mask,
@@ -246,12 +247,9 @@ class ProjectorGrads(TrainerCallback):
         self.average = average
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        grads = [p.grad for p in self.projector.parameters() if p.grad is not None]
         if self.average:
-            world = torch.distributed.get_world_size()
-            for grad in grads:
-                torch.distributed.all_reduce(grad)
-                grad.div_(world)
+            sum_gradients(self.projector.parameters(), average=True)
+        grads = [p.grad for p in self.projector.parameters() if p.grad is not None]
         if grads and args.max_grad_norm is not None and args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.projector.parameters(), args.max_grad_norm)
 

@@ -65,6 +65,7 @@ from llmdistill.checking.checkers import Reference, check_many
 from llmdistill.collate import DistillCollator
 from llmdistill.config.base import ConfigError, check_model_path, jsonl_objects, looks_like_local_path
 from llmdistill.config.onpolicy import RESUME_LATEST, OnPolicyConfig
+from llmdistill.distributed import Ranks, sum_gradients
 from llmdistill.formats import (
     SchemaError,
     built_cache_dir,
@@ -86,102 +87,6 @@ PHASES = ("rollout", "scoring", "training", "sync")  # sync: the weights, and th
 ADAPTER_DIR = "adapter"  # a LoRA student's adapter, beside the merged final model
 STATE = "state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 OFFLINE_STREAM = 1  # keeps the seeds of the offline step choice and row order apart from the prompt order's
-
-
-# ---------------------------------------------------------------------------------------
-# Processes
-
-
-@dataclass
-class Ranks:
-    """The processes of a run: one, or several started by ``accelerate launch`` (or ``torchrun``).
-
-    Several train one student data-parallel, as DDP does: every process holds the whole student and
-    its optimizer; each step each one samples, scores and back-propagates its own share of the
-    step's prompts (:meth:`share`), the gradients are summed over all of them (:meth:`sum_gradients`,
-    one all-reduce), and every process takes the same optimizer step, so their weights stay equal.
-    The loss is normalised by the step's target tokens over all processes, so a step is the same
-    update as one process computing it alone. The student is replicated, not sharded: a student
-    whose weights, gradients and AdamW moments do not fit one device trains as a LoRA (``use_peft``).
-    """
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @classmethod
-    def start(cls) -> Ranks:
-        """This process's place: joins the launcher's process group (gloo on a CPU host, NCCL on GPUs)."""
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return cls(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        from accelerate import PartialState
-
-        state = PartialState(cpu=not torch.cuda.is_available())
-        return cls(state.process_index, state.num_processes, state.device)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def share(self, items: list[Any]) -> list[Any]:
-        """This process's contiguous part of a step's items (their count divides by :attr:`world`)."""
-        size = len(items) // self.world
-        return items[self.rank * size:(self.rank + 1) * size]
-
-    def sum(self, values: list[float]) -> list[float]:
-        """Each value summed over the processes (one all-reduce; the values themselves with one process)."""
-        if self.world == 1:
-            return values
-        import torch.distributed as dist
-
-        total = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(total)
-        return total.tolist()
-
-    def sum_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
-        """Every trainable parameter's gradient summed over the processes, in buckets of one dtype and at most 256 MiB."""
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-
-        grads = []
-        for p in params:  # the same list on every process: a gradient this one did not reach is zero
-            if p.requires_grad:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
-        bucket: list[torch.Tensor] = []
-
-        def flush() -> None:
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat)
-            for g, part in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
-                g.copy_(part.view_as(g))
-            bucket.clear()
-
-        for grad in grads:
-            if bucket and (grad.dtype != bucket[0].dtype
-                           or (sum(g.numel() for g in bucket) + grad.numel()) * grad.element_size() > 256 << 20):
-                flush()
-            bucket.append(grad)
-        if bucket:
-            flush()
-
-    def broadcast(self, value: Any) -> Any:
-        """The main process's ``value`` on every process."""
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------
@@ -1136,7 +1041,10 @@ class OfflineBatches:
         directory = cfg.offline_data_dir
         self.ranks = ranks or Ranks()
         cache = built_cache_dir(directory)
-        convert_built_to_arrow(directory, cache)
+        for first in (self.ranks.main, self.ranks.local_rank == 0):  # the main process, then each node's first
+            if first:  # converted once (a cache another node sees already is kept)
+                convert_built_to_arrow(directory, cache)
+            self.ranks.barrier()
         self.rows, meta = open_built(directory, cache)
         check_offline_data(directory, meta, tokenizer, cfg.student_model)
         self.collator = DistillCollator(k=int(meta["k"]), vocab_size=int(meta["vocab_size"]),
@@ -1450,6 +1358,16 @@ def merged_weights(model: torch.nn.Module, with_adapter: bool = True) -> Iterato
         yield (f"{owner}.{rest}" if sep else key), tensor.detach()
 
 
+def check_shares(cfg: OnPolicyConfig, processes: int) -> None:
+    """Every step's prompts (and offline rows) divide among the training processes; else one line."""
+    sizes = [("prompts_per_step", cfg.prompts_per_step)] if cfg.on_policy_fraction > 0 else []
+    sizes += [("offline_rows_per_step", cfg.offline_rows_per_step)] if cfg.on_policy_fraction < 1 else []
+    for name, size in sizes:
+        if size % processes:
+            raise ConfigError(f"{name}={size} does not divide among the {processes} processes: each takes an "
+                              f"equal share of every step; set a multiple of {processes}")
+
+
 def check_inputs(cfg: OnPolicyConfig, ranks: Ranks | None = None) -> None:
     """Everything that can fail before a model loads: the launch, paths, the offline data, the output directory."""
     ranks = ranks or Ranks()
@@ -1459,13 +1377,7 @@ def check_inputs(cfg: OnPolicyConfig, ranks: Ranks | None = None) -> None:
         raise ConfigError(f"onpolicy trains a replicated student, data-parallel as DDP does, not with {sharded[0]}: launch "
                           "it with a config without DeepSpeed or FSDP (configs/accelerate/ddp_cpu.yaml: one process "
                           "per GPU on a GPU host), and train a student too big for one device as a LoRA (use_peft: true)")
-    if ranks.world > 1:
-        sizes = [("prompts_per_step", cfg.prompts_per_step)] if cfg.on_policy_fraction > 0 else []
-        sizes += [("offline_rows_per_step", cfg.offline_rows_per_step)] if cfg.on_policy_fraction < 1 else []
-        for name, size in sizes:
-            if size % ranks.world:
-                raise ConfigError(f"{name}={size} does not divide among the {ranks.world} processes: each takes an "
-                                  f"equal share of every step; set a multiple of {ranks.world}")
+    check_shares(cfg, ranks.world)
     check_model_path("student_model", cfg.student_model)
     if cfg.on_policy_fraction > 0 and cfg.teacher_backend != "server":
         for name, path in cfg.teachers.items():
@@ -1604,7 +1516,7 @@ def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimiz
                counters: Counters, offline: OfflineBatches | None = None, ranks: Ranks | None = None) -> dict[str, float]:
     """One optimizer step on the student's own samples, or on an offline batch when ``offline`` takes the
     step. With several processes each computes the gradients of its share; the sums over all of them
-    (:meth:`Ranks.sum_gradients`) are the whole step's, and every process takes the same step."""
+    (:func:`~llmdistill.distributed.sum_gradients`) are the whole step's, and every process takes the same step."""
     ranks = ranks or Ranks()
     rollouts, rewards, reward_sum = None, None, 0.0
     if offline is not None and offline.takes(step):
@@ -1630,16 +1542,18 @@ def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         optimizer.zero_grad(set_to_none=True)
         stats = step_gradients(model, batch, cfg, rewards if cfg.reward_weight > 0 else None, normalizer=int(total),
                                baseline=baseline)
-    ranks.sum_gradients(model.parameters())
+    if ranks.world > 1:
+        sum_gradients(model.parameters())
     if cfg.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     optimizer.step()
     scheduler.step()
     counters.timed("training", t)
 
-    # what the step logs and counts, over all processes (the loss terms are shares that add up)
-    keys = sorted(stats)
-    local = [stats[k] for k in keys] + [len(batch["target_ids"])]
+    # what the step logs and counts, over all processes (the loss terms are shares that add up); the same
+    # keys on every process, whatever its share held (a process without targets adds 0)
+    keys = ["loss"] + (["reverse_kl"] if rollouts is not None else [])
+    local = [stats.get(k, 0.0) for k in keys] + [len(batch["target_ids"])]
     if rollouts is not None:
         local += [rollouts.num_tokens, len(rollouts.completion_ids), int(batch["input_ids"].shape[1])]
     summed = ranks.sum(local)

@@ -168,8 +168,9 @@ def _vocab_size(model: str) -> int | None:
 
 
 def _onpolicy_plan(cfg: Any) -> dict[str, Any]:
-    from llmdistill.onpolicy import offline_steps
+    from llmdistill.onpolicy import check_shares, offline_steps
 
+    check_shares(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # as the launched run would
     offline = int(offline_steps(cfg.seed, cfg.on_policy_fraction, cfg.max_steps).sum())
     steps = cfg.max_steps - offline
     plan: dict[str, Any] = {"student": cfg.student_model, "objective": cfg.objective,
@@ -230,6 +231,7 @@ def _onpolicy_steps(cfg: Any, steps: int) -> dict[str, Any]:
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # the launch's: `accelerate launch --num_processes N`
     each = (f"{processes} training processes ({cfg.prompts_per_step // processes} prompts of each step each), "
             "data-parallel" if processes > 1 else "one training process")
+    each += f" (WORLD_SIZE={processes}: dry-run with the launch's number of processes)"
     counted: list[int | None] = [processes]
     if cfg.rollout_backend == "server":
         plan["GPUs: training"] = f"{processes}: {each}, each holding the student and its optimizer"

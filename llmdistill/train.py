@@ -61,8 +61,7 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
 
     # Train; a SIGTERM to any process: all of them save the same checkpoint after the step and exit (one
     # during the last step lets the run finish, and the final save is not cut short by another)
-    clock = RunClock.resumed(resume, started)  # the seconds of the processes before this one, if resumed
-    trainer.add_callback(clock)
+    trainer.add_callback(RunClock.resumed(resume, started))  # with the seconds of the processes before a resume
     with StopRequest(repeat_exits=False) as stop:
         stopper = StopOnSignal(stop, trainer.accelerator)
         trainer.add_callback(stopper)
@@ -74,12 +73,11 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
             raise SystemExit(128 + stopper.signum)
 
         # Save
-        save_run(trainer, config, result, started, meta, clock)
+        save_run(trainer, config, result, started, meta)
     return result.metrics
 
 
-def save_run(trainer: Any, config: TrainConfig, result: Any, started: float, meta: dict[str, Any],
-             clock: Any = None) -> None:
+def save_run(trainer: Any, config: TrainConfig, result: Any, started: float, meta: dict[str, Any]) -> None:
     """The final student, then (main process) its log, loss curve and ``manifest.json``, written last."""
     from llmdistill.checkpoints import is_disk_full
 
@@ -98,7 +96,7 @@ def save_run(trainer: Any, config: TrainConfig, result: Any, started: float, met
                 inputs["teacher"] = config.teacher_model
             write_manifest(config.output_dir, "train", config, inputs=inputs, counts=_counts(trainer, result),
                            started=started, built=meta, replica_fingerprints=replicas,
-                           **({"wall_time_total_s": round(clock.elapsed, 3)} if clock is not None else {}))
+                           wall_time_total_s=round(trainer.clock.elapsed, 3))
         except OSError as err:
             if not is_disk_full(err, out):
                 raise

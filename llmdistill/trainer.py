@@ -385,14 +385,19 @@ class DistillTrainer(SFTTrainer):
         self._stats += torch.tensor([float(v) for v in values], dtype=torch.float64)
         self._stats_calls += 1
 
+    @property
+    def clock(self) -> RunClock | None:
+        """The run's :class:`~llmdistill.checkpoints.RunClock` among the callbacks (with
+        ``restore_callback_states_from_checkpoint`` transformers swaps in its own on a resume)."""
+        return next((c for c in self.callback_handler.callbacks if isinstance(c, RunClock)), None)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # every process calls log at the same steps, so the all-reduce below is matched
         if self.model.training and self._stats_calls and "loss" in logs:
             logs.update(self._window_metrics())
             logs["logged_at"] = round(time.time(), 3)
-            clock = next((c for c in self.callback_handler.callbacks if isinstance(c, RunClock)), None)
-            if clock is not None:  # the run's seconds so far, resumes included
-                logs["elapsed_s"] = round(clock.elapsed, 3)
+            if self.clock is not None:  # the run's seconds so far, resumes included
+                logs["elapsed_s"] = round(self.clock.elapsed, 3)
         super().log(logs, start_time)
 
     def _window_metrics(self) -> dict[str, float]:

@@ -327,9 +327,7 @@ def test_recipe_allocations_match_the_configs():
         "pipeline_parallel_size", 1)
     train = _sbatch("train.sbatch")
     assert f"GPUS_PER_NODE={train['gpus-per-node']}" in (RECIPE / "slurm" / "train.sbatch").read_text()
-
-    # onpolicy: one job holds the training GPUs, the rollout servers' and the teacher servers', as onpolicy.yaml
-    # records them (test_the_onpolicy_job_starts_what_its_config_records runs the script)
+    # onpolicy.sbatch: test_the_onpolicy_job_starts_what_its_config_records runs it
 
 
 STUB = """#!{python}

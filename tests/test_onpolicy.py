@@ -451,7 +451,8 @@ def test_on_gpus_each_training_process_starts_its_engines_in_the_launchers_proce
     seeded per process; one process, or a CPU host, keeps vLLM's own executor."""
     import vllm
 
-    from llmdistill.onpolicy import Ranks, VllmRollout, VllmTeacher
+    from llmdistill.distributed import Ranks
+    from llmdistill.onpolicy import VllmRollout, VllmTeacher
 
     made = []
     monkeypatch.setattr(vllm, "LLM", lambda **kwargs: made.append(kwargs) or _RecordingLLM(**kwargs))
@@ -801,7 +802,8 @@ def test_two_processes_each_sample_with_their_own_engine_and_lora_adapter(prompt
 
 @pytest.mark.unit
 def test_a_sharded_launch_and_steps_that_do_not_divide_fail_in_one_line(prompts, tmp_path, monkeypatch):
-    from llmdistill.onpolicy import Ranks, check_inputs
+    from llmdistill.distributed import Ranks
+    from llmdistill.onpolicy import check_inputs
 
     cfg = config(prompts, tmp_path, tmp_path, tmp_path / "out", prompts_per_step=6)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
@@ -811,6 +813,16 @@ def test_a_sharded_launch_and_steps_that_do_not_divide_fail_in_one_line(prompts,
     with pytest.raises(ConfigError, match="prompts_per_step=6 does not divide among the 4 processes"):
         check_inputs(cfg, Ranks(rank=1, world=4))
     assert Ranks(rank=1, world=3).share(list(range(6))) == [2, 3]
+    from llmdistill.plan import make_plan  # the dry run refuses what the launched run would
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="prompts_per_step=6 does not divide among the 4 processes"):
+        make_plan("onpolicy", cfg)
+    # the in-process engines leave room for the student on its GPU
+    with pytest.raises(ConfigError, match=r"take 1.10 of the GPU \(2 x teacher_gpu_memory_utilization 0.4 \+ "
+                                          r"gpu_memory_utilization 0.3 \(the rollout engine\)\)"):
+        OnPolicyConfig(dataset="p", student_model="s", teacher_model="a=x,b=y", teacher_column="domain",
+                       teacher_backend="vllm", teacher_gpu_memory_utilization=0.4, gpu_memory_utilization=0.3)
 
 
 @pytest.mark.integration
@@ -1249,6 +1261,31 @@ def student_server(tiny_student_dir):
 
 
 @pytest.mark.integration
+def test_two_processes_share_a_rollout_server_that_only_the_main_one_syncs(student_server, prompts, tiny_student_dir,
+                                                                           tiny_random_teacher_dir, tmp_path):
+    """2 training processes, async rollouts from one server, a LoRA student: each process samples its share,
+    the main process alone writes and loads each adapter (the server ends with one new adapter, of the main
+    process's run), and every step after the first trains on samples one update old."""
+    import requests
+
+    def served() -> set[str]:
+        return {m["id"] for m in requests.get(student_server + "/v1/models", timeout=10).json()["data"]}
+
+    before = served()
+    cfg = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "two", rollout_backend="server",
+                 rollout_urls=[student_server], async_rollouts=True, use_peft=True, lora_r=4)
+    done = launch_two(cfg, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    added = served() - before
+    assert len(added) == 1 and next(iter(added)).startswith("weights-")  # the newest adapter; the older unloaded
+    history = json.loads((tmp_path / "two" / "log_history.json").read_text())
+    assert [h["policy_lag"] for h in history] == [0.0, 1.0, 1.0]
+    counts = json.loads((tmp_path / "two" / "manifest.json").read_text())["counts"]
+    assert counts["optimizer_steps"] == 3 and counts["trained_tokens"] == counts["rollout_tokens"] > 0
+    assert not (tmp_path / "two" / "rollout-weights").exists() or not any((tmp_path / "two" / "rollout-weights").iterdir())
+
+
+@pytest.mark.integration
 def test_a_synced_rollout_server_samples_from_the_trainers_weights(student_server, prompts, tiny_student_dir,
                                                                     tiny_random_teacher_dir, tmp_path):
     import socket
@@ -1368,3 +1405,44 @@ def test_the_lora_ranks_are_vllms_and_server_requests_state_every_sampling_setti
     defaults = CompletionRequest.__private_attributes__["_DEFAULT_SAMPLING_PARAMS"].default
     neutral = {k: v for k, v in defaults.items() if k not in ("temperature", "top_p")}
     assert PLAIN_SAMPLING == neutral
+
+
+def _sum_gradients_on(rank: int, port: int, out: str) -> None:
+    """One of two gloo processes: four parameters, their gradients set per rank, then summed and averaged."""
+    import torch.distributed as dist
+
+    from llmdistill.distributed import sum_gradients
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(3)] + [torch.nn.Parameter(torch.zeros(2, 2))]
+        params[0].grad = torch.full((3,), float(rank + 1))  # 1 and 2
+        if rank == 1:
+            params[1].grad = torch.ones(3)  # only rank 1 reached it
+        params[3].grad = torch.full((2, 2), 10.0 * (rank + 1))
+        sum_gradients(params)
+        summed = [None if p.grad is None else p.grad.clone() for p in params]
+        sum_gradients(params, average=True)
+        averaged = [None if p.grad is None else p.grad.clone() for p in params]
+        torch.save({"summed": summed, "averaged": averaged}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.unit
+def test_gradients_are_summed_over_processes_and_one_no_process_reached_stays_none(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sum_gradients_on, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        summed, averaged = got["summed"], got["averaged"]
+        assert torch.equal(summed[0], torch.full((3,), 3.0)) and torch.equal(summed[1], torch.ones(3))
+        assert summed[2] is None and averaged[2] is None  # the optimizer skips it, as in one process
+        assert torch.equal(summed[3], torch.full((2, 2), 30.0))
+        assert torch.equal(averaged[0], torch.full((3,), 3.0)) and torch.equal(averaged[3], torch.full((2, 2), 30.0))

@@ -53,7 +53,8 @@ class TeachersConfig:
     teacher_backend: str = field(default="transformers", metadata={
         "help": "transformers: the teacher runs in this process, one prefill forward per step (small teachers) | "
                 "vllm: an in-process vLLM engine of the teacher scores each sample by one prompt_logprobs prefill "
-                "(the score stage's offline engine), beside the student on its device | server: a pool of `vllm serve` servers (teacher_urls) scores each sample by one prompt_logprobs "
+                "(the score stage's offline engine), beside the student on its device | "
+                "server: a pool of `vllm serve` servers (teacher_urls) scores each sample by one prompt_logprobs "
                 "request over prompt + completion, the `llmdistill score` code path; teacher_model is then the "
                 "model name the servers serve."})
     teacher_urls: list[str] = field(default_factory=list, metadata={
@@ -271,6 +272,14 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
             raise ConfigError("several teachers need teacher_column: the prompt column that names each prompt's teacher")
         if self.teacher_backend == "vllm":
             check_range("teacher_gpu_memory_utilization", self.teacher_gpu_memory_utilization, 0.01, 1.0)
+            engines = [f"{len(self.teachers)} x teacher_gpu_memory_utilization {self.teacher_gpu_memory_utilization}"]
+            share = len(self.teachers) * self.teacher_gpu_memory_utilization
+            if self.rollout_backend == "vllm":
+                engines.append(f"gpu_memory_utilization {self.gpu_memory_utilization} (the rollout engine)")
+                share += self.gpu_memory_utilization
+            if share >= 1.0:
+                raise ConfigError(f"the in-process vLLM engines would take {share:.2f} of the GPU ({' + '.join(engines)}), "
+                                  "leaving nothing for the student: lower them so they add up to well below 1")
         if self.teacher_backend != "server":
             if self.teacher_urls:
                 raise ConfigError("teacher_urls are for teacher_backend: server (the teacher runs in this process "
