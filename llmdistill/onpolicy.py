@@ -79,7 +79,7 @@ from llmdistill.losses import chunked_distill_loss
 from llmdistill.manifest import MANIFEST, write_json_atomic, write_manifest
 from llmdistill.prompts import PromptFormat
 from llmdistill.teacher import TransformersTeacher, on_device, predicting_hidden
-from llmdistill.vllm_runtime import vllm_lora_rank
+from llmdistill.vllm_runtime import set_cpu_kv_cache, vllm_lora_rank
 
 logger = get_logger(__name__)
 
@@ -312,8 +312,7 @@ class VllmRollout:
         from vllm import LLM
 
         ranks = ranks or Ranks()
-        if cfg.kv_cache_space_gb is not None:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_space_gb))
+        set_cpu_kv_cache(cfg.kv_cache_space_gb)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         kwargs: dict[str, Any] = {"dtype": cfg.dtype, "enforce_eager": cfg.enforce_eager, "seed": cfg.seed + ranks.rank,
                                   "gpu_memory_utilization": cfg.gpu_memory_utilization}
@@ -957,8 +956,7 @@ class VllmTeacher(StreamedTeacher):
         from llmdistill.generate.engines import OfflineEngine
 
         ranks = ranks or Ranks()
-        if cfg.kv_cache_space_gb is not None:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_space_gb))
+        set_cpu_kv_cache(cfg.kv_cache_space_gb)
         launcher = "external_launcher" if ranks.world > 1 and torch.cuda.is_available() else None
         self.config = ScoreConfig(model=path, dataset=cfg.dataset or "prompts", backend="offline",
                                   dtype=cfg.teacher_dtype, max_model_len=cfg.max_model_len,

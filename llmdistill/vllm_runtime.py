@@ -56,6 +56,13 @@ def set_engine_process(mode: str) -> str | None:
     return os.environ[ENV_VAR]
 
 
+def set_cpu_kv_cache(gib: int | None) -> None:
+    """The KV cache size of the next vLLM engine on a CPU host (``VLLM_CPU_KVCACHE_SPACE``, GiB), unless
+    the user exported one; None leaves vLLM's default."""
+    if gib is not None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(gib))
+
+
 def start_local_server(model: str, *flags: str, dev: bool = False, env: dict[str, str] | None = None,
                        port: int | None = None) -> tuple[str, subprocess.Popen]:
     """Start ``vllm serve`` of ``model`` on 127.0.0.1 (a free port unless given), in its own process group:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from typing import Any
 from llmdistill.config.base import ConfigError, check_model_path
 from llmdistill.config.eval import EvalConfig
 from llmdistill.log import get_logger
-from llmdistill.vllm_runtime import VLLM_LORA_RANKS, set_engine_process, vllm_lora_rank
+from llmdistill.vllm_runtime import VLLM_LORA_RANKS, set_cpu_kv_cache, set_engine_process, vllm_lora_rank
 
 logger = get_logger(__name__)
 
@@ -112,8 +111,7 @@ def open_engine(model: str, config: EvalConfig) -> Iterator[Engine]:
     from transformers import AutoTokenizer
     from vllm import LLM
 
-    if config.kv_cache_space_gb is not None:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_space_gb))
+    set_cpu_kv_cache(config.kv_cache_space_gb)
     set_engine_process(config.vllm_multiprocessing)
     base = adapter_base(model)
     tmp_dir, lora_request, kwargs = None, None, _engine_kwargs(config)
