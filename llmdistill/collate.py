@@ -2,12 +2,13 @@
 
 A batch is one flat sequence: the packed rows of the micro-batch are concatenated (as
 TRL's ``padding_free`` and :class:`transformers.DataCollatorWithFlattening` do) and
-``position_ids`` restart at 0 at each document. The model isolates the documents from these
-position ids: with ``sdpa``/``eager`` transformers turns them into a block-diagonal causal
-mask (``masking_utils.find_packed_sequence_indices``, used when no attention mask is given),
-and with ``flash_attention_2`` into varlen cumulative lengths. No padding token is computed.
-That dense mask is (tokens x tokens): on CPU, 32k-token rows need gigabytes and minutes a step
-with ``sdpa``; long rows are for ``flash_attention_2`` on GPUs.
+``position_ids`` restart at 0 at each document. The documents stay isolated from each other:
+with ``flash_attention_2`` transformers turns these position ids into varlen cumulative lengths
+(no padding token is computed); with ``sdpa``/``eager`` the trainer runs the documents as
+right-padded groups (:func:`llmdistill.teacher.predicting_hidden`), each paying attention over
+its own length only. A student sharded by FSDP or ZeRO-3 with ``sdpa``/``eager`` runs the packed
+sequence under a block-diagonal causal mask (``masking_utils.find_packed_sequence_indices``):
+(tokens x tokens), gigabytes for 32k-token rows.
 
 The collator decodes the top-k, so it runs where the rows are fetched: in the DataLoader's
 workers with ``dataloader_num_workers >= 1`` (it is a small picklable dataclass; each worker maps

@@ -37,7 +37,7 @@ from llmdistill.layer_losses import (
     map_layers,
     relation_kl_loss,
 )
-from llmdistill.teacher import TransformersTeacher, topk_logprobs
+from llmdistill.teacher import TransformersTeacher, predicting_hidden, topk_logprobs
 
 # A subdirectory: vLLM and transformers read every top-level *.safetensors as the model's weights
 PROJECTOR_DIR = "feature_projector"
@@ -125,14 +125,24 @@ class OnlineTeacher:
         return getattr(self.teacher.model, "module", self.teacher.model)
 
     @torch.no_grad()
-    def signals(self, inputs: dict[str, torch.Tensor], spec: CaptureSpec) -> tuple[torch.Tensor, torch.Tensor, Captured]:
-        """(N, k) top-k ids and T=1 log-probs of the batch's target tokens, and the teacher's captures."""
+    def signals(self, inputs: dict[str, torch.Tensor], spec: CaptureSpec,
+                padded_groups: bool = False) -> tuple[torch.Tensor, torch.Tensor, Captured | None]:
+        """(N, k) top-k ids and T=1 log-probs of the batch's target tokens, and the teacher's captures.
+
+        ``padded_groups`` (the trainer's choice for its student, see ``DistillTrainer._documents_as_padded_groups``):
+        with nothing to capture, the documents run as right-padded groups and no captures are returned.
+        """
         model = self.model
-        captured = capture_forward(model.base_model, inputs["input_ids"], inputs["position_ids"], spec)
         target_index = inputs["target_index"]
+        captured = None
+        if padded_groups and spec == CaptureSpec():
+            hidden, _ = predicting_hidden(model, inputs, max_tokens=inputs["input_ids"].shape[1])
+        else:
+            captured = capture_forward(model.base_model, inputs["input_ids"], inputs["position_ids"], spec)
+            hidden = captured.last[target_index - 1]
         k = self.top_k or int(model.config.vocab_size)
-        ids, logprobs, _ = topk_logprobs(captured.last[target_index - 1], model.get_output_embeddings(),
-                                         inputs["input_ids"][0, target_index], k, self.chunk_size)
+        ids, logprobs, _ = topk_logprobs(hidden, model.get_output_embeddings(), inputs["input_ids"][0, target_index],
+                                         k, self.chunk_size)
         return ids, logprobs, captured
 
 

@@ -78,6 +78,7 @@ from llmdistill.online import (
     ProjectorGrads,
     capture_forward,
 )
+from llmdistill.teacher import predicting_hidden
 
 logger = get_logger(__name__)
 
@@ -240,6 +241,7 @@ class DistillTrainer(SFTTrainer):
         self.max_length = max_length
         self.teacher, self.layers = teacher, layers
         self._place_teacher_and_projector()
+        self._padded_groups = self._documents_as_padded_groups()
         # the loss is divided by the token count of the whole optimizer step (see compute_loss)
         self.loss_is_scaled_for_ga = True
         self._stats = torch.zeros(len(_STATS), dtype=torch.float64)
@@ -275,6 +277,23 @@ class DistillTrainer(SFTTrainer):
                             "with a student as wide as the teacher")
         projector.to(self.accelerator.device)
         self.add_callback(ProjectorGrads(projector, average=self.accelerator.num_processes > 1))
+
+    def _documents_as_padded_groups(self) -> bool:
+        """Whether the student's forward runs a batch's documents as right-padded groups
+        (:func:`~llmdistill.teacher.predicting_hidden`) instead of one packed sequence.
+
+        With ``sdpa`` or ``eager`` attention a packed sequence of L tokens attends under an (L x L)
+        block-diagonal mask: every document pays for the whole row's square (on the demo's 2,900-token
+        batches of ~85-token documents, ~90% of a CPU step). As padded groups each document pays its
+        own square. ``flash_attention_2`` runs packed sequences varlen and keeps them; so do students
+        whose parameters are sharded (FSDP, ZeRO-3), where every process must make the same number of
+        forward calls a step and the number of groups depends on the batch.
+        """
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        attention = getattr(self.accelerator.unwrap_model(self.model).config, "_attn_implementation", "sdpa")
+        sharded = self.is_fsdp_enabled or (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled())
+        return attention in ("sdpa", "eager") and not sharded
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The student's optimizer, plus the feature projection as one more parameter group (no weight decay)."""
@@ -329,18 +348,20 @@ class DistillTrainer(SFTTrainer):
         causal_lm = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
         spec = self.layers.spec(0) if self.layers is not None else None
         student: Captured | None = None
-        if spec is None:
+        target_index = inputs["target_index"]
+        if spec is None and self._padded_groups:
+            hidden, _ = predicting_hidden(causal_lm, inputs, max_tokens=inputs["input_ids"].shape[1])
+        elif spec is None:
             hidden = causal_lm.base_model(
                 input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False
-            ).last_hidden_state[0]  # (L, H)
+            ).last_hidden_state[0][target_index - 1]
         else:
             student = capture_forward(causal_lm.base_model, inputs["input_ids"], inputs["position_ids"], spec)
-            hidden = student.last
+            hidden = student.last[target_index - 1]
         teacher_ids, teacher_logprobs, teacher = inputs.get("teacher_ids"), inputs.get("teacher_logprobs"), None
         if self.teacher is not None:
             teacher_spec = self.layers.spec(1) if self.layers is not None else CaptureSpec()
-            teacher_ids, teacher_logprobs, teacher = self.teacher.signals(inputs, teacher_spec)
-        target_index = inputs["target_index"]
+            teacher_ids, teacher_logprobs, teacher = self.teacher.signals(inputs, teacher_spec, self._padded_groups)
         head = causal_lm.get_output_embeddings()
         weight, bias = head.weight, head.bias
         if isinstance(weight, DTensor):  # FSDP2 keeps a sharded head outside its module's forward
@@ -348,7 +369,7 @@ class DistillTrainer(SFTTrainer):
             bias = bias.full_tensor() if bias is not None else None
         with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3: gather the partitioned head
             out = chunked_distill_loss(
-                hidden[target_index - 1],
+                hidden,
                 weight,
                 inputs["input_ids"][0, target_index],
                 teacher_ids,

@@ -94,7 +94,7 @@ def test_each_tiny_config_is_exactly_the_demos_stage(tmp_path):
     assert configs["eval_curve"]["models"].split(",") == [
         *(str(run / arm / f"checkpoint-{step}") for arm in ("train-sft", "train-kd") for step in (450, 900, 1350)),
         str(run / "train-warm" / "checkpoint-450"),
-        *(str(run / "train-onpolicy" / f"checkpoint-{step}") for step in (125, 250, 375)),
+        *(str(run / "train-onpolicy" / f"checkpoint-{step}") for step in (25, 50, 75)),
         str(run / "train-warm")]
     assert configs["eval_curve"]["output_dir"] == str(run / "eval-curve")
 

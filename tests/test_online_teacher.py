@@ -89,6 +89,10 @@ def test_online_teacher_equals_the_stored_topk_within_the_codec_error(tmp_path, 
     # the teacher's signal: same ids; log-probs equal to the codec's round trip of the online values
     ids, lps, _ = online.teacher.signals(fresh, CaptureSpec())
     np.testing.assert_array_equal(ids.numpy(), stored["teacher_ids"].numpy())
+    grouped_ids, grouped_lps, nothing = online.teacher.signals(fresh, CaptureSpec(), padded_groups=True)
+    assert nothing is None  # as right-padded groups of the documents (the trainer's way with sdpa): the same signal
+    np.testing.assert_array_equal(grouped_ids.numpy(), ids.numpy())
+    torch.testing.assert_close(grouped_lps, lps, atol=1e-5, rtol=0)
     n = len(ids)
     v = len(online.processing_class)
     round_trip = decode_topk(encode_topk(ids.numpy(), lps.numpy(), v, 12), n, K, v, 12)[1]

@@ -236,6 +236,40 @@ def test_packed_batch_loss_equals_sum_of_unpacked_documents(tmp_path, tiny_stude
 
 
 @pytest.mark.unit
+def test_padded_groups_give_the_packed_forwards_loss_and_gradients(tmp_path, tiny_student_dir, built_kd):
+    """sdpa runs a batch's documents as right-padded groups; the packed forward (one sequence under a
+    block-diagonal mask, as flash_attention_2 and sharded students run) gives the same loss and gradients."""
+    trainer, _ = build_trainer(config(tmp_path, tiny_student_dir, built_kd, temperature=2.0,
+                                      per_device_train_batch_size=3))
+    assert trainer._padded_groups
+    trainer.model.eval()
+    batch = first_batch(trainer)
+    n = batch["target_index"].numel()
+    lengths = torch.diff(torch.nonzero(batch["position_ids"][0] == 0).flatten(),
+                         append=torch.tensor([batch["input_ids"].shape[1]]))
+    assert len(set(lengths.tolist())) > 3  # documents of different lengths: the groups carry padding
+    grouped_loss, grouped_grads = loss_and_grads(trainer, batch, n)
+    trainer._padded_groups = False
+    packed_loss, packed_grads = loss_and_grads(trainer, batch, n)
+    assert grouped_loss.item() == pytest.approx(packed_loss.item(), rel=1e-5)
+    assert grouped_grads.keys() == packed_grads.keys()
+    for name, grad in packed_grads.items():
+        assert torch.allclose(grouped_grads[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.unit
+def test_packed_forward_is_kept_for_varlen_attention_and_sharded_students(tmp_path, tiny_student_dir, built_kd,
+                                                                          monkeypatch):
+    trainer, _ = build_trainer(config(tmp_path, tiny_student_dir, built_kd, attention="eager"))
+    assert trainer._documents_as_padded_groups()
+    monkeypatch.setattr(trainer.model.config, "_attn_implementation", "flash_attention_2")
+    assert not trainer._documents_as_padded_groups()
+    monkeypatch.setattr(trainer.model.config, "_attn_implementation", "sdpa")
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+    assert not trainer._documents_as_padded_groups()
+
+
+@pytest.mark.unit
 def test_alpha_zero_is_plain_cross_entropy(tmp_path, tiny_student_dir, built_kd):
     trainer, _ = build_trainer(config(tmp_path, tiny_student_dir, built_kd, alpha=0.0))
     trainer.model.eval()

@@ -301,7 +301,9 @@ class TrainConfig(SFTConfig, LoraSettings):
     attention: str = field(
         default="sdpa",
         metadata={"help": f"Attention kernel, one of {list(ATTENTIONS)}. Packed documents are isolated by "
-                          "position_ids: sdpa/eager get a block-diagonal mask, flash_attention_2 runs varlen."},
+                          "position_ids: flash_attention_2 runs them varlen; with sdpa/eager they run as "
+                          "right-padded groups of whole documents (a student sharded by FSDP/ZeRO-3: one packed "
+                          "sequence under a block-diagonal mask)."},
     )
     load_in_4bit: bool = field(
         default=False,
