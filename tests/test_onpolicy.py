@@ -924,7 +924,10 @@ def test_a_mixed_run_trains_on_offline_batches_on_exactly_the_seeded_steps(
     for step, state in zip(sorted(offline_batches), weights, strict=True):
         student.load_state_dict(state)
         direct = float(_dense_topk_reverse_kl(student, offline_batches[step][0]))
-        assert history[step]["loss"] == pytest.approx(direct, rel=1e-5)
+        # the run's loss is fp32 arithmetic on O(1) log-probabilities, the reference float64: they may differ
+        # by a few fp32 ulps of those (~1e-7 absolute; 2e-8 seen on an AVX2 CPU), while one step's update
+        # moves this loss by ~1e-4 and another batch by more
+        assert history[step]["loss"] == pytest.approx(direct, rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.integration
