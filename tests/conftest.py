@@ -7,6 +7,7 @@ under ``$LLMDISTILL_CACHE`` (default ``~/.cache/llmdistill``): minutes the first
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -87,3 +88,27 @@ def accelerate_launch(*args: str, launcher: str = "ddp_cpu", processes: int = 2)
     config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{launcher}.yaml"
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
             str(processes), "--main_process_port", str(port), *args]
+
+
+#: the tests' vLLM engines: the engine core in this process, a 1 GiB KV cache, fp32, no CUDA graphs
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "LLMDISTILL_NO_PROGRESS": "1"}
+ENGINE_FLAGS = ["--dtype", "float32", "--enforce_eager", "true", "--max_model_len", "256",
+                "--distributed_executor_backend", "uni"]
+
+
+def run_cli(command: str, *args: str, cwd: Path | None = None) -> None:
+    """``llmdistill <command> <args>`` run by the console entry point in this process, with :data:`ENGINE_ENV`
+    (and from ``cwd``): the CLI's own parsing, config files and stage runner, without the ~15 s of imports a
+    fresh interpreter pays per stage on the slower CPU of this machine kind. A non-zero exit fails the test.
+    (What only a separate process shows, signals and the exit code a shell sees, is tested with subprocesses.)"""
+    from llmdistill.cli import main
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in ENGINE_ENV.items():
+            patch.setenv(key, value)
+        if cwd is not None:
+            patch.chdir(cwd)
+        try:
+            main([command, *args])
+        except SystemExit as done:
+            assert not done.code, f"llmdistill {command} exited with {done.code} (its stderr is captured above)"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli  # tests/ is on sys.path (pytest's rootdir conftest)
 
 from llmdistill.config.base import ConfigError, load_config
 from llmdistill.config.eval import EvalConfig
@@ -160,11 +161,9 @@ def test_tiny_teacher_and_lora_adapter_end_to_end(tmp_path, tiny_teacher_dir):
 
     adapter = _scrambling_adapter(Path(tiny_teacher_dir), tmp_path / "adapter")
     out = tmp_path / "eval"
-    cmd = [sys.executable, "-m", "llmdistill", "eval", "--models", f"{tiny_teacher_dir},{adapter}",
-           "--reference_model", str(tiny_teacher_dir), "--benchmarks", "tiny", "--limit", "100", "--num_samples", "4", "--enforce_eager", "true",
-           "--max_model_len", "256", "--kv_cache_space_gb", "1", "--output_dir", str(out)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_cli("eval", "--models", f"{tiny_teacher_dir},{adapter}", "--reference_model", str(tiny_teacher_dir),
+            "--benchmarks", "tiny", "--limit", "100", "--num_samples", "4", "--enforce_eager", "true",
+            "--max_model_len", "256", "--kv_cache_space_gb", "1", "--output_dir", str(out))
     assert sorted(p.name for p in out.iterdir()) == ["details.parquet", "manifest.json", "results.json",
                                                      "results.md", "results.png"]
     results = json.loads((out / "results.json").read_text())

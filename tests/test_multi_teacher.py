@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import ENGINE_FLAGS, run_cli  # tests/ is on sys.path (pytest's rootdir conftest)
 
 from llmdistill.builder import run_build
 from llmdistill.builder.merge import UnknownTeacher, mix_topk, route_weights
@@ -24,7 +23,6 @@ from llmdistill.manifest import read_manifest
 from llmdistill.tinyworld.task import generate_problems, reference_completion, write_jsonl
 
 K = 4
-PY = sys.executable
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,16 +241,7 @@ def test_build_refuses_teachers_that_do_not_line_up(two_teachers, tmp_path, tiny
 # ---------------------------------------------------------------------------------------
 # end to end through the CLI: score with two tiny teachers -> build (merged) -> train
 
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "LLMDISTILL_NO_PROGRESS": "1",
-              "OMP_NUM_THREADS": "1"}
-ENGINE_FLAGS = ["--dtype", "float32", "--enforce_eager", "true", "--max_model_len", "256",
-                "--distributed_executor_backend", "uni"]
 
-
-def run_cli(stage: str, *args: str) -> None:
-    proc = subprocess.run([PY, "-m", "llmdistill", stage, *args], env={**os.environ, **ENGINE_ENV},
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def _built_topk(built) -> dict[str, list[np.ndarray]]:

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import run_cli  # tests/ is on sys.path (pytest's rootdir conftest)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -318,9 +319,7 @@ def _run_cli(tmp_path: Path, shipped: str, **changes) -> Path:
                 **changes)
     path = tmp_path / shipped
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    res = subprocess.run([sys.executable, "-m", "llmdistill", "train", "--config", str(path)], capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_cli("train", "--config", str(path))
     return out
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import run_cli  # tests/ is on sys.path (pytest's rootdir conftest)
 from safetensors.torch import load_file
 
 import llmdistill.onpolicy as op
@@ -827,15 +828,11 @@ def test_a_sharded_launch_and_steps_that_do_not_divide_fail_in_one_line(prompts,
 
 @pytest.mark.integration
 def test_the_cli_runs_and_records_the_compute(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path):
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     out = tmp_path / "cli"
-    res = subprocess.run([sys.executable, "-m", "llmdistill", "onpolicy", "--dataset", str(prompts),
-                          "--student_model", str(tiny_student_dir), "--teacher_model", str(tiny_random_teacher_dir),
-                          "--output_dir", str(out), "--max_steps", "2", "--prompts_per_step", "4",
-                          "--max_new_tokens", "16", "--max_model_len", "256", "--logging_steps", "1",
-                          "--teacher_backend", "vllm"],  # two engines in the process: the rollouts' and the teacher's
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_cli("onpolicy", "--dataset", str(prompts), "--student_model", str(tiny_student_dir),
+            "--teacher_model", str(tiny_random_teacher_dir), "--output_dir", str(out), "--max_steps", "2",
+            "--prompts_per_step", "4", "--max_new_tokens", "16", "--max_model_len", "256", "--logging_steps", "1",
+            "--teacher_backend", "vllm")  # two engines in the process: the rollouts' and the teacher's
     manifest = json.loads((out / "manifest.json").read_text())
     counts, seconds = manifest["counts"], manifest["compute"]["seconds"]
     assert counts["optimizer_steps"] == 2 and counts["rollout_tokens"] > 0

@@ -8,14 +8,12 @@ requests, and build must compute the same prompt token ids for the student.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import ENGINE_FLAGS, run_cli  # tests/ is on sys.path (pytest's rootdir conftest)
 
 from llmdistill.builder import run_build
 from llmdistill.builder.pack import unpack_row
@@ -159,27 +157,21 @@ def test_recipe_instruction_file_through_generate_build_train(tmp_path, tiny_tok
     """The recipe's instruction file (trailing newline and all) through a real engine, build and training."""
     problems = generate_problems(8, seed=4)
     data = write_jsonl(tmp_path / "in.jsonl", [{"id": p.id, "problem": p.question, "answer": p.answer} for p in problems])
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "LLMDISTILL_NO_PROGRESS": "1"}
-    run = [sys.executable, "-m", "llmdistill"]
-    subprocess.run([*run, "generate", "--model", str(tiny_random_teacher_dir), "--dataset", str(data),
-                    "--prompt_column", "problem", "--id_column", "id", "--passthrough_columns", "answer",
-                    "--instruction_template", str(INSTRUCTION), "--num_samples", "1", "--max_tokens", "12",
-                    "--logprobs_top_k", "4", "--dtype", "float32", "--enforce_eager", "true", "--max_model_len", "256",
-                    "--distributed_executor_backend", "uni", "--output_dir", str(tmp_path / "gen")],
-                   check=True, env={**os.environ, **env}, cwd=tmp_path)
+    run_cli("generate", "--model", str(tiny_random_teacher_dir), "--dataset", str(data),
+            "--prompt_column", "problem", "--id_column", "id", "--passthrough_columns", "answer",
+            "--instruction_template", str(INSTRUCTION), "--num_samples", "1", "--max_tokens", "12",
+            "--logprobs_top_k", "4", *ENGINE_FLAGS, "--output_dir", str(tmp_path / "gen"), cwd=tmp_path)
     # build from another directory: the manifest carries the format as text, not a relative path
-    subprocess.run([*run, "build", "--input_path", str(tmp_path / "gen"), "--student_tokenizer", str(tiny_tokenizer_dir),
-                    "--verifier", "none", "--require_think", "false", "--drop_truncated", "false",
-                    "--max_length", "256", "--output_dir", str(tmp_path / "built")],
-                   check=True, cwd=REPO / "configs")
+    run_cli("build", "--input_path", str(tmp_path / "gen"), "--student_tokenizer", str(tiny_tokenizer_dir),
+            "--verifier", "none", "--require_think", "false", "--drop_truncated", "false",
+            "--max_length", "256", "--output_dir", str(tmp_path / "built"), cwd=REPO / "configs")
     table, meta = read_built(tmp_path / "built")
     ids, mask = unpack_row(table.to_pylist()[0])[0]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     assert tok.decode(ids[mask == 0]).endswith("within \\boxed{}.\n<|im_end|>\n<|im_start|>assistant\n")
-    subprocess.run([*run, "train", "--student_model", str(tiny_student_dir), "--data_dir", str(tmp_path / "built"),
-                    "--output_dir", str(tmp_path / "train"), "--max_steps", "2", "--per_device_train_batch_size", "1",
-                    "--save_strategy", "no", "--report_to", "none", "--gradient_checkpointing", "false"],
-                   check=True, env={**os.environ, **env})
+    run_cli("train", "--student_model", str(tiny_student_dir), "--data_dir", str(tmp_path / "built"),
+            "--output_dir", str(tmp_path / "train"), "--max_steps", "2", "--per_device_train_batch_size", "1",
+            "--save_strategy", "no", "--report_to", "none", "--gradient_checkpointing", "false")
     assert (tmp_path / "train" / "model.safetensors").is_file()

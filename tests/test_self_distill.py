@@ -4,15 +4,13 @@ born-again recipe (the student's own earlier checkpoint as the teacher), each en
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.feather as feather
 import pytest
+from conftest import ENGINE_FLAGS, run_cli  # tests/ is on sys.path (pytest's rootdir conftest)
 
 from llmdistill.builder import run_build
 from llmdistill.builder.pack import unpack_row
@@ -32,7 +30,6 @@ from llmdistill.manifest import read_manifest, write_manifest
 from llmdistill.prompts import PromptFormat
 from llmdistill.tinyworld.task import generate_problems, reference_completion, write_jsonl
 
-PY = sys.executable
 TEMPLATE = "{prompt}\nReference: {reference}"
 
 
@@ -119,17 +116,8 @@ def test_build_of_rewrites_keeps_the_verified_ones_on_the_original_prompt(tmp_pa
 # ---------------------------------------------------------------------------------------
 # end to end through the CLI
 
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "LLMDISTILL_NO_PROGRESS": "1",
-              "OMP_NUM_THREADS": "1"}
-ENGINE_FLAGS = ["--dtype", "float32", "--enforce_eager", "true", "--max_model_len", "256",
-                "--distributed_executor_backend", "uni"]
 TRAIN_FLAGS = ["--max_steps", "3", "--warmup_steps", "0", "--logging_steps", "1"]
 
-
-def run_cli(stage: str, *args: str) -> None:
-    proc = subprocess.run([PY, "-m", "llmdistill", stage, *args], env={**os.environ, **ENGINE_ENV},
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def sft_set(path, n: int, seed: int):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ENGINE_FLAGS, run_cli  # tests/ is on sys.path (pytest's rootdir conftest)
 
 from llmdistill.builder.decontam import NgramIndex
 from llmdistill.config.base import ConfigError, load_config
@@ -288,15 +289,7 @@ def test_recipe_dry_run_prints_the_plan():
 # The tiny world writes its own questions; synthesize -> generate -> build -> train
 
 
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "LLMDISTILL_NO_PROGRESS": "1"}
-ENGINE_FLAGS = ["--dtype", "float32", "--enforce_eager", "true", "--max_model_len", "256",
-                "--distributed_executor_backend", "uni"]
 
-
-def run_cli(stage: str, *args: str) -> None:
-    proc = subprocess.run([PY, "-m", "llmdistill", stage, *args], env={**os.environ, **ENGINE_ENV},
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.mark.unit
