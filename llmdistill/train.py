@@ -329,7 +329,8 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
             ax.plot(*zip(*points, strict=True), label=key, marker="." if len(points) < 30 else None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("nats per target token")
-    ax.legend()
+    if ax.lines:  # a run too short to log a step has no curve to name
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
