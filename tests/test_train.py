@@ -267,6 +267,14 @@ def test_packed_forward_is_kept_for_varlen_attention_and_sharded_students(tmp_pa
     monkeypatch.setattr(trainer.model.config, "_attn_implementation", "sdpa")
     monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
     assert not trainer._documents_as_padded_groups()
+    import transformers.integrations.deepspeed as ds
+
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", False)
+    monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
+    monkeypatch.setattr(ds, "is_deepspeed_zero3_enabled", lambda: False)  # ZeRO-1/2: whole weights, groups
+    assert trainer._documents_as_padded_groups()
+    monkeypatch.setattr(ds, "is_deepspeed_zero3_enabled", lambda: True)
+    assert not trainer._documents_as_padded_groups()
 
 
 @pytest.mark.unit
