@@ -90,7 +90,8 @@ def accelerate_launch(*args: str, launcher: str = "ddp_cpu", processes: int = 2)
             str(processes), "--main_process_port", str(port), *args]
 
 
-#: the tests' vLLM engines: the engine core in this process, a 1 GiB KV cache, fp32, no CUDA graphs
+#: the tests' vLLM engines: the engine core in the process that creates it (a faster start, and a SIGKILL
+#: kills all of it), a 1 GiB KV cache; fp32, eager, one worker
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "LLMDISTILL_NO_PROGRESS": "1"}
 ENGINE_FLAGS = ["--dtype", "float32", "--enforce_eager", "true", "--max_model_len", "256",
                 "--distributed_executor_backend", "uni"]

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import ENGINE_ENV, ENGINE_FLAGS  # tests/ is on sys.path (pytest's rootdir conftest)
 
 from llmdistill.config.base import ConfigError
 from llmdistill.config.generate import GenerateConfig, ScoreConfig
@@ -34,10 +35,6 @@ from llmdistill.tinyworld.task import generate_problems, reference_completion, t
 PY = sys.executable
 K = 20
 N_PROMPTS, N_SAMPLES, MAX_TOKENS = 40, 2, 24
-# one in-process engine (no engine-core / worker processes): faster start, and SIGKILL kills all of it
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "LLMDISTILL_NO_PROGRESS": "1"}
-ENGINE_FLAGS = ["--dtype", "float32", "--enforce_eager", "true", "--max_model_len", "256",
-                "--distributed_executor_backend", "uni"]
 
 
 # ---------------------------------------------------------------------------------------
