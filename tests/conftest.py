@@ -98,17 +98,17 @@ ENGINE_FLAGS = ["--dtype", "float32", "--enforce_eager", "true", "--max_model_le
 
 
 def run_cli(command: str, *args: str, cwd: Path | None = None) -> None:
-    """``llmdistill <command> <args>`` run by the console entry point in this process, with :data:`ENGINE_ENV`
-    (and from ``cwd``): the CLI's own parsing, config files and stage runner, without the ~15 s of imports a
-    fresh interpreter pays per stage on the slower CPU of this machine kind. A non-zero exit fails the test.
-    (What only a separate process shows, signals and the exit code a shell sees, is tested with subprocesses.)"""
+    """``llmdistill <command> <args>`` run by the console entry point in this process, with :data:`ENGINE_ENV`,
+    from ``cwd`` (default: the repository's root, where relative ``configs/`` paths resolve): the CLI's own
+    parsing, config files and stage runner, without the ~15 s of imports a fresh interpreter pays per stage
+    on the slower CPU of this machine kind. A non-zero exit fails the test. (What only a separate process
+    shows, signals and the exit code a shell sees, is tested with subprocesses.)"""
     from llmdistill.cli import main
 
     with pytest.MonkeyPatch.context() as patch:
         for key, value in ENGINE_ENV.items():
             patch.setenv(key, value)
-        if cwd is not None:
-            patch.chdir(cwd)
+        patch.chdir(cwd if cwd is not None else Path(__file__).resolve().parents[1])
         try:
             main([command, *args])
         except SystemExit as done:

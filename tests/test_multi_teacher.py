@@ -242,8 +242,6 @@ def test_build_refuses_teachers_that_do_not_line_up(two_teachers, tmp_path, tiny
 # end to end through the CLI: score with two tiny teachers -> build (merged) -> train
 
 
-
-
 def _built_topk(built) -> dict[str, list[np.ndarray]]:
     """Every built document's decoded top-k ids, by prompt id: one [tokens, k] array per document."""
     table, meta = read_built(built)

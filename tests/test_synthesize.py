@@ -289,9 +289,6 @@ def test_recipe_dry_run_prints_the_plan():
 # The tiny world writes its own questions; synthesize -> generate -> build -> train
 
 
-
-
-
 @pytest.mark.unit
 def test_the_shipped_question_writer_is_the_one_this_code_trains():
     from llmdistill.tinyworld import bootstrap
