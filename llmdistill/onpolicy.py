@@ -7,8 +7,9 @@ the teacher's judgement of every token. Each optimizer step reads like a trainin
 
 1. :func:`rollout` — the current student samples completions for a batch of prompts (an
    in-process vLLM engine holding a copy of the student, the student's own vLLM servers, or
-   ``model.generate``); with ``async_rollouts`` the servers sample the next step's batch while
-   this one is scored and trained (:class:`RolloutSource`);
+   ``model.generate``); with ``steps_per_rollout`` k the prompts of k steps are sampled in one
+   batch and trained a step at a time, and with ``async_rollouts`` the servers sample the next
+   batch while this one is scored and trained (:class:`RolloutSource`);
 2. :func:`score` — the teacher reads prompt + the student's completion in one prefill and
    returns its top-k log-probs (and the log-prob of the sampled token) at every completion
    position, never a full ``[tokens × vocab]`` tensor;
@@ -16,10 +17,10 @@ the teacher's judgement of every token. Each optimizer step reads like a trainin
    the tail bucket through :func:`llmdistill.losses.chunked_distill_loss`, or the sampled-token
    reverse-KL advantage as a policy gradient; optionally an answer-checker reward term;
 4. the AdamW step;
-5. :meth:`VllmRollout.sync` / :meth:`ServerRollout.sync` — every ``sync_every`` steps the rollout
-   engine reloads the student's weights in place (vLLM's ``reload_weights``: handed the tensors
-   in process, or read by the servers from ``rollout_sync_dir``), so the next rollouts come from the
-   new policy.
+5. :meth:`VllmRollout.sync` / :meth:`ServerRollout.sync` — every ``sync_every`` steps (before a
+   rollout) the rollout engine reloads the student's weights in place (vLLM's ``reload_weights``:
+   handed the tensors in process, or read by the servers from ``rollout_sync_dir``), so the next
+   rollouts come from the new policy.
 
 With ``on_policy_fraction`` (GKD's lambda) below 1, a seeded choice per step index sends some
 steps to :class:`OfflineBatches` instead: a batch of built shards (the teacher's own traces with
@@ -743,35 +744,51 @@ def _post_json(url: str, body: dict | None, timeout: float) -> tuple[int, str]:
 RolloutEngine = VllmRollout | ServerRollout | TransformersRollout
 
 
-def rollout(engine: RolloutEngine, stream: PromptStream, step: int, fmt: PromptFormat,
-            tokenizer: Any, cfg: OnPolicyConfig, ranks: Ranks | None = None) -> Rollouts:
-    """Step 1: the current student's completions for this step's prompts (this process's share of them)."""
-    indices = (ranks or Ranks()).share(stream.batch(step, cfg.prompts_per_step))
-    records = stream.prompts.rows(indices)
+def rollout(engine: RolloutEngine, stream: PromptStream, steps: list[int], fmt: PromptFormat,
+            tokenizer: Any, cfg: OnPolicyConfig, ranks: Ranks | None = None) -> list[Rollouts]:
+    """Step 1: the current student's completions for the prompts of ``steps`` (this process's share of
+    each step's prompts), sampled in one batch; one :class:`Rollouts` per step, in order."""
+    ranks = ranks or Ranks()
+    shares = [ranks.share(stream.batch(step, cfg.prompts_per_step)) for step in steps]
+    records = stream.prompts.rows([i for share in shares for i in share])
     prompt_ids = fmt.token_ids(tokenizer, [r[cfg.prompt_column] for r in records])
-    policy_step = step if isinstance(engine, TransformersRollout) else engine.synced_step
+    # model.generate samples from the training weights as they are when the first step of the batch starts
+    policy_step = steps[0] if isinstance(engine, TransformersRollout) else engine.synced_step
     completions = engine.sample(prompt_ids, cfg)
     n = cfg.samples_per_prompt
     teachers = [r[cfg.teacher_column] if cfg.teacher_column else "default" for r in records]
-    return Rollouts(prompt_ids=[p for p in prompt_ids for _ in range(n)], completion_ids=completions,
-                    records=[r for r in records for _ in range(n)], teachers=[t for t in teachers for _ in range(n)],
-                    policy_step=policy_step)
+    out, first = [], 0
+    for share in shares:
+        last = first + len(share)
+        out.append(Rollouts(prompt_ids=[p for p in prompt_ids[first:last] for _ in range(n)],
+                            completion_ids=completions[first * n:last * n],
+                            records=[r for r in records[first:last] for _ in range(n)],
+                            teachers=[t for t in teachers[first:last] for _ in range(n)], policy_step=policy_step))
+        first = last
+    return out
 
 
 class RolloutSource:
     """Where each on-policy step's rollouts come from, and when the engine gets the new weights.
 
-    Synchronous: the step's rollouts are sampled when it starts, and after its update the engine
-    syncs every ``sync_every`` steps (and wakes, with ``sleep_mode``).
+    The steps run in groups of ``steps_per_rollout`` (steps 0 to k - 1, k to 2k - 1, ...). The
+    first on-policy step of a group samples the prompts of all the group's on-policy steps in one
+    batch, and each step then trains on its own prompts' samples (with k = 1, every step samples its
+    own). A run resumed inside a group samples the rest of the group, from the checkpoint's weights.
 
-    ``async_rollouts`` (a rollout server): the servers sample the next on-policy step's prompts in
-    the background while this step is scored and trained. When a step starts it takes its finished
-    batch, syncs the weights if they are ``sync_every`` updates behind, and submits the next batch.
-    Weights change only between two batches, so with ``sync_every: 1`` each batch comes from weights
-    one update older than those it trains (``policy_lag`` 1 in the log, 0 when synchronous; with
-    ``sync_every: k`` up to k, against k - 1 when synchronous). A batch is submitted only when the
-    next step is on-policy: after offline steps (GKD's lambda) the next batch is sampled when its
-    step starts, from freshly synced weights.
+    Synchronous: after the last update of a group the engine syncs when ``sync_every`` divides the
+    step count (and wakes, with ``sleep_mode``), so step i of a group trains on samples of weights
+    i updates old, or older by whole groups with ``sync_every`` > k.
+
+    ``async_rollouts`` (a rollout server): the servers sample the next group's prompts in the
+    background while this group is scored and trained. When a group's first step starts it takes
+    the finished batch, syncs the weights if they are ``sync_every`` updates behind, and submits
+    the next group's batch. Weights change only between two batches, so with ``sync_every: 1`` and
+    k = 1 each batch comes from weights one update older than those it trains (``policy_lag`` 1 in
+    the log, 0 when synchronous; with ``sync_every: s`` up to s, against s - 1 when synchronous). A
+    batch is submitted only when the next group starts with an on-policy step: after offline steps
+    (GKD's lambda) the next batch is sampled when its first on-policy step starts, from freshly
+    synced weights.
     """
 
     def __init__(self, engine: RolloutEngine, stream: PromptStream, fmt: PromptFormat, tokenizer: Any,
@@ -779,27 +796,40 @@ class RolloutSource:
         self.engine, self.stream, self.fmt, self.tokenizer, self.cfg = engine, stream, fmt, tokenizer, cfg
         self.counters, self.offline, self.ranks = counters, offline, ranks or Ranks()
         self.pending: tuple[int, Future] | None = None
+        self.ready: dict[int, Rollouts] = {}  # the sampled batches of this group's later steps
         self.background = cfg.async_rollouts
 
+    def group_end(self, step: int) -> int:
+        """The first step after ``step``'s group."""
+        return min((step // self.cfg.steps_per_rollout + 1) * self.cfg.steps_per_rollout, self.cfg.max_steps)
+
+    def sampled_with(self, step: int) -> list[int]:
+        """The on-policy steps whose prompts are sampled with ``step``'s: the rest of its group, offline
+        steps left out."""
+        return [s for s in range(step, self.group_end(step)) if self.offline is None or not self.offline.takes(s)]
+
     def take(self, step: int, model: torch.nn.Module) -> Rollouts:
-        """The rollouts of on-policy step ``step`` (and, async, the next step's batch submitted)."""
+        """The rollouts of on-policy step ``step`` (and, async, the next group's batch submitted)."""
+        if step in self.ready:
+            return self.ready.pop(step)
         if self.pending is not None and self.pending[0] == step:
             t = time.perf_counter()
-            rollouts = self.pending[1].result()
-            self.counters.timed("rollout", t)  # only the wait: the sampling not hidden behind the last step
+            batches = self.pending[1].result()
+            self.counters.timed("rollout", t)  # only the wait: the sampling not hidden behind the last group
         else:  # synchronous; or async, at a run's first step or after offline steps
             self._sync_if_behind(step, model)
             t = time.perf_counter()
-            rollouts = rollout(self.engine, self.stream, step, self.fmt, self.tokenizer, self.cfg, self.ranks)
+            batches = rollout(self.engine, self.stream, self.sampled_with(step), self.fmt, self.tokenizer, self.cfg,
+                              self.ranks)
             self.counters.timed("rollout", t)
         self.pending = None
+        self.ready = dict(zip(self.sampled_with(step), batches, strict=True))
         self.engine.sleep()
-        following = step + 1
-        if self.background and following < self.cfg.max_steps and (
-                self.offline is None or not self.offline.takes(following)):
+        following = self.group_end(step)
+        if self.background and following < self.cfg.max_steps and self.sampled_with(following)[:1] == [following]:
             self._sync_if_behind(step, model)
-            self.pending = (following, in_background(self._sample, following))
-        return rollouts
+            self.pending = (following, in_background(self._sample, self.sampled_with(following)))
+        return self.ready.pop(step)
 
     def _sync_if_behind(self, step: int, model: torch.nn.Module) -> None:
         """Async: give the engine the weights if they are ``sync_every`` updates old (the engine is idle here)."""
@@ -810,8 +840,9 @@ class RolloutSource:
             self.counters.timed("sync", t)
 
     def updated(self, step: int, model: torch.nn.Module) -> None:
-        """After step ``step``'s update: synchronous engines wake and sync when due (async ones sync in :meth:`take`)."""
-        if not self.background:
+        """After step ``step``'s update: at the end of a group, synchronous engines wake and sync when due
+        (async ones sync in :meth:`take`)."""
+        if not self.background and (step + 1) % self.cfg.steps_per_rollout == 0:
             t = time.perf_counter()
             sync = (step + 1) % self.cfg.sync_every == 0
             self.engine.wake(model, sync=sync)
@@ -819,10 +850,10 @@ class RolloutSource:
                 self.engine.synced_step = step + 1
             self.counters.timed("sync", t)
 
-    def _sample(self, step: int) -> Rollouts:
+    def _sample(self, steps: list[int]) -> list[Rollouts]:
         t = time.perf_counter()
         try:
-            return rollout(self.engine, self.stream, step, self.fmt, self.tokenizer, self.cfg, self.ranks)
+            return rollout(self.engine, self.stream, steps, self.fmt, self.tokenizer, self.cfg, self.ranks)
         finally:
             self.counters.background_s += time.perf_counter() - t  # only this thread writes it
 

@@ -214,6 +214,9 @@ def _onpolicy_steps(cfg: Any, steps: int) -> dict[str, Any]:
     if cfg.use_peft and cfg.rollout_backend != "transformers":
         engine += ("; the LoRA adapter loaded as a vLLM LoRA at each sync" if cfg.lora_rollouts == "adapter"
                    else "; base + LoRA delta loaded as plain weights at each sync")
+    if cfg.steps_per_rollout > 1:
+        engine += (f"; the prompts of {cfg.steps_per_rollout} steps sampled in one batch "
+                   f"({cfg.steps_per_rollout * samples} samples), then trained a step at a time")
     if cfg.rollout_backend == "vllm" and cfg.sleep_mode:
         engine += (f"; asleep while the student trains (vLLM sleep mode, level {cfg.sleep_level}: "
                    + ("weights and KV cache freed)" if cfg.sleep_level == 2 else "weights to CPU RAM, KV cache freed)"))

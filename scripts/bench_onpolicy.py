@@ -24,7 +24,11 @@ Arms, each in a fresh process, one after another (never timed against each other
   transformers path);
 - llmdistill with ``rollout_backend: server`` and ``async_rollouts``: a ``vllm serve`` of the student
   pinned to the last core samples the next step while this process (on the other cores, one thread
-  per core) scores and trains the current one.
+  per core) scores and trains the current one;
+- llmdistill with ``rollout_backend: vllm`` and ``steps_per_rollout: GROUP`` (default 4): one rollout
+  samples the prompts of 4 steps, trained a step at a time, so step i of a group trains on samples of
+  weights i updates old. Not like for like: ``DistillationTrainer`` samples every step (its
+  ``steps_per_generation`` is not implemented in TRL 1.16); its pass@1 says what the lag costs.
 
 Measured:
 - seconds per optimizer step (rollout + scoring + update + weight sync): wall time between the
@@ -40,10 +44,11 @@ Measured:
   with its binomial standard error.
 
 Sizes come from environment variables (``BENCH_ONPOLICY_STEPS``, ``_PROMPTS``, ``_WARM_STEPS``,
-``_EVAL``, ``_LR``, ``_REPEATS``, ``_THREADS``). The CPU and the load average before and after are
-printed. Measure on a quiet machine: a process that shares its cores with other work (and more so
-under ``nice``) loses far more than its share, as its OpenMP threads wait for each other. Most
-of the bench's time is the warm start's SFT steps (``warm_start_s``); the arms take ``arms_s``.
+``_EVAL``, ``_LR``, ``_REPEATS``, ``_THREADS``, ``_STEPS_PER_ROLLOUT``). The CPU and the load
+average before and after are printed. Measure on a quiet machine: a process that shares its cores
+with other work (and more so under ``nice``) loses far more than its share, as its OpenMP threads
+wait for each other. Most of the bench's time is the warm start's SFT steps (``warm_start_s``); the
+arms take ``arms_s``.
 
     python scripts/bench_onpolicy.py
 """
@@ -85,8 +90,9 @@ PROMPT_POOL = 2000
 SEED = 0
 REPEATS = int(os.environ.get("BENCH_ONPOLICY_REPEATS", "3"))
 THREADS = int(os.environ.get("BENCH_ONPOLICY_THREADS", str(min(2, os.cpu_count() or 1))))
-ARMS = ("trl", "llmdistill_vllm", "llmdistill_transformers", "llmdistill_server_async")
-BACKENDS = ("vllm", "transformers", "server_async")  # llmdistill's arms
+GROUP = int(os.environ.get("BENCH_ONPOLICY_STEPS_PER_ROLLOUT", "4"))  # the vllm_grouped arm's steps_per_rollout
+ARMS = ("trl", "llmdistill_vllm", "llmdistill_transformers", "llmdistill_server_async", "llmdistill_vllm_grouped")
+BACKENDS = ("vllm", "transformers", "server_async", "vllm_grouped")  # llmdistill's arms
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
@@ -96,11 +102,13 @@ VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"
 def onpolicy_config(prompts: Path, student: Path, teacher: Path, out: Path, backend: str = "vllm",
                     rollout_url: str | None = None) -> OnPolicyConfig:
     """llmdistill's settings for one arm (the TRL arm reads them through :func:`trl_config`); ``server_async``:
-    the student's rollout server at ``rollout_url``, sampling the next step while this one trains."""
+    the student's rollout server at ``rollout_url``, sampling the next step while this one trains;
+    ``vllm_grouped``: the in-process engine sampling ``GROUP`` steps' prompts at once (``steps_per_rollout``)."""
     from llmdistill.config.onpolicy import OnPolicyConfig
 
-    server = {"rollout_backend": "server", "rollout_urls": [rollout_url], "async_rollouts": True}
-    return OnPolicyConfig(**(server if backend == "server_async" else {"rollout_backend": backend}),
+    backends = {"server_async": {"rollout_backend": "server", "rollout_urls": [rollout_url], "async_rollouts": True},
+                "vllm_grouped": {"rollout_backend": "vllm", "steps_per_rollout": GROUP}}
+    return OnPolicyConfig(**backends.get(backend, {"rollout_backend": backend}),
                           dataset=str(prompts), student_model=str(student), teacher_model=str(teacher),
                           output_dir=str(out), objective="reverse_kl",
                           prompts_per_step=PROMPTS, samples_per_prompt=1, max_new_tokens=MAX_NEW_TOKENS,

@@ -513,7 +513,7 @@ def test_the_teachers_grades_equal_a_plain_forward_and_sync_makes_the_engine_the
     engine, in_vllm = VllmRollout(str(tiny_student_dir), cfg), None
     try:
         stream = PromptStream(load_prompts(cfg), cfg.seed)
-        rollouts = rollout(engine, stream, 0, PromptFormat(), tok, cfg)
+        rollouts = rollout(engine, stream, [0], PromptFormat(), tok, cfg)[0]
         graded = score({"default": TransformersTeacher(str(tiny_random_teacher_dir), "float32")}, rollouts, cfg)
         in_vllm = VllmTeacher(str(tiny_random_teacher_dir), cfg)  # teacher_backend vllm, beside the rollout engine
         by_vllm = score({"default": in_vllm}, rollouts, cfg)
@@ -658,6 +658,32 @@ def test_a_killed_run_resumes_with_the_prompt_stream_at_the_right_place(
     if use_peft:  # only the adapted (linear) weights moved; the adapter is saved beside
         assert all(torch.equal(a[k], base[k]) for k in a if "proj" not in k)
         assert (tmp_path / "killed" / ADAPTER_DIR / "adapter_config.json").is_file()
+
+
+@pytest.mark.integration
+def test_steps_per_rollout_trains_a_group_on_one_batch_and_resumes_inside_a_group(
+        prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path):
+    """steps_per_rollout 2 (transformers rollouts: the torch RNG is checkpointed): each group of two
+    steps trains on one sampling of the weights at its start; a resume at a group's start ends
+    bit-identical; a resume inside a group samples the rest of the group from the checkpoint's weights."""
+    from llmdistill.onpolicy import run_onpolicy
+
+    common = dict(rollout_backend="transformers", max_steps=4, save_steps=1, max_new_tokens=16, steps_per_rollout=2)
+    run_onpolicy(config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "whole", **common))
+
+    def lags(out: Path) -> list[float]:
+        return [entry["policy_lag"] for entry in json.loads((out / "log_history.json").read_text())]
+
+    assert lags(tmp_path / "whole") == [0.0, 1.0, 0.0, 1.0]
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    for checkpoint, resumed_lags in (("checkpoint-2", [0.0, 1.0]), ("checkpoint-1", [0.0, 0.0, 1.0])):
+        out = tmp_path / f"from-{checkpoint}"
+        manifest = run_onpolicy(config(prompts, tiny_student_dir, tiny_random_teacher_dir, out, **common,
+                                       resume_from_checkpoint=str(tmp_path / "whole" / checkpoint)))
+        assert manifest["counts"]["optimizer_steps"] == 4
+        assert lags(out) == lags(tmp_path / "whole")[:int(checkpoint[-1])] + resumed_lags
+        resumed = load_file(str(out / "model.safetensors"))
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole) == (checkpoint == "checkpoint-2")
 
 
 TERMINATED_RUN = """
@@ -1053,8 +1079,11 @@ def test_the_recipe_dry_runs_with_tokens_and_gpus_per_step():
         assert needle in text, (needle, text[-3000:])
     alone = dry_run(processes=1)
     assert "GPUs: training │ 1: one training process" in alone and "GPUs in all │ 7" in alone
-    # full fine-tuning of the same student: the size that needs sharding
-    assert "student weights + grads + AdamW (fp32) │ 104 GiB" in dry_run("--use_peft", "false")
+    # full fine-tuning of the same student: the size that needs sharding; two steps' prompts per rollout
+    full = dry_run("--use_peft", "false", "--steps_per_rollout", "2")
+    assert "student weights + grads + AdamW (fp32) │ 104 GiB" in full
+    assert "the prompts of 2 steps sampled in one batch (4096 samples), then trained a step at a time" in full
+    assert "steps sampled in one batch" not in text
     assert not (ROOT / "runs" / "r1-qwen7b").exists(), "a dry run must write nothing"
 
 
@@ -1078,7 +1107,7 @@ class _VersionedEngine:
         self.calls.append(("sample", version))
         with self.lock:
             self.sampling = False
-        return [[5, 2]] * (len(prompt_ids) * cfg.samples_per_prompt)
+        return [list(p) for p in prompt_ids for _ in range(cfg.samples_per_prompt)]  # each prompt echoed
 
     def sync(self, model):
         with self.lock:
@@ -1095,35 +1124,64 @@ class _VersionedEngine:
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("async_rollouts,sync_every,offline_at,lags,sampled_by", [
-    (False, 1, (), [0, 0, 0, 0, 0], [0, 1, 2, 3, 4]),
-    (False, 2, (), [0, 1, 0, 1, 0], [0, 0, 2, 2, 4]),
-    (True, 1, (), [0, 1, 1, 1, 1], [0, 0, 1, 2, 3]),
-    (True, 2, (), [0, 1, 2, 1, 2], [0, 0, 0, 2, 2]),
-    (True, 1, (2,), [0, 1, None, 0, 1], [0, 0, 3, 3]),  # after an offline step: sampled fresh, not 2 updates old
-], ids=["sync", "sync-every-2", "async", "async-every-2", "async-offline"])
-def test_rollouts_come_from_the_weights_the_schedule_promises(async_rollouts, sync_every, offline_at, lags,
+@pytest.mark.parametrize("async_rollouts,sync_every,k,offline_at,lags,sampled_by", [
+    (False, 1, 1, (), [0, 0, 0, 0, 0], [0, 1, 2, 3, 4]),
+    (False, 2, 1, (), [0, 1, 0, 1, 0], [0, 0, 2, 2, 4]),
+    (True, 1, 1, (), [0, 1, 1, 1, 1], [0, 0, 1, 2, 3]),
+    (True, 2, 1, (), [0, 1, 2, 1, 2], [0, 0, 0, 2, 2]),
+    (True, 1, 1, (2,), [0, 1, None, 0, 1], [0, 0, 3, 3]),  # after an offline step: sampled fresh, not 2 updates old
+    # steps_per_rollout 2: steps 0-1, 2-3 and 4 sampled in one batch each
+    (False, 1, 2, (), [0, 1, 0, 1, 0], [0, 2, 4]),
+    (False, 4, 2, (), [0, 1, 2, 3, 0], [0, 0, 4]),
+    (False, 1, 2, (1,), [0, None, 0, 1, 0], [0, 2, 4]),  # step 0's batch holds its prompts only
+    (True, 1, 2, (), [0, 1, 2, 3, 2], [0, 0, 2]),  # the next group is sampled while this one trains
+    (True, 1, 2, (2,), [0, 1, None, 0, 1], [0, 3, 3]),  # group 2-3 starts offline: step 3 samples when it starts
+], ids=["sync", "sync-every-2", "async", "async-every-2", "async-offline", "groups", "groups-sync-every-4",
+        "groups-offline", "groups-async", "groups-async-offline"])
+def test_rollouts_come_from_the_weights_the_schedule_promises(async_rollouts, sync_every, k, offline_at, lags,
                                                               sampled_by, tiny_tokenizer):
     """Which weights sample each step's batch (by the number of updates behind them), synchronous or
-    async, and that the engine never gets weights while it samples."""
+    async, in groups of ``steps_per_rollout``; that the engine never gets weights while it samples; and
+    that each step trains on its own prompts of the prompt stream, each with its own completion."""
     from llmdistill.onpolicy import Counters, RolloutSource
     from llmdistill.prompts import PromptFormat
 
     steps = len(lags)
     cfg = OnPolicyConfig(dataset="p", student_model="s", teacher_model="t", rollout_backend="server",
                          rollout_urls=["http://x"], async_rollouts=async_rollouts, sync_every=sync_every,
-                         prompts_per_step=2, max_steps=steps)
+                         steps_per_rollout=k, prompts_per_step=2, max_steps=steps)
     table = PromptTable.from_rows([{"id": str(i), "prompt": f"question {i}"} for i in range(8)])
+    stream = PromptStream(table, 0)
     engine, model = _VersionedEngine(), types.SimpleNamespace(version=0)
     offline = types.SimpleNamespace(takes=lambda step: step in offline_at)
-    source = RolloutSource(engine, PromptStream(table, 0), PromptFormat(), tiny_tokenizer, cfg, Counters(), offline)
+    source = RolloutSource(engine, stream, PromptFormat(), tiny_tokenizer, cfg, Counters(), offline)
     seen = []
     for step in range(steps):  # as train_step: take the rollouts (unless offline), update, then `updated`
-        seen.append(None if step in offline_at else step - source.take(step, model).policy_step)
+        if step in offline_at:
+            seen.append(None)
+        else:
+            rollouts = source.take(step, model)
+            seen.append(step - rollouts.policy_step)
+            assert [r["id"] for r in rollouts.records] == [str(i) for i in stream.batch(step, 2)]
+            assert rollouts.completion_ids == rollouts.prompt_ids
         model.version += 1
         source.updated(step, model)
     assert seen == lags
     assert [v for call, v in engine.calls if call == "sample"] == sampled_by
+
+
+@pytest.mark.unit
+def test_steps_per_rollout_and_sync_every_must_agree():
+    """Weights reach the engine only before a rollout, so a sync period that is not a whole number of
+    rollouts is refused in one line; 1 and multiples are taken."""
+    base = {"dataset": "p", "student_model": "s", "teacher_model": "t", "steps_per_rollout": 4}
+    with pytest.raises(ConfigError) as err:
+        OnPolicyConfig(**base, sync_every=6)
+    assert str(err.value) == ("sync_every=6 with steps_per_rollout=4: weights are synced only before a rollout, so "
+                              "set sync_every to 1 or a multiple of steps_per_rollout")
+    assert OnPolicyConfig(**base, sync_every=1).sleep_level == 2
+    assert OnPolicyConfig(**base, sync_every=4).sleep_level == 2  # every wake-up reloads the weights
+    assert OnPolicyConfig(**base, sync_every=8).sleep_level == 1
 
 
 @pytest.mark.unit

@@ -116,6 +116,12 @@ class RolloutConfig:
     rollout_top_p: float = field(default=1.0, metadata={"help": "Student nucleus sampling top-p."})
     sync_every: int = field(default=1, metadata={
         "help": "Optimizer steps between weight syncs to the rollout engine (1: every rollout is on-policy)."})
+    steps_per_rollout: int = field(default=1, metadata={
+        "help": "Optimizer steps per rollout (GRPO's steps_per_generation): the prompts of this many consecutive "
+                "steps are sampled in one batch, then trained a step at a time. A rollout engine pays mostly per "
+                "decoding iteration, so one large batch costs far less than as many small ones; the k-th step of a "
+                "group trains on samples of weights k - 1 updates older (policy_lag in the log). Weights are synced "
+                "only before a rollout: sync_every must be 1 or a multiple of it."})
     dtype: str = field(default="float32", metadata={"help": f"Rollout engine dtype: {' | '.join(DTYPES)}."})
     max_model_len: int | None = field(default=None, metadata={"help": "Rollout engine context length."})
     enforce_eager: bool = field(default=True, metadata={"help": "vLLM: skip graph capture (faster start)."})
@@ -124,16 +130,17 @@ class RolloutConfig:
     kv_cache_space_gb: int | None = field(default=1, metadata={"help": "CPU only: vLLM KV cache size in GiB."})
     sleep_mode: bool = field(default=False, metadata={
         "help": "GPU only (vLLM sleep mode): the colocated rollout engine frees its GPU memory while the student "
-                "trains. Level 2 (weights and KV cache dropped) when the weights are synced every step, as they "
-                "are reloaded then anyway; else level 1 (weights kept in CPU RAM). Without CUDA the engine stays "
-                "awake, with a warning."})
+                "trains. Level 2 (weights and KV cache dropped) when the weights are synced before every "
+                "rollout, as they are reloaded then anyway; else level 1 (weights kept in CPU RAM). Without CUDA "
+                "the engine stays awake, with a warning."})
 
     @property
     def sleep_level(self) -> int:
         """vLLM's sleep level of the rollout engine (:attr:`sleep_mode`): 2 (weights dropped) only when they
-        are all reloaded at every step; a LoRA student's base never changes, so it stays in CPU RAM (1)."""
+        are all reloaded at every wake-up (before each rollout); a LoRA student's base never changes, so it
+        stays in CPU RAM (1)."""
         adapters = getattr(self, "use_peft", False) and self.lora_rollouts == "adapter"
-        return 2 if self.sync_every == 1 and not adapters else 1
+        return 2 if self.sync_every in (1, self.steps_per_rollout) and not adapters else 1
 
 
 @dataclass
@@ -218,9 +225,14 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
         check_choice("objective", self.objective, OBJECTIVES)
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("teacher_dtype", self.teacher_dtype, ("float32", "bfloat16"))
-        for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "sync_every", "max_steps",
-                     "logprobs_top_k", "loss_chunk_size", "logging_steps", "pack_tokens", "offline_rows_per_step"):
+        for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "sync_every", "steps_per_rollout",
+                     "max_steps", "logprobs_top_k", "loss_chunk_size", "logging_steps", "pack_tokens",
+                     "offline_rows_per_step"):
             check_range(name, getattr(self, name), 1)
+        if self.sync_every > 1 and self.sync_every % self.steps_per_rollout:
+            raise ConfigError(f"sync_every={self.sync_every} with steps_per_rollout={self.steps_per_rollout}: weights "
+                              "are synced only before a rollout, so set sync_every to 1 or a multiple of "
+                              "steps_per_rollout")
         check_range("rollout_temperature", self.rollout_temperature, 0.0)
         check_range("rollout_top_p", self.rollout_top_p, 0.0, 1.0)
         if self.rollout_temperature == 0 and self.samples_per_prompt > 1:
