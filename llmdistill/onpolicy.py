@@ -812,6 +812,7 @@ class RolloutSource:
         """The rollouts of on-policy step ``step`` (and, async, the next group's batch submitted)."""
         if step in self.ready:
             return self.ready.pop(step)
+        steps = self.sampled_with(step)
         if self.pending is not None and self.pending[0] == step:
             t = time.perf_counter()
             batches = self.pending[1].result()
@@ -819,16 +820,16 @@ class RolloutSource:
         else:  # synchronous; or async, at a run's first step or after offline steps
             self._sync_if_behind(step, model)
             t = time.perf_counter()
-            batches = rollout(self.engine, self.stream, self.sampled_with(step), self.fmt, self.tokenizer, self.cfg,
-                              self.ranks)
+            batches = rollout(self.engine, self.stream, steps, self.fmt, self.tokenizer, self.cfg, self.ranks)
             self.counters.timed("rollout", t)
         self.pending = None
-        self.ready = dict(zip(self.sampled_with(step), batches, strict=True))
+        self.ready = dict(zip(steps, batches, strict=True))
         self.engine.sleep()
         following = self.group_end(step)
-        if self.background and following < self.cfg.max_steps and self.sampled_with(following)[:1] == [following]:
+        upcoming = self.sampled_with(following)  # empty after the last group
+        if self.background and upcoming[:1] == [following]:  # the next group starts with an on-policy step
             self._sync_if_behind(step, model)
-            self.pending = (following, in_background(self._sample, self.sampled_with(following)))
+            self.pending = (following, in_background(self._sample, upcoming))
         return self.ready.pop(step)
 
     def _sync_if_behind(self, step: int, model: torch.nn.Module) -> None:
