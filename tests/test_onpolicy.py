@@ -902,9 +902,10 @@ def test_a_mixed_run_trains_on_offline_batches_on_exactly_the_seeded_steps(
     rollout_steps, offline_batches, weights = [], {}, []
     real_rollout, real_batch, real_loss = op.rollout, op.OfflineBatches.batch, op.onpolicy_loss
 
-    def spy_rollout(engine, stream, step, *args):
-        rollout_steps.append(step)
-        return real_rollout(engine, stream, step, *args)
+    def spy_rollout(engine, stream, steps, *args):
+        rollout_steps.extend(steps)  # one step a rollout (steps_per_rollout 1)
+        assert len(steps) == 1
+        return real_rollout(engine, stream, steps, *args)
 
     def spy_batch(self, step):
         offline_batches[step] = (real_batch(self, step), self.row_indices(step))
