@@ -757,13 +757,12 @@ def rollout(engine: RolloutEngine, stream: PromptStream, steps: list[int], fmt: 
     completions = engine.sample(prompt_ids, cfg)
     n = cfg.samples_per_prompt
     teachers = [r[cfg.teacher_column] if cfg.teacher_column else "default" for r in records]
-    out, first = [], 0
+    prompt_ids, records, teachers = ([x for x in xs for _ in range(n)] for xs in (prompt_ids, records, teachers))
+    out, first = [], 0  # every list is now one entry per sample, in the order of the completions
     for share in shares:
-        last = first + len(share)
-        out.append(Rollouts(prompt_ids=[p for p in prompt_ids[first:last] for _ in range(n)],
-                            completion_ids=completions[first * n:last * n],
-                            records=[r for r in records[first:last] for _ in range(n)],
-                            teachers=[t for t in teachers[first:last] for _ in range(n)], policy_step=policy_step))
+        last = first + len(share) * n
+        out.append(Rollouts(prompt_ids=prompt_ids[first:last], completion_ids=completions[first:last],
+                            records=records[first:last], teachers=teachers[first:last], policy_step=policy_step))
         first = last
     return out
 
