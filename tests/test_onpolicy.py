@@ -1172,6 +1172,27 @@ def test_rollouts_come_from_the_weights_the_schedule_promises(async_rollouts, sy
 
 
 @pytest.mark.unit
+def test_one_rollout_of_several_steps_gives_each_step_its_own_samples_and_teachers(tiny_tokenizer):
+    """Two steps sampled in one batch, 2 samples per prompt, a teacher per prompt: each step's
+    samples are its own prompts', each prompt's two completions beside it, routed to its teacher."""
+    from llmdistill.onpolicy import rollout
+    from llmdistill.prompts import PromptFormat
+
+    cfg = OnPolicyConfig(dataset="p", student_model="s", teacher_model="a=x,b=y", teacher_column="domain",
+                         prompts_per_step=3, samples_per_prompt=2, steps_per_rollout=2)
+    table = PromptTable.from_rows([{"id": str(i), "prompt": f"question {i}", "domain": "ab"[i % 2]} for i in range(8)])
+    stream, engine = PromptStream(table, 0), _VersionedEngine()
+    batches = rollout(engine, stream, [4, 5], PromptFormat(), tiny_tokenizer, cfg)
+    assert len(batches) == 2 and [call for call, _ in engine.calls] == ["sample"]  # one sampling for both
+    for step, batch in zip([4, 5], batches, strict=True):
+        ids = [str(i) for i in stream.batch(step, 3) for _ in range(2)]
+        assert [r["id"] for r in batch.records] == ids
+        assert batch.teachers == ["ab"[int(i) % 2] for i in ids]
+        assert batch.completion_ids == batch.prompt_ids  # the engine echoes each prompt, once per sample
+        assert batch.prompt_ids == [PromptFormat().token_ids(tiny_tokenizer, [f"question {i}"])[0] for i in ids]
+
+
+@pytest.mark.unit
 def test_steps_per_rollout_and_sync_every_must_agree():
     """Weights reach the engine only before a rollout, so a sync period that is not a whole number of
     rollouts is refused in one line; 1 and multiples are taken."""
