@@ -85,6 +85,7 @@ from llmdistill.vllm_runtime import set_cpu_kv_cache, vllm_lora_rank
 logger = get_logger(__name__)
 
 PHASES = ("rollout", "scoring", "training", "sync")  # sync: the weights, and the engine's wake-up (sleep_mode)
+GRADES = ("teacher_ids", "teacher_logprobs", "teacher_token_logprobs")  # what scoring adds per completion token
 ADAPTER_DIR = "adapter"  # a LoRA student's adapter, beside the merged final model
 STATE = "state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 OFFLINE_STREAM = 1  # keeps the seeds of the offline step choice and row order apart from the prompt order's
@@ -772,8 +773,9 @@ class RolloutSource:
 
     The steps run in groups of ``steps_per_rollout`` (steps 0 to k - 1, k to 2k - 1, ...). The
     first on-policy step of a group samples the prompts of all the group's on-policy steps in one
-    batch, and each step then trains on its own prompts' samples (with k = 1, every step samples its
-    own). A run resumed inside a group samples the rest of the group, from the checkpoint's weights.
+    batch, the teachers grade all those samples at once (:func:`score_group`), and each step then
+    trains on its own prompts' samples and grades (with k = 1, every step samples its own). A run
+    resumed inside a group samples the rest of the group, from the checkpoint's weights.
 
     Synchronous: after the last update of a group the engine syncs when ``sync_every`` divides the
     step count (and wakes, with ``sleep_mode``), so step i of a group trains on samples of weights
@@ -790,12 +792,13 @@ class RolloutSource:
     synced weights.
     """
 
-    def __init__(self, engine: RolloutEngine, stream: PromptStream, fmt: PromptFormat, tokenizer: Any,
-                 cfg: OnPolicyConfig, counters: Counters, offline: OfflineBatches | None, ranks: Ranks | None = None):
-        self.engine, self.stream, self.fmt, self.tokenizer, self.cfg = engine, stream, fmt, tokenizer, cfg
-        self.counters, self.offline, self.ranks = counters, offline, ranks or Ranks()
+    def __init__(self, engine: RolloutEngine, teachers: dict[str, Teacher], stream: PromptStream, fmt: PromptFormat,
+                 tokenizer: Any, cfg: OnPolicyConfig, counters: Counters, offline: OfflineBatches | None,
+                 ranks: Ranks | None = None):
+        self.engine, self.teachers, self.stream, self.fmt, self.tokenizer = engine, teachers, stream, fmt, tokenizer
+        self.cfg, self.counters, self.offline, self.ranks = cfg, counters, offline, ranks or Ranks()
         self.pending: tuple[int, Future] | None = None
-        self.ready: dict[int, Rollouts] = {}  # the sampled batches of this group's later steps
+        self.ready: dict[int, tuple[Rollouts, dict[str, torch.Tensor]]] = {}  # this group's later steps, graded
         self.background = cfg.async_rollouts
 
     def group_end(self, step: int) -> int:
@@ -807,8 +810,10 @@ class RolloutSource:
         steps left out."""
         return [s for s in range(step, self.group_end(step)) if self.offline is None or not self.offline.takes(s)]
 
-    def take(self, step: int, model: torch.nn.Module) -> Rollouts:
-        """The rollouts of on-policy step ``step`` (and, async, the next group's batch submitted)."""
+    def take(self, step: int, model: torch.nn.Module) -> tuple[Rollouts, dict[str, torch.Tensor]]:
+        """The rollouts of on-policy step ``step`` and their packed batch with the teachers' grades
+        (:func:`score`); at a group's first step, async, the next group's batch is submitted before
+        this group is graded."""
         if step in self.ready:
             return self.ready.pop(step)
         steps = self.sampled_with(step)
@@ -822,13 +827,16 @@ class RolloutSource:
             batches = rollout(self.engine, self.stream, steps, self.fmt, self.tokenizer, self.cfg, self.ranks)
             self.counters.timed("rollout", t)
         self.pending = None
-        self.ready = dict(zip(steps, batches, strict=True))
         self.engine.sleep()
         following = self.group_end(step)
         upcoming = self.sampled_with(following)  # empty after the last group
         if self.background and upcoming[:1] == [following]:  # the next group starts with an on-policy step
             self._sync_if_behind(step, model)
             self.pending = (following, in_background(self._sample, upcoming))
+        t = time.perf_counter()
+        graded = score_group(self.teachers, batches, self.cfg)
+        self.counters.timed("scoring", t)
+        self.ready = dict(zip(steps, zip(batches, graded, strict=True), strict=True))
         return self.ready.pop(step)
 
     def _sync_if_behind(self, step: int, model: torch.nn.Module) -> None:
@@ -1035,6 +1043,26 @@ def score(teachers: dict[str, Teacher], rollouts: Rollouts, cfg: OnPolicyConfig)
     return {**batch, **out}
 
 
+def score_group(teachers: dict[str, Teacher], group: list[Rollouts], cfg: OnPolicyConfig) -> list[dict[str, torch.Tensor]]:
+    """:func:`score` of each of ``group``'s rollouts (the steps sampled together), with one call per teacher
+    for all of them: the teachers are frozen, so the grades are the same, and a few larger batches
+    are read faster than many small ones. The group's grades are held until its last step trains:
+    ``steps_per_rollout`` steps of top-k ids and log-probs (12 bytes x top-k per completion token)."""
+    if len(group) == 1:
+        return [score(teachers, group[0], cfg)]
+    whole = score(teachers, Rollouts(prompt_ids=[p for r in group for p in r.prompt_ids],
+                                     completion_ids=[c for r in group for c in r.completion_ids],
+                                     records=[x for r in group for x in r.records],
+                                     teachers=[t for r in group for t in r.teachers]), cfg)
+    out, first = [], 0  # pack puts the targets in sample order, so each step's are one slice of the group's
+    for rollouts in group:
+        batch = pack(rollouts.prompt_ids, rollouts.completion_ids)
+        last = first + len(batch["target_ids"])
+        out.append({**batch, **{key: whole[key][first:last] for key in GRADES}})
+        first = last
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # Offline batches (GKD's lambda < 1)
 
@@ -1116,8 +1144,7 @@ def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, target_ids: torc
     return torch.cat(parts)
 
 
-PER_TARGET = ("target_index", "target_ids", "seq_of_target", "teacher_ids", "teacher_logprobs",
-              "teacher_token_logprobs")  # a step's tensors with one row per target token
+PER_TARGET = ("target_index", "target_ids", "seq_of_target", *GRADES)  # a step's tensors with one row per target token
 
 
 def micro_batches(batch: dict[str, torch.Tensor], max_tokens: int) -> list[dict[str, torch.Tensor]]:
@@ -1510,12 +1537,13 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teac
         engine = TransformersRollout(model, tokenizer)
     if engine is not None:
         engine.synced_step = first
-    source = RolloutSource(engine, stream, fmt, tokenizer, cfg, counters, offline, ranks) if engine is not None else None
+    source = (RolloutSource(engine, teachers, stream, fmt, tokenizer, cfg, counters, offline, ranks)
+              if engine is not None else None)
 
     # Train: sample -> score -> loss -> step -> sync (or, on an offline step: built batch -> loss -> step)
     window = []
     for step in range(first, cfg.max_steps):
-        stats = train_step(step, model, optimizer, scheduler, source, teachers, tokenizer, cfg, counters, offline, ranks)
+        stats = train_step(step, model, optimizer, scheduler, source, tokenizer, cfg, counters, offline, ranks)
         window.append(stats)
         asked = stop.signum is not None
         if ranks.world > 1:  # any process signalled: all save the same step and stop
@@ -1541,7 +1569,7 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teac
 
 
 def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               source: RolloutSource | None, teachers: dict[str, Teacher], tokenizer: Any, cfg: OnPolicyConfig,
+               source: RolloutSource | None, tokenizer: Any, cfg: OnPolicyConfig,
                counters: Counters, offline: OfflineBatches | None = None, ranks: Ranks | None = None) -> dict[str, float]:
     """One optimizer step on the student's own samples, or on an offline batch when ``offline`` takes the
     step. With several processes each computes the gradients of its share; the sums over all of them
@@ -1556,11 +1584,7 @@ def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         stats = step_gradients(model, batch, cfg, normalizer=total)
         counters.offline_steps += 1
     else:
-        rollouts = source.take(step, model)
-
-        t = time.perf_counter()
-        batch = score(teachers, rollouts, cfg)
-        counters.timed("scoring", t)
+        rollouts, batch = source.take(step, model)  # graded: counted as scoring
 
         t = time.perf_counter()
         rewards = answer_rewards(rollouts, tokenizer, cfg) if cfg.reward_weight > 0 or cfg.answer_column else None

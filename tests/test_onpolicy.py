@@ -556,6 +556,37 @@ def test_the_teachers_grades_equal_a_plain_forward_and_sync_makes_the_engine_the
 
 
 @pytest.mark.integration
+def test_a_group_graded_at_once_gives_each_step_the_grades_of_its_own_scoring(tiny_student_dir,
+                                                                            tiny_random_teacher_dir):
+    """``steps_per_rollout``: the teachers grade a group's samples in one call each; every step's batch
+    equals :func:`score` of that step alone, teachers routed per sample (one step all one teacher's)."""
+    from llmdistill.onpolicy import Rollouts, score_group
+    from llmdistill.teacher import TransformersTeacher
+
+    cfg = OnPolicyConfig(dataset="p", student_model="s", teacher_model=f"a={tiny_random_teacher_dir},b={tiny_student_dir}",
+                         teacher_column="domain", steps_per_rollout=3)
+    teachers = {name: TransformersTeacher(path, "float32", pack_tokens=64) for name, path in cfg.teachers.items()}
+    rng = np.random.default_rng(0)
+
+    def sample() -> list[int]:
+        return rng.integers(5, 200, int(rng.integers(1, 20))).tolist()
+
+    routes = [["a", "b", "b", "a"], ["b", "b"], ["a", "b", "a"]]
+    group = [Rollouts(prompt_ids=[sample() for _ in r], completion_ids=[sample() for _ in r], records=[{}] * len(r),
+                      teachers=r) for r in routes]
+    graded = score_group(teachers, group, cfg)
+    assert len(graded) == 3
+    for rollouts, batch in zip(group, graded, strict=True):
+        alone = score(teachers, rollouts, cfg)
+        assert set(batch) == set(alone)
+        for key in ("input_ids", "position_ids", "target_index", "target_ids", "seq_of_target", "teacher_ids"):
+            assert torch.equal(batch[key], alone[key]), key
+        for key in ("teacher_logprobs", "teacher_token_logprobs"):
+            torch.testing.assert_close(batch[key], alone[key], rtol=0, atol=1e-5)
+        assert batch["teacher_token_logprobs"].lt(0).all()  # every target graded by its teacher
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("lora_rollouts", ["merged", "adapter"])
 def test_after_a_sync_the_engine_samples_from_the_lora_student(lora_rollouts, prompts, tiny_student_dir,
                                                                tiny_random_teacher_dir, tmp_path):
@@ -1088,6 +1119,20 @@ def test_the_recipe_dry_runs_with_tokens_and_gpus_per_step():
     assert not (ROOT / "runs" / "r1-qwen7b").exists(), "a dry run must write nothing"
 
 
+class _EchoTeacher:
+    """A teacher whose grade of each completion token is that token's id (as its own log-prob and its
+    top-k), and which records how many samples each call graded."""
+
+    def __init__(self):
+        self.calls = []
+
+    def score(self, batch, k, chunk_size):
+        self.calls.append(int(batch["seq_of_target"].unique().numel()))
+        ids = batch["target_ids"]
+        return {"teacher_ids": ids[:, None].repeat(1, k), "teacher_logprobs": ids[:, None].repeat(1, k).float(),
+                "teacher_token_logprobs": ids.float()}
+
+
 class _VersionedEngine:
     """A rollout engine that records which weights (the model's ``version``) sampled each batch, and
     fails if weights are synced while a batch is being sampled."""
@@ -1142,8 +1187,9 @@ class _VersionedEngine:
 def test_rollouts_come_from_the_weights_the_schedule_promises(async_rollouts, sync_every, k, offline_at, lags,
                                                               sampled_by, tiny_tokenizer):
     """Which weights sample each step's batch (by the number of updates behind them), synchronous or
-    async, in groups of ``steps_per_rollout``; that the engine never gets weights while it samples; and
-    that each step trains on its own prompts of the prompt stream, each with its own completion."""
+    async, in groups of ``steps_per_rollout``; that the engine never gets weights while it samples; that
+    each step trains on its own prompts of the prompt stream, each with its own completion; and that
+    a group's samples are graded in one teacher call, each step getting its own samples' grades."""
     from llmdistill.onpolicy import Counters, RolloutSource
     from llmdistill.prompts import PromptFormat
 
@@ -1155,20 +1201,25 @@ def test_rollouts_come_from_the_weights_the_schedule_promises(async_rollouts, sy
     stream = PromptStream(table, 0)
     engine, model = _VersionedEngine(), types.SimpleNamespace(version=0)
     offline = types.SimpleNamespace(takes=lambda step: step in offline_at)
-    source = RolloutSource(engine, stream, PromptFormat(), tiny_tokenizer, cfg, Counters(), offline)
+    teacher = _EchoTeacher()
+    source = RolloutSource(engine, {"default": teacher}, stream, PromptFormat(), tiny_tokenizer, cfg, Counters(), offline)
     seen = []
     for step in range(steps):  # as train_step: take the rollouts (unless offline), update, then `updated`
         if step in offline_at:
             seen.append(None)
         else:
-            rollouts = source.take(step, model)
+            rollouts, batch = source.take(step, model)
             seen.append(step - rollouts.policy_step)
             assert [r["id"] for r in rollouts.records] == [str(i) for i in stream.batch(step, 2)]
             assert rollouts.completion_ids == rollouts.prompt_ids
+            own = pack(rollouts.prompt_ids, rollouts.completion_ids)["target_ids"]
+            assert torch.equal(batch["target_ids"], own) and torch.equal(batch["teacher_token_logprobs"], own.float())
         model.version += 1
         source.updated(step, model)
     assert seen == lags
     assert [v for call, v in engine.calls if call == "sample"] == sampled_by
+    assert len(teacher.calls) == len(sampled_by)  # one grading per sampled batch, of all its samples
+    assert sum(teacher.calls) == 2 * sum(x is not None for x in seen)
 
 
 @pytest.mark.unit

@@ -120,8 +120,9 @@ class RolloutConfig:
         "help": "Optimizer steps per rollout (GRPO's steps_per_generation): the prompts of this many consecutive "
                 "steps are sampled in one batch, then trained a step at a time. A rollout engine pays mostly per "
                 "decoding iteration, so one large batch costs far less than as many small ones; the k-th step of a "
-                "group trains on samples of weights k - 1 updates older (policy_lag in the log). Weights are synced "
-                "only before a rollout: sync_every must be 1 or a multiple of it."})
+                "group trains on samples of weights k - 1 updates older (policy_lag in the log). The teachers grade "
+                "a group's samples in one call, kept until its last step (12 bytes x logprobs_top_k per completion "
+                "token). Weights are synced only before a rollout: sync_every must be 1 or a multiple of it."})
     dtype: str = field(default="float32", metadata={"help": f"Rollout engine dtype: {' | '.join(DTYPES)}."})
     max_model_len: int | None = field(default=None, metadata={"help": "Rollout engine context length."})
     enforce_eager: bool = field(default=True, metadata={"help": "vLLM: skip graph capture (faster start)."})
