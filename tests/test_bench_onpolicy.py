@@ -63,16 +63,19 @@ def test_trl_reads_the_prompts_as_the_same_tokens(bench, tiny_tokenizer):
 
 @pytest.mark.unit
 def test_pass_at_1_is_the_mean_over_repeats_with_the_standard_error_of_that_mean(bench, monkeypatch):
-    """Each arm's pass@1 is the mean of its repeats, its s.e. the repeats' standard deviation over sqrt(n);
-    a single model keeps its binomial s.e.; each llmdistill arm's difference to TRL adds the two in quadrature."""
+    """Each arm's pass@1 is the mean of its repeats, its s.e. the repeats' standard deviation over sqrt(n),
+    never below the binomial s.e. of all its answers; each llmdistill arm's difference to TRL adds the
+    two in quadrature."""
     scores = {"w": 0.5, "t0": 0.6, "t1": 0.7, "t2": 0.8, "l0": 0.7, "l1": 0.7, "l2": 0.7}
-    monkeypatch.setattr(bench, "evaluate", lambda path: {"pass@1": scores[path.name], "se": 0.02})
+    monkeypatch.setattr(bench, "evaluate", lambda path: {"pass@1": scores[path.name]})
     monkeypatch.setattr(bench, "BACKENDS", ("vllm",))
+    monkeypatch.setattr(bench, "EVAL_PROBLEMS", 100)
     out = bench.accuracy({"warm_start": [Path("w")], "trl": [Path(f"t{i}") for i in range(3)],
                           "llmdistill_vllm": [Path(f"l{i}") for i in range(3)]})
-    assert (out["warm_start_pass@1"], out["warm_start_pass@1_se"]) == (0.5, 0.02)
+    assert (out["warm_start_pass@1"], out["warm_start_pass@1_se"]) == (0.5, 0.05)  # binomial, 100 answers
     assert out["trl_pass@1"] == 0.7 and out["trl_pass@1_repeats"] == [0.6, 0.7, 0.8]
     assert out["trl_pass@1_se"] == round(0.1 / 3 ** 0.5, 4)  # s.d. 0.1 over 3 repeats
-    assert (out["llmdistill_vllm_pass@1"], out["llmdistill_vllm_pass@1_se"]) == (0.7, 0.0)
+    equal = round((0.7 * 0.3 / 300) ** 0.5, 4)  # three equal repeats: the binomial s.e. of their 300 answers
+    assert (out["llmdistill_vllm_pass@1"], out["llmdistill_vllm_pass@1_se"]) == (0.7, equal)
     assert out["llmdistill_vllm_minus_trl_pass@1"] == 0.0
-    assert out["llmdistill_vllm_minus_trl_pass@1_se"] == round(0.1 / 3 ** 0.5, 4)
+    assert out["llmdistill_vllm_minus_trl_pass@1_se"] == round(((0.1 / 3 ** 0.5) ** 2 + (0.7 * 0.3 / 300)) ** 0.5, 4)
