@@ -79,3 +79,21 @@ def test_pass_at_1_is_the_mean_over_repeats_with_the_standard_error_of_that_mean
     assert (out["llmdistill_vllm_pass@1"], out["llmdistill_vllm_pass@1_se"]) == (0.7, equal)
     assert out["llmdistill_vllm_minus_trl_pass@1"] == 0.0
     assert out["llmdistill_vllm_minus_trl_pass@1_se"] == round(((0.1 / 3 ** 0.5) ** 2 + (0.7 * 0.3 / 300)) ** 0.5, 4)
+
+
+@pytest.mark.unit
+def test_speed_ratios_are_of_the_fastest_repeats_and_of_each_repeats_pair(bench, monkeypatch):
+    """``speedup_*`` divides TRL's fastest seconds per step by the arm's fastest; ``*_per_repeat`` pairs
+    repeat r of TRL with repeat r of the arm. The first step of a repeat is not timed."""
+    monkeypatch.setattr(bench, "BACKENDS", ("vllm",))
+    monkeypatch.setattr(bench, "STEPS", 2)
+
+    def run(seconds: float) -> dict:
+        return {"step_ends": [5.0, 5.0 + seconds, 5.0 + 2 * seconds], "setup_s": 1.0, "load_1min": 0.0,
+                "completion_tokens": 64, "phases_s": {"rollout": 0.2}}
+
+    out = bench.speed({"trl": [run(1.2), run(0.8)], "llmdistill_vllm": [run(0.4), run(0.8)]})
+    assert out["trl_s_per_step_repeats"] == [1.2, 0.8] and out["llmdistill_vllm_s_per_step"] == 0.4
+    assert out["speedup_llmdistill_vllm_over_trl"] == 2.0  # 0.8 / 0.4
+    assert out["speedup_llmdistill_vllm_over_trl_per_repeat"] == [3.0, 1.0]
+    assert out["llmdistill_vllm_rollout_s_per_step"] == 0.1
