@@ -44,6 +44,7 @@ wall seconds per phase.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -893,18 +894,25 @@ def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> dict[s
         completion tokens (each predicted from the position before it); target_ids (N,) int64;
         seq_of_target (N,) int64: which sample each target belongs to.
     """
-    ids, pos, targets, owners = [], [], [], []
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
-        start = len(ids)
-        ids += list(p) + list(c)
-        pos += list(range(len(p) + len(c)))
-        targets += range(start + len(p), start + len(p) + len(c))
-        owners += [i] * len(c)
-    input_ids = torch.tensor(ids, dtype=torch.long)
-    target_index = torch.tensor(targets, dtype=torch.long)
-    return {"input_ids": input_ids[None], "position_ids": torch.tensor(pos, dtype=torch.long)[None],
+    prompt_len = np.fromiter(map(len, prompt_ids), np.int64, len(prompt_ids))
+    completion_len = np.fromiter(map(len, completion_ids), np.int64, len(completion_ids))
+    if len(prompt_len) != len(completion_len):
+        raise ValueError(f"{len(prompt_len)} prompts for {len(completion_len)} completions")
+    lengths = prompt_len + completion_len
+    starts = np.cumsum(lengths) - lengths  # each sample's first position
+    pairs = zip(prompt_ids, completion_ids, strict=True)
+    ids = np.fromiter(itertools.chain.from_iterable(x for pair in pairs for x in pair),
+                      np.int64, int(lengths.sum()))
+    positions = np.arange(len(ids)) - np.repeat(starts, lengths)
+    owners = np.repeat(np.arange(len(lengths)), completion_len)
+    # a completion token's position: its sample's start + prompt length + its place in the completion
+    first_target = np.cumsum(completion_len) - completion_len
+    targets = np.arange(len(owners)) - first_target[owners] + (starts + prompt_len)[owners]
+    input_ids = torch.from_numpy(ids)
+    target_index = torch.from_numpy(targets)
+    return {"input_ids": input_ids[None], "position_ids": torch.from_numpy(positions)[None],
             "target_index": target_index, "target_ids": input_ids[target_index],
-            "seq_of_target": torch.tensor(owners, dtype=torch.long)}
+            "seq_of_target": torch.from_numpy(owners)}
 
 
 def unpack(batch: dict[str, torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:

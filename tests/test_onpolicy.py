@@ -170,6 +170,17 @@ def test_pack_marks_exactly_the_completion_tokens_as_targets():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
     assert batch["target_index"].tolist() == [3, 4, 6, 7, 8]
     assert batch["target_ids"].tolist() == [5, 6, 7, 8, 9] and batch["seq_of_target"].tolist() == [0, 0, 1, 1, 1]
+    # arrays (as unpack gives them) pack as lists do; a sample without completion has no targets
+    arrays = pack([np.array([1, 2, 3], np.int32), np.array([7], np.int32), np.array([4], np.int32)],
+                  [np.array([5, 6], np.int32), np.array([], np.int32), np.array([7, 8, 9], np.int32)])
+    assert arrays["input_ids"].tolist() == [[1, 2, 3, 5, 6, 7, 4, 7, 8, 9]]
+    assert arrays["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 0, 1, 2, 3]]
+    assert arrays["target_index"].tolist() == [3, 4, 7, 8, 9] and arrays["seq_of_target"].tolist() == [0, 0, 2, 2, 2]
+    assert all(v.dtype == torch.long for v in arrays.values())
+    empty = pack([], [])
+    assert empty["input_ids"].shape == (1, 0) and empty["target_index"].shape == (0,)
+    with pytest.raises(ValueError, match="2 prompts for 1 completions"):
+        pack([[1], [2]], [[3]])
 
 
 @pytest.mark.unit
