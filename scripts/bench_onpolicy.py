@@ -29,8 +29,9 @@ students to the digit, but for the async arm, so its pass@1 spread would be 0):
   per core) scores and trains the current one;
 - llmdistill with ``rollout_backend: vllm`` and ``steps_per_rollout: GROUP`` (default 4): one rollout
   samples the prompts of 4 steps and the teacher grades them in one call; they train a step at a
-  time, so step i of a group trains on samples of weights i updates old. Not like for like: ``DistillationTrainer`` samples every step (its
-  ``steps_per_generation`` is not implemented in TRL 1.16); its pass@1 says what the lag costs.
+  time, so step i of a group trains on samples of weights i updates old. Not like for like:
+  ``DistillationTrainer`` samples every step (its ``steps_per_generation`` is not implemented in
+  TRL 1.16); its pass@1 says what the lag costs.
 
 Measured:
 - seconds per optimizer step (rollout + scoring + update + weight sync): wall time between the
@@ -297,12 +298,12 @@ def seconds_per_step(step_ends: list[float]) -> float:
     return (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1)
 
 
-def evaluate(model_dir: Path) -> dict[str, float]:
+def evaluate(model_dir: Path) -> float:
     """Held-out pass@1 of a checkpoint, the same way for every arm: greedy, ``numeric`` checker."""
     from llmdistill.tinyworld.recipe import greedy_accuracy, heldout_eval_problems
 
     accuracy = greedy_accuracy(model_dir, heldout_eval_problems(EVAL_PROBLEMS))
-    return {"pass@1": round(accuracy, 4), "se": round(math.sqrt(accuracy * (1 - accuracy) / EVAL_PROBLEMS), 4)}
+    return round(accuracy, 4)
 
 
 def load_average() -> str:
@@ -363,13 +364,13 @@ def speed(arms: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def accuracy(students: dict[str, list[Path]]) -> dict[str, Any]:
-    """pass@1 of every student: per arm the mean over its repeats and that mean's standard error (the
-    binomial one for a single model), and llmdistill's difference to TRL with its standard error."""
+    """pass@1 of every student: per arm the mean over its repeats and that mean's standard error (from
+    the repeats' spread, at least the binomial one of all the answers), and llmdistill's difference to
+    TRL with its standard error."""
     out: dict[str, Any] = {}
     se: dict[str, float] = {}
     for name, paths in students.items():
-        values = [evaluate(path) for path in paths]
-        scores = [v["pass@1"] for v in values]
+        scores = [evaluate(path) for path in paths]
         mean = sum(scores) / len(scores)
         # the repeats' spread; at least the binomial s.e. of the len(scores) x EVAL_PROBLEMS answers
         se[name] = math.sqrt(mean * (1 - mean) / (len(scores) * EVAL_PROBLEMS))

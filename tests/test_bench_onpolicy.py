@@ -67,7 +67,7 @@ def test_pass_at_1_is_the_mean_over_repeats_with_the_standard_error_of_that_mean
     never below the binomial s.e. of all its answers; each llmdistill arm's difference to TRL adds the
     two in quadrature."""
     scores = {"w": 0.5, "t0": 0.6, "t1": 0.7, "t2": 0.8, "l0": 0.7, "l1": 0.7, "l2": 0.7}
-    monkeypatch.setattr(bench, "evaluate", lambda path: {"pass@1": scores[path.name]})
+    monkeypatch.setattr(bench, "evaluate", lambda path: scores[path.name])
     monkeypatch.setattr(bench, "BACKENDS", ("vllm",))
     monkeypatch.setattr(bench, "EVAL_PROBLEMS", 100)
     out = bench.accuracy({"warm_start": [Path("w")], "trl": [Path(f"t{i}") for i in range(3)],
