@@ -414,12 +414,17 @@ class RunClock(TrainerCallback, ExportableState):
 
     Args:
         before: the seconds of the processes before this one (0 for a fresh run).
-        started: when this process started, Unix seconds (now when None).
+        started: when this process's run started, Unix seconds. None: when the process itself started,
+            which is what transformers gives a clock it rebuilds from a checkpoint
+            (``restore_callback_states_from_checkpoint``: ``RunClock(**state()["args"])``), so the seconds
+            this process spent before the restore (imports, model loading) still count.
     """
 
     def __init__(self, before: float = 0.0, started: float | None = None):
+        import psutil
+
         self.before = before
-        self.started = time.time() if started is None else started
+        self.started = psutil.Process().create_time() if started is None else started
 
     @property
     def elapsed(self) -> float:

@@ -361,6 +361,32 @@ def test_resume_true_or_latest_from_yaml_and_the_command_line(tmp_path):
         TrainConfig(resume_from_checkpoint=3)
 
 
+@pytest.mark.unit
+def test_a_clock_transformers_restores_from_a_checkpoint_counts_this_process_from_its_start():
+    """``restore_callback_states_from_checkpoint`` makes transformers rebuild each stateful callback as
+    ``type(cb)(**saved_args)``: the rebuilt clock keeps the saved seconds and counts this process from
+    its start, not from the moment of the restore."""
+    from types import SimpleNamespace
+
+    import psutil
+    from transformers import Trainer, TrainerControl
+    from transformers.trainer_callback import CallbackHandler
+
+    from llmdistill.checkpoints import RunClock
+
+    saved = RunClock(before=40.0, started=time.time() - 2.0).state()
+    assert saved["args"]["before"] == pytest.approx(42.0, abs=0.5)
+    handler = CallbackHandler([RunClock(before=0.0, started=time.time())], None, None, None, None)
+    trainer = SimpleNamespace(args=SimpleNamespace(restore_callback_states_from_checkpoint=True),
+                              state=SimpleNamespace(stateful_callbacks={"RunClock": saved}),
+                              callback_handler=handler, control=TrainerControl())
+    Trainer._load_callback_state(trainer)
+    (clock,) = [c for c in handler.callbacks if isinstance(c, RunClock)]
+    assert clock.before == saved["args"]["before"]
+    assert clock.started == psutil.Process().create_time()
+    assert clock.elapsed >= clock.before + time.time() - psutil.Process().create_time() - 0.01
+
+
 @pytest.mark.integration
 def test_resolve_resume_takes_the_newest_complete_checkpoint(tmp_path, reference, records):
     out = tmp_path / "out"
