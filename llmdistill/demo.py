@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -214,6 +215,16 @@ def write_prompts(cfg: DemoConfig, seed: int, path: Path) -> int:
     return len(problems)
 
 
+def code_fingerprint() -> str:
+    """A hash of llmdistill's Python sources: a demo stage is reused only by the code that ran it."""
+    package = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        h.update(f"{path.relative_to(package)}\n".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def run_seed(cfg: DemoConfig, seed: int, run_dir: Path, teacher: Path) -> dict[str, Any]:
     """The generate → build → train (SFT, KD, warm start) → on-policy → eval pipeline for one seed."""
     from llmdistill.tinyworld.bootstrap import student_init
@@ -226,7 +237,11 @@ def run_seed(cfg: DemoConfig, seed: int, run_dir: Path, teacher: Path) -> dict[s
     prompts_path = run_dir / "data" / "prompts.jsonl"
     write_prompts(cfg, seed, prompts_path)
     timings = {"prompts": time.time() - t0}
-    header = f"# teacher: {teacher.resolve()}\n# student init: {student.resolve()}\n"
+    # what every stage's result depends on beyond its config: the teacher's weights (one retrained in
+    # place keeps its path), the student's initialisation, and llmdistill's own code
+    weights = teacher / "model.safetensors"
+    header = (f"# teacher: {teacher.resolve()} {fingerprint(weights if weights.is_file() else teacher)}\n"
+              f"# student init: {student.resolve()}\n# llmdistill code: {code_fingerprint()}\n")
     models = eval_models(run_dir, teacher, student)
     inputs = {"generate": [prompts_path], "build": [run_dir / "generate"], "train_sft": [run_dir / "build"],
               "train_kd": [run_dir / "build"], "train_warm": [run_dir / "build"],

@@ -65,7 +65,13 @@ import torch
 
 from llmdistill.checking.checkers import Reference, check_many
 from llmdistill.collate import DistillCollator
-from llmdistill.config.base import ConfigError, check_model_path, jsonl_objects, looks_like_local_path
+from llmdistill.config.base import (
+    ConfigError,
+    check_model_path,
+    json_document,
+    jsonl_objects,
+    looks_like_local_path,
+)
 from llmdistill.config.onpolicy import RESUME_LATEST, OnPolicyConfig
 from llmdistill.distributed import Ranks, sum_gradients
 from llmdistill.formats import (
@@ -80,7 +86,7 @@ from llmdistill.log import get_logger
 from llmdistill.losses import chunked_distill_loss
 from llmdistill.manifest import MANIFEST, write_json_atomic, write_manifest
 from llmdistill.prompts import PromptFormat
-from llmdistill.teacher import TransformersTeacher, on_device, predicting_hidden
+from llmdistill.teacher import TransformersTeacher, check_plain_logits, on_device, predicting_hidden
 from llmdistill.vllm_runtime import set_cpu_kv_cache, vllm_lora_rank
 
 logger = get_logger(__name__)
@@ -120,8 +126,9 @@ class PromptTable:
     its Arrow bytes (of the columns read), not millions of dicts.
     """
 
-    def __init__(self, table: pa.Table) -> None:
+    def __init__(self, table: pa.Table, name: str = "prompts") -> None:
         self.table = table
+        self.name = name  # the file or hub dataset, for messages
 
     @classmethod
     def from_rows(cls, rows: list[dict[str, Any]]) -> PromptTable:
@@ -229,7 +236,7 @@ def load_prompts(cfg: OnPolicyConfig) -> PromptTable:
             table = pq.read_table(path, columns=[c for c in needed + optional if c in present] or None,
                                   memory_map=True)
         elif path.suffix == ".json":
-            rows = json.loads(path.read_text())
+            rows = json_document(path)
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
                 raise ConfigError(f"{path} must hold a JSON list of objects (one per prompt)")
             records = ((f"{path} row {i}", row) for i, row in enumerate(rows))
@@ -255,7 +262,41 @@ def load_prompts(cfg: OnPolicyConfig) -> PromptTable:
     if table.num_rows == 0:
         raise ConfigError(f"{name} holds no prompts")
     _check_columns(table, needed, cfg, name)
-    return PromptTable(table)
+    return PromptTable(table, name)
+
+
+CHECK_ROWS = 4096  # prompts rendered and tokenized at once by check_prompts
+
+
+def check_prompts(prompts: PromptTable, fmt: PromptFormat, tokenizer: Any, cfg: OnPolicyConfig,
+                  context: int | None) -> None:
+    """Render and tokenize every prompt as the rollouts will, before any model loads, so that a prompt
+    the run cannot use fails now, in one line naming its row, not at the step that draws it: a chat
+    template the student's tokenizer lacks, a prompt that is empty or not text or messages, and a
+    prompt too long for ``context`` (prompt + ``max_new_tokens`` + the teacher's one scoring position:
+    a rollout cut by the context, then scored by a vLLM teacher of that context, would not fit).
+    ``CHECK_ROWS`` rows at a time, keeping only counts."""
+    fmt.check_tokenizer(tokenizer)
+    started, longest, too_long, first = time.perf_counter(), 0, 0, None
+    room = cfg.max_new_tokens + 1
+    for start in range(0, len(prompts), CHECK_ROWS):
+        rows = prompts.rows(list(range(start, min(start + CHECK_ROWS, len(prompts)))))
+        texts = [fmt.render(tokenizer, row[cfg.prompt_column], f"{prompts.name} row {start + i}")
+                 for i, row in enumerate(rows)]
+        lengths = np.array([len(ids) for ids in fmt.encode(tokenizer, texts)])
+        longest = max(longest, int(lengths.max()))
+        if context is not None and (over := np.flatnonzero(lengths + room > context)).size:
+            too_long += over.size
+            first = first or (start + int(over[0]), int(lengths[over[0]]))
+    if first is not None:
+        limit = (f"max_model_len {context}" if cfg.max_model_len
+                 else f"the student's context {context} (max_position_embeddings; max_model_len unset)")
+        raise ConfigError(f"{prompts.name} row {first[0]}: the prompt is {first[1]} tokens, and with max_new_tokens "
+                          f"{cfg.max_new_tokens} and the teacher's scoring position it needs {first[1] + room}, more "
+                          f"than {limit} ({too_long} of {len(prompts)} prompts are this long): raise max_model_len, "
+                          "lower max_new_tokens, or drop those rows")
+    logger.info("%d prompts checked in %.1f s: the longest is %d tokens", len(prompts), time.perf_counter() - started,
+                longest)
 
 
 def _check_columns(table: pa.Table, needed: list[str], cfg: OnPolicyConfig, name: str) -> None:
@@ -1308,10 +1349,27 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, tokeniz
     return final
 
 
+def resuming(cfg: OnPolicyConfig) -> bool:
+    """Whether ``resume_from_checkpoint`` asks for a resume (``latest`` may still find nothing)."""
+    return cfg.resume_from_checkpoint not in (None, "", "false", "none")
+
+
+def clear_earlier_run(output_dir: Path, checkpoints: bool) -> None:
+    """What an earlier run left in ``output_dir`` that this one (``overwrite: true``) replaces: its
+    manifest first (the directory no longer holds a finished run), then, unless this run resumes from
+    one of them, its checkpoints."""
+    (output_dir / MANIFEST).unlink(missing_ok=True)
+    if not checkpoints:
+        return
+    for path in [*output_dir.glob("checkpoint-*"), *output_dir.glob(".checkpoint-*.tmp")]:
+        if path.is_dir():
+            shutil.rmtree(path)
+
+
 def resume_point(cfg: OnPolicyConfig) -> Path | None:
     """The checkpoint to resume from: an explicit path, or the newest complete one for ``latest``."""
     value = cfg.resume_from_checkpoint
-    if value in (None, "", "false", "none"):
+    if not resuming(cfg):
         return None
     if value in (RESUME_LATEST, "true"):
         found = complete_checkpoints(Path(cfg.output_dir))
@@ -1453,8 +1511,13 @@ def check_inputs(cfg: OnPolicyConfig, ranks: Ranks | None = None) -> None:
             raise ConfigError(f"offline_data_dir: {err}") from None
         check_offline_data(cfg.offline_data_dir, meta)
     out = Path(cfg.output_dir)
-    if (out / MANIFEST).is_file() and not cfg.overwrite and not cfg.resume_from_checkpoint:
+    if (out / MANIFEST).is_file() and not cfg.overwrite and not resuming(cfg):
         raise ConfigError(f"output_dir {out} holds a finished run: set overwrite: true or another output_dir")
+    if not resuming(cfg) and (found := complete_checkpoints(out)) and not cfg.overwrite:
+        # `latest` would later resume from the newest of them, another run's weights and prompt position
+        raise ConfigError(f"output_dir {out} holds checkpoints of an earlier run (the newest {found[-1].name}): resume "
+                          "it with resume_from_checkpoint: latest, or set overwrite: true to start afresh (they are "
+                          "removed), or use another output_dir")
 
 
 def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
@@ -1465,6 +1528,11 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     started = time.time()
     ranks = Ranks.start()
     check_inputs(cfg, ranks)
+    finished = Path(cfg.output_dir) / MANIFEST
+    if finished.is_file() and resuming(cfg) and not cfg.overwrite:  # a requeued job of a run that ended
+        logger.warning("output_dir %s holds a finished run: nothing to resume (set overwrite: true to train it again, "
+                       "from resume_from_checkpoint)", cfg.output_dir)
+        return json.loads(finished.read_text())
     on_policy = cfg.on_policy_fraction > 0  # else pure offline KD: no prompt, no rollout, no teacher
     prompts = load_prompts(cfg) if on_policy else PromptTable(pa.table({}))
     # teacher servers answer before any model loads: an unreachable one fails here, in one line
@@ -1474,20 +1542,42 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     server = ServerRollout(cfg, ranks) if on_policy and cfg.rollout_backend == "server" else None
     if server is not None:
         server.probe()
+    check_plain_logits(cfg.student_model, "student_model")
+    if on_policy and cfg.teacher_backend == "transformers":  # vLLM applies a model's logit transform itself
+        for name, path in cfg.teachers.items():
+            check_plain_logits(path, f"teacher '{name}'")
+    fmt = PromptFormat.from_settings(cfg.system_prompt, cfg.instruction_template, cfg.use_chat_template)
+    if on_policy:  # every prompt renders, and fits the context, before any model loads
+        tokenizer, context = student_tokenizer_and_context(cfg)
+        check_prompts(prompts, fmt, tokenizer, cfg, context)
     with contextlib.ExitStack() as cleanup:  # every engine is closed however the run ends
         if server is not None:
             cleanup.callback(server.close)
-        return _distill(cfg, prompts, teachers, server, cleanup, started, ranks)
+        return _distill(cfg, prompts, fmt, teachers, server, cleanup, started, ranks)
 
 
-def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teacher], engine: RolloutEngine | None,
-             cleanup: contextlib.ExitStack, started: float, ranks: Ranks) -> dict[str, Any]:
+def student_tokenizer_and_context(cfg: OnPolicyConfig) -> tuple[Any, int | None]:
+    """The student's tokenizer, and the context a rollout and its scoring must fit: ``max_model_len``,
+    else the student's ``max_position_embeddings`` (what vLLM takes then)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.student_model)
+    if cfg.max_model_len:
+        return tokenizer, cfg.max_model_len
+    return tokenizer, getattr(AutoConfig.from_pretrained(cfg.student_model), "max_position_embeddings", None)
+
+
+def _distill(cfg: OnPolicyConfig, prompts: PromptTable, fmt: PromptFormat, teachers: dict[str, Teacher],
+             engine: RolloutEngine | None, cleanup: contextlib.ExitStack, started: float, ranks: Ranks) -> dict[str, Any]:
     """:func:`run_onpolicy` once its inputs and servers are checked: load, train, save."""
     from llmdistill.checkpoints import RunClock, StopRequest, stop_message
 
     on_policy = cfg.on_policy_fraction > 0
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if ranks.main and cfg.overwrite:
+        clear_earlier_run(out, checkpoints=not resuming(cfg))
+    ranks.barrier()
     # from here a SIGTERM ends the run after a step, cleaned up; under a launcher a process may get it twice
     # (from Slurm and from torchrun passing it on), and the second must not cut the checkpoint short
     stop = cleanup.enter_context(StopRequest(repeat_exits=ranks.world == 1))
@@ -1530,7 +1620,6 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teac
         for teacher in teachers.values():
             if isinstance(teacher, VllmTeacher):
                 cleanup.callback(teacher.close)
-    fmt = PromptFormat.from_settings(cfg.system_prompt, cfg.instruction_template, cfg.use_chat_template)
     stream = PromptStream(prompts, cfg.seed)
     offline = OfflineBatches(cfg, tokenizer, ranks) if cfg.on_policy_fraction < 1 else None
     if on_policy and cfg.rollout_backend == "vllm":
@@ -1564,6 +1653,10 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, teachers: dict[str, Teac
             path = save_checkpoint(out, step + 1, model if adapter is None else adapter, tokenizer, optimizer,
                                    scheduler, {"history": history, "counters": counters.__dict__,
                                                "wall_time_total_s": round(clock.elapsed, 3)}, ranks)
+            if ranks.main and cfg.save_total_limit:
+                for old in complete_checkpoints(out)[:-cfg.save_total_limit]:
+                    (old / STATE).unlink()  # no longer complete, however far the removal gets
+                    shutil.rmtree(old)
         if stopping:
             signum = stop.signum or signal.SIGTERM  # the processes Slurm or the launcher signalled got SIGTERM
             logger.warning("%s", stop_message(signum, step + 1, cfg.max_steps, path))
@@ -1583,7 +1676,7 @@ def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     step. With several processes each computes the gradients of its share; the sums over all of them
     (:func:`~llmdistill.distributed.sum_gradients`) are the whole step's, and every process takes the same step."""
     ranks = ranks or Ranks()
-    rollouts, rewards, reward_sum = None, None, 0.0
+    rollouts, rewards, rewarded = None, None, 0
     if offline is not None and offline.takes(step):
         t = time.perf_counter()
         batch = offline.batch(step)
@@ -1595,11 +1688,13 @@ def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         rollouts, batch = source.take(step, model)  # graded: counted as scoring
 
         t = time.perf_counter()
-        rewards = answer_rewards(rollouts, tokenizer, cfg) if cfg.reward_weight > 0 or cfg.answer_column else None
-        counts = [len(batch["target_ids"])] + ([float(rewards.sum()), len(rewards)] if rewards is not None else [])
+        rewards = answer_rewards(rollouts, tokenizer, cfg)  # the same length of `counts` on every process
+        checked = ~torch.isnan(rewards) if rewards is not None else None
+        counts = [len(batch["target_ids"])] + ([float(rewards[checked].sum()), int(checked.sum())]
+                                               if rewards is not None else [])
         total, *reward_counts = ranks.sum(counts)
-        baseline = reward_counts[0] / reward_counts[1] if rewards is not None else None
-        reward_sum = reward_counts[0] if rewards is not None else 0.0
+        reward_sum, rewarded = reward_counts if rewards is not None else (0.0, 0)
+        baseline = reward_sum / rewarded if rewarded else None
         optimizer.zero_grad(set_to_none=True)
         stats = step_gradients(model, batch, cfg, rewards if cfg.reward_weight > 0 else None, normalizer=int(total),
                                baseline=baseline)
@@ -1627,8 +1722,8 @@ def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         counters.teacher_tokens_scored += scored
         stats["completion_tokens"] = rollout_tokens / samples
         stats["policy_lag"] = float(step - rollouts.policy_step)
-        if rewards is not None:
-            stats["reward"] = reward_sum / samples
+        if rewarded:
+            stats["reward"] = reward_sum / rewarded  # of the samples whose prompt has a reference answer
 
     if source is not None:
         source.updated(step, model)
@@ -1638,12 +1733,19 @@ def train_step(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 
 def answer_rewards(rollouts: Rollouts, tokenizer: Any, cfg: OnPolicyConfig) -> torch.Tensor | None:
-    """1 where the answer checker accepts a sample's answer, else 0 (None without reference answers)."""
-    if not cfg.answer_column or any(r.get(cfg.answer_column) is None for r in rollouts.records):
+    """Per sample: 1 where the answer checker accepts its answer, 0 where not, NaN where its prompt has
+    no reference answer (a column filled on some rows only: the reward is then only logged, since
+    ``reward_weight > 0`` needs every row's). None without ``answer_column``, on every process alike."""
+    if not cfg.answer_column:
         return None
-    texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-    verdicts = check_many(cfg.checker, texts, [Reference(answer=str(r[cfg.answer_column])) for r in rollouts.records])
-    return torch.tensor([float(v.correct) for v in verdicts])
+    rewards = torch.full((len(rollouts.records),), float("nan"))
+    known = [i for i, r in enumerate(rollouts.records) if r.get(cfg.answer_column) is not None]
+    if known:
+        texts = tokenizer.batch_decode([rollouts.completion_ids[i] for i in known], skip_special_tokens=True)
+        verdicts = check_many(cfg.checker, texts,
+                              [Reference(answer=str(rollouts.records[i][cfg.answer_column])) for i in known])
+        rewards[known] = torch.tensor([float(v.correct) for v in verdicts])
+    return rewards
 
 
 def log_window(step: int, window: list[dict[str, float]], counters: Counters, clock: Any = None) -> dict[str, Any]:

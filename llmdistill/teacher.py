@@ -5,7 +5,35 @@ top-k log-probs computed chunk by chunk (never a full ``[tokens x vocab]`` float
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
+
+# config attributes that transform the LM head's output into the logits, with their neutral values
+# (Gemma 2/3/4 soft-capping, Granite's divisor, Cohere's multiplier)
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0}
+
+
+def check_plain_logits(path: str, who: str, trust_remote_code: bool = False) -> None:
+    """Refuse a model whose logits are not its LM head's output: the chunked loss, the teachers' top-k and
+    the students' token log-probs all compute ``hidden @ W.T (+ b)``, so a model that soft-caps or scales
+    them would be trained (or graded) on other logits than it samples from. Reads only the config.
+
+    Raises:
+        UserError: the config sets one of :data:`LOGIT_TRANSFORMS` to a value that changes the logits.
+    """
+    from transformers import AutoConfig
+
+    from llmdistill.config.base import UserError
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name, neutral in LOGIT_TRANSFORMS.items():
+        value = getattr(config, name, neutral)
+        if value is not None and value != neutral:
+            raise UserError(f"{who} {path}: its config sets {name}={value}, which transforms the LM head's output "
+                            "into the logits; llmdistill's chunked loss and top-k read the head's output as is, so "
+                            "this model is not supported yet (use a model without it)")
 
 
 def on_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -32,16 +60,20 @@ def forward_groups(position_ids: torch.Tensor, max_tokens: int) -> list[list[tup
     return groups
 
 
-def predicting_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                      max_tokens: int = 2048) -> tuple[torch.Tensor, torch.nn.Module]:
-    """The final hidden states that predict each target (N, H), and the LM head.
+def hidden_by_group(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                    max_tokens: int = 2048) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per forward group: the rows of the targets it predicts (indices into ``target_ids``) and the
+    final hidden states that predict them (rows, H).
 
     The packed samples run as right-padded batches of at most ``max_tokens`` positions
     (:func:`forward_groups`). Under a causal mask a real token never sees the padding after it,
-    so no attention mask is needed and each position's state equals the packed forward's.
+    so no attention mask is needed and each position's state equals the packed forward's. Only the
+    states that predict a target leave a group: a caller that reduces them at once (a teacher's top-k)
+    holds one group's states at a time, never the whole batch's.
     """
     ids = batch["input_ids"][0]
-    pieces, positions = [], []
+    row_of = torch.full((len(ids),), -1, dtype=torch.long, device=ids.device)  # position -> the target it predicts
+    row_of[batch["target_index"] - 1] = torch.arange(len(batch["target_index"]), device=ids.device)
     for group in forward_groups(batch["position_ids"][0], max_tokens):
         lengths = torch.tensor([b - a for a, b in group], device=ids.device)
         padded = ids.new_zeros(len(group), int(lengths[0]))
@@ -49,11 +81,22 @@ def predicting_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor],
             padded[row, :b - a] = ids[a:b]
         out = model.base_model(input_ids=padded, use_cache=False).last_hidden_state
         real = torch.arange(padded.shape[1], device=ids.device)[None] < lengths[:, None]
-        pieces.append(out[real])  # row-major: the group's samples in order, each without its padding
-        positions += [torch.arange(a, b, device=ids.device) for a, b in group]
-    where = torch.empty(len(ids), dtype=torch.long, device=ids.device)
-    where[torch.cat(positions)] = torch.arange(len(ids), device=ids.device)
-    return torch.cat(pieces)[where[batch["target_index"] - 1]], model.get_output_embeddings()
+        rows = row_of[torch.cat([torch.arange(a, b, device=ids.device) for a, b in group])]
+        predicts = rows >= 0
+        yield rows[predicts], out[real][predicts]  # out[real]: the group's samples in order, without padding
+
+
+def predicting_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                      max_tokens: int = 2048) -> tuple[torch.Tensor, torch.nn.Module]:
+    """The final hidden states that predict each target (N, H), in target order, and the LM head
+    (:func:`hidden_by_group`'s groups put together)."""
+    groups = list(hidden_by_group(model, batch, max_tokens))
+    if not groups:  # no sample
+        return batch["input_ids"].new_zeros(0, model.config.hidden_size).float(), model.get_output_embeddings()
+    rows, pieces = zip(*groups, strict=True)
+    order = torch.empty_like(batch["target_index"])
+    order[torch.cat(rows)] = torch.arange(len(order), device=order.device)
+    return torch.cat(pieces)[order], model.get_output_embeddings()
 
 
 @torch.no_grad()
@@ -99,8 +142,16 @@ class TransformersTeacher:
             p.requires_grad_(False)
 
     def score(self, batch: dict[str, torch.Tensor], k: int, chunk_size: int) -> dict[str, torch.Tensor]:
+        """The teacher's top-k ids and log-probs (N, k) and its log-prob of each target (N,), for the
+        packed samples of ``batch``. Each forward group's hidden states become top-k at once, so
+        what is held is one group's states (``pack_tokens`` x H) and 12 bytes x k per target."""
         batch = on_device(batch, self.model)
+        targets = batch["target_ids"]
+        ids = torch.empty(len(targets), k, dtype=torch.long, device=targets.device)
+        lps = torch.empty(len(targets), k, dtype=torch.float32, device=targets.device)
+        own = torch.empty(len(targets), dtype=torch.float32, device=targets.device)
+        head = self.model.get_output_embeddings()
         with torch.no_grad():
-            hidden, head = predicting_hidden(self.model, batch, self.pack_tokens)
-            ids, lps, own = topk_logprobs(hidden, head, batch["target_ids"], k, chunk_size)
+            for rows, hidden in hidden_by_group(self.model, batch, self.pack_tokens):
+                ids[rows], lps[rows], own[rows] = topk_logprobs(hidden, head, targets[rows], k, chunk_size)
         return {"teacher_ids": ids, "teacher_logprobs": lps, "teacher_token_logprobs": own}

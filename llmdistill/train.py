@@ -39,6 +39,7 @@ from llmdistill.formats import (
 )
 from llmdistill.log import get_logger
 from llmdistill.manifest import write_json_atomic, write_manifest
+from llmdistill.teacher import check_plain_logits
 
 logger = get_logger(__name__)
 
@@ -82,6 +83,7 @@ def save_run(trainer: Any, config: TrainConfig, result: Any, started: float, met
     from llmdistill.checkpoints import is_disk_full
 
     replicas = replica_fingerprints(trainer)
+    tokens = int(trainer.trained_tokens())  # a collective, like the fingerprints: before the main process's part
     save_student(trainer, config)
     if trainer.accelerator.is_main_process:
         out = Path(config.output_dir)
@@ -94,7 +96,7 @@ def save_run(trainer: Any, config: TrainConfig, result: Any, started: float, met
             inputs = {"data": config.data_dir, "student": config.student_source}
             if config.teacher_model:
                 inputs["teacher"] = config.teacher_model
-            write_manifest(config.output_dir, "train", config, inputs=inputs, counts=_counts(trainer, result),
+            write_manifest(config.output_dir, "train", config, inputs=inputs, counts=_counts(trainer, result, tokens),
                            started=started, built=meta, replica_fingerprints=replicas,
                            wall_time_total_s=round(trainer.clock.elapsed, 3))
         except OSError as err:
@@ -183,7 +185,7 @@ def load_built(config: TrainConfig) -> tuple[Any, dict[str, Any]]:
         SchemaError: shards from another schema version, naming the fix.
     """
     if not config.data_dir:
-        raise ValueError("data_dir is empty: point it at the output of `llmdistill build`")
+        raise UserError("data_dir is empty: point it at the output of `llmdistill build`")
     cache_dir = built_cache_dir(config.data_dir, config.data_cache_dir or None)
     try:
         read_built_metadata(config.data_dir)  # every process, before any waits: a bad shard stops them all alike
@@ -198,11 +200,17 @@ def load_built(config: TrainConfig) -> tuple[Any, dict[str, Any]]:
 
 def check_compatible(config: TrainConfig, meta: dict[str, Any], tokenizer: Any) -> None:
     """Refuse data the run cannot use: KD without top-k (stored, or from an online teacher), or a student
-    tokenizer other than the shards'."""
+    tokenizer other than the shards'; and an online teacher's top-k larger than the vocabulary."""
     needs = (f"alpha={config.alpha} (alpha_schedule={config.alpha_schedule}, alpha_start={config.alpha_start}) needs "
              "it; or set teacher_model (an online teacher), or train with alpha: 0 (plain SFT)"
              ) if config.uses_kd and not config.teacher_model else None
     check_built_fits(config.data_dir, meta, tokenizer, config.student_source, needs)
+    check_plain_logits(config.student_source, "student_model", config.trust_remote_code)
+    if config.teacher_model:
+        check_plain_logits(config.teacher_model, "teacher_model", config.trust_remote_code)
+    if config.teacher_model and config.teacher_top_k > len(tokenizer):  # before any model loads
+        raise UserError(f"teacher_top_k={config.teacher_top_k} exceeds the vocabulary ({len(tokenizer)} tokens): "
+                        "lower it, or set 0 for the full distribution")
 
 
 def load_student(config: TrainConfig) -> tuple[Any, Any]:
@@ -339,12 +347,12 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
     tmp.replace(path)
 
 
-def _counts(trainer: Any, result: Any) -> dict[str, Any]:
+def _counts(trainer: Any, result: Any, trained_tokens: int) -> dict[str, Any]:
     last = next((h for h in reversed(trainer.state.log_history) if "ce_loss" in h), {})
     return {
         "packed_rows": len(trainer.train_dataset),
         "global_steps": trainer.state.global_step,
-        "trained_tokens": int(trainer.trained_tokens(unlogged=True)),
+        "trained_tokens": trained_tokens,
         "world_size": trainer.accelerator.num_processes,
         "train_loss": result.training_loss,
         "last_logged": json.loads(json.dumps(last, default=float)),

@@ -131,6 +131,7 @@ def schedule_value(kind: str, start: float, end: float, progress: float, warmup_
 
 
 LOSS_EMA_FILE = "loss_ema.json"  # in each checkpoint: the running loss of loss_adaptive schedules
+TOKENS_FILE = "trained_tokens.json"  # in each checkpoint: target tokens trained up to it, all processes'
 
 
 class LossEMA:
@@ -246,6 +247,8 @@ class DistillTrainer(SFTTrainer):
         self.loss_is_scaled_for_ga = True
         self._stats = torch.zeros(len(_STATS), dtype=torch.float64)
         self._stats_calls = 0
+        self._tokens_counted = 0.0  # target tokens of all processes up to the last count (trained_tokens)
+        self._tokens_since = 0.0  # this process's since then
         self._window_start: float | None = None  # the first batch fetch of a logging window starts its clock
         self._data_wait = 0.0  # seconds spent waiting for batches in the window
         self._window_steps = 0
@@ -405,6 +408,7 @@ class DistillTrainer(SFTTrainer):
                   int(inputs["num_rows"]) * self.max_length)
         self._stats += torch.tensor([float(v) for v in values], dtype=torch.float64)
         self._stats_calls += 1
+        self._tokens_since += float(out.n_tokens)
 
     @property
     def clock(self) -> RunClock | None:
@@ -455,7 +459,7 @@ class DistillTrainer(SFTTrainer):
             "data_wait_s": data_wait_s,
             "data_wait_fraction": data_wait_fraction,
             "peak_rss_gib": peak_rss_gib,
-            "trained_tokens": self.trained_tokens() + s["n_targets"],  # running total, kept across a resume
+            "trained_tokens": self.trained_tokens(),  # running total, kept across a resume
         }
         if self.accelerator.device.type != "cpu":
             metrics["peak_accelerator_gib"] = peak_accelerator_gib
@@ -466,13 +470,16 @@ class DistillTrainer(SFTTrainer):
                 metrics[f"{term}_weight"] = self._last_schedule[f"{term}_weight"]
         return metrics
 
-    def trained_tokens(self, unlogged: bool = False) -> float:
-        """Target tokens trained on up to the last logged window (summed over processes), read from the
-        log history, which a resumed run restores from its checkpoint; with ``unlogged``, plus this
-        process's steps since that log (the end of a run)."""
-        logged = next((float(h["trained_tokens"]) for h in reversed(self.state.log_history) if "trained_tokens" in h),
-                      0.0)
-        return logged + (float(self._stats[_STATS.index("n_targets")]) if unlogged else 0.0)
+    def trained_tokens(self) -> float:
+        """Target tokens trained on so far, summed over the processes and over the runs before a resume
+        (each checkpoint keeps the count: :data:`TOKENS_FILE`). A collective: every process calls it at
+        the same point (a log, a checkpoint, the end of the run)."""
+        since = torch.tensor([self._tokens_since], dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            since = self.accelerator.reduce(since, reduction="sum")
+        self._tokens_counted += float(since.item())
+        self._tokens_since = 0.0
+        return self._tokens_counted
 
     def _peak_accelerator_bytes(self) -> int:
         device = self.accelerator.device
@@ -509,6 +516,13 @@ class DistillTrainer(SFTTrainer):
         ema = Path(checkpoint) / LOSS_EMA_FILE
         if ema.is_file():  # checkpoints older than loss_adaptive schedules have none: the average restarts
             self.loss_ema.load(json.loads(ema.read_text()))
+        tokens, state = Path(checkpoint) / TOKENS_FILE, Path(checkpoint) / "trainer_state.json"
+        if tokens.is_file():
+            self._tokens_counted = float(json.loads(tokens.read_text())["trained_tokens"])
+        elif state.is_file():  # an older checkpoint: its last logged count
+            history = json.loads(state.read_text()).get("log_history", [])
+            self._tokens_counted = next((float(h["trained_tokens"]) for h in reversed(history)
+                                         if "trained_tokens" in h), 0.0)
 
     def _get_output_dir(self, trial: Any) -> str:
         # while _save_checkpoint runs, transformers writes `<this>/checkpoint-N`: the staging directory
@@ -533,10 +547,12 @@ class DistillTrainer(SFTTrainer):
         needed = self._checkpoint_bytes(last_good)
         error: BaseException | None = None
         self._staging_root = staging_root
+        tokens = self.trained_tokens()  # every process saves at this step: the count's reduce is matched
         try:
             super()._save_checkpoint(model, trial)
             if self.args.should_save:
                 (staged / LOSS_EMA_FILE).write_text(json.dumps(self.loss_ema.state()))
+                (staged / TOKENS_FILE).write_text(json.dumps({"trained_tokens": tokens}))
                 if self.layers is not None:
                     self.layers.save(staged)  # the projection beside the weights and the optimizer that trains it
         except Exception as err:

@@ -291,11 +291,19 @@ def in_subprocess(world: dict[str, Path], out: Path, trainer: str, backend: str,
 # ---- measuring -----------------------------------------------------------------------------------
 
 
-def seconds_per_step(step_ends: list[float]) -> float:
-    """Mean wall time between consecutive step ends: every step but the first."""
-    if len(step_ends) < 2:
-        raise ValueError(f"{len(step_ends)} step(s) timed: set BENCH_ONPOLICY_STEPS >= 2")
-    return (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1)
+def seconds_per_step(step_ends: list[float], group: int = 1) -> float:
+    """Mean wall time per step over whole rollout groups after the first: with ``group`` steps per
+    rollout (``steps_per_rollout``) a group's first step carries its rollout, so the window runs from
+    the end of the first group to the end of the last complete one (``group`` 1: every step but the first)."""
+    whole = (len(step_ends) - group) // group  # complete groups after the first
+    if whole < 1:
+        raise ValueError(f"{len(step_ends)} step(s) timed: set BENCH_ONPOLICY_STEPS >= {2 * group}")
+    return (step_ends[group - 1 + whole * group] - step_ends[group - 1]) / (whole * group)
+
+
+def steps_per_rollout(name: str) -> int:
+    """The steps one rollout of the arm ``name`` feeds."""
+    return GROUP if name.endswith("_grouped") else 1
 
 
 def evaluate(model_dir: Path) -> float:
@@ -344,13 +352,14 @@ def speed(arms: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Seconds per step of each arm (its least disturbed repeat), its phases, and the ratios to TRL."""
     out: dict[str, Any] = {}
     for name, repeats in arms.items():
-        best = min(repeats, key=lambda r: seconds_per_step(r["step_ends"]))
-        out[f"{name}_s_per_step"] = round(seconds_per_step(best["step_ends"]), 4)
-        out[f"{name}_s_per_step_repeats"] = [round(seconds_per_step(r["step_ends"]), 4) for r in repeats]
+        group = steps_per_rollout(name)
+        best = min(repeats, key=lambda r: seconds_per_step(r["step_ends"], group))
+        out[f"{name}_s_per_step"] = round(seconds_per_step(best["step_ends"], group), 4)
+        out[f"{name}_s_per_step_repeats"] = [round(seconds_per_step(r["step_ends"], group), 4) for r in repeats]
         out[f"{name}_setup_s"] = round(best["setup_s"], 1)
         out[f"{name}_load_1min_after"] = round(best["load_1min"], 2)
         out[f"{name}_tokens_per_completion"] = round(best["completion_tokens"] / (STEPS * PROMPTS), 1)
-        for phase, seconds in best["phases_s"].items():
+        for phase, seconds in best["phases_s"].items():  # over all the steps, the first included
             out[f"{name}_{phase}_s_per_step"] = round(seconds / STEPS, 4)
     trl = out["trl_s_per_step"]
     for backend in BACKENDS:

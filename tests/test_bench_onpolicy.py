@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,10 @@ def test_speed_ratios_are_of_the_fastest_repeats_and_of_each_repeats_pair(bench,
     assert out["speedup_llmdistill_vllm_over_trl"] == 2.0  # 0.8 / 0.4
     assert out["speedup_llmdistill_vllm_over_trl_per_repeat"] == [3.0, 1.0]
     assert out["llmdistill_vllm_rollout_s_per_step"] == 0.1
+    # four steps per rollout: the window holds whole groups, each with its rollout (a 3 s first step),
+    # from the end of the first group to the end of the last complete one (the 10th step's group is cut)
+    ends = list(itertools.accumulate([3.0, 1, 1, 1] * 2 + [3.0, 1]))
+    assert bench.seconds_per_step(ends, group=4) == 6.0 / 4
+    assert bench.seconds_per_step(ends) == (ends[-1] - ends[0]) / 9
+    with pytest.raises(ValueError, match="set BENCH_ONPOLICY_STEPS >= 8"):
+        bench.seconds_per_step(ends[:7], group=4)

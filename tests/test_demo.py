@@ -222,6 +222,13 @@ def test_a_stage_reruns_exactly_when_its_inputs_changed(tmp_path, monkeypatch):
     (tmp_path / "out" / "train-warm" / "manifest.json").write_text(json.dumps({"stage": "train_warm", "run": 2}))
     demo.run_seed(cfg, 0, tmp_path / "out", tmp_path / "teacher")
     assert {name for name, seen in stamps.items() if seen[3] != seen[2]} == {"onpolicy", "eval_curve"}
+    # other llmdistill code, or a teacher retrained in place (same path, new weights): every stage again
+    monkeypatch.setattr(demo, "code_fingerprint", lambda: "other code")
+    demo.run_seed(cfg, 0, tmp_path / "out", tmp_path / "teacher")
+    assert all(seen[4] != seen[3] for seen in stamps.values())
+    (tmp_path / "teacher" / "model.safetensors").write_bytes(b"retrained")
+    demo.run_seed(cfg, 0, tmp_path / "out", tmp_path / "teacher")
+    assert all(seen[5] != seen[4] for seen in stamps.values())
 
 
 @pytest.mark.unit
@@ -387,3 +394,14 @@ def test_accuracy_curves_place_each_checkpoint_at_the_seconds_its_arm_had_spent(
     curves["on-policy student"][-1]["seconds"] = 30.0  # earlier: between SFT's 20 s (0.1) and 37.5 s (0.2)
     report = "\n".join(curve_lines({0: {"curves": curves}}))
     assert f"seed 0: SFT {0.1 + 0.1 * 10 / 17.5:.3f} at 30 s against on-policy's 0.350" in report
+
+
+@pytest.mark.unit
+def test_the_timings_average_only_the_seeds_that_ran_a_stage():
+    """Seeds 0-2 reused from an earlier invocation took 0 s here: they do not pull the mean down, and
+    the teacher bootstrap (timed for the first seed only) is its own seconds, not a fifth of them."""
+    from llmdistill.demo_report import stage_timings
+
+    runs = {seed: {"timings": {"teacher bootstrap": 900.0 if seed == 0 else 0.0, "train_sft": 0.0 if seed < 3 else
+                               180.0 + seed, "generate": 0.0}} for seed in range(5)}
+    assert stage_timings(runs) == {"teacher bootstrap": 900.0, "train_sft": 183.5, "generate": 0.0}

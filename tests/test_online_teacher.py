@@ -175,6 +175,36 @@ def test_config_refusals(tmp_path, tiny_teacher_dir):
 
 
 @pytest.mark.unit
+def test_a_top_k_beyond_the_vocabulary_or_transformed_logits_fail_before_a_model_loads(tmp_path, tiny_student_dir, built_tokens,
+                                                                           tiny_tokenizer, monkeypatch):
+    import llmdistill.train as train_module
+
+    monkeypatch.setattr(train_module, "load_student", lambda *a: pytest.fail("a model loaded"))
+    cfg = config(tmp_path, built_tokens, tiny_student_dir, teacher_model=str(tiny_student_dir),
+                 teacher_top_k=len(tiny_tokenizer) + 1)
+    with pytest.raises(UserError, match=rf"teacher_top_k={len(tiny_tokenizer) + 1} exceeds the vocabulary "
+                                        rf"\({len(tiny_tokenizer)} tokens\): lower it, or set 0"):
+        build_trainer(cfg)
+    # a model whose logits are not its head's output (Gemma 2's soft-capping, Granite's and Cohere's scales)
+    import shutil
+
+    from llmdistill.teacher import LOGIT_TRANSFORMS
+
+    for name, value in zip(LOGIT_TRANSFORMS, (30.0, 8.0, 0.0625), strict=True):
+        capped = tmp_path / f"capped-{name}"
+        shutil.copytree(tiny_student_dir, capped, dirs_exist_ok=True)
+        settings = json.loads((capped / "config.json").read_text())
+        (capped / "config.json").write_text(json.dumps({**settings, name: value}))
+        for who, overrides in (("student_model", {"student_model": str(capped)}),
+                               ("teacher_model", {"teacher_model": str(capped)})):
+            cfg = config(tmp_path, built_tokens, tiny_student_dir, **{"teacher_model": str(tiny_student_dir),
+                                                                        **overrides})
+            with pytest.raises(UserError, match=f"{who} {capped}: its config sets {name}={value}, which "
+                                                "transforms the LM head's output"):
+                build_trainer(cfg)
+
+
+@pytest.mark.unit
 def test_an_sdpa_model_under_attention_kl_fails_before_training(tmp_path, tiny_student_dir, built_tokens,
                                                                 tiny_teacher_dir):
     cfg = config(tmp_path, built_tokens, tiny_student_dir, teacher_model=str(tiny_teacher_dir), attention="eager",

@@ -145,8 +145,13 @@ def test_bad_prompt_rows_fail_in_one_line_naming_file_line_and_column(tmp_path, 
         (jsonl(good, json.dumps({"prompt": "q", "domain": "law"})), routed, r"line 2: teacher 'law' is not one of"),
         (jsonl(good, json.dumps({"prompt": "q"})), {"reward_weight": 0.5}, r"line 2: column\(s\) \['answer'\] missing"),
         (jsonl(""), {}, "holds no prompts"),
+        (jsonl(good, '{"prompt": "caf\xe9"}'), {}, r"line 2 is not UTF-8 text"),  # rewritten below as latin-1
         (tmp_path / "missing.jsonl", {}, "does not exist"),
     ]
+    latin = cases[-2][0]
+    latin.write_bytes(latin.read_text().encode("latin-1"))
+    (tmp_path / "broken.json").write_text('[{"prompt": "a"},\n {"prompt": "b"')
+    cases.append((tmp_path / "broken.json", {}, r"broken\.json line 2 column 16 is not valid JSON"))
     pq.write_table(pa.table({"prompt": ["a", "b"], "domain": ["code", "law"]}), tmp_path / "t.parquet")
     cases.append((tmp_path / "t.parquet", routed, r"t\.parquet row 1: teacher 'law' is not one of"))
     pq.write_table(pa.table({"question": ["a"]}), tmp_path / "q.parquet")
@@ -161,6 +166,62 @@ def test_bad_prompt_rows_fail_in_one_line_naming_file_line_and_column(tmp_path, 
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(ConfigError, match=r"could not load dataset org/prompts \(train\): Couldn't reach"):
         load_prompts(_prompt_config("org/prompts"))
+
+
+@pytest.mark.unit
+def test_every_prompt_is_rendered_and_fits_the_context_before_a_model_loads(tmp_path, tiny_student_dir, monkeypatch):
+    import copy
+
+    from llmdistill.cli import one_line
+    from llmdistill.onpolicy import CHECK_ROWS, check_prompts, student_tokenizer_and_context
+    from llmdistill.prompts import PromptError, PromptFormat
+
+    rows = [{"prompt": f"{i} + {i} = ?"} for i in range(CHECK_ROWS + 10)]
+    rows[CHECK_ROWS + 3] = {"prompt": "long " * 60}  # in the second chunk
+    rows[CHECK_ROWS + 7] = {"prompt": "longer " * 80}
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = _prompt_config(path, student_model=str(tiny_student_dir), teacher_model=str(tiny_student_dir),
+                         max_new_tokens=40, max_model_len=100)
+    tokenizer, context = student_tokenizer_and_context(cfg)
+    assert context == 100
+    assert student_tokenizer_and_context(_prompt_config(path, student_model=str(tiny_student_dir)))[1] == 256
+    prompts, fmt = load_prompts(cfg), PromptFormat()
+    lengths = [len(ids) for ids in fmt.token_ids(tokenizer, [rows[CHECK_ROWS + 3]["prompt"]])]
+    assert lengths[0] + 41 > 100  # the row is too long for the context, and only by the completion's room
+    with pytest.raises(ConfigError) as err:
+        check_prompts(prompts, fmt, tokenizer, cfg, context)
+    assert one_line(err.value) == str(err.value)
+    assert str(err.value).startswith(f"{path} row {CHECK_ROWS + 3}: the prompt is {lengths[0]} tokens, and with "
+                                     f"max_new_tokens 40 and the teacher's scoring position it needs "
+                                     f"{lengths[0] + 41}, more than max_model_len 100 (2 of {CHECK_ROWS + 10} prompts")
+    check_prompts(prompts, fmt, tokenizer, _prompt_config(path, max_new_tokens=40, max_model_len=512), 512)  # fits
+
+    (tmp_path / "empty.jsonl").write_text('{"prompt": "1 + 1 = ?"}\n{"prompt": "  "}\n')
+    empty = load_prompts(_prompt_config(tmp_path / "empty.jsonl"))
+    with pytest.raises(PromptError, match=r"empty\.jsonl row 1: the prompt is empty"):
+        check_prompts(empty, fmt, tokenizer, cfg, context)
+    plain = copy.copy(tokenizer)
+    plain.chat_template = None
+    with pytest.raises(PromptError, match="has no chat template: set use_chat_template: false"):
+        check_prompts(empty, fmt, plain, cfg, context)
+
+    # the run refuses before the student (or any model) loads, and writes nothing
+    monkeypatch.setattr(op, "load_student", lambda *a: pytest.fail("a model loaded before the prompts were checked"))
+    with pytest.raises(ConfigError, match=f"row {CHECK_ROWS + 3}: the prompt is"):
+        op.run_onpolicy(OnPolicyConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "out")}))
+    assert not (tmp_path / "out").exists()
+    # so is a student or teacher whose logits are not its LM head's output (here Gemma 2's soft-capping)
+    import shutil
+
+    from llmdistill.config.base import UserError
+
+    capped = shutil.copytree(tiny_student_dir, tmp_path / "capped")
+    (capped / "config.json").write_text(json.dumps({**json.loads((capped / "config.json").read_text()),
+                                                    "final_logit_softcapping": 30.0}))
+    for who in ("student_model", "teacher_model"):
+        with pytest.raises(UserError, match=r"its config sets final_logit_softcapping=30.0"):
+            op.run_onpolicy(OnPolicyConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "out"), who: str(capped)}))
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.unit
@@ -202,6 +263,50 @@ def test_samples_are_forwarded_in_bounded_padded_batches_with_the_packed_hidden_
 
 
 @pytest.mark.unit
+def test_a_teacher_grades_group_by_group_what_one_packed_forward_gives(tiny_student_dir):
+    """Each forward group hands on only the states that predict a target, and the teacher turns them
+    into top-k at once: the same grades as the whole batch's log-softmax, for any group size."""
+    from llmdistill.teacher import TransformersTeacher, hidden_by_group
+
+    batch = pack([[1, 2, 3], [4], [5, 6], [7]], [[5, 6], [7, 8, 9], [1] * 9, [2]])
+    teacher = TransformersTeacher(str(tiny_student_dir), "float32")
+    with torch.no_grad():
+        packed = teacher.model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                          use_cache=False).last_hidden_state[0]  # packed: one mask per sample
+        logp = torch.log_softmax(teacher.model.lm_head(packed[batch["target_index"] - 1]), -1)
+    top = logp.topk(3, dim=-1)
+    for pack_tokens in (1, 9, 10_000):
+        teacher.pack_tokens = pack_tokens
+        with torch.no_grad():
+            groups = list(hidden_by_group(teacher.model, batch, pack_tokens))
+        assert all(len(rows) == len(h) for rows, h in groups)  # no prompt position leaves its group
+        assert sorted(torch.cat([rows for rows, _ in groups]).tolist()) == list(range(len(batch["target_ids"])))
+        graded = teacher.score(batch, k=3, chunk_size=4)
+        assert torch.equal(graded["teacher_ids"], top.indices)
+        torch.testing.assert_close(graded["teacher_logprobs"], top.values, rtol=0, atol=1e-5)
+        torch.testing.assert_close(graded["teacher_token_logprobs"],
+                                   logp.gather(-1, batch["target_ids"][:, None])[:, 0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_rewards_are_the_checkers_verdicts_and_nan_where_a_prompt_has_no_reference(tiny_tokenizer):
+    """An answer column filled on some rows only: those samples get no verdict (NaN), so every process
+    sums the same counts whatever its share holds, and the logged reward is over the checked ones."""
+    from llmdistill.onpolicy import Rollouts, answer_rewards
+
+    texts = ["<think>1+2=3</think>\\boxed{3}", "<think>1+2=4</think>\\boxed{4}", "\\boxed{5}", "\\boxed{6}"]
+    rollouts = Rollouts(prompt_ids=[[1]] * 4, completion_ids=[tiny_tokenizer.encode(t) for t in texts],
+                        records=[{"answer": "3"}, {"answer": "3"}, {"answer": None}, {}], teachers=["default"] * 4)
+    cfg = OnPolicyConfig(dataset="p", student_model="s", teacher_model="t")
+    rewards = answer_rewards(rollouts, tiny_tokenizer, cfg)
+    assert rewards[:2].tolist() == [1.0, 0.0] and torch.isnan(rewards[2:]).all()
+    none = Rollouts(prompt_ids=[[1]], completion_ids=[[2]], records=[{}], teachers=["default"])
+    assert torch.isnan(answer_rewards(none, tiny_tokenizer, cfg)).all()  # a share without any reference
+    assert answer_rewards(rollouts, tiny_tokenizer, OnPolicyConfig(dataset="p", student_model="s", teacher_model="t",
+                                                                   answer_column=None)) is None
+
+
+@pytest.mark.unit
 def test_config_needs_its_inputs_and_names_multi_teacher_routing():
     base = dict(dataset="p.jsonl", student_model="s", teacher_model="t")
     assert OnPolicyConfig(**base).teachers == {"default": "t"}
@@ -219,6 +324,17 @@ def test_config_needs_its_inputs_and_names_multi_teacher_routing():
         OnPolicyConfig(**base, temperature=0.0)
     with pytest.raises(ConfigError, match="top-k objectives only"):
         OnPolicyConfig(**base, temperature=2.0, objective="sampled_reverse_kl")
+    # settings that would do nothing, or fail only at the first step, fail here
+    for settings, message in (
+            ({"offline_data_dir": "b"}, "read only by offline steps: set on_policy_fraction below 1"),
+            ({"reward_weight": 0.5, "answer_column": None}, "reward_weight=0.5 .* set answer_column"),
+            ({"checker": "numerc"}, r"checker='numerc' is not one of \['math', 'numeric', 'exact', 'choice'\]"),
+            ({"checker": "code"}, "checker='code' is not one of"),  # code tests are no answer column
+            ({"sleep_mode": True, "rollout_backend": "transformers"}, "sleep_mode is for the colocated vLLM engine"),
+            # the loss reads the head's weight, not a LoRA layer's output (train shares LoraSettings)
+            ({"use_peft": True, "lora_target_modules": "q_proj, lm_head"}, r"names the LM head \(lm_head\)")):
+        with pytest.raises(ConfigError, match=message):
+            OnPolicyConfig(**base, **settings)
 
 
 @pytest.mark.unit
@@ -680,8 +796,10 @@ def test_a_killed_run_resumes_with_the_prompt_stream_at_the_right_place(
     common = dict(rollout_backend="transformers", max_steps=4, save_steps=2, max_new_tokens=16, use_peft=use_peft,
                   lora_r=4, learning_rate=1e-2 if use_peft else 1e-3,
                   micro_batch_tokens=64 if use_peft else 0)  # the LoRA run also backpropagates a sample at a time
-    whole = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "whole", **common)
+    whole = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "whole", **common, save_total_limit=1)
     run_onpolicy(whole)
+    assert [p.name for p in op.complete_checkpoints(tmp_path / "whole")] == ["checkpoint-4"]  # checkpoint-2 removed
+    assert not (tmp_path / "whole" / "checkpoint-2").exists()
     killed = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "killed", **common)
     res = run_script(KILLED_RUN, killed, tmp_path, ("save_steps", "use_peft", "lora_r", "micro_batch_tokens"))
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
@@ -892,6 +1010,38 @@ def test_a_sharded_launch_and_steps_that_do_not_divide_fail_in_one_line(prompts,
                                           r"gpu_memory_utilization 0.3 \(the rollout engine\)\)"):
         OnPolicyConfig(dataset="p", student_model="s", teacher_model="a=x,b=y", teacher_column="domain",
                        teacher_backend="vllm", teacher_gpu_memory_utilization=0.4, gpu_memory_utilization=0.3)
+
+
+@pytest.mark.unit
+def test_an_output_dir_with_an_earlier_run_is_refused_resumed_or_cleared(prompts, tiny_student_dir, tmp_path,
+                                                                          monkeypatch):
+    """A fresh run never mixes with what an earlier one left: `latest` would later resume from the
+    earlier run's newest checkpoint, its weights and its prompt position."""
+    from llmdistill.onpolicy import check_inputs, clear_earlier_run
+
+    out = tmp_path / "out"
+    for step in (5, 10):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "state.json").write_text("{}")
+    (out / ".checkpoint-15.tmp").mkdir()
+    cfg = config(prompts, tiny_student_dir, tiny_student_dir, out)
+    with pytest.raises(ConfigError, match=r"holds checkpoints of an earlier run \(the newest checkpoint-10\): resume "
+                                          "it with resume_from_checkpoint: latest, or set overwrite: true"):
+        check_inputs(cfg)
+    check_inputs(config(prompts, tiny_student_dir, tiny_student_dir, out, resume_from_checkpoint="latest"))
+    check_inputs(config(prompts, tiny_student_dir, tiny_student_dir, out, overwrite=True))
+
+    (out / "manifest.json").write_text('{"stage": "onpolicy"}')
+    with pytest.raises(ConfigError, match="holds a finished run: set overwrite: true"):
+        check_inputs(cfg)
+    monkeypatch.setattr(op, "load_student", lambda *a: pytest.fail("a finished run was trained again"))
+    resumed = op.run_onpolicy(config(prompts, tiny_student_dir, tiny_student_dir, out, resume_from_checkpoint="latest"))
+    assert resumed == {"stage": "onpolicy"}  # a requeued job of a finished run: nothing to do
+
+    clear_earlier_run(out, checkpoints=False)  # overwrite with a resume: the checkpoints stay
+    assert sorted(p.name for p in out.iterdir()) == [".checkpoint-15.tmp", "checkpoint-10", "checkpoint-5"]
+    clear_earlier_run(out, checkpoints=True)
+    assert list(out.iterdir()) == []
 
 
 @pytest.mark.integration

@@ -107,6 +107,8 @@ def test_config_checks_ranges_and_combinations(tmp_path):
         TrainConfig(output_dir=str(tmp_path), alpha=1.5)
     with pytest.raises(ConfigError, match="padding_free"):
         TrainConfig(output_dir=str(tmp_path), padding_free=True)
+    with pytest.raises(ConfigError, match="adaptive_ema_decay=1.0 never moves the average"):
+        TrainConfig(output_dir=str(tmp_path), adaptive_ema_decay=1.0)
     assert not TrainConfig(output_dir=str(tmp_path), alpha=0.0).uses_kd
     assert TrainConfig(output_dir=str(tmp_path), alpha=0.0, alpha_schedule="linear_warmup", alpha_start=0.3).uses_kd
     cfg = TrainConfig(output_dir=str(tmp_path))
@@ -406,6 +408,19 @@ def test_resume_continues_at_the_exact_data_position(tmp_path, tiny_student_dir,
     assert manifest["stage"] == "train" and manifest["counts"]["global_steps"] == 21
     assert manifest["counts"]["trained_tokens"] == a[21]["trained_tokens"] > a[20]["trained_tokens"] > 0
     assert (tmp_path / "b" / "out" / "loss_curve.png").stat().st_size > 1000
+    if workers:
+        return
+    # logged every 4 steps, the checkpoint at 18 inside a window: its tokens of steps 17-18 are counted in
+    # the checkpoint, not in a log, and the run's count and the resumed one's still come out whole
+    sparse = {**schedules, "logging_steps": 4}
+    run_train(config(tmp_path / "c", tiny_student_dir, built_kd, **sparse))
+    run_train(config(tmp_path / "d", tiny_student_dir, built_kd, **sparse,
+                     resume_from_checkpoint=str(tmp_path / "c" / "out" / "checkpoint-18")))
+    for run in ("c", "d"):
+        counted = json.loads((tmp_path / run / "out" / "manifest.json").read_text())["counts"]["trained_tokens"]
+        assert counted == a[21]["trained_tokens"], run
+    saved = json.loads((tmp_path / "c" / "out" / "checkpoint-18" / "trained_tokens.json").read_text())
+    assert saved["trained_tokens"] == a[18]["trained_tokens"]
 
 
 @pytest.mark.integration

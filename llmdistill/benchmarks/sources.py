@@ -7,12 +7,12 @@ our fields and building items is :func:`llmdistill.benchmarks.load_benchmark`'s 
 from __future__ import annotations
 
 import importlib
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from llmdistill.benchmarks.definition import BenchmarkError, BenchmarkSpec
+from llmdistill.config.base import json_document
 
 
 def file_rows(path: Path) -> list[dict[str, Any]]:
@@ -25,7 +25,7 @@ def file_rows(path: Path) -> list[dict[str, Any]]:
 
         return list(stream_jsonl(str(path)))
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        data = json_document(path, BenchmarkError)
         return data if isinstance(data, list) else data.get("data", data.get("rows", []))
     if path.suffix in (".parquet", ".csv"):
         import datasets

@@ -259,6 +259,17 @@ def parse_json_field(name: str, value: str | dict | None) -> dict:
     return out
 
 
+def json_document(path: Path, error: type[UserError] = ConfigError) -> Any:
+    """A user's whole-document JSON file (a .json list of rows), parsed; a file that is not UTF-8 or not
+    JSON raises ``error`` naming the file and where it breaks."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise error(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{path} line {err.lineno} column {err.colno} is not valid JSON ({err.msg}): fix the file") from None
+
+
 def jsonl_objects(path: Path, error: type[UserError] = ConfigError,
                   limit: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """The JSON objects of a user's JSONL file (prompt rows, seed queries, benchmark problems), one
@@ -269,8 +280,13 @@ def jsonl_objects(path: Path, error: type[UserError] = ConfigError,
         error: a line that is not JSON, or not a JSON object, naming the file and the line.
     """
     count = 0
-    with Path(path).open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+    with Path(path).open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise error(f"{path} line {number} is not UTF-8 text (byte {err.start} of the line): save the file "
+                            "as UTF-8") from None
             if not line.strip():
                 continue
             if limit is not None and count >= limit:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmdistill.config.base import check_range
+from llmdistill.config.base import ConfigError, check_range
+
+LM_HEADS = ("lm_head", "embed_out")  # the output layer's name in transformers' causal LMs
 
 
 @dataclass
@@ -26,6 +28,11 @@ class LoraSettings:
         check_range("lora_r", self.lora_r, 1, None)
         check_range("lora_alpha", self.lora_alpha, 1, None)
         check_range("lora_dropout", self.lora_dropout, 0.0, 1.0)
+        heads = [t.strip() for t in self.lora_target_modules.split(",") if t.strip() in LM_HEADS]
+        if self.use_peft and heads:
+            raise ConfigError(f"lora_target_modules names the LM head ({heads[0]}): the chunked loss multiplies by "
+                              "the head's weight directly, so an adapter there would never train; leave it out "
+                              "('all-linear' does)")
 
     def peft_config(self) -> Any:
         """peft's ``LoraConfig`` for a causal LM (None without ``use_peft``)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmdistill.checking.checkers import CHECKERS
 from llmdistill.config.base import ConfigError, check_choice, check_range
 from llmdistill.config.generate import VLLM_DEFAULT_MAX_LOGPROBS
 from llmdistill.config.lora import LoraSettings
@@ -21,6 +22,7 @@ TEACHER_BACKENDS = ("transformers", "vllm", "server")
 OBJECTIVES = ("reverse_kl", "jsd", "sampled_reverse_kl")
 TOPK_OBJECTIVES = ("reverse_kl", "jsd")  # the divergences an offline batch (teacher top-k, no sampled log-prob) supports
 RESUME_LATEST = "latest"
+ANSWER_CHECKERS = tuple(name for name, c in CHECKERS.items() if c.needs == "answer")  # the reward's: answer column
 
 
 @dataclass
@@ -168,7 +170,9 @@ class ObjectiveConfig:
         "help": "Packed built rows in the batch of an offline step (each up to the build's max_length tokens)."})
     reward_weight: float = field(default=0.0, metadata={
         "help": "Weight of an extra REINFORCE term with the answer checker's verdict as reward (0: off)."})
-    checker: str = field(default="numeric", metadata={"help": "Answer checker of the reward (llmdistill.checking)."})
+    checker: str = field(default="numeric", metadata={
+        "help": f"Answer checker of the reward and of the logged reward ({' | '.join(ANSWER_CHECKERS)}; "
+                "llmdistill.checking)."})
     loss_chunk_size: int = field(default=1024, metadata={"help": "Target tokens per chunk of the chunked loss."})
     pack_tokens: int = field(default=2048, metadata={
         "help": "Most positions per forward pass of the teacher's scoring and the student's loss: a step's samples "
@@ -206,9 +210,14 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
     seed: int = field(default=0, metadata={"help": "Seed of the prompt order, sampling and the engine."})
     logging_steps: int = field(default=10, metadata={"help": "Steps between log lines."})
     save_steps: int = field(default=0, metadata={"help": "Steps between checkpoints (0: only the final student)."})
+    save_total_limit: int | None = field(default=None, metadata={
+        "help": "Keep only the newest this many checkpoints (weights and optimizer each); unset: all of them."})
     resume_from_checkpoint: str | None = field(default=None, metadata={
         "help": "A checkpoint directory, or 'latest' for the newest complete one in output_dir."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace a finished run in output_dir."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace what an earlier run left in output_dir: its final model and manifest, and its checkpoints "
+                "unless this run resumes from one. Without it a finished run, or checkpoints not resumed, are "
+                "refused (a resume of a finished run returns at once)."})
 
     def __post_init__(self) -> None:
         # pure offline KD (on_policy_fraction 0) samples no prompt and asks no teacher
@@ -251,10 +260,20 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
         check_range("learning_rate", self.learning_rate, 0.0)
         check_range("warmup_steps", self.warmup_steps, 0, self.max_steps)
         check_range("save_steps", self.save_steps, 0)
+        if self.save_total_limit is not None:
+            check_range("save_total_limit", self.save_total_limit, 1)
         check_range("micro_batch_tokens", self.micro_batch_tokens, 0)
         self.check_lora()
         if self.on_policy_fraction < 1.0 and not self.offline_data_dir:
             raise ConfigError("on_policy_fraction < 1 mixes in offline batches: set offline_data_dir to built shards")
+        if self.offline_data_dir and self.on_policy_fraction == 1.0:
+            raise ConfigError(f"offline_data_dir {self.offline_data_dir} is read only by offline steps: set "
+                              "on_policy_fraction below 1 (GKD's lambda) to mix them in, or drop offline_data_dir")
+        if self.reward_weight > 0 and not self.answer_column:
+            raise ConfigError(f"reward_weight={self.reward_weight} rewards answers the checker accepts: set "
+                              "answer_column to the prompts' reference-answer column")
+        # the reward compares a sample's answer with the row's reference answer (not code tests)
+        check_choice("checker", self.checker, ANSWER_CHECKERS)
         if self.on_policy_fraction < 1.0 and self.objective not in TOPK_OBJECTIVES:
             raise ConfigError(f"on_policy_fraction < 1: offline batches hold the teacher's top-k, not its log-prob of "
                               f"a student's token, so objective must be one of {list(TOPK_OBJECTIVES)}, "
@@ -264,6 +283,9 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
             self._check_rollouts()
 
     def _check_rollouts(self) -> None:
+        if self.sleep_mode and self.rollout_backend == "transformers":
+            raise ConfigError("sleep_mode is for the colocated vLLM engine (rollout_backend: vllm): with "
+                              "rollout_backend: transformers the student samples with its own weights, no engine")
         if self.rollout_backend != "server":
             for name in ("rollout_urls", "rollout_sync_dir", "rollout_server_gpus", "async_rollouts"):
                 if getattr(self, name):

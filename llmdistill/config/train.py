@@ -202,8 +202,8 @@ class TrainConfig(SFTConfig, LoraSettings):
     adaptive_loss: str = field(
         default="ce",
         metadata={"help": f"The running loss that loss_adaptive schedules follow: one of {list(ADAPTIVE_LOSSES)} "
-                          "(per target token, averaged over processes). It restarts from the first steps after a "
-                          "resume."},
+                          "(per target token, averaged over processes). Each checkpoint keeps it, so a resumed "
+                          "run goes on from the same value."},
     )
     adaptive_ema_decay: float = field(
         default=0.9, metadata={"help": "Decay of the moving average of the loss for loss_adaptive schedules, "
@@ -358,6 +358,9 @@ class TrainConfig(SFTConfig, LoraSettings):
         check_range("loss_chunk_size", self.loss_chunk_size, 1, None)
         check_choice("adaptive_loss", self.adaptive_loss, ADAPTIVE_LOSSES)
         check_range("adaptive_ema_decay", self.adaptive_ema_decay, 0.0, 1.0)
+        if self.adaptive_ema_decay == 1.0:
+            raise ConfigError("adaptive_ema_decay=1.0 never moves the average: loss_adaptive schedules would stay at "
+                              "their _start values; use a decay below 1 (e.g. 0.9)")
 
     def _check_student_fields(self) -> None:
         check_choice("attention", self.attention, ATTENTIONS)

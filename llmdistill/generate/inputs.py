@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from llmdistill.config.base import UserError, jsonl_objects, looks_like_local_path
+from llmdistill.config.base import UserError, json_document, jsonl_objects, looks_like_local_path
 from llmdistill.config.generate import GenerateConfig, ScoreConfig
 from llmdistill.log import get_logger
 from llmdistill.prompts import PromptError, PromptFormat, prompt_hash, read_text_or_file, stored_prompt
@@ -168,7 +167,7 @@ def _read_jsonl(path: Path, keep: Callable[[str, dict], bool], limit: int | None
 
 
 def _read_json(path: Path, keep: Callable[[str, dict], bool], limit: int | None) -> PartRows:
-    records = json.loads(path.read_text())
+    records = json_document(path, InputError)
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise InputError(f"{path} must hold a JSON list of objects (one per row)")
     records = records[:limit]
