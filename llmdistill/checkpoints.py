@@ -39,8 +39,7 @@ from typing import Any
 from transformers.trainer_callback import ExportableState, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from llmdistill.config.base import ConfigError
-from llmdistill.config.train import RESUME_LATEST, normalize_resume
+from llmdistill.config.base import RESUME_LATEST, ConfigError, normalize_resume
 from llmdistill.log import get_logger
 from llmdistill.outputs import pid_alive
 

@@ -66,13 +66,14 @@ import torch
 from llmdistill.checking.checkers import Reference, check_many
 from llmdistill.collate import DistillCollator
 from llmdistill.config.base import (
+    RESUME_LATEST,
     ConfigError,
     check_model_path,
     json_document,
     jsonl_objects,
     looks_like_local_path,
 )
-from llmdistill.config.onpolicy import RESUME_LATEST, OnPolicyConfig
+from llmdistill.config.onpolicy import OnPolicyConfig
 from llmdistill.distributed import Ranks, sum_gradients
 from llmdistill.formats import (
     SchemaError,
@@ -1351,7 +1352,7 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, tokeniz
 
 def resuming(cfg: OnPolicyConfig) -> bool:
     """Whether ``resume_from_checkpoint`` asks for a resume (``latest`` may still find nothing)."""
-    return cfg.resume_from_checkpoint not in (None, "", "false", "none")
+    return cfg.resume_from_checkpoint is not None  # normalized by the config: None, ``latest`` or a path
 
 
 def clear_earlier_run(output_dir: Path, checkpoints: bool) -> None:
@@ -1371,7 +1372,7 @@ def resume_point(cfg: OnPolicyConfig) -> Path | None:
     value = cfg.resume_from_checkpoint
     if not resuming(cfg):
         return None
-    if value in (RESUME_LATEST, "true"):
+    if value == RESUME_LATEST:
         found = complete_checkpoints(Path(cfg.output_dir))
         if not found:
             logger.info("resume_from_checkpoint=%s: no complete checkpoint in %s, starting fresh", value, cfg.output_dir)

@@ -357,6 +357,15 @@ def test_resume_true_or_latest_from_yaml_and_the_command_line(tmp_path):
         parsed = parse_config(TrainConfig, ["--resume_from_checkpoint", text])
         assert parsed.resume_from_checkpoint == expected, text
     assert TrainConfig(resume_from_checkpoint=True).resume_from_checkpoint == "latest"
+    # onpolicy reads the setting as train does (one definition: config.base.normalize_resume)
+    from llmdistill.config.onpolicy import OnPolicyConfig
+
+    op_yaml = tmp_path / "op.yaml"
+    op_yaml.write_text("dataset: p.jsonl\nstudent_model: s\nteacher_model: t\nresume_from_checkpoint: true\n")
+    assert parse_config(OnPolicyConfig, ["--config", str(op_yaml)]).resume_from_checkpoint == "latest"
+    for text, expected in (("Latest", "latest"), ("false", None), ("ckpt/checkpoint-3", "ckpt/checkpoint-3")):
+        parsed = parse_config(OnPolicyConfig, ["--config", str(op_yaml), "--resume_from_checkpoint", text])
+        assert parsed.resume_from_checkpoint == expected, text
     with pytest.raises(ConfigError, match="resume_from_checkpoint=3: expected a checkpoint directory"):
         TrainConfig(resume_from_checkpoint=3)
 

@@ -18,7 +18,7 @@ import types
 import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NewType, TypeVar
 
 import yaml
 
@@ -221,6 +221,40 @@ def looks_like_local_path(value: str) -> bool:
     """True when ``value`` cannot be a hub id (``org/name``), so it must exist on disk."""
     return (value.startswith(("/", ".", "~")) or value.endswith((".jsonl", ".json", ".parquet"))
             or not _HUB_ID.fullmatch(value))
+
+
+#: The type of ``resume_from_checkpoint``: a checkpoint path, or a word of :func:`normalize_resume`.
+#: Any YAML value passes the type check (a bool ``true`` included); ``normalize_resume`` judges it.
+CheckpointRef = NewType("CheckpointRef", str)
+#: ``resume_from_checkpoint`` after :func:`normalize_resume`: the newest complete checkpoint in output_dir.
+RESUME_LATEST = "latest"
+_RESUME_LATEST_WORDS = ("latest", "true")
+_RESUME_OFF_WORDS = ("", "false", "none", "null")
+
+
+def normalize_resume(value: Any) -> str | None:
+    """``resume_from_checkpoint`` as given (YAML bool, command-line text, path) -> a path, ``latest`` or None.
+
+    ``true``/``latest`` (any case, or the bool True) mean the newest complete checkpoint in
+    output_dir; ``false``/``none``/``null``/empty (or False/None) mean no resume; anything else is a
+    path (write ``./latest`` for a directory really called ``latest``).
+
+    Raises:
+        ConfigError: a value that is neither text nor a bool.
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        return RESUME_LATEST
+    if not isinstance(value, str):
+        raise ConfigError(f"resume_from_checkpoint={value!r}: expected a checkpoint directory, 'latest' (or true) "
+                          "for the newest complete checkpoint in output_dir, or false")
+    word = value.strip().lower()
+    if word in _RESUME_LATEST_WORDS:
+        return RESUME_LATEST
+    if word in _RESUME_OFF_WORDS:
+        return None
+    return value
 
 
 def check_model_path(name: str, value: str) -> None:

@@ -10,7 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmdistill.checking.checkers import CHECKERS
-from llmdistill.config.base import ConfigError, check_choice, check_range
+from llmdistill.config.base import (
+    CheckpointRef,
+    ConfigError,
+    check_choice,
+    check_range,
+    normalize_resume,
+)
 from llmdistill.config.generate import VLLM_DEFAULT_MAX_LOGPROBS
 from llmdistill.config.lora import LoraSettings
 from llmdistill.vllm_runtime import DTYPES, VLLM_LORA_RANKS
@@ -21,7 +27,6 @@ MAX_VLLM_LORA_RANK = VLLM_LORA_RANKS[-1]  # the largest max_lora_rank vLLM accep
 TEACHER_BACKENDS = ("transformers", "vllm", "server")
 OBJECTIVES = ("reverse_kl", "jsd", "sampled_reverse_kl")
 TOPK_OBJECTIVES = ("reverse_kl", "jsd")  # the divergences an offline batch (teacher top-k, no sampled log-prob) supports
-RESUME_LATEST = "latest"
 ANSWER_CHECKERS = tuple(name for name, c in CHECKERS.items() if c.needs == "answer")  # the reward's: answer column
 
 
@@ -212,7 +217,7 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
     save_steps: int = field(default=0, metadata={"help": "Steps between checkpoints (0: only the final student)."})
     save_total_limit: int | None = field(default=None, metadata={
         "help": "Keep only the newest this many checkpoints (weights and optimizer each); unset: all of them."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={
+    resume_from_checkpoint: CheckpointRef | None = field(default=None, metadata={
         "help": "A checkpoint directory, or 'latest' for the newest complete one in output_dir."})
     overwrite: bool = field(default=False, metadata={
         "help": "Replace what an earlier run left in output_dir: its final model and manifest, and its checkpoints "
@@ -220,6 +225,7 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
                 "refused (a resume of a finished run returns at once)."})
 
     def __post_init__(self) -> None:
+        self.resume_from_checkpoint = normalize_resume(self.resume_from_checkpoint)  # as train reads it
         # pure offline KD (on_policy_fraction 0) samples no prompt and asks no teacher
         needed = ("student_model",) if self.on_policy_fraction == 0 else ("dataset", "student_model", "teacher_model")
         for name in needed:

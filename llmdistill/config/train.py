@@ -24,12 +24,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, NewType
+from typing import Any
 
 import torch
 from trl import SFTConfig
 
-from llmdistill.config.base import ConfigError, check_choice, check_range, parse_json_field
+from llmdistill.config.base import (
+    CheckpointRef,
+    ConfigError,
+    check_choice,
+    check_range,
+    normalize_resume,
+    parse_json_field,
+)
 from llmdistill.config.lora import LoraSettings
 from llmdistill.layer_losses import FEATURE_LOSSES as _LAYER_FEATURE_LOSSES
 from llmdistill.layer_losses import map_layers
@@ -96,40 +103,6 @@ UNSUPPORTED_SFT_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
                                   "checkpoint saves from each process on its own)"),
 }
 _SFT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SFTConfig)}
-
-
-#: The type of ``resume_from_checkpoint``: a checkpoint path, or a word of :func:`normalize_resume`.
-#: Any YAML value passes the type check (a bool ``true`` included); ``normalize_resume`` judges it.
-CheckpointRef = NewType("CheckpointRef", str)
-#: ``resume_from_checkpoint`` after :func:`normalize_resume`: the newest complete checkpoint in output_dir.
-RESUME_LATEST = "latest"
-_RESUME_LATEST_WORDS = ("latest", "true")
-_RESUME_OFF_WORDS = ("", "false", "none", "null")
-
-
-def normalize_resume(value: Any) -> str | None:
-    """``resume_from_checkpoint`` as given (YAML bool, command-line text, path) -> a path, ``latest`` or None.
-
-    ``true``/``latest`` (any case, or the bool True) mean the newest complete checkpoint in
-    output_dir; ``false``/``none``/``null``/empty (or False/None) mean no resume; anything else is a
-    path (write ``./latest`` for a directory really called ``latest``).
-
-    Raises:
-        ConfigError: a value that is neither text nor a bool.
-    """
-    if value is None or value is False:
-        return None
-    if value is True:
-        return RESUME_LATEST
-    if not isinstance(value, str):
-        raise ConfigError(f"resume_from_checkpoint={value!r}: expected a checkpoint directory, 'latest' (or true) "
-                          "for the newest complete checkpoint in output_dir, or false")
-    word = value.strip().lower()
-    if word in _RESUME_LATEST_WORDS:
-        return RESUME_LATEST
-    if word in _RESUME_OFF_WORDS:
-        return None
-    return value
 
 
 def _has_accelerator() -> bool:
