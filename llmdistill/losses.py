@@ -110,6 +110,49 @@ class DistillLossOutput(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 
 
+class LogitTransform(NamedTuple):
+    """What a model does to its LM head's output ``z`` before the softmax::
+
+        logits = softcap * tanh(scale * z / softcap)     (scale * z without a soft-cap)
+
+    Gemma 2 soft-caps (``final_logit_softcapping``); Granite divides by ``logits_scaling`` and Cohere
+    multiplies by ``logit_scale`` (:func:`llmdistill.teacher.logit_transform` reads it off a model's
+    config). ``LogitTransform()`` is the identity, the case of most models.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """The logits of head outputs ``z`` (out of place, differentiable)."""
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+    def apply_(self, z: torch.Tensor, with_slope: bool) -> torch.Tensor | None:
+        """Turn head outputs ``z`` into logits in place. With ``with_slope`` and a soft-cap, also
+        returns the slope ``dlogits/dz`` (one more (n, V) buffer); otherwise None (the slope is
+        then the constant ``scale``)."""
+        if self.scale != 1.0:
+            z.mul_(self.scale)
+        if self.softcap is None:
+            return None
+        z.div_(self.softcap).tanh_()
+        slope = z.square().neg_().add_(1.0).mul_(self.scale) if with_slope else None  # s * (1 - tanh^2)
+        z.mul_(self.softcap)
+        return slope
+
+
+#: The identity: the logits are the head's output (most models).
+NO_TRANSFORM = LogitTransform()
+
+
 def _tiny(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny
 
@@ -285,6 +328,7 @@ class _KDSpec(NamedTuple):
     temperature: float
     divergence: Divergence
     beta: float
+    transform: LogitTransform = NO_TRANSFORM
 
 
 def _softmax_(logits: torch.Tensor) -> torch.Tensor:
@@ -394,6 +438,7 @@ def _run_chunks(hidden, weight, bias, target_ids, teacher_ids, teacher_logprobs,
         rows = slice(start, start + chunk_size)
         h = hidden[rows]
         logits = _chunk_logits(h, weight, bias)
+        slope = None if spec.transform.identity else spec.transform.apply_(logits, with_slope=want_grad)
         ce, kd, grad_logits = _chunk_terms(
             logits, target_ids[rows],
             None if teacher_ids is None else teacher_ids[rows],
@@ -402,13 +447,18 @@ def _run_chunks(hidden, weight, bias, target_ids, teacher_ids, teacher_logprobs,
         )
         ce_total += ce
         kd_total += kd
+        if want_grad and not spec.transform.identity:  # chain rule through the transform, to the head's output
+            if slope is not None:
+                grad_logits.mul_(slope)
+            else:
+                grad_logits.mul_(spec.transform.scale)
         if want_h:
             grad_h[rows] = grad_logits.to(weight.dtype) @ weight
         if want_w:
             grad_w.addmm_(grad_logits.t(), h.to(acc_dtype))
         if want_b:
             grad_b += grad_logits.sum(dim=0)
-        del logits, grad_logits  # free this chunk's (n, V) buffer before the next matmul allocates one
+        del logits, grad_logits, slope  # free this chunk's (n, V) buffer before the next matmul allocates one
     return ce_total, kd_total, grad_h, grad_w, grad_b
 
 
@@ -462,6 +512,7 @@ def chunked_distill_loss(
     beta: float = 0.5,
     chunk_size: int = 1024,
     lm_head_bias: torch.Tensor | None = None,
+    logit_transform: LogitTransform = NO_TRANSFORM,
 ) -> DistillLossOutput:
     """Summed ``alpha * T**2 * D + (1 - alpha) * CE`` through the LM head, without (N, V) logits.
 
@@ -488,6 +539,9 @@ def chunked_distill_loss(
         beta: JSD mixture weight in [0, 1].
         chunk_size: Rows per chunk; peak extra memory is about ``chunk_size * V * 4`` bytes.
         lm_head_bias: Optional (V,) bias of the LM head.
+        logit_transform: What the model does to the head's output before its softmax (a Gemma 2
+            soft-cap, a Granite or Cohere scale; :class:`LogitTransform`). Student log-probs, CE and
+            gradients are those of the transformed logits; a soft-cap costs one more chunk-sized buffer.
 
     Returns:
         :class:`DistillLossOutput` with the summed loss, detached ``ce_sum`` / ``kd_sum`` and ``n_tokens``.
@@ -498,7 +552,10 @@ def chunked_distill_loss(
     """
     div = _check_inputs(hidden, lm_head_weight, lm_head_bias, target_ids, teacher_ids, teacher_logprobs,
                         alpha, temperature, divergence, beta, chunk_size)
-    spec = _KDSpec(float(alpha), float(temperature), div, float(beta))
+    if not (math.isfinite(logit_transform.scale) and logit_transform.scale > 0) or not (
+            logit_transform.softcap is None or logit_transform.softcap > 0):
+        raise ValueError(f"logit_transform={logit_transform}: scale must be finite and > 0, softcap > 0 or None")
+    spec = _KDSpec(float(alpha), float(temperature), div, float(beta), logit_transform)
     if torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias)
     ):

@@ -13,8 +13,9 @@ On GPUs with DeepSpeed ZeRO-3 the trainer partitions the teacher for inference l
 (TRL's ``prepare_deepspeed``, no optimizer state): each process holds a shard and the weights are
 gathered layer by layer during the teacher's forward.
 
-q/k/v capture (``attention_loss: relations``) hooks ``layers[i].self_attn.{q,k,v}_proj`` of the
-decoder, the layout of Llama, Qwen, Mistral, Gemma and most decoder-only models in transformers.
+The layer terms hook the mapped blocks of the decoder, ``layers[i]`` (their outputs),
+``layers[i].self_attn`` (attention probabilities) and ``layers[i].self_attn.{q,k,v}_proj``: the
+layout of Llama, Qwen, Mistral, Gemma and most decoder-only models in transformers.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from llmdistill.layer_losses import (
     map_layers,
     relation_kl_loss,
 )
-from llmdistill.teacher import TransformersTeacher, predicting_hidden, topk_logprobs
+from llmdistill.teacher import TransformersTeacher, logit_transform, predicting_hidden, topk_logprobs
 
 # A subdirectory: vLLM and transformers read every top-level *.safetensors as the model's weights
 PROJECTOR_DIR = "feature_projector"
@@ -47,10 +48,10 @@ PROJECTOR_MAP_FILE = f"{PROJECTOR_DIR}/layer_map.json"
 
 @dataclass(frozen=True)
 class CaptureSpec:
-    """What a forward keeps besides the final hidden states."""
+    """What a forward keeps besides the final hidden states: the mapped layers' only."""
 
-    hidden: bool = False  # every block's output (and the embeddings)
-    attentions: bool = False  # every block's attention probabilities (eager attention only)
+    hidden_layers: tuple[int, ...] = ()  # 0 the embeddings, i block i's output (the last block's after the final norm)
+    attention_layers: tuple[int, ...] = ()  # 1-based blocks whose attention probabilities are kept (eager attention)
     qkv_layers: tuple[int, ...] = ()  # 1-based blocks whose q/k/v projections are kept
 
 
@@ -59,49 +60,78 @@ class Captured(NamedTuple):
 
     Attributes:
         last: (L, H) final hidden states (after the final norm).
-        hidden: S + 1 tensors (L, H): the embeddings, then block 1..S's outputs; or None.
-        attentions: S tensors (heads, L, L) of attention probabilities; or None.
+        hidden: layer index -> (L, H), indexed as transformers' ``output_hidden_states`` (0 the
+            embeddings, S the last block's output after the final norm).
+        attentions: block number -> (heads, L, L) attention probabilities.
         qkv: block number -> (q, k, v), each (L, D) as the projections return them.
     """
 
     last: torch.Tensor
-    hidden: tuple[torch.Tensor, ...] | None
-    attentions: tuple[torch.Tensor, ...] | None
+    hidden: dict[int, torch.Tensor]
+    attentions: dict[int, torch.Tensor]
     qkv: dict[int, tuple[torch.Tensor, ...]]
 
 
 def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
     layers = getattr(backbone, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not all(hasattr(b, "self_attn") for b in layers):
-        raise UserError(f"attention_loss: relations hooks layers[i].self_attn.{{q,k,v}}_proj, which "
-                        f"{type(backbone).__name__} does not have; use feature_loss or attention_kl instead")
+        raise UserError(f"the feature and attention terms hook the decoder blocks layers[i] (and their self_attn), "
+                        f"which {type(backbone).__name__} does not have: set feature_loss and attention_loss to none")
     return layers
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
 
 
 def capture_forward(backbone: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
                     spec: CaptureSpec) -> Captured:
-    """Run ``backbone`` (the model without its LM head) on one packed (1, L) sequence, keeping ``spec``."""
-    kept: dict[int, list[Any]] = {}
+    """Run ``backbone`` (the model without its LM head) on one packed (1, L) sequence, keeping ``spec``.
+
+    Forward hooks on the mapped blocks keep what the terms use and nothing else. (transformers'
+    ``output_hidden_states`` and ``output_attentions`` would keep every block's: for a 28-layer
+    teacher and an 8k-token micro-batch, ~100 GB of attention probabilities.)
+    """
+    hidden: dict[int, torch.Tensor] = {}
+    attentions: dict[int, torch.Tensor] = {}
+    qkv: dict[int, list[Any]] = {}
     handles = []
-    if spec.qkv_layers:
-        layers = decoder_layers(backbone)
-        for block in spec.qkv_layers:
-            slots = kept.setdefault(block, [None, None, None])
-            for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                def keep(_module, _inputs, output, slots=slots, i=i):
-                    slots[i] = output[0]
-                handles.append(getattr(layers[block - 1].self_attn, name).register_forward_hook(keep))
+    layers = decoder_layers(backbone) if spec != CaptureSpec() else nn.ModuleList()
+
+    def keep(store: dict[int, Any], key: int, pick: Any) -> Any:
+        def hook(_module, _inputs, output):
+            store[key] = pick(output)
+        return hook
+
+    for index in spec.hidden_layers:
+        if index == 0:  # the embeddings as the first block receives them (some models scale them)
+            def embeddings(_module, args, kwargs):
+                hidden[0] = args[0] if args else kwargs["hidden_states"]
+            handles.append(layers[0].register_forward_pre_hook(embeddings, with_kwargs=True))
+        elif index < len(layers):
+            handles.append(layers[index - 1].register_forward_hook(keep(hidden, index, _first)))
+    for block in spec.attention_layers:
+        handles.append(layers[block - 1].self_attn.register_forward_hook(keep(attentions, block, lambda o: o[1])))
+    for block in spec.qkv_layers:
+        slots = qkv.setdefault(block, [None, None, None])
+        for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            handles.append(getattr(layers[block - 1].self_attn, name).register_forward_hook(
+                keep(slots, i, lambda o: o[0])))  # (1, L, D) -> (L, D)
     try:
-        out = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                       output_hidden_states=spec.hidden, output_attentions=spec.attentions)
+        out = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
+    if len(layers) in spec.hidden_layers:
+        hidden[len(layers)] = out.last_hidden_state
+    if any(a is None for a in attentions.values()):
+        raise UserError(f"attention_loss: attention_kl needs the attention probabilities, which "
+                        f"{backbone.config._attn_implementation} attention does not return: set attention: eager")
     return Captured(
         last=out.last_hidden_state[0],
-        hidden=tuple(h[0] for h in out.hidden_states) if spec.hidden else None,
-        attentions=tuple(a[0] for a in out.attentions) if spec.attentions else None,
-        qkv={block: tuple(slots) for block, slots in kept.items()},
+        hidden={index: h[0] for index, h in hidden.items()},
+        attentions={block: a[0] for block, a in attentions.items()},
+        qkv={block: tuple(slots) for block, slots in qkv.items()},
     )
 
 
@@ -142,7 +172,7 @@ class OnlineTeacher:
             hidden = captured.last[target_index - 1]
         k = self.top_k or int(model.config.vocab_size)
         ids, logprobs, _ = topk_logprobs(hidden, model.get_output_embeddings(), inputs["input_ids"][0, target_index],
-                                         k, self.chunk_size)
+                                         k, self.chunk_size, logit_transform(model.config))
         return ids, logprobs, captured
 
 
@@ -191,8 +221,10 @@ class LayerDistiller:
 
     def spec(self, side: int) -> CaptureSpec:
         """What the student (``side=0``) or the teacher (``side=1``) must keep in its forward."""
-        return CaptureSpec(hidden=self.feature != "none", attentions=self.attention == "attention_kl",
-                           qkv_layers=tuple(p[side] for p in self.pairs) if self.attention == "relations" else ())
+        mapped = tuple(sorted({pair[side] for pair in self.pairs}))
+        return CaptureSpec(hidden_layers=mapped if self.feature != "none" else (),
+                           attention_layers=mapped if self.attention == "attention_kl" else (),
+                           qkv_layers=mapped if self.attention == "relations" else ())
 
     def terms(self, student: Captured, teacher: Captured, target_index: torch.Tensor,
               position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +233,6 @@ class LayerDistiller:
         zero = torch.zeros((), dtype=torch.float32, device=rows.device)
         feature = attention = zero
         if self.feature != "none":
-            assert student.hidden is not None and teacher.hidden is not None
             parts = []
             for i, (s, t) in enumerate(self.pairs):
                 h = student.hidden[s][rows]
@@ -212,8 +243,7 @@ class LayerDistiller:
         if self.attention != "none":
             mask = document_mask(position_ids, rows)
             if self.attention == "attention_kl":
-                assert student.attentions is not None and teacher.attentions is not None
-                parts = [attention_kl_loss(student.attentions[s - 1][:, rows], teacher.attentions[t - 1][:, rows], mask)
+                parts = [attention_kl_loss(student.attentions[s][:, rows], teacher.attentions[t][:, rows], mask)
                          for s, t in self.pairs]
             else:
                 parts = [relation_kl_loss(student.qkv[s], teacher.qkv[t], rows, mask, self.relation_heads)

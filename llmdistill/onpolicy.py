@@ -84,10 +84,16 @@ from llmdistill.formats import (
     read_built_metadata,
 )
 from llmdistill.log import get_logger
-from llmdistill.losses import chunked_distill_loss
+from llmdistill.losses import NO_TRANSFORM, LogitTransform, chunked_distill_loss
 from llmdistill.manifest import MANIFEST, write_json_atomic, write_manifest
 from llmdistill.prompts import PromptFormat
-from llmdistill.teacher import TransformersTeacher, check_plain_logits, on_device, predicting_hidden
+from llmdistill.teacher import (
+    TransformersTeacher,
+    check_logit_transform,
+    logit_transform,
+    on_device,
+    predicting_hidden,
+)
 from llmdistill.vllm_runtime import set_cpu_kv_cache, vllm_lora_rank
 
 logger = get_logger(__name__)
@@ -1180,14 +1186,17 @@ class OfflineBatches:
 # Loss
 
 
-def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, target_ids: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """The student's log-prob of each target (N,), with gradient; each chunk's logits are recomputed in
-    the backward pass (activation checkpointing), so at most one (chunk, V) block is alive."""
+def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, target_ids: torch.Tensor, chunk_size: int,
+                   transform: LogitTransform = NO_TRANSFORM) -> torch.Tensor:
+    """The student's log-prob of each target (N,) under the logits ``transform(head(hidden))``, with
+    gradient; each chunk's logits are recomputed in the backward pass (activation checkpointing), so at
+    most one (chunk, V) block is alive."""
     from torch.utils.checkpoint import checkpoint
 
     def chunk_logprobs(h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        logits = head(h)
-        return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1).gather(-1, ids[:, None])[:, 0]
+        z = head(h)
+        logits = transform(z if z.dtype == torch.float64 else z.float())
+        return torch.log_softmax(logits, dim=-1).gather(-1, ids[:, None])[:, 0]
 
     parts = [checkpoint(chunk_logprobs, hidden[s:s + chunk_size], target_ids[s:s + chunk_size], use_reentrant=False)
              for s in range(0, len(hidden), chunk_size)]
@@ -1271,8 +1280,10 @@ def onpolicy_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: O
     rewards = rewards.to(batch["target_ids"].device) if rewards is not None else None
     hidden, head = predicting_hidden(model, batch, cfg.pack_tokens)
     n = normalizer or len(batch["target_ids"])
+    transform = logit_transform(model.config)
     needs_token_lp = cfg.objective == "sampled_reverse_kl" or cfg.reward_weight > 0
-    student_lp = token_logprobs(hidden, head, batch["target_ids"], cfg.loss_chunk_size) if needs_token_lp else None
+    student_lp = (token_logprobs(hidden, head, batch["target_ids"], cfg.loss_chunk_size, transform)
+                  if needs_token_lp else None)
     if cfg.objective == "sampled_reverse_kl":
         assert student_lp is not None
         advantage = (batch["teacher_token_logprobs"] - student_lp).detach()  # -(log p_S - log p_T), per token
@@ -1280,7 +1291,8 @@ def onpolicy_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: O
     else:
         out = chunked_distill_loss(hidden, head.weight, batch["target_ids"], batch["teacher_ids"],
                                    batch["teacher_logprobs"], alpha=1.0, divergence=cfg.objective, beta=cfg.jsd_beta,
-                                   temperature=cfg.temperature, chunk_size=cfg.loss_chunk_size, lm_head_bias=head.bias)
+                                   temperature=cfg.temperature, chunk_size=cfg.loss_chunk_size, lm_head_bias=head.bias,
+                                   logit_transform=transform)
         loss = out.loss / n
     if rewards is not None and cfg.reward_weight > 0:
         assert student_lp is not None
@@ -1290,7 +1302,7 @@ def onpolicy_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: O
     if "teacher_token_logprobs" in batch:
         with torch.no_grad():
             lp = student_lp if student_lp is not None else token_logprobs(hidden.detach(), head, batch["target_ids"],
-                                                                          cfg.loss_chunk_size)
+                                                                          cfg.loss_chunk_size, transform)
             stats["reverse_kl"] = float((lp - batch["teacher_token_logprobs"]).mean())
     return loss, stats
 
@@ -1543,10 +1555,10 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     server = ServerRollout(cfg, ranks) if on_policy and cfg.rollout_backend == "server" else None
     if server is not None:
         server.probe()
-    check_plain_logits(cfg.student_model, "student_model")
+    check_logit_transform(cfg.student_model, "student_model")
     if on_policy and cfg.teacher_backend == "transformers":  # vLLM applies a model's logit transform itself
         for name, path in cfg.teachers.items():
-            check_plain_logits(path, f"teacher '{name}'")
+            check_logit_transform(path, f"teacher '{name}'")
     fmt = PromptFormat.from_settings(cfg.system_prompt, cfg.instruction_template, cfg.use_chat_template)
     if on_policy:  # every prompt renders, and fits the context, before any model loads
         tokenizer, context = student_tokenizer_and_context(cfg)

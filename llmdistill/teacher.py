@@ -6,34 +6,64 @@ top-k log-probs computed chunk by chunk (never a full ``[tokens x vocab]`` float
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-# config attributes that transform the LM head's output into the logits, with their neutral values
-# (Gemma 2/3/4 soft-capping, Granite's divisor, Cohere's multiplier)
-LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0}
+from llmdistill.losses import NO_TRANSFORM, LogitTransform
+
+#: Config fields that turn the LM head's output into the logits, with their neutral values.
+LOGIT_FIELDS = {"final_logit_softcapping": None, "logits_soft_cap": None, "logits_scaling": 1.0, "logit_scale": 1.0,
+                "lm_head_multiplier": 1.0}
+#: What each model type does with its field, as its transformers forward does it (each entry is tested
+#: against that forward: tests/test_teacher.py). The same field name means different things in different
+#: models (Granite divides by ``logits_scaling``, HyperCLOVA X multiplies by it), so a type not listed
+#: that sets a field is refused rather than guessed.
+LOGIT_TRANSFORMS = {
+    **dict.fromkeys(("gemma2", "gemma3_text", "nanochat"), ("final_logit_softcapping", "softcap")),
+    "recurrent_gemma": ("logits_soft_cap", "softcap"),
+    **dict.fromkeys(("granite", "granitemoe", "granitemoeshared", "minicpm3"), ("logits_scaling", "divide")),
+    "hyperclovax": ("logits_scaling", "multiply"),
+    **dict.fromkeys(("cohere", "cohere2"), ("logit_scale", "multiply")),
+    "falcon_h1": ("lm_head_multiplier", "multiply"),
+}
 
 
-def check_plain_logits(path: str, who: str, trust_remote_code: bool = False) -> None:
-    """Refuse a model whose logits are not its LM head's output: the chunked loss, the teachers' top-k and
-    the students' token log-probs all compute ``hidden @ W.T (+ b)``, so a model that soft-caps or scales
-    them would be trained (or graded) on other logits than it samples from. Reads only the config.
+def logit_transform(config: Any, who: str = "the model") -> LogitTransform:
+    """What the model with HF ``config`` does to its LM head's output before the softmax.
+
+    The chunked loss, the teachers' top-k and the students' token log-probs compute the head's output
+    chunk by chunk and apply this to it, so they see the logits the model samples from.
 
     Raises:
-        UserError: the config sets one of :data:`LOGIT_TRANSFORMS` to a value that changes the logits.
+        UserError: the config sets one of :data:`LOGIT_FIELDS` for a model type not in
+            :data:`LOGIT_TRANSFORMS` (or another field than its own).
     """
-    from transformers import AutoConfig
-
     from llmdistill.config.base import UserError
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name, neutral in LOGIT_TRANSFORMS.items():
+    model_type = getattr(config, "model_type", None)
+    rule = LOGIT_TRANSFORMS.get(model_type)
+    for name, neutral in LOGIT_FIELDS.items():
         value = getattr(config, name, neutral)
-        if value is not None and value != neutral:
-            raise UserError(f"{who} {path}: its config sets {name}={value}, which transforms the LM head's output "
-                            "into the logits; llmdistill's chunked loss and top-k read the head's output as is, so "
-                            "this model is not supported yet (use a model without it)")
+        if value is not None and value != neutral and (rule is None or rule[0] != name):
+            raise UserError(f"{who}: its config ({model_type}) sets {name}={value}, which transforms the LM head's "
+                            "output into the logits in a way llmdistill does not know for this model type; the "
+                            f"chunked loss and top-k would read other logits than it samples from (known: "
+                            f"{', '.join(sorted(LOGIT_TRANSFORMS))})")
+    if rule is None or getattr(config, rule[0], None) in (None, LOGIT_FIELDS[rule[0]]):
+        return LogitTransform()
+    value = float(getattr(config, rule[0]))
+    if rule[1] == "softcap":
+        return LogitTransform(softcap=value)
+    return LogitTransform(scale=1.0 / value if rule[1] == "divide" else value)
+
+
+def check_logit_transform(path: str, who: str, trust_remote_code: bool = False) -> None:
+    """:func:`logit_transform` of the checkpoint at ``path``, before any weights load (reads only the config)."""
+    from transformers import AutoConfig
+
+    logit_transform(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), f"{who} {path}")
 
 
 def on_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -101,11 +131,13 @@ def predicting_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor],
 
 @torch.no_grad()
 def topk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, target_ids: torch.Tensor, k: int,
-                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k ids and log-probs (N, k) and the targets' own log-probs (N,), chunk by chunk (fp32)."""
+                  chunk_size: int, transform: LogitTransform = NO_TRANSFORM
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k ids and log-probs (N, k) and the targets' own log-probs (N,), chunk by chunk (fp32), of the
+    logits ``transform(head(hidden))``."""
     ids, lps, own = [], [], []
     for start in range(0, len(hidden), chunk_size):
-        logits = head(hidden[start:start + chunk_size]).float()
+        logits = transform(head(hidden[start:start + chunk_size]).float())
         logp = torch.log_softmax(logits, dim=-1)
         top = logp.topk(k, dim=-1)
         ids.append(top.indices)
@@ -150,8 +182,9 @@ class TransformersTeacher:
         ids = torch.empty(len(targets), k, dtype=torch.long, device=targets.device)
         lps = torch.empty(len(targets), k, dtype=torch.float32, device=targets.device)
         own = torch.empty(len(targets), dtype=torch.float32, device=targets.device)
-        head = self.model.get_output_embeddings()
+        head, transform = self.model.get_output_embeddings(), logit_transform(self.model.config)
         with torch.no_grad():
             for rows, hidden in hidden_by_group(self.model, batch, self.pack_tokens):
-                ids[rows], lps[rows], own[rows] = topk_logprobs(hidden, head, targets[rows], k, chunk_size)
+                ids[rows], lps[rows], own[rows] = topk_logprobs(hidden, head, targets[rows], k, chunk_size,
+                                                                transform)
         return {"teacher_ids": ids, "teacher_logprobs": lps, "teacher_token_logprobs": own}

@@ -39,7 +39,7 @@ from llmdistill.formats import (
 )
 from llmdistill.log import get_logger
 from llmdistill.manifest import write_json_atomic, write_manifest
-from llmdistill.teacher import check_plain_logits
+from llmdistill.teacher import check_logit_transform
 
 logger = get_logger(__name__)
 
@@ -57,6 +57,7 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     started = time.time()
     # the checkpoint to resume from, before anything loads: `latest` -> newest complete one
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    check_resume_layout(resume, config)
     # Data, student and trainer
     trainer, meta = build_trainer(config)
 
@@ -76,6 +77,39 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
         # Save
         save_run(trainer, config, result, started, meta)
     return result.metrics
+
+
+def check_resume_layout(checkpoint: str | None, config: TrainConfig) -> None:
+    """Refuse to resume with another batch layout than the checkpoint's (:func:`~llmdistill.trainer.batch_layout`).
+
+    transformers would skip ``global_step x gradient_accumulation_steps`` of this run's batches per
+    process, which lands elsewhere in the data than where the checkpoint stopped: some rows repeat,
+    others are never seen. ``ignore_data_skip: true`` (transformers' own) resumes the weights, optimizer
+    and schedule and starts the epoch's data over; it is let through. Checkpoints written before the
+    layout was recorded are not checked.
+
+    Raises:
+        UserError: the layouts differ and ``ignore_data_skip`` is not set.
+    """
+    from llmdistill.trainer import LAYOUT_FILE, batch_layout
+
+    path = Path(checkpoint) / LAYOUT_FILE if checkpoint is not None else None
+    if path is None or not path.is_file() or config.ignore_data_skip:
+        return
+    saved, now = json.loads(path.read_text()), batch_layout(config)
+    if saved == now:
+        return
+
+    def described(layout: dict[str, int]) -> str:
+        processes, rows = layout["world_size"], layout["per_device_train_batch_size"]
+        return (f"{processes} process{'es' if processes != 1 else ''} x {rows} row{'s' if rows != 1 else ''} x "
+                f"{layout['gradient_accumulation_steps']} accumulated")
+
+    raise UserError(f"resume_from_checkpoint: {checkpoint} was trained with {described(saved)}, this run has "
+                    f"{described(now)}: resuming would skip to another place in the data than where the checkpoint "
+                    "stopped. Resume with the checkpoint's processes, per_device_train_batch_size and "
+                    "gradient_accumulation_steps, or set ignore_data_skip: true to keep the weights, optimizer and "
+                    "schedule and start this epoch's data over")
 
 
 def save_run(trainer: Any, config: TrainConfig, result: Any, started: float, meta: dict[str, Any]) -> None:
@@ -205,9 +239,9 @@ def check_compatible(config: TrainConfig, meta: dict[str, Any], tokenizer: Any) 
              "it; or set teacher_model (an online teacher), or train with alpha: 0 (plain SFT)"
              ) if config.uses_kd and not config.teacher_model else None
     check_built_fits(config.data_dir, meta, tokenizer, config.student_source, needs)
-    check_plain_logits(config.student_source, "student_model", config.trust_remote_code)
+    check_logit_transform(config.student_source, "student_model", config.trust_remote_code)
     if config.teacher_model:
-        check_plain_logits(config.teacher_model, "teacher_model", config.trust_remote_code)
+        check_logit_transform(config.teacher_model, "teacher_model", config.trust_remote_code)
     if config.teacher_model and config.teacher_top_k > len(tokenizer):  # before any model loads
         raise UserError(f"teacher_top_k={config.teacher_top_k} exceeds the vocabulary ({len(tokenizer)} tokens): "
                         "lower it, or set 0 for the full distribution")
@@ -219,17 +253,40 @@ def load_student(config: TrainConfig) -> tuple[Any, Any]:
     ``model_init_kwargs`` go to ``from_pretrained`` (``attention`` and ``trust_remote_code`` fill
     ``attn_implementation`` and ``trust_remote_code`` unless they set them).
     """
+    return _student_model(config, four_bit=config.load_in_4bit), config.peft_config()
+
+
+def _student_model(config: TrainConfig, four_bit: bool) -> Any:
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = dict(config.model_init_kwargs or {})
     kwargs.setdefault("attn_implementation", config.attention)
     kwargs.setdefault("trust_remote_code", config.trust_remote_code)
-    if config.load_in_4bit:
+    if four_bit:
         kwargs["quantization_config"] = _four_bit_config(config)
     model = AutoModelForCausalLM.from_pretrained(config.student_source, **kwargs)
     if config.student_init == "drop_layers":
         drop_layers(model)
-    return model, config.peft_config()
+    return model
+
+
+def merged_student(peft_model: Any, config: TrainConfig) -> Any:
+    """The trained LoRA adapter merged into the student's base weights: a plain HF model.
+
+    A QLoRA base is held in 4-bit NF4, and merging there would re-quantise each weight with its
+    delta, rounding most of a small LoRA update away. So with ``load_in_4bit`` the base is loaded
+    again unquantised (as ``from_pretrained`` gives it, ``model_init_kwargs`` applied), the trained
+    adapter weights are copied onto it, and the merge happens there.
+    """
+    if not config.load_in_4bit:
+        return peft_model.merge_and_unload()
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    name = peft_model.active_adapter
+    fresh = get_peft_model(_student_model(config, four_bit=False), peft_model.peft_config[name])
+    state = {key: value.detach().to("cpu") for key, value in get_peft_model_state_dict(peft_model, adapter_name=name).items()}
+    set_peft_model_state_dict(fresh, state)
+    return fresh.merge_and_unload()
 
 
 def drop_layers(model: Any) -> Any:
@@ -314,8 +371,7 @@ def save_student(trainer: Any, config: TrainConfig) -> None:
 
     def write_merged(staging: Path) -> None:
         if trainer.accelerator.is_main_process:
-            peft_model = trainer.accelerator.unwrap_model(trainer.model)
-            merged = peft_model.merge_and_unload()
+            merged = merged_student(trainer.accelerator.unwrap_model(trainer.model), config)
             merged.save_pretrained(str(staging))
             trainer.processing_class.save_pretrained(str(staging))
 

@@ -78,7 +78,7 @@ from llmdistill.online import (
     ProjectorGrads,
     capture_forward,
 )
-from llmdistill.teacher import predicting_hidden
+from llmdistill.teacher import logit_transform, predicting_hidden
 
 logger = get_logger(__name__)
 
@@ -132,6 +132,17 @@ def schedule_value(kind: str, start: float, end: float, progress: float, warmup_
 
 LOSS_EMA_FILE = "loss_ema.json"  # in each checkpoint: the running loss of loss_adaptive schedules
 TOKENS_FILE = "trained_tokens.json"  # in each checkpoint: target tokens trained up to it, all processes'
+LAYOUT_FILE = "batch_layout.json"  # in each checkpoint: how the run's optimizer steps were made of rows (batch_layout)
+
+
+def batch_layout(args: Any) -> dict[str, int]:
+    """Processes, rows per device and micro-batches per optimizer step: what places a resumed run in the data.
+
+    transformers resumes by skipping ``global_step x gradient_accumulation_steps`` batches of each
+    process's shard of the epoch, which is where the checkpoint stopped only with the same layout.
+    """
+    return {"world_size": int(args.world_size), "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
+            "per_device_train_batch_size": int(args.per_device_train_batch_size)}
 
 
 class LossEMA:
@@ -383,6 +394,7 @@ class DistillTrainer(SFTTrainer):
                 beta=self.args.jsd_beta,
                 chunk_size=self.args.loss_chunk_size,
                 lm_head_bias=bias,
+                logit_transform=logit_transform(causal_lm.config),
             )
         loss, zero = out.loss, torch.zeros((), device=hidden.device)
         feature = attention = zero
@@ -553,6 +565,7 @@ class DistillTrainer(SFTTrainer):
             if self.args.should_save:
                 (staged / LOSS_EMA_FILE).write_text(json.dumps(self.loss_ema.state()))
                 (staged / TOKENS_FILE).write_text(json.dumps({"trained_tokens": tokens}))
+                (staged / LAYOUT_FILE).write_text(json.dumps(batch_layout(self.args)))
                 if self.layers is not None:
                     self.layers.save(staged)  # the projection beside the weights and the optimizer that trains it
         except Exception as err:

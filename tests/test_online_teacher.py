@@ -93,7 +93,7 @@ def test_online_teacher_equals_the_stored_topk_within_the_codec_error(tmp_path, 
     grouped_ids, grouped_lps, nothing = online.teacher.signals(fresh, CaptureSpec(), padded_groups=True)
     assert nothing is None  # as right-padded groups of the documents (the trainer's way with sdpa): the same signal
     np.testing.assert_array_equal(grouped_ids.numpy(), ids.numpy())
-    torch.testing.assert_close(grouped_lps, lps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grouped_lps, lps, atol=1e-5, rtol=2e-6)  # a few float32 ulps of log-probs near -20
     n = len(ids)
     v = len(online.processing_class)
     round_trip = decode_topk(encode_topk(ids.numpy(), lps.numpy(), v, 12), n, K, v, 12)[1]
@@ -185,12 +185,13 @@ def test_a_top_k_beyond_the_vocabulary_or_transformed_logits_fail_before_a_model
     with pytest.raises(UserError, match=rf"teacher_top_k={len(tiny_tokenizer) + 1} exceeds the vocabulary "
                                         rf"\({len(tiny_tokenizer)} tokens\): lower it, or set 0"):
         build_trainer(cfg)
-    # a model whose logits are not its head's output (Gemma 2's soft-capping, Granite's and Cohere's scales)
+    # a Qwen2 config with a field that other model types read as a logit transform: transformers' Qwen2
+    # ignores it, but llmdistill cannot tell what the model does with it, so it refuses
     import shutil
 
-    from llmdistill.teacher import LOGIT_TRANSFORMS
+    from llmdistill.teacher import LOGIT_FIELDS
 
-    for name, value in zip(LOGIT_TRANSFORMS, (30.0, 8.0, 0.0625), strict=True):
+    for name, value in zip(LOGIT_FIELDS, (30.0, 20.0, 8.0, 0.0625, 2.0), strict=True):
         capped = tmp_path / f"capped-{name}"
         shutil.copytree(tiny_student_dir, capped, dirs_exist_ok=True)
         settings = json.loads((capped / "config.json").read_text())
@@ -199,7 +200,7 @@ def test_a_top_k_beyond_the_vocabulary_or_transformed_logits_fail_before_a_model
                                ("teacher_model", {"teacher_model": str(capped)})):
             cfg = config(tmp_path, built_tokens, tiny_student_dir, **{"teacher_model": str(tiny_student_dir),
                                                                         **overrides})
-            with pytest.raises(UserError, match=f"{who} {capped}: its config sets {name}={value}, which "
+            with pytest.raises(UserError, match=rf"{who} {capped}: its config \(qwen2\) sets {name}={value}, which "
                                                 "transforms the LM head's output"):
                 build_trainer(cfg)
 
@@ -214,6 +215,31 @@ def test_an_sdpa_model_under_attention_kl_fails_before_training(tmp_path, tiny_s
     with pytest.raises(UserError, match=r"pair 3:9 is outside"):
         build_trainer(config(tmp_path, built_tokens, tiny_student_dir, teacher_model=str(tiny_teacher_dir),
                              feature_loss="mse", layer_map="1:1,3:9"))
+
+
+@pytest.mark.unit
+def test_capture_keeps_only_the_mapped_layers_and_equals_transformers_outputs(tiny_teacher_dir):
+    from llmdistill.online import capture_forward
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, attn_implementation="eager").eval()
+    blocks = model.config.num_hidden_layers
+    ids = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(12), torch.arange(8)])[None]  # two packed documents
+    spec = CaptureSpec(hidden_layers=(0, 2, blocks), attention_layers=(2,), qkv_layers=(1,))
+    with torch.no_grad():
+        captured = capture_forward(model.base_model, ids, positions, spec)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # removed again
+    with torch.no_grad():  # (transformers installs hooks of its own here, to collect every layer's outputs)
+        plain = model.base_model(input_ids=ids, position_ids=positions, use_cache=False, output_hidden_states=True,
+                                 output_attentions=True)
+    assert sorted(captured.hidden) == [0, 2, blocks] and list(captured.attentions) == [2] and list(captured.qkv) == [1]
+    for index, h in captured.hidden.items():  # 0 the embeddings, the last one after the final norm
+        torch.testing.assert_close(h, plain.hidden_states[index][0], rtol=0, atol=0)
+    torch.testing.assert_close(captured.attentions[2], plain.attentions[1][0], rtol=0, atol=0)
+    assert captured.qkv[1][0].shape == (20, model.model.layers[0].self_attn.q_proj.out_features)
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, attn_implementation="sdpa").eval()
+    with pytest.raises(UserError, match="sdpa attention does not return"), torch.no_grad():
+        capture_forward(sdpa.base_model, ids, positions, CaptureSpec(attention_layers=(1,)))
 
 
 # ---- layer terms inside the trainer against plain forwards ---------------------------------------

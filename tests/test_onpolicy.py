@@ -219,7 +219,7 @@ def test_every_prompt_is_rendered_and_fits_the_context_before_a_model_loads(tmp_
     (capped / "config.json").write_text(json.dumps({**json.loads((capped / "config.json").read_text()),
                                                     "final_logit_softcapping": 30.0}))
     for who in ("student_model", "teacher_model"):
-        with pytest.raises(UserError, match=r"its config sets final_logit_softcapping=30.0"):
+        with pytest.raises(UserError, match=r"its config \(qwen2\) sets final_logit_softcapping=30.0, which"):
             op.run_onpolicy(OnPolicyConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "out"), who: str(capped)}))
     assert not (tmp_path / "out").exists()
 

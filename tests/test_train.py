@@ -21,14 +21,14 @@ from transformers import AutoModelForCausalLM
 
 from llmdistill import losses
 from llmdistill.collate import DistillCollator
-from llmdistill.config.base import ConfigError, load_config, save_config
+from llmdistill.config.base import ConfigError, UserError, load_config, save_config
 from llmdistill.config.train import UNSUPPORTED_SFT_FIELDS, TrainConfig
 from llmdistill.formats import SchemaError, read_built, write_built_shard
 from llmdistill.tinyworld.kd_data import teacher_topk, write_tiny_built
 from llmdistill.tinyworld.recipe import encode_examples
 from llmdistill.tinyworld.task import generate_problems
 from llmdistill.train import build_trainer, load_student, run_train
-from llmdistill.trainer import DistillTrainer, schedule_value
+from llmdistill.trainer import LAYOUT_FILE, DistillTrainer, schedule_value
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -421,6 +421,19 @@ def test_resume_continues_at_the_exact_data_position(tmp_path, tiny_student_dir,
         assert counted == a[21]["trained_tokens"], run
     saved = json.loads((tmp_path / "c" / "out" / "checkpoint-18" / "trained_tokens.json").read_text())
     assert saved["trained_tokens"] == a[18]["trained_tokens"]
+    # the batch layout is part of the data position: another one is refused before anything loads, unless
+    # the run asks transformers not to skip data (ignore_data_skip: the epoch's data starts over)
+    layout = json.loads((tmp_path / "a" / "out" / "checkpoint-18" / LAYOUT_FILE).read_text())
+    assert layout == {"world_size": 1, "gradient_accumulation_steps": 1, "per_device_train_batch_size": 2}
+    other = dict(schedules, resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-18"),
+                 per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    with pytest.raises(UserError, match=r"checkpoint-18 was trained with 1 process x 2 rows x 1 accumulated, this "
+                                        r"run has 1 process x 1 row x 2 accumulated: .*ignore_data_skip: true"):
+        run_train(config(tmp_path / "e", tiny_student_dir, built_kd, **other))
+    assert not (tmp_path / "e" / "out" / "manifest.json").exists()
+    run_train(config(tmp_path / "e", tiny_student_dir, built_kd, **other, ignore_data_skip=True))
+    e = logged_steps(tmp_path / "e" / "out")  # the checkpoint's history, then this run's steps
+    assert sorted(e) == list(range(1, 22)) and all(e[step] == a[step] for step in range(1, 19))
 
 
 @pytest.mark.integration
@@ -507,6 +520,27 @@ def test_qlora_trains_a_4bit_student_on_cpu(tmp_path, tiny_student_dir, built_kd
     assert np.isfinite(metrics["train_loss"])
     saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert saved["r"] == 4 and (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.integration
+def test_qlora_merges_its_adapter_into_the_unquantised_base(tmp_path, tiny_student_dir, built_kd):
+    """The merged QLoRA student is the original full-precision base plus the adapter's delta, not the NF4 base."""
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+
+    out = tmp_path / "out"
+    run_train(config(tmp_path, tiny_student_dir, built_kd, use_peft=True, load_in_4bit=True, lora_r=4,
+                     save_merged=True, max_steps=2, save_strategy="steps", save_steps=2))
+    merged = load_file(out / "model.safetensors")
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_student_dir),
+                                         out / "checkpoint-2").merge_and_unload().state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_student_dir).state_dict()
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert set(merged) <= set(expected)
+    changed = [name for name, weight in merged.items() if not torch.equal(weight, base[name])]
+    assert changed and all("proj" in name for name in changed)  # only the adapted projections moved
+    for name, weight in merged.items():
+        torch.testing.assert_close(weight, expected[name], atol=1e-6, rtol=0)
 
 
 def _common_run(student, data) -> dict:
