@@ -45,7 +45,14 @@ from llmdistill.config.train import TrainConfig
 from llmdistill.demo_report import LABELS
 from llmdistill.formats import read_details
 from llmdistill.log import get_logger
-from llmdistill.manifest import MANIFEST, fingerprint, read_manifest, write_json_atomic, write_manifest
+from llmdistill.manifest import (
+    MANIFEST,
+    describe_machine,
+    fingerprint,
+    read_manifest,
+    write_json_atomic,
+    write_manifest,
+)
 
 logger = get_logger(__name__)
 
@@ -398,6 +405,14 @@ def accuracy_curves(run_dir: Path, configs: dict[str, dict], scores: dict[str, d
     return out
 
 
+def stage_machines(run_dir: Path) -> dict[str, str]:
+    """The machine each of a seed's stages ran on, from its manifest (a reused stage may come from another)."""
+    dirs = {"generate": run_dir / "generate", "build": run_dir / "build",
+            **{stage: run_dir / directory for stage, directory in STAGE_DIRS.items()}, "eval": run_dir / "eval"}
+    return {stage: describe_machine(manifest["machine"]) if "machine" in manifest else "not recorded"
+            for stage, path in dirs.items() if (path / MANIFEST).is_file() for manifest in [read_manifest(path)]}
+
+
 def collect(run_dir: Path, timings: dict[str, float], models: list[str], configs: dict[str, dict]) -> dict[str, Any]:
     """The numbers of one seed's run, read back from the stages' own outputs."""
     gen = read_manifest(run_dir / "generate")["counts"]
@@ -409,6 +424,7 @@ def collect(run_dir: Path, timings: dict[str, float], models: list[str], configs
     return {"generate": gen, "build": stats, "eval": scores, "history": history, "timings": timings,
             "efficiency": {label: efficiency.get(m, {}) for label, m in zip(LABELS, models, strict=True)},
             "compute": arm_compute(run_dir), "curves": accuracy_curves(run_dir, configs, scores),
+            "machines": stage_machines(run_dir),
             "teacher_signal": teacher_signal(run_dir / "generate", configs["train_kd"]["temperature"]),
             "minus_sft": paired_minus_sft(run_dir / "eval", models[2], {LABELS[3]: models[3], LABELS[4]: models[4]})}
 

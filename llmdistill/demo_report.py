@@ -273,6 +273,18 @@ def stage_timings(runs: dict[int, dict[str, Any]]) -> dict[str, float]:
                                     or [0.0]) for stage in stages}
 
 
+def machine_line(runs: dict[int, dict]) -> str:
+    """Which machine the report's figures came from; when stages ran on several, which ran where."""
+    where: dict[str, list[str]] = {}
+    for seed, run in runs.items():
+        for stage, machine in run.get("machines", {}).items():
+            where.setdefault(machine, []).append(f"{stage} (seed {seed})" if len(runs) > 1 else stage)
+    if len(where) <= 1:
+        return f"Machine: {next(iter(where), 'not recorded')}."
+    return "Machines (stages reused from elsewhere, so figures from different machines sit side by side): " + "; ".join(
+        f"{machine}: {', '.join(stages)}" for machine, stages in where.items()) + "."
+
+
 def write_report(cfg: DemoConfig, runs: dict[int, dict], out: Path, teacher: Path) -> dict[str, Any]:
     """Write REPORT.md and its plots; print the results table; return the summary."""
     from rich.console import Console
@@ -304,6 +316,8 @@ def write_report(cfg: DemoConfig, runs: dict[int, dict], out: Path, teacher: Pat
         f"token, weights synced every {op['sync_every']} step(s)). Held-out set: {ev['limit']} tiny-world problems "
         f"never seen in training, {ev['num_samples']} samples each at T = {ev['temperature']}, top-p = {ev['top_p']}. "
         f"Seeds: {', '.join(map(str, runs))}. Stage configs: `{cfg.configs_dir}/*_tiny.yaml`.",
+        "",
+        machine_line(runs),
         "",
         "## Results",
         "",
@@ -369,7 +383,8 @@ def write_report(cfg: DemoConfig, runs: dict[int, dict], out: Path, teacher: Pat
                f"{statistics.fmean(r['compute'][label]['optimizer_steps'] for r in runs.values()):,.0f} | "
                f"{statistics.fmean(r['compute'][label]['trained_tokens'] for r in runs.values()):,.0f} |"
                for label in TRAINED]]
-    Console().print(Markdown("\n".join(["## llmdistill demo", "", table, "", *[f"{v}.\n" for v in verdicts],
+    Console().print(Markdown("\n".join(["## llmdistill demo", "", machine_line(runs), "", table, "",
+                                         *[f"{v}.\n" for v in verdicts],
                                          *spent, "", f"Report: {out / 'REPORT.md'}"])))
     return {"results": rows, "versus_sft": comparison, "compute": {seed: run["compute"] for seed, run in runs.items()},
             "curves": {seed: run["curves"] for seed, run in runs.items()},

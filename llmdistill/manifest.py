@@ -1,7 +1,7 @@
 """``manifest.json``: what every stage writes beside its output so a run can be audited and resumed.
 
-A manifest holds the stage name, the resolved config, package versions, fingerprints of the
-inputs, counts, and wall time.
+A manifest holds the stage name, the resolved config, package versions, the machine, fingerprints
+of the inputs, counts, and wall time.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,55 @@ def package_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return out
+
+
+def machine(cpuinfo: str | None = None, meminfo: str | None = None) -> dict[str, Any]:
+    """The hardware a figure came from: CPU model, family and vector unit, CPUs usable, memory, GPUs.
+
+    The vector unit is recorded because it changes results, not only speed: a CPU with AVX-512 rounds
+    some float32 sums differently from an AVX2-only one of the same family, and a tiny model trained
+    on each comes out different. ``cpuinfo``/``meminfo`` are the texts of ``/proc/cpuinfo`` and
+    ``/proc/meminfo`` (read from the system when None; missing on non-Linux systems).
+    """
+    def read(path: str) -> str:
+        try:
+            return Path(path).read_text()
+        except OSError:
+            return ""
+
+    fields: dict[str, str] = {}
+    for line in (read("/proc/cpuinfo") if cpuinfo is None else cpuinfo).splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    flags = set((fields.get("flags") or fields.get("Features", "")).split())  # x86; ARM
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "NEON/SVE" if "asimd" in flags \
+        else "unknown" if not flags else "no AVX2"
+    total_kb = next((int(line.split()[1]) for line in (read("/proc/meminfo") if meminfo is None else meminfo).splitlines()
+                     if line.startswith("MemTotal:")), 0)
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count() or 1
+    torch = sys.modules.get("torch")  # GPUs only when the stage already uses torch: no import here
+    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch is not None and torch.cuda.is_available() else [])
+    return {"cpu": fields.get("model name", platform.processor() or platform.machine()),
+            "cpu_family": fields.get("cpu family"), "cpu_model": fields.get("model"), "vector": vector,
+            "cpus": usable, "memory_gib": round(total_kb / 2**20, 1), "gpus": gpus, "platform": platform.platform()}
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    """One line for reports: ``AMD EPYC (family 26, model 2), AVX-512, 2 CPUs, 23.4 GiB``."""
+    family = f"family {info['cpu_family']}, model {info['cpu_model']}" if info.get("cpu_family") else None
+    parts = [f"{info['cpu']} ({family})" if family else str(info["cpu"]), info["vector"],
+             f"{info['cpus']} CPU{'s' if info['cpus'] != 1 else ''}", f"{info['memory_gib']} GiB"]
+    if info.get("gpus"):
+        parts.append(f"{len(info['gpus'])} x {info['gpus'][0]}")
+    return ", ".join(parts)
 
 
 def fingerprint(path: str | Path) -> str:
@@ -90,6 +140,7 @@ def write_manifest(
         "config": config_to_dict(config) if config is not None else None,
         "versions": package_versions(),
         "python": platform.python_version(),
+        "machine": machine(),
         # local inputs are recorded as absolute paths, so the next stage runs from any directory
         "inputs": {k: {"path": os.path.abspath(v) if Path(str(v)).exists() else str(v),
                        "fingerprint": fingerprint(v) if Path(str(v)).exists() else "hub"}

@@ -1420,6 +1420,25 @@ def restore(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any, ranks:
     return state
 
 
+def prompt_layout(cfg: OnPolicyConfig) -> dict[str, int]:
+    """What places a step in the prompt stream: step ``s`` reads positions ``s x prompts_per_step`` onwards."""
+    return {"prompts_per_step": cfg.prompts_per_step}
+
+
+def check_prompt_layout(path: Path, state: dict[str, Any], cfg: OnPolicyConfig) -> None:
+    """Warn when a resume reads the prompt stream with another layout than the checkpoint's.
+
+    The run goes on (a changed batch size is a deliberate choice, and on-policy samples are fresh
+    whichever prompts they answer), but the prompts are no longer the uninterrupted run's: step ``s``
+    reads from position ``s x prompts_per_step``, so some prompts of this epoch come twice or not at all.
+    """
+    saved = state.get("prompt_layout")
+    if saved is not None and saved != prompt_layout(cfg):
+        logger.warning("%s was saved with %s, resumed with %s: the prompt stream continues at step x the new "
+                       "prompts_per_step, not where the checkpoint stopped (some prompts of this epoch repeat or "
+                       "are skipped)", path, saved, prompt_layout(cfg))
+
+
 # ---------------------------------------------------------------------------------------
 # The stage
 
@@ -1626,6 +1645,7 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, fmt: PromptFormat, teach
         counters = Counters(**{k: v for k, v in state["counters"].items()})
         clock.before = state.get("wall_time_total_s", 0.0)  # the seconds of the processes before this one
         logger.info("resuming from %s at step %d", resume, first)
+        check_prompt_layout(resume, state, cfg)
 
     # Teachers, rollout engine, prompts, offline batches
     if on_policy and cfg.teacher_backend != "server":
@@ -1665,7 +1685,8 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, fmt: PromptFormat, teach
         if stopping or cfg.save_steps and (step + 1) % cfg.save_steps == 0:
             path = save_checkpoint(out, step + 1, model if adapter is None else adapter, tokenizer, optimizer,
                                    scheduler, {"history": history, "counters": counters.__dict__,
-                                               "wall_time_total_s": round(clock.elapsed, 3)}, ranks)
+                                               "wall_time_total_s": round(clock.elapsed, 3),
+                                               "prompt_layout": prompt_layout(cfg)}, ranks)
             if ranks.main and cfg.save_total_limit:
                 for old in complete_checkpoints(out)[:-cfg.save_total_limit]:
                     (old / STATE).unlink()  # no longer complete, however far the removal gets

@@ -19,6 +19,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from llmdistill.manifest import describe_machine, machine
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -59,10 +61,11 @@ def main() -> None:
         for key, value in numbers.items():
             table.add_row(name, key, f"{value:.4g}" if isinstance(value, float) else str(value))
     Console().print(table)
+    Console().print(f"machine: {describe_machine(machine())}")
 
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.platform(), "python": platform.python_version(),
+    meta = {"machine": machine(), "python": platform.python_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     Console().print(f"wrote {out}")

@@ -19,6 +19,7 @@ import yaml
 
 from llmdistill.config.base import ConfigError, load_config
 from llmdistill.config.demo import DemoConfig
+from llmdistill.manifest import describe_machine, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -178,6 +179,8 @@ def test_demo_small_end_to_end_and_reuse(tmp_path, tiny_teacher_dir):
     assert f"| teacher | {efficiency[models[0]]['parameters']:,} |" in report
     gen = json.loads((out / "generate" / "manifest.json").read_text())["counts"]
     assert re.search(rf"prompts: {gen['input_rows']} → teacher traces: {48 * 2}", report)
+    # the machine every figure came from, as the stages' manifests recorded it
+    assert f"Machine: {describe_machine(machine())}." in report
 
     # a re-run with the same settings reuses every stage
     res2 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -405,3 +408,16 @@ def test_the_timings_average_only_the_seeds_that_ran_a_stage():
     runs = {seed: {"timings": {"teacher bootstrap": 900.0 if seed == 0 else 0.0, "train_sft": 0.0 if seed < 3 else
                                180.0 + seed, "generate": 0.0}} for seed in range(5)}
     assert stage_timings(runs) == {"teacher bootstrap": 900.0, "train_sft": 183.5, "generate": 0.0}
+
+
+@pytest.mark.unit
+def test_the_report_names_the_machine_and_which_stages_ran_elsewhere():
+    """One machine: one line. Stages reused from a run on another CPU: each machine with its stages."""
+    from llmdistill.demo_report import machine_line
+
+    zen5, zen3 = "AMD EPYC (family 26, model 2), AVX-512, 2 CPUs, 23.5 GiB", "AMD EPYC (family 25, model 1), AVX2, 2 CPUs, 23.5 GiB"
+    assert machine_line({0: {"machines": {"generate": zen5, "eval": zen5}}}) == f"Machine: {zen5}."
+    runs = {0: {"machines": {"train_sft": zen3, "eval": zen5}}, 1: {"machines": {"train_sft": zen5, "eval": zen5}}}
+    assert machine_line(runs) == ("Machines (stages reused from elsewhere, so figures from different machines sit side "
+                                  f"by side): {zen3}: train_sft (seed 0); {zen5}: eval (seed 0), train_sft (seed 1), "
+                                  "eval (seed 1).")

@@ -65,6 +65,27 @@ def config(prompts: Path, student: Path, teacher: Path, out: Path, **overrides) 
 
 
 @pytest.mark.unit
+def test_a_resume_with_another_prompts_per_step_is_warned_about(tmp_path):
+    """Step s reads the prompt stream from s x prompts_per_step: another batch size resumes elsewhere in it."""
+    import logging
+
+    cfg = config(tmp_path / "p.jsonl", tmp_path, tmp_path, tmp_path / "out")
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    op.logger.addHandler(handler)
+    try:
+        op.check_prompt_layout(tmp_path / "checkpoint-2", {"prompt_layout": {"prompts_per_step": 4}}, cfg)
+        op.check_prompt_layout(tmp_path / "checkpoint-2", {}, cfg)  # a checkpoint from before the layout was kept
+        assert seen == []
+        op.check_prompt_layout(tmp_path / "checkpoint-2", {"prompt_layout": {"prompts_per_step": 8}}, cfg)
+    finally:
+        op.logger.removeHandler(handler)
+    assert len(seen) == 1 and "checkpoint-2 was saved with {'prompts_per_step': 8}, resumed with " \
+        "{'prompts_per_step': 4}: the prompt stream continues at step x the new prompts_per_step" in seen[0]
+
+
+@pytest.mark.unit
 def test_the_prompt_stream_is_a_seeded_order_that_a_resume_finds_again():
     table = PromptTable.from_rows([{"i": i} for i in range(10)])
     stream = PromptStream(table, seed=3)
@@ -803,7 +824,8 @@ def test_a_killed_run_resumes_with_the_prompt_stream_at_the_right_place(
     killed = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "killed", **common)
     res = run_script(KILLED_RUN, killed, tmp_path, ("save_steps", "use_peft", "lora_r", "micro_batch_tokens"))
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
-    assert (tmp_path / "killed" / "checkpoint-2" / "state.json").is_file()
+    state = json.loads((tmp_path / "killed" / "checkpoint-2" / "state.json").read_text())
+    assert state["prompt_layout"] == {"prompts_per_step": killed.prompts_per_step}
     assert (tmp_path / "killed" / "checkpoint-2" / "adapter_config.json").is_file() == use_peft
     with pytest.raises(ConfigError, match="use_peft"):  # a checkpoint resumed with the other setting
         run_onpolicy(OnPolicyConfig(**{**killed.__dict__, "resume_from_checkpoint": "latest", "use_peft": not use_peft}))

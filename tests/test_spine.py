@@ -15,7 +15,7 @@ from conftest import run_cli  # tests/ is on sys.path (pytest's rootdir conftest
 
 from llmdistill.cli import COMMANDS, resolve
 from llmdistill.config.base import ConfigError, load_config, parse_config, read_yaml, save_config
-from llmdistill.manifest import fingerprint, read_manifest, write_manifest
+from llmdistill.manifest import describe_machine, fingerprint, machine, read_manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -104,8 +104,35 @@ def test_manifest_records_config_counts_and_fingerprints(tmp_path):
     assert man["config"] == {"learning_rate": 1e-3, "num_samples": 4}
     assert man["inputs"]["data"]["fingerprint"] == fingerprint(data) != "missing"
     assert "torch" in man["versions"]
+    assert man["machine"] == machine() and man["machine"]["cpus"] >= 1
     data.write_text("changed")
     assert fingerprint(data) != man["inputs"]["data"]["fingerprint"]
+
+
+ZEN3_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu vme sse sse2 avx avx2 fma
+
+processor\t: 1
+model name\t: another block, not read
+"""
+
+
+@pytest.mark.unit
+def test_the_machine_names_the_cpu_its_vector_unit_and_memory():
+    """The fields figures depend on, read from /proc texts: an AVX2-only EPYC and an AVX-512 one differ."""
+    meminfo = "MemTotal:       24536192 kB\nMemFree:        1000 kB\n"
+    zen3 = machine(ZEN3_CPUINFO, meminfo)
+    assert {k: zen3[k] for k in ("cpu", "cpu_family", "cpu_model", "vector", "memory_gib")} == \
+        {"cpu": "AMD EPYC 7B13", "cpu_family": "25", "cpu_model": "1", "vector": "AVX2", "memory_gib": 23.4}
+    assert machine(ZEN3_CPUINFO.replace("avx2", "avx2 avx512f avx512bw"), meminfo)["vector"] == "AVX-512"
+    assert machine(ZEN3_CPUINFO.replace(" avx avx2", ""), meminfo)["vector"] == "no AVX2"
+    assert describe_machine({**zen3, "cpus": 2, "gpus": []}) == "AMD EPYC 7B13 (family 25, model 1), AVX2, 2 CPUs, 23.4 GiB"
+    assert describe_machine({**zen3, "cpus": 8, "gpus": ["NVIDIA H100 80GB HBM3"] * 8}).endswith(
+        "8 CPUs, 23.4 GiB, 8 x NVIDIA H100 80GB HBM3")
 
 
 @pytest.mark.unit
