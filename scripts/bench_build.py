@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import pyarrow.parquet as pq
 
 from llmdistill.codec import decode_topk, encode_topk
 from llmdistill.formats import GENERATION_COLUMNS, shard_name
+from llmdistill.manifest import describe_machine, machine
 from llmdistill.tinyworld.task import generate_problems, reference_completion
 from llmdistill.tinyworld.tokenizer import build_tokenizer
 
@@ -64,13 +64,8 @@ def load_average() -> list[float]:
 
 
 def rates_machine(load: list[float]) -> str:
-    """This machine in one line: CPU model and vector width, cores, RAM, and the load it was measured under."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.processor() or platform.machine())
-    isa = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else "no AVX2"
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{model} ({isa}), {os.cpu_count()} cores, {ram:.0f} GiB RAM, load average {load}"
+    """This machine in one line (:func:`~llmdistill.manifest.describe_machine`) and the load it was measured under."""
+    return f"{describe_machine(machine())}, load average {load}"
 
 
 # ---------------------------------------------------------------------------------------

@@ -318,14 +318,6 @@ def load_average() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def machine() -> str:
-    """CPU model, cores and vector units (a tiny training step ran ~2.3x slower on an AVX2-only CPU of this kind)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    vector = "AVX-512" if " avx512f" in info else "AVX2" if " avx2" in info else "no AVX2"
-    return f"{model}, {os.cpu_count()} cores, {vector}, {platform.platform()}"
-
-
 def run_arms(world: dict[str, Path], root: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """Every arm ``REPEATS`` times, in turn, repeat r with seed ``SEED + r`` for every arm (its rollouts and
     initialisation); TRL's vLLM path is tried once, then its transformers path."""
@@ -417,7 +409,10 @@ def run() -> dict[str, Any]:
                         f"steps x {PROMPTS} prompts x 1 sample, <= {MAX_NEW_TOKENS} new tokens, T {TEMPERATURE}, "
                         f"reverse KL, lr {LEARNING_RATE}, fp32; speed: best of {REPEATS} repeats; pass@1: mean of the "
                         f"repeats, greedy on {EVAL_PROBLEMS} held-out problems")
-    return results | {"warm_start_s": warm_start_s, "arms_s": arms_s, "machine": machine(),
+    from llmdistill.manifest import describe_machine, machine
+
+    return results | {"warm_start_s": warm_start_s, "arms_s": arms_s,
+                      "machine": f"{describe_machine(machine())}, {platform.platform()}",
                       "load_average_before": before, "load_average_after": load_average()}
 
 
