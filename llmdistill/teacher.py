@@ -16,7 +16,7 @@ from llmdistill.losses import NO_TRANSFORM, LogitTransform
 LOGIT_FIELDS = {"final_logit_softcapping": None, "logits_soft_cap": None, "logits_scaling": 1.0, "logit_scale": 1.0,
                 "lm_head_multiplier": 1.0}
 #: What each model type does with its field, as its transformers forward does it (each entry is tested
-#: against that forward: tests/test_teacher.py). The same field name means different things in different
+#: against that forward: tests/test_logit_transforms.py). The same field name means different things in different
 #: models (Granite divides by ``logits_scaling``, HyperCLOVA X multiplies by it), so a type not listed
 #: that sets a field is refused rather than guessed.
 LOGIT_TRANSFORMS = {
