@@ -65,12 +65,32 @@ def machine(cpuinfo: str | None = None, meminfo: str | None = None) -> dict[str,
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         usable = os.cpu_count() or 1
-    torch = sys.modules.get("torch")  # GPUs only when the stage already uses torch: no import here
-    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            if torch is not None and torch.cuda.is_available() else [])
+    gpus = _gpu_names()
     return {"cpu": fields.get("model name", platform.processor() or platform.machine()),
             "cpu_family": fields.get("cpu family"), "cpu_model": fields.get("model"), "vector": vector,
             "cpus": usable, "memory_gib": round(total_kb / 2**20, 1), "gpus": gpus, "platform": platform.platform()}
+
+
+def _gpu_names() -> list[str]:
+    """The GPUs' names, without creating a CUDA context in this process (a process that forks vLLM
+    workers afterwards must not have one): NVML when installed (vLLM depends on it), else torch's
+    names only where this process already initialised CUDA."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            names = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
+                     for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+        return [name.decode() if isinstance(name, bytes) else str(name) for name in names]
+    except Exception:  # no NVML library or driver: no NVIDIA GPU to name here
+        pass
+    torch = sys.modules.get("torch")  # never imported here for this
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return []
 
 
 def describe_machine(info: dict[str, Any]) -> str:

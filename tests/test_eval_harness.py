@@ -17,6 +17,7 @@ from llmdistill.eval.engine import adapter_base
 from llmdistill.eval.harness import evaluate_models
 from llmdistill.eval.report import model_labels, plot_results, results_markdown
 from llmdistill.formats import read_details, write_details
+from llmdistill.manifest import describe_machine, machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,6 +187,7 @@ def test_tiny_teacher_and_lora_adapter_end_to_end(tmp_path, tiny_teacher_dir):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "eval" and manifest["counts"]["samples"] == 800
     assert "| metric |" in (out / "results.md").read_text()
+    assert f"Machine: {describe_machine(machine())}." in (out / "results.md").read_text()
     eff = results["efficiency"]
     assert eff[str(tiny_teacher_dir)]["compression_vs_reference"] == 1.0
     assert eff[str(tiny_teacher_dir)]["pass@1_retained_vs_reference"] == {"tiny": 1.0}

@@ -136,6 +136,25 @@ def test_the_machine_names_the_cpu_its_vector_unit_and_memory():
 
 
 @pytest.mark.unit
+def test_gpus_are_named_through_nvml_without_a_cuda_context(monkeypatch):
+    """NVML (vLLM's dependency) names the GPUs; without it, and with no CUDA context here, none are named."""
+    import types
+
+    from llmdistill.manifest import _gpu_names
+
+    calls: list[str] = []
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: calls.append("init"), nvmlShutdown=lambda: calls.append("shutdown"),
+        nvmlDeviceGetCount=lambda: 2, nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetName=lambda handle: [b"NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"][handle])
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert _gpu_names() == ["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"] and calls == ["init", "shutdown"]
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: the import fails
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # and a process without torch is not made to import it
+    assert _gpu_names() == [] and "torch" not in sys.modules
+
+
+@pytest.mark.unit
 def test_cli_help_lists_commands_and_fields(capsys):
     out = subprocess.run([PY, "-m", "llmdistill", "--help"], capture_output=True, text=True, check=True).stdout
     for name in COMMANDS:

@@ -29,7 +29,7 @@ from llmdistill.eval.metrics import summarize
 from llmdistill.eval.report import plot_results, results_markdown
 from llmdistill.formats import DETAILS_SCHEMA, DETAILS_SCHEMA_VERSION, read_details, write_details
 from llmdistill.log import get_logger
-from llmdistill.manifest import fingerprint, write_json_atomic, write_manifest
+from llmdistill.manifest import fingerprint, machine, write_json_atomic, write_manifest
 from llmdistill.outputs import clean_stale, staged_output
 from llmdistill.prompts import PromptFormat
 
@@ -292,7 +292,7 @@ def evaluate_models(config: EvalConfig) -> dict[str, Any]:
         details += rows
     summary = {"models": config.model_list, "benchmarks": {p.spec.name: p.settings() for p in plans},
                "results": results, "efficiency": efficiency(results, config.reference_model),
-               "reference_model": config.reference_model, "output_dir": str(out)}
+               "reference_model": config.reference_model, "output_dir": str(out), "machine": machine()}
     with staged_output(out, overwrite=True) as tmp:
         _write_outputs(tmp, summary, details, config, started)
     shutil.rmtree(partial, ignore_errors=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from llmdistill.manifest import describe_machine
+
 
 def model_labels(models: list[str]) -> dict[str, str]:
     """Short column labels: a local path's last component, a hub id as is; made unique."""
@@ -40,6 +42,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     models = list(results["results"])
     labels = model_labels(models)
     lines = ["# Evaluation results", ""]
+    if results.get("machine"):  # sampling settles with the hardware's rounding, and tokens/s are this machine's
+        lines += [f"Machine: {describe_machine(results['machine'])}.", ""]
     for bench, settings in results["benchmarks"].items():
         k = _largest_k(results["results"][models[0]][bench])
         lines += [f"## {bench}", "",
