@@ -39,7 +39,7 @@ def machine(cpuinfo: str | None = None, meminfo: str | None = None) -> dict[str,
 
     The vector unit is recorded because it changes results, not only speed: a CPU with AVX-512 rounds
     some float32 sums differently from an AVX2-only one of the same family, and a tiny model trained
-    on each comes out different. ``cpuinfo``/``meminfo`` are the texts of ``/proc/cpuinfo`` and
+    on each comes out different (AMX, where present, is named too: bf16 matmuls run on it). ``cpuinfo``/``meminfo`` are the texts of ``/proc/cpuinfo`` and
     ``/proc/meminfo`` (read from the system when None; missing on non-Linux systems).
     """
     def read(path: str) -> str:
@@ -59,6 +59,8 @@ def machine(cpuinfo: str | None = None, meminfo: str | None = None) -> dict[str,
     flags = set((fields.get("flags") or fields.get("Features", "")).split())  # x86; ARM
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "NEON/SVE" if "asimd" in flags \
         else "unknown" if not flags else "no AVX2"
+    if "amx_tile" in flags:  # Intel's matrix tiles (Sapphire Rapids on): oneDNN runs bf16/int8 matmuls on them
+        vector += " + AMX"
     total_kb = next((int(line.split()[1]) for line in (read("/proc/meminfo") if meminfo is None else meminfo).splitlines()
                      if line.startswith("MemTotal:")), 0)
     try:

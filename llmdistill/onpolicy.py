@@ -109,19 +109,46 @@ OFFLINE_STREAM = 1  # keeps the seeds of the offline step choice and row order a
 # Prompts
 
 
-def seeded_batch(n: int, key: list[int], index: int, size: int) -> list[int]:
-    """Items ``index * size ...`` of a seeded order of ``range(n)``, reshuffled every epoch (each item once per epoch).
+def seeded_slice(n: int, key: list[int], start: int, size: int) -> list[int]:
+    """Positions ``start ... start + size - 1`` of a seeded order of ``range(n)``, reshuffled every epoch
+    (each item once per epoch).
 
     Position ``p`` is always the same item for the same ``key``: a resumed run finds its batch again.
     """
     orders: dict[int, np.ndarray] = {}
     out = []
-    for position in range(index * size, (index + 1) * size):
+    for position in range(start, start + size):
         epoch, offset = divmod(position, n)
         if epoch not in orders:
             orders[epoch] = np.random.default_rng([*key, epoch]).permutation(n)
         out.append(int(orders[epoch][offset]))
     return out
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where each optimizer step reads one of the run's seeded streams (the prompts, or the offline rows).
+
+    The steps that read the stream (``reads``; ``None``: every step) take ``size`` items each, one
+    after another: step ``s`` starts at ``start`` plus ``size`` for every reading step from ``first``
+    to ``s``. ``first`` and ``start`` are the step the run began at and its position (0 and 0, or
+    a checkpoint's step and the position it had reached), so a run resumed with another ``size``
+    goes on where the checkpoint stopped: no item of the epoch is repeated or skipped.
+    """
+
+    size: int
+    reads: np.ndarray | None = None  # (max_steps,) bool
+    first: int = 0
+    start: int = 0
+
+    def position(self, step: int) -> int:
+        """The stream position of step ``step``'s first item (for ``step`` = a checkpoint's step: where it stopped)."""
+        reading = step - self.first if self.reads is None else int(self.reads[self.first:step].sum())
+        return self.start + self.size * reading
+
+    def resumed(self, step: int, position: int) -> Cursor:
+        """This cursor for a run that resumes at ``step`` from stream position ``position``."""
+        return Cursor(self.size, self.reads, step, position)
 
 
 class PromptTable:
@@ -158,7 +185,8 @@ class PromptTable:
 
 @dataclass
 class PromptStream:
-    """The prompts in a seeded order, epoch after epoch: position ``p`` is always the same prompt.
+    """The prompts in a seeded order, epoch after epoch: position ``p`` is always the same prompt, and
+    ``cursor`` says where each step reads (``prompts_per_step`` prompts an on-policy step).
 
     A resumed run asks for the batch of its step and gets exactly the prompts the interrupted
     run would have seen.
@@ -166,10 +194,11 @@ class PromptStream:
 
     prompts: PromptTable
     seed: int
+    cursor: Cursor
 
-    def batch(self, step: int, size: int) -> list[int]:
+    def batch(self, step: int) -> list[int]:
         """Indices into :attr:`prompts` of the prompts of optimizer step ``step``."""
-        return seeded_batch(len(self.prompts), [self.seed], step, size)
+        return seeded_slice(len(self.prompts), [self.seed], self.cursor.position(step), self.cursor.size)
 
 
 _CHUNK_ROWS = 65_536  # JSONL/JSON rows turned into one Arrow chunk
@@ -799,7 +828,7 @@ def rollout(engine: RolloutEngine, stream: PromptStream, steps: list[int], fmt: 
     """Step 1: the current student's completions for the prompts of ``steps`` (this process's share of
     each step's prompts), sampled in one batch; one :class:`Rollouts` per step, in order."""
     ranks = ranks or Ranks()
-    shares = [ranks.share(stream.batch(step, cfg.prompts_per_step)) for step in steps]
+    shares = [ranks.share(stream.batch(step)) for step in steps]
     records = stream.prompts.rows([i for share in shares for i in share])
     prompt_ids = fmt.token_ids(tokenizer, [r[cfg.prompt_column] for r in records])
     # model.generate samples from the training weights as they are when the first step of the batch starts
@@ -1146,8 +1175,8 @@ class OfflineBatches:
 
     The shards are memory-mapped through their Arrow copy (:func:`~llmdistill.formats.open_built`,
     converted once) and collated by :class:`~llmdistill.collate.DistillCollator` (padding-free, the
-    teacher's top-k decoded). The ``i``-th offline step of the run takes batch ``i`` of a seeded row
-    order, ``i`` counted from the step index, so a resumed run continues with the rows it would have seen.
+    teacher's top-k decoded). The offline steps read a seeded row order one batch after another
+    (:class:`Cursor`), so a resumed run continues with the rows it would have seen.
     """
 
     def __init__(self, cfg: OnPolicyConfig, tokenizer: Any, ranks: Ranks | None = None):
@@ -1163,8 +1192,8 @@ class OfflineBatches:
         self.collator = DistillCollator(k=int(meta["k"]), vocab_size=int(meta["vocab_size"]),
                                         codec_bits=int(meta.get("codec_bits") or 0), with_topk=True)
         self.offline = offline_steps(cfg.seed, cfg.on_policy_fraction, cfg.max_steps)
-        self.index = np.concatenate([[0], np.cumsum(self.offline)])  # offline steps before each step
-        self.seed, self.size = cfg.seed, cfg.offline_rows_per_step
+        self.cursor = Cursor(cfg.offline_rows_per_step, self.offline)  # only the offline steps read rows
+        self.seed = cfg.seed
 
     def takes(self, step: int) -> bool:
         """Whether optimizer step ``step`` is an offline one."""
@@ -1172,7 +1201,7 @@ class OfflineBatches:
 
     def row_indices(self, step: int) -> list[int]:
         """Rows of the built data in the batch of offline step ``step``."""
-        return seeded_batch(len(self.rows), [self.seed, OFFLINE_STREAM], int(self.index[step]), self.size)
+        return seeded_slice(len(self.rows), [self.seed, OFFLINE_STREAM], self.cursor.position(step), self.cursor.size)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The collated rows of step ``step`` (this process's share), with ``target_ids`` (N,): what
@@ -1420,23 +1449,35 @@ def restore(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any, ranks:
     return state
 
 
-def prompt_layout(cfg: OnPolicyConfig) -> dict[str, int]:
-    """What places a step in the prompt stream: step ``s`` reads positions ``s x prompts_per_step`` onwards."""
-    return {"prompts_per_step": cfg.prompts_per_step}
+def stream_places(step: int, stream: PromptStream, offline: OfflineBatches | None) -> dict[str, int]:
+    """Where the run's streams stand after ``step`` steps, kept in each checkpoint: the prompt stream's
+    batch size and position, and the offline rows' when some steps are offline (GKD's lambda < 1)."""
+    places = {"prompts_per_step": stream.cursor.size, "prompt_position": stream.cursor.position(step)}
+    if offline is not None:
+        places |= {"offline_rows_per_step": offline.cursor.size, "offline_position": offline.cursor.position(step)}
+    return places
 
 
-def check_prompt_layout(path: Path, state: dict[str, Any], cfg: OnPolicyConfig) -> None:
-    """Warn when a resume reads the prompt stream with another layout than the checkpoint's.
+def resume_streams(path: Path, state: dict[str, Any], stream: PromptStream, offline: OfflineBatches | None) -> None:
+    """Continue the prompt stream (and the offline rows) where checkpoint ``path`` stopped.
 
-    The run goes on (a changed batch size is a deliberate choice, and on-policy samples are fresh
-    whichever prompts they answer), but the prompts are no longer the uninterrupted run's: step ``s``
-    reads from position ``s x prompts_per_step``, so some prompts of this epoch come twice or not at all.
+    A resume may change ``prompts_per_step`` or ``offline_rows_per_step`` (a deliberate choice: on-policy
+    samples are fresh whichever prompts they answer): the next batches start at the checkpoint's
+    positions, so no prompt of the epoch comes twice or not at all. A checkpoint from before the
+    positions were kept stopped at its step x its ``prompts_per_step`` (every step then counted).
     """
-    saved = state.get("prompt_layout")
-    if saved is not None and saved != prompt_layout(cfg):
-        logger.warning("%s was saved with %s, resumed with %s: the prompt stream continues at step x the new "
-                       "prompts_per_step, not where the checkpoint stopped (some prompts of this epoch repeat or "
-                       "are skipped)", path, saved, prompt_layout(cfg))
+    step = state["step"]
+    saved = state.get("streams") or state.get("prompt_layout") or {}
+    position = saved.get("prompt_position", step * saved.get("prompts_per_step", stream.cursor.size))
+    stream.cursor = stream.cursor.resumed(step, position)
+    if offline is not None:
+        offline.cursor = offline.cursor.resumed(step, saved.get("offline_position", offline.cursor.position(step)))
+    now = stream_places(step, stream, offline)
+    changed = [f"{k} {saved[k]} -> {now[k]}" for k in ("prompts_per_step", "offline_rows_per_step")
+               if k in saved and k in now and saved[k] != now[k]]
+    if changed:
+        logger.info("%s: %s changed on resume; the streams go on from where it stopped (%s)", path,
+                    ", ".join(changed), ", ".join(f"{k} {now[k]}" for k in now if k.endswith("position")))
 
 
 # ---------------------------------------------------------------------------------------
@@ -1645,7 +1686,6 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, fmt: PromptFormat, teach
         counters = Counters(**{k: v for k, v in state["counters"].items()})
         clock.before = state.get("wall_time_total_s", 0.0)  # the seconds of the processes before this one
         logger.info("resuming from %s at step %d", resume, first)
-        check_prompt_layout(resume, state, cfg)
 
     # Teachers, rollout engine, prompts, offline batches
     if on_policy and cfg.teacher_backend != "server":
@@ -1653,8 +1693,11 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, fmt: PromptFormat, teach
         for teacher in teachers.values():
             if isinstance(teacher, VllmTeacher):
                 cleanup.callback(teacher.close)
-    stream = PromptStream(prompts, cfg.seed)
+    on_policy_steps = ~offline_steps(cfg.seed, cfg.on_policy_fraction, cfg.max_steps)  # only these read prompts
+    stream = PromptStream(prompts, cfg.seed, Cursor(cfg.prompts_per_step, on_policy_steps))
     offline = OfflineBatches(cfg, tokenizer, ranks) if cfg.on_policy_fraction < 1 else None
+    if resume is not None:
+        resume_streams(resume, state, stream, offline)
     if on_policy and cfg.rollout_backend == "vllm":
         engine = VllmRollout(str(resume) if resume and adapter is None else cfg.student_model, cfg, adapter, ranks)
         cleanup.callback(engine.close)
@@ -1686,7 +1729,7 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, fmt: PromptFormat, teach
             path = save_checkpoint(out, step + 1, model if adapter is None else adapter, tokenizer, optimizer,
                                    scheduler, {"history": history, "counters": counters.__dict__,
                                                "wall_time_total_s": round(clock.elapsed, 3),
-                                               "prompt_layout": prompt_layout(cfg)}, ranks)
+                                               "streams": stream_places(step + 1, stream, offline)}, ranks)
             if ranks.main and cfg.save_total_limit:
                 for old in complete_checkpoints(out)[:-cfg.save_total_limit]:
                     (old / STATE).unlink()  # no longer complete, however far the removal gets

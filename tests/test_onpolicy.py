@@ -27,6 +27,7 @@ from llmdistill.config.onpolicy import OnPolicyConfig
 from llmdistill.formats import read_built
 from llmdistill.losses import TEACHER_PROB_FLOOR
 from llmdistill.onpolicy import (
+    Cursor,
     PromptStream,
     PromptTable,
     load_prompts,
@@ -65,36 +66,67 @@ def config(prompts: Path, student: Path, teacher: Path, out: Path, **overrides) 
 
 
 @pytest.mark.unit
-def test_a_resume_with_another_prompts_per_step_is_warned_about(tmp_path):
-    """Step s reads the prompt stream from s x prompts_per_step: another batch size resumes elsewhere in it."""
-    import logging
-
-    cfg = config(tmp_path / "p.jsonl", tmp_path, tmp_path, tmp_path / "out")
-    seen: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: seen.append(record.getMessage())
-    op.logger.addHandler(handler)
-    try:
-        op.check_prompt_layout(tmp_path / "checkpoint-2", {"prompt_layout": {"prompts_per_step": 4}}, cfg)
-        op.check_prompt_layout(tmp_path / "checkpoint-2", {}, cfg)  # a checkpoint from before the layout was kept
-        assert seen == []
-        op.check_prompt_layout(tmp_path / "checkpoint-2", {"prompt_layout": {"prompts_per_step": 8}}, cfg)
-    finally:
-        op.logger.removeHandler(handler)
-    assert len(seen) == 1 and "checkpoint-2 was saved with {'prompts_per_step': 8}, resumed with " \
-        "{'prompts_per_step': 4}: the prompt stream continues at step x the new prompts_per_step" in seen[0]
+def test_the_prompt_stream_is_a_seeded_order_that_a_resume_finds_again():
+    table = PromptTable.from_rows([{"i": i} for i in range(10)])
+    stream = PromptStream(table, 3, Cursor(4))
+    steps = [stream.batch(s) for s in range(5)]  # 20 positions: two epochs
+    assert sorted(steps[0] + steps[1] + steps[2][:2]) == list(range(10))  # each prompt once per epoch
+    assert sorted(steps[2][2:] + steps[3] + steps[4]) == list(range(10))
+    assert steps == [PromptStream(PromptTable.from_rows([{"i": i} for i in range(10)]), 3, Cursor(4)).batch(s)
+                     for s in range(5)]
+    assert steps[0] != PromptStream(table, 4, Cursor(4)).batch(0)
+    assert table.rows(steps[0]) == [{"i": i} for i in steps[0]]
 
 
 @pytest.mark.unit
-def test_the_prompt_stream_is_a_seeded_order_that_a_resume_finds_again():
-    table = PromptTable.from_rows([{"i": i} for i in range(10)])
-    stream = PromptStream(table, seed=3)
-    steps = [stream.batch(s, 4) for s in range(5)]  # 20 positions: two epochs
-    assert sorted(steps[0] + steps[1] + steps[2][:2]) == list(range(10))  # each prompt once per epoch
-    assert steps == [PromptStream(PromptTable.from_rows([{"i": i} for i in range(10)]), seed=3).batch(s, 4)
-                     for s in range(5)]
-    assert steps[0] != PromptStream(table, seed=4).batch(0, 4)
-    assert table.rows(steps[0]) == [{"i": i} for i in steps[0]]
+def test_only_the_steps_that_read_a_stream_move_it():
+    """GKD's lambda: the on-policy steps read prompts, the offline steps read rows, each stream batch after batch."""
+    offline = np.array([False, True, True, False, True, False])
+    prompts, rows = Cursor(3, ~offline), Cursor(2, offline)
+    assert [prompts.position(s) for s in range(7)] == [0, 3, 3, 3, 6, 6, 9]
+    assert [rows.position(s) for s in range(7)] == [0, 0, 2, 4, 4, 6, 6]
+    assert [Cursor(3).position(s) for s in range(3)] == [0, 3, 6]
+    assert prompts.resumed(4, 100).position(6) == 103 and prompts.resumed(4, 100).position(4) == 100
+
+
+@pytest.mark.unit
+def test_a_resume_with_another_batch_size_goes_on_where_the_checkpoint_stopped():
+    """Checkpoint-2 of a run of 4 prompts a step, resumed with 2 (and the offline rows with another size):
+    the resumed steps read the rest of the epoch, no prompt twice, none skipped, and say what changed."""
+    import logging
+
+    table = PromptTable.from_rows([{"i": i} for i in range(12)])
+    before = PromptStream(table, 0, Cursor(4))
+    seen = before.batch(0) + before.batch(1)
+    rows = types.SimpleNamespace(cursor=Cursor(3, np.array([True, True, False, True])))
+    state = {"step": 2, "streams": op.stream_places(2, before, rows)}
+    assert state["streams"] == {"prompts_per_step": 4, "prompt_position": 8,
+                                "offline_rows_per_step": 3, "offline_position": 6}
+    after = PromptStream(table, 0, Cursor(2))
+    rows_after = types.SimpleNamespace(cursor=Cursor(5, rows.cursor.reads))
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    op.logger.addHandler(handler)
+    level = op.logger.level
+    op.logger.setLevel(logging.INFO)
+    try:
+        op.resume_streams(Path("run/checkpoint-2"), state, after, rows_after)
+    finally:
+        op.logger.removeHandler(handler)
+        op.logger.setLevel(level)
+    seen += after.batch(2) + after.batch(3)
+    assert sorted(seen) == list(range(12))  # the epoch, each prompt once
+    assert after.batch(4) == PromptStream(table, 0, Cursor(4)).batch(3)[:2]  # then the next epoch's first two
+    assert rows_after.cursor.position(2) == 6 and rows_after.cursor.position(4) == 11  # step 2 reads no rows, step 3 five
+    assert messages == ["run/checkpoint-2: prompts_per_step 4 -> 2, offline_rows_per_step 3 -> 5 changed on resume; "
+                        "the streams go on from where it stopped (prompt_position 8, offline_position 6)"]
+
+    # a checkpoint from before the positions were kept stopped at step x its prompts_per_step (every step counted)
+    for old, position in (({"prompt_layout": {"prompts_per_step": 8}}, 16), ({}, 4)):
+        stream = PromptStream(table, 0, Cursor(2, np.array([True, False, True, True])))
+        op.resume_streams(Path("c"), {"step": 2, **old}, stream, None)
+        assert stream.cursor.position(2) == position and stream.cursor.position(3) == position + 2
 
 
 def _prompt_config(dataset, **overrides) -> OnPolicyConfig:
@@ -660,7 +692,7 @@ def test_the_teachers_grades_equal_a_plain_forward_and_sync_makes_the_engine_the
     student, tok = load_student(str(tiny_student_dir))
     engine, in_vllm = VllmRollout(str(tiny_student_dir), cfg), None
     try:
-        stream = PromptStream(load_prompts(cfg), cfg.seed)
+        stream = PromptStream(load_prompts(cfg), cfg.seed, Cursor(cfg.prompts_per_step))
         rollouts = rollout(engine, stream, [0], PromptFormat(), tok, cfg)[0]
         graded = score({"default": TransformersTeacher(str(tiny_random_teacher_dir), "float32")}, rollouts, cfg)
         in_vllm = VllmTeacher(str(tiny_random_teacher_dir), cfg)  # teacher_backend vllm, beside the rollout engine
@@ -825,7 +857,8 @@ def test_a_killed_run_resumes_with_the_prompt_stream_at_the_right_place(
     res = run_script(KILLED_RUN, killed, tmp_path, ("save_steps", "use_peft", "lora_r", "micro_batch_tokens"))
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     state = json.loads((tmp_path / "killed" / "checkpoint-2" / "state.json").read_text())
-    assert state["prompt_layout"] == {"prompts_per_step": killed.prompts_per_step}
+    assert state["streams"] == {"prompts_per_step": killed.prompts_per_step,
+                                "prompt_position": 2 * killed.prompts_per_step}
     assert (tmp_path / "killed" / "checkpoint-2" / "adapter_config.json").is_file() == use_peft
     with pytest.raises(ConfigError, match="use_peft"):  # a checkpoint resumed with the other setting
         run_onpolicy(OnPolicyConfig(**{**killed.__dict__, "resume_from_checkpoint": "latest", "use_peft": not use_peft}))
@@ -1197,6 +1230,51 @@ def test_a_mixed_run_resumes_with_the_same_step_choices_and_offline_rows(
 
 
 @pytest.mark.integration
+def test_a_mixed_run_resumed_with_other_batch_sizes_reads_on_where_it_stopped(
+        prompts, built, tiny_student_dir, tiny_random_teacher_dir, tmp_path, monkeypatch):
+    """Stopped after checkpoint-2 and resumed with 2 prompts a step instead of 4 and 3 offline rows
+    instead of 2: over both runs the prompts and the rows are consecutive positions of their seeded
+    orders (none twice, none skipped)."""
+    common = dict(rollout_backend="transformers", on_policy_fraction=0.5, offline_data_dir=str(built),
+                  offline_rows_per_step=2, max_steps=6, save_steps=2, max_new_tokens=8, seed=1)
+    chosen = offline_steps(1, 0.5, 6)
+    assert chosen[:2].any() and not chosen[:2].all() and chosen[2:].any() and not chosen[2:].all()
+    read_prompts, read_rows = [], []
+    real_rollout, real_rows, real_save = op.rollout, op.OfflineBatches.row_indices, op.save_checkpoint
+
+    def spy_rollout(engine, stream, steps, *args):
+        read_prompts.extend(i for step in steps for i in stream.batch(step))
+        return real_rollout(engine, stream, steps, *args)
+
+    def spy_rows(self, step):
+        read_rows.extend(real_rows(self, step))
+        return read_rows[-self.cursor.size:]
+
+    def save_then_stop(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        if path.name == "checkpoint-2":
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(op, "rollout", spy_rollout)
+    monkeypatch.setattr(op.OfflineBatches, "row_indices", spy_rows)
+    monkeypatch.setattr(op, "save_checkpoint", save_then_stop)
+    stopped = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "stopped", **common)
+    with pytest.raises(KeyboardInterrupt):
+        op.run_onpolicy(stopped)
+    monkeypatch.setattr(op, "save_checkpoint", real_save)
+    state = json.loads((tmp_path / "stopped" / "checkpoint-2" / "state.json").read_text())
+    assert state["streams"] == {"prompts_per_step": 4, "prompt_position": 4 * int((~chosen[:2]).sum()),
+                                "offline_rows_per_step": 2, "offline_position": 2 * int(chosen[:2].sum())}
+    op.run_onpolicy(OnPolicyConfig(**{**stopped.__dict__, "resume_from_checkpoint": "latest",
+                                      "prompts_per_step": 4 // 2, "offline_rows_per_step": 3}))
+    assert len(read_prompts) == 4 * int((~chosen[:2]).sum()) + 2 * int((~chosen[2:]).sum())
+    assert read_prompts == op.seeded_slice(40, [1], 0, len(read_prompts))
+    assert len(read_rows) == 2 * int(chosen[:2].sum()) + 3 * int(chosen[2:].sum())
+    assert read_rows == op.seeded_slice(len(read_built(built)[0]), [1, op.OFFLINE_STREAM], 0, len(read_rows))
+
+
+@pytest.mark.integration
 def test_pure_offline_kd_never_samples_nor_asks_a_teacher(built, tiny_student_dir, tmp_path, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("on_policy_fraction 0 must not sample or score")
@@ -1381,7 +1459,7 @@ def test_rollouts_come_from_the_weights_the_schedule_promises(async_rollouts, sy
                          rollout_urls=["http://x"], async_rollouts=async_rollouts, sync_every=sync_every,
                          steps_per_rollout=k, prompts_per_step=2, max_steps=steps)
     table = PromptTable.from_rows([{"id": str(i), "prompt": f"question {i}"} for i in range(8)])
-    stream = PromptStream(table, 0)
+    stream = PromptStream(table, 0, Cursor(2))
     engine, model = _VersionedEngine(), types.SimpleNamespace(version=0)
     offline = types.SimpleNamespace(takes=lambda step: step in offline_at)
     teacher = _EchoTeacher()
@@ -1393,7 +1471,7 @@ def test_rollouts_come_from_the_weights_the_schedule_promises(async_rollouts, sy
         else:
             rollouts, batch = source.take(step, model)
             seen.append(step - rollouts.policy_step)
-            assert [r["id"] for r in rollouts.records] == [str(i) for i in stream.batch(step, 2)]
+            assert [r["id"] for r in rollouts.records] == [str(i) for i in stream.batch(step)]
             assert rollouts.completion_ids == rollouts.prompt_ids
             own = pack(rollouts.prompt_ids, rollouts.completion_ids)["target_ids"]
             assert torch.equal(batch["target_ids"], own) and torch.equal(batch["teacher_token_logprobs"], own.float())
@@ -1415,11 +1493,11 @@ def test_one_rollout_of_several_steps_gives_each_step_its_own_samples_and_teache
     cfg = OnPolicyConfig(dataset="p", student_model="s", teacher_model="a=x,b=y", teacher_column="domain",
                          prompts_per_step=3, samples_per_prompt=2, steps_per_rollout=2)
     table = PromptTable.from_rows([{"id": str(i), "prompt": f"question {i}", "domain": "ab"[i % 2]} for i in range(8)])
-    stream, engine = PromptStream(table, 0), _VersionedEngine()
+    stream, engine = PromptStream(table, 0, Cursor(3)), _VersionedEngine()
     batches = rollout(engine, stream, [4, 5], PromptFormat(), tiny_tokenizer, cfg)
     assert len(batches) == 2 and [call for call, _ in engine.calls] == ["sample"]  # one sampling for both
     for step, batch in zip([4, 5], batches, strict=True):
-        ids = [str(i) for i in stream.batch(step, 3) for _ in range(2)]
+        ids = [str(i) for i in stream.batch(step) for _ in range(2)]
         assert [r["id"] for r in batch.records] == ids
         assert batch.teachers == ["ab"[int(i) % 2] for i in ids]
         assert batch.completion_ids == batch.prompt_ids  # the engine echoes each prompt, once per sample

@@ -129,6 +129,7 @@ def test_the_machine_names_the_cpu_its_vector_unit_and_memory():
     assert {k: zen3[k] for k in ("cpu", "cpu_family", "cpu_model", "vector", "memory_gib")} == \
         {"cpu": "AMD EPYC 7B13", "cpu_family": "25", "cpu_model": "1", "vector": "AVX2", "memory_gib": 23.4}
     assert machine(ZEN3_CPUINFO.replace("avx2", "avx2 avx512f avx512bw"), meminfo)["vector"] == "AVX-512"
+    assert machine(ZEN3_CPUINFO.replace("avx2", "avx2 avx512f amx_bf16 amx_tile"), meminfo)["vector"] == "AVX-512 + AMX"
     assert machine(ZEN3_CPUINFO.replace(" avx avx2", ""), meminfo)["vector"] == "no AVX2"
     assert describe_machine({**zen3, "cpus": 2, "gpus": []}) == "AMD EPYC 7B13 (family 25, model 1), AVX2, 2 CPUs, 23.4 GiB"
     assert describe_machine({**zen3, "cpus": 8, "gpus": ["NVIDIA H100 80GB HBM3"] * 8}).endswith(

@@ -98,6 +98,24 @@ def test_schedules_reach_their_endpoints():
 
 
 @pytest.mark.unit
+def test_the_dry_run_counts_a_qlora_merge_in_host_ram(tmp_path):
+    """QLoRA keeps the base in NF4 on the GPU; save_merged loads it again unquantised on the main process."""
+    from llmdistill.plan import GIB, make_plan
+
+    common = dict(output_dir=str(tmp_path), student_model="Qwen/Qwen2.5-Math-7B", data_dir=str(tmp_path), use_peft=True)
+    qlora = make_plan("train", TrainConfig(**common, load_in_4bit=True))
+    assert qlora["frozen weights (NF4)"].startswith(f"at least {7e9 * 0.5 / GIB:.1f} GiB per GPU")
+    assert qlora["merging the adapter at the end (save_merged)"].startswith(
+        f"the main process loads the base again unquantised, {7e9 * 2 / GIB:.0f} GiB of host RAM")
+    fp32 = make_plan("train", TrainConfig(**common, load_in_4bit=True, model_init_kwargs={"dtype": "float32"}))
+    assert f"unquantised, {7e9 * 4 / GIB:.0f} GiB" in fp32["merging the adapter at the end (save_merged)"]
+    adapter_only = make_plan("train", TrainConfig(**common, load_in_4bit=True, save_merged=False))
+    lora = make_plan("train", TrainConfig(**common))
+    assert "merging the adapter at the end (save_merged)" not in adapter_only | lora  # LoRA merges in place
+    assert lora["frozen weights (bf16)"] == f"{7e9 * 2 / GIB:.1f} GiB per GPU (not sharded by DDP)"
+
+
+@pytest.mark.unit
 def test_config_checks_ranges_and_combinations(tmp_path):
     with pytest.raises(ConfigError, match="use_peft"):
         TrainConfig(output_dir=str(tmp_path), load_in_4bit=True)
