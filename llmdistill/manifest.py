@@ -39,8 +39,9 @@ def machine(cpuinfo: str | None = None, meminfo: str | None = None) -> dict[str,
 
     The vector unit is recorded because it changes results, not only speed: a CPU with AVX-512 rounds
     some float32 sums differently from an AVX2-only one of the same family, and a tiny model trained
-    on each comes out different (AMX, where present, is named too: bf16 matmuls run on it). ``cpuinfo``/``meminfo`` are the texts of ``/proc/cpuinfo`` and
-    ``/proc/meminfo`` (read from the system when None; missing on non-Linux systems).
+    on each comes out different (AMX, where present, is named too: bf16 matmuls run on it).
+    ``cpuinfo``/``meminfo`` are the texts of ``/proc/cpuinfo`` and ``/proc/meminfo`` (read from the
+    system when None; missing on non-Linux systems).
     """
     def read(path: str) -> str:
         try:

@@ -126,21 +126,21 @@ def _train_plan(cfg: Any) -> dict[str, Any]:
     params = params_from_name(cfg.student_model)
     if params:
         plan["student parameters"] = f"{params / 1e9:.2f} B"
-        if cfg.use_peft and cfg.load_in_4bit:
-            plan["frozen weights (NF4)"] = (f"at least {params * 0.5 / GIB:.1f} GiB per GPU (embeddings and LM head "
-                                            "stay 16-bit; not sharded by DDP)")
-        elif cfg.use_peft:
-            plan["frozen weights (bf16)"] = f"{params * 2 / GIB:.1f} GiB per GPU (not sharded by DDP)"
-        if cfg.use_peft and cfg.load_in_4bit and cfg.save_merged:
-            kwargs = cfg.model_init_kwargs or {}
-            width = 4 if "float32" in str(kwargs.get("dtype", kwargs.get("torch_dtype", ""))) else 2
-            plan["merging the adapter at the end (save_merged)"] = (
-                f"the main process loads the base again unquantised, {params * width / GIB:.0f} GiB of host RAM, "
-                "merges the adapter there and saves that; save_merged: false saves the adapter alone")
         if not cfg.use_peft:
             total = params * BYTES_PER_PARAM_FULL_FT
             plan["model + optimizer states, full fine-tune"] = (
                 f"{total / GIB:.0f} GiB in all; / N GPUs under ZeRO-3 (e.g. {total / GIB / 16:.1f} GiB on 16)")
+        elif not cfg.load_in_4bit:
+            plan["frozen weights (bf16)"] = f"{params * 2 / GIB:.1f} GiB per GPU (not sharded by DDP)"
+        else:
+            plan["frozen weights (NF4)"] = (f"at least {params * 0.5 / GIB:.1f} GiB per GPU (embeddings and LM head "
+                                            "stay 16-bit; not sharded by DDP)")
+            if cfg.save_merged:  # llmdistill.train.merged_student
+                kwargs = cfg.model_init_kwargs or {}
+                width = 4 if "float32" in str(kwargs.get("dtype", kwargs.get("torch_dtype", ""))) else 2
+                plan["merging the adapter at the end (save_merged)"] = (
+                    f"the main process loads the base again unquantised, {params * width / GIB:.0f} GiB of host "
+                    "RAM, merges the adapter there and saves that; save_merged: false saves the adapter alone")
     if (Path(cfg.data_dir) / MANIFEST).is_file():
         plan["built data (from its manifest)"] = read_manifest(cfg.data_dir).get("counts", {})
     # The data is memory-mapped from an Arrow copy made once per machine (llmdistill.train.load_built)
