@@ -1693,9 +1693,9 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, fmt: PromptFormat, teach
         for teacher in teachers.values():
             if isinstance(teacher, VllmTeacher):
                 cleanup.callback(teacher.close)
-    on_policy_steps = ~offline_steps(cfg.seed, cfg.on_policy_fraction, cfg.max_steps)  # only these read prompts
-    stream = PromptStream(prompts, cfg.seed, Cursor(cfg.prompts_per_step, on_policy_steps))
     offline = OfflineBatches(cfg, tokenizer, ranks) if cfg.on_policy_fraction < 1 else None
+    # only the on-policy steps read prompts: every step, or those OfflineBatches does not take
+    stream = PromptStream(prompts, cfg.seed, Cursor(cfg.prompts_per_step, None if offline is None else ~offline.offline))
     if resume is not None:
         resume_streams(resume, state, stream, offline)
     if on_policy and cfg.rollout_backend == "vllm":
