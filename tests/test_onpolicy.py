@@ -30,6 +30,7 @@ from llmdistill.onpolicy import (
     Cursor,
     PromptStream,
     PromptTable,
+    epoch_order,
     load_prompts,
     load_student,
     offline_steps,
@@ -76,6 +77,21 @@ def test_the_prompt_stream_is_a_seeded_order_that_a_resume_finds_again():
                      for s in range(5)]
     assert steps[0] != PromptStream(table, 4, Cursor(4)).batch(0)
     assert table.rows(steps[0]) == [{"i": i} for i in steps[0]]
+
+
+@pytest.mark.unit
+def test_the_seeded_order_is_drawn_once_per_epoch_and_stays_the_checkpointed_one():
+    """A step reads its batch from the epoch's permutation kept in memory, not from a new draw of all
+    rows (a tenth of a second a step for millions of rows); the order is the one older checkpoints
+    resume into: ``default_rng([*key, epoch]).permutation(n)``."""
+    epoch_order.cache_clear()
+    stream = PromptStream(PromptTable(pa.table({"i": np.arange(1000)})), 5, Cursor(16))
+    read = [i for s in range(100) for i in stream.batch(s)]  # 1,600 positions: all of epoch 0, 600 of epoch 1
+    assert epoch_order.cache_info().misses == 2
+    expected = [np.random.default_rng([5, e]).permutation(1000) for e in (0, 1)]
+    assert read == expected[0].tolist() + expected[1][:600].tolist()
+    with pytest.raises(ValueError):
+        epoch_order(1000, (5,), 0)[0] = 1  # callers share the cached order: it is read-only
 
 
 @pytest.mark.unit
