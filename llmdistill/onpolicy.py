@@ -70,6 +70,7 @@ from llmdistill.config.base import (
     RESUME_LATEST,
     ConfigError,
     check_model_path,
+    first_mixed_value,
     json_document,
     jsonl_objects,
     looks_like_local_path,
@@ -103,7 +104,12 @@ PHASES = ("rollout", "scoring", "training", "sync")  # sync: the weights, and th
 GRADES = ("teacher_ids", "teacher_logprobs", "teacher_token_logprobs")  # what scoring adds per completion token
 ADAPTER_DIR = "adapter"  # a LoRA student's adapter, beside the merged final model
 STATE = "state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
-OFFLINE_STREAM = 1  # keeps the seeds of the offline step choice and row order apart from the prompt order's
+# Generator keys of the offline steps' choice and row order. NumPy's SeedSequence reads a key as one
+# integer, word by word, so trailing zeros drop out ([s, 1, 0] is [s, 1]): the prompt order's keys
+# are [seed, epoch] (at most two words), these are three words or more, ending in a non-zero word
+# before the epoch, and no two of the streams can share a key.
+OFFLINE_CHOICE_KEY = (1, 1)
+OFFLINE_ROWS_KEY = (1, 2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,6 +182,12 @@ class PromptTable:
     def __init__(self, table: pa.Table, name: str = "prompts") -> None:
         self.table = table
         self.name = name  # the file or hub dataset, for messages
+        # the table's record batches (zero-copy) and the first row of each: a step's rows are taken
+        # from the batches that hold them, never from the whole column joined into one array (that
+        # join would cost the whole column's bytes every step, and overflow 32-bit string offsets
+        # past 2 GiB of text)
+        self._batches = table.to_batches()
+        self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])
 
     @classmethod
     def from_rows(cls, rows: list[dict[str, Any]]) -> PromptTable:
@@ -188,7 +200,16 @@ class PromptTable:
         """The rows at ``indices``, in that order, as dicts. Chat messages come back with only the keys
         they were given: Arrow holds all messages as one struct type, which fills a key another
         message has with None (a chat template may test ``'tool_calls' in message``)."""
-        rows = self.table.take(pa.array(indices, type=pa.int64())).to_pylist()
+        where = np.asarray(indices, dtype=np.int64)
+        if where.size and (where.min() < 0 or where.max() >= len(self)):
+            raise IndexError(f"{self.name}: row indices out of range 0..{len(self) - 1}")
+        batch_of = np.searchsorted(self._starts, where, side="right") - 1
+        rows: list[Any] = [None] * where.size
+        for b in np.unique(batch_of):
+            places = np.flatnonzero(batch_of == b)
+            taken = self._batches[b].take(pa.array(where[places] - self._starts[b])).to_pylist()
+            for place, row in zip(places, taken, strict=True):
+                rows[place] = row
         for row in rows:
             for key, value in row.items():
                 if isinstance(value, list) and value and isinstance(value[0], dict):
@@ -231,33 +252,47 @@ def _records_table(path: Path, records: Iterable[tuple[str, dict[str, Any]]], ne
                    optional: list[str], cfg: OnPolicyConfig) -> pa.Table:
     """Rows of a JSONL or JSON file, each with its location (file and line or row), checked
     (:func:`_check_row`) and turned into Arrow columns 64k rows at a time."""
-    chunks, columns, span = [], {c: [] for c in needed + optional}, ["", ""]
+    chunks, columns, locations, starts = [], {c: [] for c in needed + optional}, [], []
     text = {c for c in (cfg.answer_column, cfg.teacher_column) if c}  # only ever read as text (str())
 
     def flush() -> None:
-        if not columns[needed[0]]:
+        if not locations:
             return
-        try:
-            chunks.append(pa.table({c: pa.array(v) for c, v in columns.items()}))
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-            raise ConfigError(f"{span[0]} to {span[1]}: a column holds values of different types ({err}): "
-                              "give each column one type") from None
+        for c, values in columns.items():
+            if (bad := first_mixed_value(values)) is not None:
+                kind = pa.array(values[:bad]).type if bad else None
+                raise ConfigError(f"{locations[bad]}: column '{c}' holds {values[bad]!r:.60}, which "
+                                  + (f"does not fit the {kind} values of the rows before it" if bad else
+                                     "Arrow cannot store") + ": give the column one type in every row")
+        chunks.append(pa.table({c: pa.array(v) for c, v in columns.items()}))
+        starts.append(locations[0])
         for values in columns.values():
             values.clear()
-        span[0] = ""
+        locations.clear()
 
     for location, row in records:
         _check_row(row, needed, cfg, location)
         for c in columns:
             value = row.get(c)
             columns[c].append(str(value) if c in text and value is not None else value)
-        span[0], span[1] = span[0] or location, location
-        if len(columns[needed[0]]) >= _CHUNK_ROWS:
+        locations.append(location)
+        if len(locations) >= _CHUNK_ROWS:
             flush()
     flush()
+    if not chunks:
+        return pa.table({c: [] for c in columns})
     try:
-        return pa.concat_tables(chunks, promote_options="permissive") if chunks else pa.table({c: [] for c in columns})
+        return pa.concat_tables(chunks, promote_options="permissive")  # nulls, then ints to floats, are promoted
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        for c in columns:  # the column whose type changes between chunks, and the chunk where it does
+            types = [chunk.schema.field(c).type for chunk in chunks]
+            try:
+                pa.unify_schemas([pa.schema([(c, t)]) for t in types], promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                changed = next(i for i, t in enumerate(types) if t != types[0])
+                raise ConfigError(f"{path}: column '{c}' is {types[0]} in the rows from {starts[0]} on and "
+                                  f"{types[changed]} in those from {starts[changed]} on: give the column one type "
+                                  "in every row") from None
         raise ConfigError(f"{path}: a column changes type between rows ({err}): give each column one type") from None
 
 
@@ -848,7 +883,8 @@ def rollout(engine: RolloutEngine, stream: PromptStream, steps: list[int], fmt: 
     policy_step = steps[0] if isinstance(engine, TransformersRollout) else engine.synced_step
     completions = engine.sample(prompt_ids, cfg)
     n = cfg.samples_per_prompt
-    teachers = [r[cfg.teacher_column] if cfg.teacher_column else "default" for r in records]
+    only = next(iter(cfg.teachers))  # without teacher_column there is one teacher (the config checks it)
+    teachers = [str(r[cfg.teacher_column]) if cfg.teacher_column else only for r in records]
     prompt_ids, records, teachers = ([x for x in xs for _ in range(n)] for xs in (prompt_ids, records, teachers))
     out, first = [], 0  # every list is now one entry per sample, in the order of the completions
     for share in shares:
@@ -1129,6 +1165,9 @@ def score(teachers: dict[str, Teacher], rollouts: Rollouts, cfg: OnPolicyConfig)
     n = len(batch["target_ids"])
     out = {"teacher_ids": torch.zeros(n, cfg.logprobs_top_k, dtype=torch.long),
            "teacher_logprobs": torch.zeros(n, cfg.logprobs_top_k), "teacher_token_logprobs": torch.zeros(n)}
+    if unknown := set(rollouts.teachers) - set(teachers):
+        raise RuntimeError(f"samples routed to teacher(s) {sorted(unknown)}, not one of {sorted(teachers)}: they "
+                           "would train on empty grades")
     for name, teacher in teachers.items():
         mine = [i for i, t in enumerate(rollouts.teachers) if t == name]
         if not mine:
@@ -1172,7 +1211,7 @@ def offline_steps(seed: int, on_policy_fraction: float, num_steps: int) -> np.nd
     ``on_policy_fraction``: about a (1 - lambda) fraction of the steps, each decided by its index alone
     (the draws are a prefix of one stream whatever ``num_steps``), so a resumed run makes the same choices.
     """
-    return np.random.default_rng([seed, OFFLINE_STREAM]).random(num_steps) >= on_policy_fraction
+    return np.random.default_rng([seed, *OFFLINE_CHOICE_KEY]).random(num_steps) >= on_policy_fraction
 
 
 def check_offline_data(directory: str, meta: dict[str, Any], tokenizer: Any = None, student: str = "") -> None:
@@ -1214,7 +1253,7 @@ class OfflineBatches:
 
     def row_indices(self, step: int) -> list[int]:
         """Rows of the built data in the batch of offline step ``step``."""
-        return seeded_slice(len(self.rows), [self.seed, OFFLINE_STREAM], self.cursor.position(step), self.cursor.size)
+        return seeded_slice(len(self.rows), [self.seed, *OFFLINE_ROWS_KEY], self.cursor.position(step), self.cursor.size)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The collated rows of step ``step`` (this process's share), with ``target_ids`` (N,): what
@@ -1442,24 +1481,26 @@ def resume_point(cfg: OnPolicyConfig) -> Path | None:
     return path
 
 
-def restore(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any, ranks: Ranks | None = None) -> dict[str, Any]:
-    """Optimizer, scheduler and this process's RNG states of a checkpoint; returns its run state (step,
-    counters). A checkpoint of a run with another number of processes resumes with the weights, optimizer
-    and prompt stream; the processes it did not have seed their generators afresh (``seed + rank``)."""
+def restore(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any,
+            ranks: Ranks | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Optimizer and scheduler states of a checkpoint; returns its run state (step, counters) and this
+    process's RNG states, for :func:`set_rng_states` once every engine is built (an in-process vLLM
+    engine seeds the global generators when it starts, and its sampler draws from torch's: set
+    before, they would replay the run's first samples instead of continuing). A checkpoint of a run
+    with another number of processes resumes with the weights, optimizer and prompt stream; the
+    processes it did not have keep their fresh ``seed + rank`` generators (RNG states ``None``)."""
     ranks = ranks or Ranks()
     saved = torch.load(path / "training_state.pt", weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     own = path / f"rng-{ranks.rank}.pt"
-    if ranks.main:
-        set_rng_states(saved)
-    elif own.is_file():
-        set_rng_states(torch.load(own, weights_only=False))
+    own_rng = {k: v for k, v in saved.items() if k.endswith("_rng")}  # not the (large) optimizer state
+    rng = own_rng if ranks.main else torch.load(own, weights_only=False) if own.is_file() else None
     state = json.loads((path / STATE).read_text())
     if state.get("processes", 1) != ranks.world:
         logger.warning("%s was saved by %d process(es), resumed by %d: the samples differ from an uninterrupted run's",
                        path, state.get("processes", 1), ranks.world)
-    return state
+    return state, rng
 
 
 def stream_places(step: int, stream: PromptStream, offline: OfflineBatches | None) -> dict[str, int]:
@@ -1595,7 +1636,11 @@ def check_inputs(cfg: OnPolicyConfig, ranks: Ranks | None = None) -> None:
             _, meta = read_built_metadata(cfg.offline_data_dir)
         except (FileNotFoundError, SchemaError) as err:
             raise ConfigError(f"offline_data_dir: {err}") from None
-        check_offline_data(cfg.offline_data_dir, meta)
+        from transformers import AutoTokenizer
+
+        # the tokenizer only (small): the built rows must index its vocabulary
+        check_offline_data(cfg.offline_data_dir, meta, AutoTokenizer.from_pretrained(cfg.student_model),
+                           cfg.student_model)
     out = Path(cfg.output_dir)
     if (out / MANIFEST).is_file() and not cfg.overwrite and not resuming(cfg):
         raise ConfigError(f"output_dir {out} holds a finished run: set overwrite: true or another output_dir")
@@ -1694,7 +1739,7 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, fmt: PromptFormat, teach
         random.seed(cfg.seed + ranks.rank)
         np.random.seed(cfg.seed + ranks.rank)
     if resume is not None:
-        state = restore(resume, optimizer, scheduler, ranks)
+        state, rng = restore(resume, optimizer, scheduler, ranks)
         first, history = state["step"], state["history"]
         counters = Counters(**{k: v for k, v in state["counters"].items()})
         clock.before = state.get("wall_time_total_s", 0.0)  # the seconds of the processes before this one
@@ -1725,6 +1770,8 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, fmt: PromptFormat, teach
         engine.synced_step = first
     source = (RolloutSource(engine, teachers, stream, fmt, tokenizer, cfg, counters, offline, ranks)
               if engine is not None else None)
+    if resume is not None and rng is not None:  # after the engines: starting one reseeds the global generators
+        set_rng_states(rng)
 
     # Train: sample -> score -> loss -> step -> sync (or, on an offline step: built batch -> loss -> step)
     window = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -80,6 +81,24 @@ def test_the_prompt_stream_is_a_seeded_order_that_a_resume_finds_again():
 
 
 @pytest.mark.unit
+def test_a_step_takes_its_prompts_from_their_chunks_not_the_joined_column():
+    """A column of 2.4e9 values in all (list<null>: no memory), as many chunks of a big prompt file
+    are: a step's rows come from the chunks that hold them, in the order asked. Taking from the
+    whole table joins the chunks first (the whole column's bytes every step), which overflows
+    Arrow's 32-bit offsets here."""
+    n = 800_000_000
+    chunk = pa.ListArray.from_arrays(pa.array([0, n - 7, n], pa.int32()), pa.nulls(n))
+    table = pa.table({"prompt": pa.chunked_array([chunk] * 3),
+                      "id": pa.chunked_array([pa.array([0, 1]), pa.array([2, 3]), pa.array([4, 5])])})
+    with pytest.raises(pa.ArrowInvalid, match="offset overflow"):
+        table.take(pa.array([1]))
+    assert PromptTable(table).rows([5, 1, 3, 5]) == [{"prompt": [None] * 7, "id": i} for i in (5, 1, 3, 5)]
+    with pytest.raises(IndexError, match="out of range 0..5"):
+        PromptTable(table).rows([6])
+    assert PromptTable(pa.table({"id": []})).rows([]) == []
+
+
+@pytest.mark.unit
 def test_the_seeded_order_is_drawn_once_per_epoch_and_stays_the_checkpointed_one():
     """A step reads its batch from the epoch's permutation kept in memory, not from a new draw of all
     rows (a tenth of a second a step for millions of rows); the order is the one older checkpoints
@@ -92,6 +111,22 @@ def test_the_seeded_order_is_drawn_once_per_epoch_and_stays_the_checkpointed_one
     assert read == expected[0].tolist() + expected[1][:600].tolist()
     with pytest.raises(ValueError):
         epoch_order(1000, (5,), 0)[0] = 1  # callers share the cached order: it is read-only
+
+
+@pytest.mark.unit
+def test_the_prompt_order_the_offline_choice_and_the_row_order_are_separate_streams():
+    """No two streams share a generator: NumPy drops a key's trailing zeros, so [seed, 1] (the
+    prompts' second epoch) and [seed, 1, 0] are one generator; the offline keys must not be either."""
+    def first_words(key):
+        return np.random.default_rng(key).bit_generator.random_raw(4).tolist()
+
+    for seed in (0, 3):
+        prompts = [first_words([seed, epoch]) for epoch in range(4)]
+        choice = first_words([seed, *op.OFFLINE_CHOICE_KEY])
+        rows = [first_words([seed, *op.OFFLINE_ROWS_KEY, epoch]) for epoch in range(4)]
+        streams = prompts + [choice] + rows
+        assert len({tuple(words) for words in streams}) == len(streams)
+    assert first_words([3, 1]) == first_words([3, 1, 0])  # why: trailing zeros drop out
 
 
 @pytest.mark.unit
@@ -190,8 +225,27 @@ def test_prompt_values_come_back_as_the_run_reads_them(tmp_path):
     assert load_prompts(_prompt_config(tmp_path / "m.jsonl")).rows([0, 1]) == [
         {"prompt": messages[0], "answer": "72"}, {"prompt": messages[1], "answer": "3/4"}]
     (tmp_path / "x.jsonl").write_text('{"prompt": "a"}\n\n{"prompt": [{"role": "user", "content": "b"}]}\n')
-    with pytest.raises(ConfigError, match=r"x\.jsonl line 1 to .*x\.jsonl line 3: a column holds values of different"):
+    with pytest.raises(ConfigError, match=r"x\.jsonl line 3: column 'prompt' holds \[\{'role': 'user', 'content': "
+                                          r"'b'\}\], which does not fit the string values of the rows before it"):
         load_prompts(_prompt_config(tmp_path / "x.jsonl"))
+
+
+@pytest.mark.unit
+def test_a_column_whose_type_changes_between_chunks_names_where(tmp_path, monkeypatch):
+    """Rows read 2 at a time: numbers then text in one column fails naming the column and the line
+    from which it changed; nulls then text are promoted."""
+    monkeypatch.setattr(op, "_CHUNK_ROWS", 2)
+    lines = ['{"prompt": "a", "answer": null, "domain": [1]}', '{"prompt": "b", "answer": null, "domain": [2]}',
+             '{"prompt": "c", "answer": 2.5, "domain": ["x"]}']
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = _prompt_config(tmp_path / "c.jsonl", teacher_model="t", answer_column="answer")
+    assert load_prompts(cfg).rows([0, 2]) == [{"prompt": "a", "answer": None}, {"prompt": "c", "answer": "2.5"}]
+    source = OnPolicyConfig(**{**cfg.__dict__, "prompt_column": "domain"})
+    with pytest.raises(ConfigError) as err:
+        load_prompts(source)
+    assert str(err.value) == (f"{tmp_path / 'c.jsonl'}: column 'domain' is list<item: int64> in the rows from "
+                              f"{tmp_path / 'c.jsonl'} line 1 on and list<item: string> in those from "
+                              f"{tmp_path / 'c.jsonl'} line 3 on: give the column one type in every row")
 
 
 @pytest.mark.unit
@@ -383,6 +437,11 @@ def test_config_needs_its_inputs_and_names_multi_teacher_routing():
         {"math": "a", "code": "b"}
     with pytest.raises(ConfigError, match="teacher_column"):
         OnPolicyConfig(**{**base, "teacher_model": "math=a,code=b"})
+    # a path with '=' in it is one unnamed teacher; one named teacher needs no column; a name twice fails
+    assert OnPolicyConfig(**{**base, "teacher_model": "runs/lr=1e-4/final"}).teachers == {"default": "runs/lr=1e-4/final"}
+    assert OnPolicyConfig(**{**base, "teacher_model": "math=runs/lr=1e-4"}).teachers == {"math": "runs/lr=1e-4"}
+    with pytest.raises(ConfigError, match="the name 'math' is given twice"):
+        OnPolicyConfig(**{**base, "teacher_model": "math=a,math=b", "teacher_column": "domain"})
     with pytest.raises(ConfigError, match="offline_data_dir"):
         OnPolicyConfig(**base, on_policy_fraction=0.5)
     with pytest.raises(ConfigError, match="objective must be one of"):
@@ -393,6 +452,10 @@ def test_config_needs_its_inputs_and_names_multi_teacher_routing():
         OnPolicyConfig(**base, temperature=0.0)
     with pytest.raises(ConfigError, match="top-k objectives only"):
         OnPolicyConfig(**base, temperature=2.0, objective="sampled_reverse_kl")
+    for sampling in ({"rollout_temperature": 0.6}, {"rollout_top_p": 0.9}):  # not the student's own distribution
+        with pytest.raises(ConfigError, match="gradient only for tokens drawn from the student's own distribution"):
+            OnPolicyConfig(**base, objective="sampled_reverse_kl", **sampling)
+    assert OnPolicyConfig(**base, objective="reverse_kl", rollout_temperature=0.6).rollout_temperature == 0.6
     # settings that would do nothing, or fail only at the first step, fail here
     for settings, message in (
             ({"offline_data_dir": "b"}, "read only by offline steps: set on_policy_fraction below 1"),
@@ -1222,8 +1285,8 @@ def test_a_mixed_run_resumes_with_the_same_step_choices_and_offline_rows(
         prompts, built, tiny_student_dir, tiny_random_teacher_dir, tmp_path, monkeypatch):
     """Stopped after checkpoint-2 and resumed, a lambda = 0.5 run ends bit-identical to an uninterrupted one."""
     common = dict(rollout_backend="transformers", on_policy_fraction=0.5, offline_data_dir=str(built),
-                  offline_rows_per_step=2, max_steps=6, save_steps=2, max_new_tokens=12, seed=1)
-    assert offline_steps(1, 0.5, 6)[2:].any() and not offline_steps(1, 0.5, 6)[2:].all()  # both kinds after the stop
+                  offline_rows_per_step=2, max_steps=6, save_steps=2, max_new_tokens=12, seed=0)
+    assert offline_steps(0, 0.5, 6)[2:].any() and not offline_steps(0, 0.5, 6)[2:].all()  # both kinds after the stop
     whole = op.run_onpolicy(config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "whole", **common))
     real = op.save_checkpoint
 
@@ -1246,14 +1309,49 @@ def test_a_mixed_run_resumes_with_the_same_step_choices_and_offline_rows(
 
 
 @pytest.mark.integration
+def test_a_resume_continues_the_samples_when_starting_an_engine_reseeds(
+        prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path, monkeypatch):
+    """An in-process vLLM engine seeds the global generators as it starts (its worker's
+    ``set_random_seed``), and its sampler draws from torch's. Here the rollout engine does the same:
+    a run stopped after checkpoint-2 and resumed still ends bit-identical to an uninterrupted one,
+    because the checkpoint's RNG states are set after the engines are built."""
+
+    class Reseeding(op.TransformersRollout):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            torch.manual_seed(0), random.seed(0), np.random.seed(0)  # as vLLM's worker does at start
+
+    monkeypatch.setattr(op, "TransformersRollout", Reseeding)
+    common = dict(rollout_backend="transformers", max_steps=4, save_steps=2, max_new_tokens=12, seed=0)
+    op.run_onpolicy(config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "whole", **common))
+    real = op.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        path = real(*args, **kwargs)
+        if path.name == "checkpoint-2":
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(op, "save_checkpoint", save_then_stop)
+    stopped = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "stopped", **common)
+    with pytest.raises(KeyboardInterrupt):
+        op.run_onpolicy(stopped)
+    monkeypatch.setattr(op, "save_checkpoint", real)
+    op.run_onpolicy(OnPolicyConfig(**{**stopped.__dict__, "resume_from_checkpoint": "latest"}))
+    a = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    b = load_file(str(tmp_path / "stopped" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.integration
 def test_a_mixed_run_resumed_with_other_batch_sizes_reads_on_where_it_stopped(
         prompts, built, tiny_student_dir, tiny_random_teacher_dir, tmp_path, monkeypatch):
     """Stopped after checkpoint-2 and resumed with 2 prompts a step instead of 4 and 3 offline rows
     instead of 2: over both runs the prompts and the rows are consecutive positions of their seeded
     orders (none twice, none skipped)."""
     common = dict(rollout_backend="transformers", on_policy_fraction=0.5, offline_data_dir=str(built),
-                  offline_rows_per_step=2, max_steps=6, save_steps=2, max_new_tokens=8, seed=1)
-    chosen = offline_steps(1, 0.5, 6)
+                  offline_rows_per_step=2, max_steps=6, save_steps=2, max_new_tokens=8, seed=0)
+    chosen = offline_steps(0, 0.5, 6)
     assert chosen[:2].any() and not chosen[:2].all() and chosen[2:].any() and not chosen[2:].all()
     read_prompts, read_rows = [], []
     real_rollout, real_rows, real_save = op.rollout, op.OfflineBatches.row_indices, op.save_checkpoint
@@ -1285,9 +1383,9 @@ def test_a_mixed_run_resumed_with_other_batch_sizes_reads_on_where_it_stopped(
     op.run_onpolicy(OnPolicyConfig(**{**stopped.__dict__, "resume_from_checkpoint": "latest",
                                       "prompts_per_step": 4 // 2, "offline_rows_per_step": 3}))
     assert len(read_prompts) == 4 * int((~chosen[:2]).sum()) + 2 * int((~chosen[2:]).sum())
-    assert read_prompts == op.seeded_slice(40, [1], 0, len(read_prompts))
+    assert read_prompts == op.seeded_slice(40, [0], 0, len(read_prompts))
     assert len(read_rows) == 2 * int(chosen[:2].sum()) + 3 * int(chosen[2:].sum())
-    assert read_rows == op.seeded_slice(len(read_built(built)[0]), [1, op.OFFLINE_STREAM], 0, len(read_rows))
+    assert read_rows == op.seeded_slice(len(read_built(built)[0]), [0, *op.OFFLINE_ROWS_KEY], 0, len(read_rows))
 
 
 @pytest.mark.integration
@@ -1305,6 +1403,30 @@ def test_pure_offline_kd_never_samples_nor_asks_a_teacher(built, tiny_student_di
     assert counts["rollout_tokens"] == counts["teacher_tokens_scored"] == 0
     before, after = load_file(str(tiny_student_dir / "model.safetensors")), load_file(str(tmp_path / "off" / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_offline_rows_of_another_tokenizer_fail_before_a_model_loads(built, tiny_student_dir, tmp_path, monkeypatch):
+    """The built rows index the vocabulary they were built with: a student with another tokenizer is
+    refused in one line by the input checks, before the student, teachers or shards are loaded."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("loaded before the tokenizer check")
+
+    for name in ("load_student", "load_teachers", "convert_built_to_arrow"):
+        monkeypatch.setattr(op, name, forbidden)
+    other = tmp_path / "other-student"
+    shutil.copytree(tiny_student_dir, other)
+    tokenizer = AutoTokenizer.from_pretrained(str(other))
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(str(other))
+    cfg = OnPolicyConfig(student_model=str(other), output_dir=str(tmp_path / "off"), on_policy_fraction=0.0,
+                         offline_data_dir=str(built), max_steps=3)
+    with pytest.raises(ConfigError, match=f"offline_data_dir: the tokenizer of student {other} .* is not the one"):
+        op.run_onpolicy(cfg)
+    assert not (tmp_path / "off").exists()
 
 
 # ---- the teacher on a pool of vLLM servers --------------------------------------------------------
@@ -1518,6 +1640,30 @@ def test_one_rollout_of_several_steps_gives_each_step_its_own_samples_and_teache
         assert batch.teachers == ["ab"[int(i) % 2] for i in ids]
         assert batch.completion_ids == batch.prompt_ids  # the engine echoes each prompt, once per sample
         assert batch.prompt_ids == [PromptFormat().token_ids(tiny_tokenizer, [f"question {i}"])[0] for i in ids]
+
+
+@pytest.mark.unit
+def test_one_named_teacher_without_a_column_grades_every_sample(tiny_tokenizer):
+    """``teacher_model: math=path`` and no ``teacher_column``: every sample goes to that teacher, whose
+    grades reach the batch; samples of a teacher the run does not have fail instead of training on zeros."""
+    from llmdistill.onpolicy import rollout
+    from llmdistill.prompts import PromptFormat
+
+    class Fixed:
+        def score(self, batch, k, chunk_size):
+            n = len(batch["target_ids"])
+            return {"teacher_ids": torch.full((n, k), 7), "teacher_logprobs": torch.full((n, k), -0.5),
+                    "teacher_token_logprobs": torch.full((n,), -0.25)}
+
+    cfg = OnPolicyConfig(dataset="p", student_model="s", teacher_model="math=runs/t", prompts_per_step=2,
+                         logprobs_top_k=3)
+    stream = PromptStream(PromptTable.from_rows([{"prompt": f"question {i}"} for i in range(4)]), 0, Cursor(2))
+    batch = rollout(_VersionedEngine(), stream, [0], PromptFormat(), tiny_tokenizer, cfg)[0]
+    assert batch.teachers == ["math", "math"]
+    graded = score({"math": Fixed()}, batch, cfg)
+    assert (graded["teacher_ids"] == 7).all() and (graded["teacher_token_logprobs"] == -0.25).all()
+    with pytest.raises(RuntimeError, match=r"samples routed to teacher\(s\) \['math'\], not one of \['code'\]"):
+        score({"code": Fixed()}, batch, cfg)
 
 
 @pytest.mark.unit

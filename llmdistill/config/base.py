@@ -293,6 +293,29 @@ def parse_json_field(name: str, value: str | dict | None) -> dict:
     return out
 
 
+def first_mixed_value(values: list[Any]) -> int | None:
+    """Where a column of JSON values stops being one Arrow column: the index of the first value that
+    cannot be stored beside the values before it (a number after text, a list after a number, an
+    integer past 64 bits), or None when all of them fit one type. A bisection over prefixes: a
+    prefix converts exactly when it ends before that value."""
+    import pyarrow as pa
+
+    def converts(prefix: list[Any]) -> bool:
+        try:
+            pa.array(prefix)
+        except (pa.ArrowException, OverflowError):
+            return False
+        return True
+
+    if converts(values):
+        return None
+    lo, hi = 1, len(values)  # values[:lo - 1] converts, values[:hi] does not
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if converts(values[:mid]) else (lo, mid)
+    return lo - 1
+
+
 def json_document(path: Path, error: type[UserError] = ConfigError) -> Any:
     """A user's whole-document JSON file (a .json list of rows), parsed; a file that is not UTF-8 or not
     JSON raises ``error`` naming the file and where it breaks."""
@@ -308,14 +331,28 @@ def jsonl_objects(path: Path, error: type[UserError] = ConfigError,
                   limit: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """The JSON objects of a user's JSONL file (prompt rows, seed queries, benchmark problems), one
     line at a time, each with its line number; blank lines are skipped. With ``limit``, the first
-    ``limit`` objects only (the lines after them are not read).
+    ``limit`` objects only (the lines after them are not read). A ``.gz`` file is read decompressed.
 
     Raises:
-        error: a line that is not JSON, or not a JSON object, naming the file and the line.
+        error: a line that is not JSON, or not a JSON object, naming the file and the line; a ``.gz``
+            file that is not gzip, or cut short.
     """
+    import gzip
+
     count = 0
-    with Path(path).open("rb") as fh:
-        for number, raw in enumerate(fh, start=1):
+    gzipped = str(path).endswith(".gz")
+    with gzip.open(path, "rb") if gzipped else Path(path).open("rb") as fh:
+        lines = enumerate(fh, start=1)
+        while True:
+            try:
+                number, raw = next(lines)
+            except StopIteration:
+                return
+            except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+                if not gzipped:
+                    raise
+                raise error(f"{path} is not a complete gzip file ({err}): compress it again, or give the "
+                            "uncompressed .jsonl") from None
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:

@@ -261,6 +261,11 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
         if self.temperature != 1 and self.objective == "sampled_reverse_kl":
             raise ConfigError(f"temperature={self.temperature} applies to the top-k objectives only: with objective "
                               "sampled_reverse_kl leave it at 1 (rollout_temperature sets the sampling)")
+        if self.objective == "sampled_reverse_kl" and (self.rollout_temperature != 1 or self.rollout_top_p != 1):
+            raise ConfigError(f"objective sampled_reverse_kl with rollout_temperature={self.rollout_temperature} and "
+                              f"rollout_top_p={self.rollout_top_p}: the sampled-token estimate is the reverse KL's "
+                              "gradient only for tokens drawn from the student's own distribution; set both to 1, or "
+                              "use objective reverse_kl (exact on the teacher's top-k at every position)")
         check_range("on_policy_fraction", self.on_policy_fraction, 0.0, 1.0)
         check_range("reward_weight", self.reward_weight, 0.0)
         check_range("learning_rate", self.learning_rate, 0.0)
@@ -340,15 +345,22 @@ class OnPolicyConfig(ObjectiveConfig, RolloutConfig, TeachersConfig, PromptsConf
 
     @property
     def teachers(self) -> dict[str, str]:
-        """Teacher name -> model: ``'a=path,b=path'``, or one unnamed teacher under ``'default'``."""
+        """Teacher name -> model: ``'a=path,b=path'``, or one unnamed teacher under ``'default'``.
+
+        A part whose text before ``=`` holds a ``/`` is a path with ``=`` in it (``runs/lr=1e-4/final``),
+        not a name: teacher names are plain words."""
         parts = [p.strip() for p in self.teacher_model.split(",") if p.strip()]
-        if len(parts) == 1 and "=" not in parts[0]:
+        named = [p for p in parts if "=" in p and "/" not in p.partition("=")[0]]
+        if len(parts) == 1 and not named:
             return {"default": parts[0]}
-        out = {}
+        out: dict[str, str] = {}
         for part in parts:
-            name, sep, path = part.partition("=")
-            if not sep or not name or not path:
+            name, sep, path = part.partition("=") if part in named else ("", "", part)
+            if not sep or not name.strip() or not path.strip():
                 raise ConfigError(f"teacher_model: '{part}' is not name=path (several teachers are 'a=path,b=path')")
+            if name.strip() in out:
+                raise ConfigError(f"teacher_model: the name '{name.strip()}' is given twice ({out[name.strip()]} and "
+                                  f"{path.strip()}): give each teacher its own name")
             out[name.strip()] = path.strip()
         return out
 
