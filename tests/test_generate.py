@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import ENGINE_ENV, ENGINE_FLAGS  # tests/ is on sys.path (pytest's rootdir conftest)
@@ -245,6 +246,97 @@ def test_score_reads_messages_and_numbers_samples(tiny_tokenizer, tiny_tokenizer
     assert work[0].request.completion_token_ids.tolist() == tiny_tokenizer(
         conv[1]["content"], add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
     assert a.prompt_text.endswith("<|im_start|>assistant\n")
+
+
+def corrupt_column(path: Path, column: str) -> None:
+    """Overwrite every data page of ``column`` in an uncompressed Parquet file with bytes that cannot be decoded."""
+    data = bytearray(path.read_bytes())
+    meta = pq.ParquetFile(path).metadata
+    for group in range(meta.num_row_groups):
+        chunk = next(meta.row_group(group).column(c) for c in range(meta.num_columns)
+                     if meta.row_group(group).column(c).path_in_schema == column)
+        start = chunk.dictionary_page_offset or chunk.data_page_offset
+        data[start:start + chunk.total_compressed_size] = b"\xff" * chunk.total_compressed_size
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.unit
+def test_parquet_and_hub_parts_are_picked_batch_by_batch_by_prompt_hash(tiny_tokenizer_dir, tmp_path, monkeypatch):
+    from llmdistill.generate import inputs
+    from llmdistill.generate.inputs import input_columns, load_rows, shard_of
+    from llmdistill.prompts import prompt_hash
+
+    records = [{"prompt": f"q{i % 17}", "answer": str(i)} for i in range(23)]  # q0..q5 twice: a part keeps both
+    table = pa.Table.from_pylist(records)
+    data = tmp_path / "p.parquet"
+    pq.write_table(table, data, row_group_size=4)
+    monkeypatch.setattr(inputs, "ROW_BATCH", 3)  # batches of 3 over row groups of 4: no boundary lines up
+    hub = pa.Table.from_batches(table.to_batches(max_chunksize=5))
+    monkeypatch.setattr(inputs, "hub_table", lambda *args: hub)
+
+    def expected(name: str, index: int, count: int, limit: int) -> list[tuple[str, dict]]:
+        return [(f"{name} row {i}", r) for i, r in enumerate(records[:limit])
+                if shard_of(prompt_hash(r["prompt"]), count) == index]
+
+    for dataset, name in ((data, str(data)), ("org/prompts", "dataset org/prompts (train)")):
+        for limit in (23, 11):
+            cfg = gen_cfg(tiny_tokenizer_dir, dataset, tmp_path / "o", id_column=None, max_prompts=limit)
+            for index in range(3):
+                loaded = load_rows(cfg, input_columns(cfg), (index, 3))
+                assert (loaded.rows, loaded.total) == (expected(name, index, 3, limit), limit)
+            assert load_rows(cfg, input_columns(cfg)).rows == expected(name, 0, 1, limit)
+    assert {len(expected(str(data), i, 3, 23)) for i in range(3)} != {0}
+
+
+@pytest.mark.unit
+def test_parquet_input_reads_only_the_columns_it_uses(tiny_tokenizer_dir, tmp_path):
+    from llmdistill.generate.inputs import input_columns, load_rows
+
+    data = tmp_path / "p.parquet"
+    records = [{"id": f"r{i}", "prompt": f"q{i}", "answer": str(i), "blob": "x" * 4000} for i in range(12)]
+    pq.write_table(pa.Table.from_pylist(records), data, compression="none", use_dictionary=False, row_group_size=5)
+    corrupt_column(data, "blob")
+    with pytest.raises(OSError):
+        pq.read_table(data)  # the unused column cannot be read at all
+    cfg = gen_cfg(tiny_tokenizer_dir, data, tmp_path / "o")
+    parts = [load_rows(cfg, input_columns(cfg), (i, 2)).rows for i in range(2)]
+    assert sorted(r["id"] for part in parts for _, r in part) == sorted(r["id"] for r in records)
+    assert all(set(r) == {"id", "prompt", "answer"} for part in parts for _, r in part)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("value", [None, "x", -3, 2.7, 2.0, True, 2**31])
+def test_a_sample_index_that_is_not_an_int32_count_is_refused(tiny_tokenizer_dir, tmp_path, value):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "2+2?", "completion": "4", "k": 2**31 - 1}) + "\n"
+                    + json.dumps({"prompt": "2+2?", "completion": "5", "k": value}) + "\n")
+    cfg = ScoreConfig(model=str(tiny_tokenizer_dir), dataset=str(data), sample_index_column="k",
+                      output_dir=str(tmp_path / "o"), max_model_len=256)
+    message = (f"{data} line 2: the sample index column 'k' holds {value!r}, not a whole number from 0 to "
+               "2147483647; fix the data or the sample_index_column setting")
+    with pytest.raises(InputError) as err:
+        prepare(cfg, "score")
+    assert str(err.value) == message
+    data.write_text(json.dumps({"prompt": "2+2?", "completion": "4", "k": 2**31 - 1}) + "\n")
+    assert [r.sample_index for r in prepare(cfg, "score").pending] == [2**31 - 1]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("values", "line", "shown", "why"), [
+    ([1, None, 2, "x", 3], 4, "'x'", "does not fit the int64 values of the rows before it"),
+    ([[1], ["a"]], 2, "['a']", "does not fit the list<item: int64> values of the rows before it"),
+    ([{"a": 1}, {"b": "x"}, {"b": 2}], 3, "{'b': 2}", "does not fit the struct<a: int64, b: string> values of the rows "
+                                                      "before it"),
+    ([None, 2**70], 2, str(2**70), "cannot be stored"),
+])
+def test_a_mixed_type_passthrough_column_names_the_first_row_that_breaks_it(tiny_tokenizer_dir, tmp_path, values,
+                                                                           line, shown, why):
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": v}) + "\n" for i, v in enumerate(values)))
+    with pytest.raises(InputError) as err:
+        prepare(gen_cfg(tiny_tokenizer_dir, data, tmp_path / "o", id_column=None), "generate")
+    assert str(err.value) == (f"{data} line {line}: passthrough column 'answer' holds {shown}, which {why}; make the "
+                              "column one type in every row or drop it from passthrough_columns")
 
 
 @pytest.mark.unit

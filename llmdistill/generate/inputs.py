@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from llmdistill.config.base import UserError, json_document, jsonl_objects, looks_like_local_path
+from llmdistill.config.base import (
+    UserError,
+    first_mixed_value,
+    json_document,
+    jsonl_objects,
+    looks_like_local_path,
+)
 from llmdistill.config.generate import GenerateConfig, ScoreConfig
 from llmdistill.log import get_logger
 from llmdistill.prompts import PromptError, PromptFormat, prompt_hash, read_text_or_file, stored_prompt
@@ -175,18 +181,45 @@ def _read_json(path: Path, keep: Callable[[str, dict], bool], limit: int | None)
     return PartRows([(loc, r) for loc, r in rows if keep(loc, r)], len(records))
 
 
-def _select_table(cfg: GenerateConfig | ScoreConfig, table: pa.Table, name: str, columns: list[str],
-                  keep: Callable[[str, dict], bool]) -> PartRows:
-    """The part's rows of a Parquet or hub table: ids from the id column first, then only those rows' records."""
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise InputError(f"{name} has no column(s) {missing}; its columns are {table.column_names}")
+ROW_BATCH = 8192  # input rows per Arrow batch while picking a part's rows: bounds the other parts' rows in memory
+
+
+def _select_rows(cfg: GenerateConfig | ScoreConfig, schema: pa.Schema,
+                 read: Callable[[list[str]], Iterable[pa.RecordBatch]], name: str, columns: list[str],
+                 keep: Callable[[str, dict], bool]) -> PartRows:
+    """The part's rows of a Parquet file or hub table, one Arrow batch at a time.
+
+    ``read(names)`` yields the table's batches of just those columns. Each batch's prompt ids
+    come from its id columns first; only the part's rows of the other columns are turned into
+    Python objects, so memory holds the part plus one batch, never the other parts' rows.
+    """
     id_cols = _id_columns(cfg)
-    keys = table.select(id_cols).to_pylist()
-    kept = [i for i, record in enumerate(keys) if keep(f"{name} row {i}", record)]
-    part = table.select(columns).take(pa.array(kept, type=pa.int64()))
-    types = {c: table.schema.field(c).type for c in cfg.passthrough_columns}
-    return PartRows([(f"{name} row {i}", r) for i, r in zip(kept, part.to_pylist(), strict=True)], len(table), types)
+    needed = list(dict.fromkeys([*columns, *id_cols]))
+    missing = [c for c in needed if c not in schema.names]
+    if missing:
+        raise InputError(f"{name} has no column(s) {missing}; its columns are {schema.names}")
+    rest = [c for c in needed if c not in id_cols]
+    rows, total = [], 0
+    for batch in read(needed):
+        keys = batch.select(id_cols).to_pylist()
+        kept = [i for i, key in enumerate(keys) if keep(f"{name} row {total + i}", key)]
+        others = batch.select(rest).take(pa.array(kept, type=pa.int64())).to_pylist()
+        rows += [(f"{name} row {total + i}", keys[i] | other) for i, other in zip(kept, others, strict=True)]
+        total += batch.num_rows
+    types = {c: schema.field(c).type for c in cfg.passthrough_columns}
+    return PartRows(rows, total, types)
+
+
+def _parquet_batches(parquet: Any, columns: list[str], limit: int | None) -> Iterator[pa.RecordBatch]:
+    """The batches of ``columns`` of a ``pyarrow.parquet.ParquetFile``: its other columns are never read,
+    nor its rows after the first ``limit``."""
+    seen = 0
+    for batch in parquet.iter_batches(batch_size=ROW_BATCH, columns=columns):
+        if limit is not None and seen + batch.num_rows >= limit:
+            yield batch.slice(0, limit - seen)
+            return
+        seen += batch.num_rows
+        yield batch
 
 
 def load_rows(cfg: GenerateConfig | ScoreConfig, columns: list[str], part: tuple[int, int] = (0, 1)) -> PartRows:
@@ -213,9 +246,9 @@ def load_rows(cfg: GenerateConfig | ScoreConfig, columns: list[str], part: tuple
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
-            table = table.slice(0, cfg.max_prompts) if cfg.max_prompts is not None else table
-            loaded = _select_table(cfg, table, str(path), columns, keep)
+            parquet = pq.ParquetFile(path)
+            loaded = _select_rows(cfg, parquet.schema_arrow, lambda names: _parquet_batches(parquet, names, cfg.max_prompts),
+                                  str(path), columns, keep)
         else:
             read = _read_jsonl if path.suffix == ".jsonl" else _read_json
             loaded = read(path, keep, cfg.max_prompts)
@@ -244,7 +277,8 @@ def _load_hub(cfg: GenerateConfig | ScoreConfig, columns: list[str], keep: Calla
     table = hub_table(cfg.dataset, cfg.dataset_config, cfg.dataset_split)
     if cfg.max_prompts is not None:
         table = table.slice(0, cfg.max_prompts)
-    return _select_table(cfg, table, f"dataset {cfg.dataset} ({cfg.dataset_split})", columns, keep)
+    return _select_rows(cfg, table.schema, lambda names: table.select(names).to_batches(max_chunksize=ROW_BATCH),
+                        f"dataset {cfg.dataset} ({cfg.dataset_split})", columns, keep)
 
 
 def passthrough_types(loaded: PartRows, columns: list[str]) -> dict[str, pa.DataType]:
@@ -255,9 +289,26 @@ def passthrough_types(loaded: PartRows, columns: list[str]) -> dict[str, pa.Data
         if loaded.types is not None:
             typ = loaded.types[column]
         else:
-            typ = pa.array([r[column] for _, r in loaded.rows]).type if loaded.rows else pa.string()
+            typ = _inferred_type(loaded.rows, column) if loaded.rows else pa.string()
         types[column] = pa.string() if pa.types.is_null(typ) else typ
     return types
+
+
+def _inferred_type(rows: list[tuple[str, dict]], column: str) -> pa.DataType:
+    """The Arrow type of a JSON/JSONL passthrough column's values.
+
+    Raises:
+        InputError: values that are not one type, naming the first row that does not fit the rows before it.
+    """
+    values = [r[column] for _, r in rows]
+    bad = first_mixed_value(values)
+    if bad is None:
+        return pa.array(values).type
+    location, value = rows[bad][0], values[bad]
+    earlier = pa.array(values[:bad]).type
+    why = "cannot be stored" if pa.types.is_null(earlier) else f"does not fit the {earlier} values of the rows before it"
+    raise InputError(f"{location}: passthrough column '{column}' holds {value!r:.60}, which {why}; make the column one "
+                     "type in every row or drop it from passthrough_columns")
 
 
 # ---------------------------------------------------------------------------------------
@@ -329,6 +380,18 @@ def prompt_requests(cfg: GenerateConfig, formatter: Formatter, rows: list[tuple[
     return requests
 
 
+SAMPLE_INDEX_END = 2**31  # sample indices are stored as int32
+
+
+def _sample_index(cfg: ScoreConfig, record: dict, location: str) -> int:
+    """A row's ``sample_index_column`` value: a whole number in [0, 2**31) (floats and booleans are refused)."""
+    value = record[cfg.sample_index_column]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SAMPLE_INDEX_END:
+        raise InputError(f"{location}: the sample index column '{cfg.sample_index_column}' holds {value!r:.60}, not a "
+                         f"whole number from 0 to {SAMPLE_INDEX_END - 1}; fix the data or the sample_index_column setting")
+    return value
+
+
 def score_requests(cfg: ScoreConfig, formatter: Formatter, rows: list[tuple[str, dict]]) -> list[Request]:
     """One request per (prompt, completion) row (not yet tokenized)."""
     requests, locations, seen = [], [], {}
@@ -338,7 +401,7 @@ def score_requests(cfg: ScoreConfig, formatter: Formatter, rows: list[tuple[str,
             raise InputError(f"{location}: the completion is empty or not text; remove the row or fill it in")
         prompt_id = _prompt_id(cfg, record, prompt, location)
         if cfg.sample_index_column:
-            sample_index = int(record[cfg.sample_index_column])
+            sample_index = _sample_index(cfg, record, location)
         else:
             sample_index = seen.get(prompt_id, 0)
             seen[prompt_id] = sample_index + 1

@@ -158,6 +158,7 @@ def prepare(cfg: GenerateConfig | ScoreConfig, stage: str) -> Plan:
     # This job's rows (shard before formatting) -> requests, minus what a previous run already wrote
     formatter = Formatter.of(cfg, tokenizer)
     loaded = load_rows(cfg, input_columns(cfg), (index, count))
+    types = passthrough_types(loaded, cfg.passthrough_columns)  # mixed-type JSON columns fail before formatting
     mine = (score_requests(cfg, formatter, loaded.rows) if stage == "score"
             else prompt_requests(cfg, formatter, loaded.rows))
     eos_suffix(tokenizer, getattr(cfg, "append_eos", False))  # fails now, not when the first pair is scored
@@ -173,7 +174,7 @@ def prepare(cfg: GenerateConfig | ScoreConfig, stage: str) -> Plan:
     info = GenerationInfo(stage=stage, teacher=resolve_model(cfg.model), tokenizer=resolve_model(cfg.tokenizer or cfg.model),
                           k=cfg.logprobs_top_k, vocab_size=len(tokenizer), prompt_format=formatter.format,
                           rewrite_template=rewrite_template(cfg))
-    return Plan(info, directory, tokenizer, pending, passthrough_types(loaded, cfg.passthrough_columns), done, counts,
+    return Plan(info, directory, tokenizer, pending, types, done, counts,
                 max_model_len=max_model_len, num_samples=getattr(cfg, "num_samples", 1),
                 append_eos=getattr(cfg, "append_eos", False))
 
