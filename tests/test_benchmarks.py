@@ -255,6 +255,67 @@ def test_generated_and_bundled_sources_report_what_is_wrong(tmp_path, monkeypatc
         load_benchmark("math500")
 
 
+def _gzip(text: str) -> bytes:
+    import gzip
+
+    return gzip.compress(text.encode())
+
+
+MATH_ROW = json.dumps({"problem": "1+1?", "answer": "2"})
+# (benchmark, data file name, its content, the message after the file's path)
+BAD_DATA_FILES = [
+    ("math500", "bad.jsonl", f"{MATH_ROW}\n\n{{\"problem\": \"2+2?\", \"answer\": \n",
+     " line 3 is not valid JSON (Expecting value): fix or remove that line"),
+    ("math500", "bad.jsonl.gz", _gzip(f"{MATH_ROW}\n[1, 2]\n"), " line 2 is a JSON list, expected an object"),
+    ("math500", "cut.jsonl.gz", _gzip(f"{MATH_ROW}\n" * 200)[:-12],
+     " is not a complete gzip file (Compressed file ended before the end-of-stream marker was "
+     "reached): compress it again, or give the uncompressed .jsonl"),
+    ("math500", "empty.jsonl", "\n", " holds no rows: give it one row per problem"),
+    ("math500", "scalar.json", "42", ' is a JSON number, expected a list of row objects '
+                                     '([{"problem": ..., "answer": ...}, ...])'),
+    ("math500", "object.json", '{"problems": []}', " is a JSON object without a 'data' or 'rows' list "
+                                                   "(keys: ['problems']): write the rows as a list, or under \"data\""),
+    ("math500", "rows.json", f'{{"rows": [{MATH_ROW}, "3+3?"]}}', " 'rows', row 1 is a JSON string, expected an object"),
+    ("math500", "null_answer.jsonl", f'{MATH_ROW}\n{{"problem": "2+2?", "answer": null}}\n',
+     ", row 1: field 'answer' (column 'answer') is null: fill it in or remove the row"),
+    ("math500", "null_problem.json", '[{"problem": null, "answer": "2"}]',
+     ", row 0: field 'problem' (column 'problem') is null: fill it in or remove the row"),
+    ("math500", "blank_answer.jsonl", '{"problem": "1+1?", "answer": "  "}\n',
+     ", row 0: field 'answer' (column 'answer') is empty: fill it in or remove the row"),
+    ("humaneval", "null_tests.jsonl", '{"task_id": "t/0", "prompt": "def f():\\n", "test": null, "entry_point": "f"}\n',
+     ", row 0: field 'tests' (column 'test') is null: fill it in or remove the row"),
+    ("gpqa_diamond", "null_option.json", json.dumps([{"Record ID": "r0", "Question": "Q?", "Correct Answer": "a",
+                                                      "Incorrect Answer 1": "b", "Incorrect Answer 2": None,
+                                                      "Incorrect Answer 3": "d"}]),
+     ", row 0: field 'incorrect_2' (column 'Incorrect Answer 2') is null: fill it in or remove the row"),
+]
+
+
+@pytest.mark.parametrize(("name", "file", "content", "message"), BAD_DATA_FILES, ids=[c[1] for c in BAD_DATA_FILES])
+def test_a_bad_data_file_fails_naming_the_file_line_or_row_and_field(tmp_path, name, file, content, message):
+    path = tmp_path / file
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(BenchmarkError) as err:
+        load_benchmark(name, data_path=path)
+    expected = f"data_path {path}{message}" if file == "empty.jsonl" else f"{path}{message}"
+    assert str(err.value) == expected
+
+
+def test_data_files_hold_the_same_rows_in_every_json_shape(tmp_path):
+    rows = [{"problem": f"{i}+{i}?", "answer": i + i, "unique_id": f"p{i}"} for i in range(3)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n\n" for r in rows))
+    (tmp_path / "a.jsonl.gz").write_bytes(_gzip("".join(json.dumps(r) + "\n" for r in rows)))
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    (tmp_path / "b.json").write_text(json.dumps({"data": rows}))
+    expected = [("p0", "0", "0+0?"), ("p1", "2", "1+1?"), ("p2", "4", "2+2?")]  # a 0 answer is an answer
+    for file in ("a.jsonl", "a.jsonl.gz", "a.json", "b.json"):
+        items = load_benchmark("math500", data_path=tmp_path / file)
+        assert [(i.id, i.answer, i.problem) for i in items] == expected, file
+
+
 # ---------------------------------------------------------------------------------------
 # Imports: the registry drags in neither the eval stage nor the tiny world
 

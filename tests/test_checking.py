@@ -96,6 +96,9 @@ TEXT_CASES: list[Case] = [
     Case("numeric", boxed("5"), "-5", False, "sign"),
     Case("numeric", boxed("+5"), "5", True, "explicit plus"),
     Case("numeric", boxed("60 coins"), "60", True, "unit word"),
+    Case("numeric", boxed("3 thousand"), "3", False, "a magnitude word is not a unit"),
+    Case("numeric", boxed("3 thousand"), "3000", True, "a magnitude word scales"),
+    Case("numeric", boxed("5 million"), "5", False, "a magnitude word is not a unit"),
     Case("numeric", boxed(r"60\text{ cm}"), "60", True, "LaTeX unit"),
     Case("numeric", boxed(r"\$18.90"), "18.9", True, "currency"),
     Case("numeric", boxed(r"1.5 \times 10^{3}"), "1500", True, "scientific, LaTeX"),
@@ -117,6 +120,12 @@ TEXT_CASES: list[Case] = [
     Case("choice", "<think>t</think>The answer is (C).", "C", True, "answer is (X)"),
     Case("choice", "<think>t</think>Answer: C", "B", False, "wrong letter"),
     Case("choice", "<think>The answer is B</think>", "B", False, "answer inside <think> only"),
+    Case("choice", "<think>t</think>The answer is a bit subtle. Looking again, C is right.\n", "C", False,
+         "a lower-case word after 'answer is' is not a letter"),
+    Case("choice", "<think>t</think>So the answer is C", "C", True, "answer is X"),
+    Case("choice", "<think>t</think>ANSWER: (C)", "C", True, "ANSWER: (X)"),
+    # math: an assignment is its value
+    Case("math", boxed("x=2"), "2", True, "assignment"),
 ]
 
 # where the exact numeric rule deliberately differs from math-verify's reading of the boxed answer
@@ -124,6 +133,7 @@ NUMERIC_DIVERGENCES = {
     "1.5e3": "math-verify reads e as Euler's number (1.5*E*3); the numeric rule reads scientific notation",
     r"1\,000": r"math-verify reads 1\,000 as 1*0; the numeric rule reads a LaTeX thousands separator",
     "0.3333333": "math-verify rounds to 6 decimals; the numeric rule is exact",
+    "3 thousand": "math-verify reads 'thousand' as a product of symbols; the numeric rule scales by the word",
 }
 
 
@@ -284,7 +294,10 @@ def test_table_size():
     [("60", 60), ("60.0", 60), ("-0.50", Fraction(-1, 2)), ("1,234.5", Fraction(2469, 2)), ("3/4", Fraction(3, 4)),
      (r"\frac{3}{4}", Fraction(3, 4)), ("1.5e-3", Fraction(3, 2000)), (r"2 \times 10^{3}", 2000),
      ("x = 5", 5), ("45^\\circ", 45), ("60\\%", 60), ("5.", 5), ("−5", -5),
-     ("1,5", None), ("5i", None), (r"2\sqrt{3}", None), ("3 apples and 4", None), ("1/0", None), ("", None)],
+     ("1,5", None), ("5i", None), (r"2\sqrt{3}", None), ("3 apples and 4", None), ("1/0", None), ("", None),
+     ("3 thousand", 3000), ("5 Million dollars", 5_000_000), ("1.5 billion", 1_500_000_000), ("2 dozen", 24),
+     ("3 hundred thousand", 300_000), (r"3\text{ thousand}", 3000), ("3 hundredths", Fraction(3, 100)),
+     ("7 millionaires", 7), ("3 thousand 5", None)],
 )
 def test_parse_number(text, value):
     assert parse_number(text) == value
@@ -304,6 +317,33 @@ def test_majority_vote_counts_values_not_spellings():
     assert not majority_correct(raw, [v.correct for v in verdicts])  # raw strings: 61 would win
     math = [check("math", boxed(s), Reference(answer=r"\frac12")) for s in (r"\frac{1}{2}", "0.5", r"\dfrac12")]
     assert {v.extracted for v in math} == {"0.5"} and all(v.correct for v in math)
+
+
+def test_math_votes_share_a_key_when_the_checker_judges_them_equal():
+    responses = [boxed(s) for s in ("5", "5", "x=2", "2", "x = 2")]
+    verdicts = [check("math", r, Reference(answer="2")) for r in responses]
+    assert verdicts == [Verdict("5", False), Verdict("5", False), Verdict("2", True), Verdict("2", True),
+                        Verdict("2", True)]
+    assert majority_correct([v.extracted for v in verdicts], [v.correct for v in verdicts])
+    # an integer percent is the integer, as math-verify judges 10% = 10
+    verdicts = [check("math", boxed(s), Reference(answer="10")) for s in ("7", "7", r"10\%", "10", r"10\%")]
+    assert verdicts == [Verdict("7", False), Verdict("7", False), Verdict("10", True), Verdict("10", True),
+                        Verdict("10", True)]
+    assert majority_correct([v.extracted for v in verdicts], [v.correct for v in verdicts])
+    # other percents are their value (math-verify: 12.5% = 0.125, not 12.5); expressions without variables too
+    keys = {s: check("math", boxed(s), Reference(answer="0")).extracted
+            for s in (r"12.5\%", r"y = \frac{1}{2}", "1+1", r"\sqrt{4}", r"3\pi/3", "2x=4")}
+    assert keys == {r"12.5\%": "0.125", r"y = \frac{1}{2}": "0.5", "1+1": "2", r"\sqrt{4}": "2", r"3\pi/3": "pi",
+                    "2x=4": "Eq(2*x, 4)"}
+    assert [check("math", boxed(r"12.5\%"), Reference(answer=g)).correct for g in ("0.125", "12.5")] == [True, False]
+
+
+def test_choice_letter_is_upper_case_outside_a_box():
+    response = "The answer is a bit subtle. Looking again, C is right.\n"
+    assert check("choice", response, Reference(answer="C")) == Verdict(None, False)
+    for response in ("the answer is C", "ANSWER: (C)", "Answer: **C**", "The answer is (C).", "C\n", r"\boxed{c}"):
+        assert check("choice", response, Reference(answer="C")) == Verdict("C", True), response
+    assert check("choice", "the answer is c", Reference(answer="C")) == Verdict(None, False)
 
 
 def test_code_pass_needs_the_sentinel_after_the_tests():

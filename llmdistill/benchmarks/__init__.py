@@ -84,6 +84,21 @@ def _rename(rows: list[dict[str, Any]], columns: dict[str, str], where: str) -> 
     return renamed
 
 
+def _check_values(rows: list[dict[str, Any]], spec: BenchmarkSpec, columns: dict[str, str], where: str) -> None:
+    """Every renamed row has the fields its checker reads, neither null nor empty (``str(None)`` would
+    be a gold answer no response matches, silently scoring the problem 0)."""
+    fields = ["problem", "tests" if spec.checker == "code" else "answer"]
+    fields += ["entry_point"] if spec.checker == "code" and "entry_point" in columns else []
+    fields += list(spec.options.choices) if spec.options is not None else []
+    for index, row in enumerate(rows):
+        for ours in dict.fromkeys(fields):
+            value = row.get(ours)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                state = "null" if value is None else "empty"
+                raise BenchmarkError(f"{where}, row {index}: field '{ours}' (column '{columns[ours]}') is {state}: "
+                                     f"fill it in or remove the row")
+
+
 def load_benchmark(
     name: str,
     data_path: str | Path | None = None,
@@ -104,7 +119,8 @@ def load_benchmark(
         The problems as :class:`Item` objects, in dataset order.
 
     Raises:
-        BenchmarkError: unknown name, unreadable file, missing column, or unreachable hub dataset.
+        BenchmarkError: unknown name, unreadable file, missing column, a null or empty problem, answer
+            or tests field, or unreachable hub dataset.
     """
     spec = get_spec(name)
     columns = {**spec.columns, **(column_map or {})}
@@ -116,8 +132,9 @@ def load_benchmark(
         rows, where = sources.package_rows(spec), spec.source.package_file
     else:
         rows, where = sources.hub_rows(spec), spec.source.hub or name
-    rows = rows[:limit] if limit else rows
-    return [spec.to_item(row, i) for i, row in enumerate(_rename(rows, columns, where))]
+    rows = _rename(rows[:limit] if limit else rows, columns, where)
+    _check_values(rows, spec, columns, where)
+    return [spec.to_item(row, i) for i, row in enumerate(rows)]
 
 
 def load_benchmark_problems(name: str, data_path: str | Path | None = None) -> list[str]:

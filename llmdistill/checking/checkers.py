@@ -28,9 +28,10 @@ and compares it with the :class:`Reference`:
 * ``none`` -- accepts every response (traces without checkable answers).
 
 :attr:`Verdict.extracted` is the answer in normalised form where the checker normalises
-(``numeric``: :func:`~llmdistill.checking.numbers.canonical_number`; ``math``: the canonical
-number, else SymPy's printing of the parsed answer; ``choice``: the upper-case letter), so maj@k
-votes on answers, not spellings: ``60`` and ``60.0`` are one vote.
+(``numeric``: :func:`~llmdistill.checking.numbers.canonical_number`; ``math``: the value of an
+assignment or percent, as math-verify compares them, as a canonical number, else SymPy's printing
+of the parsed answer; ``choice``: the upper-case letter), so maj@k votes on answers, not
+spellings: ``60``, ``60.0`` and ``x = 60`` are one vote.
 """
 
 from __future__ import annotations
@@ -156,12 +157,35 @@ def parse_prediction(answer: str) -> list[Any]:
 
 
 def _math_key(parsed: list[Any], boxed: str | None) -> str | None:
-    """The normalised answer for votes: a canonical number, else SymPy's printing, else the raw text."""
+    r"""The normalised answer for votes, so that answers the checker judges equal share a key where
+    that is cheap: the parse is first reduced as math-verify compares it with a plain gold, then
+    written as a canonical number, else SymPy's printing, else the raw text.
+
+    * an assignment votes as its value: ``x = 2`` -> ``2`` (math-verify: ``x = 2`` equals the gold ``2``);
+    * a percent of an integer votes as the integer, any other percent as its value:
+      ``10\%`` -> ``10``, ``12.5\%`` -> ``0.125`` (math-verify: ``9\%`` equals ``9``; ``12.5\%``
+      equals ``0.125``, not ``12.5``);
+    * an expression without variables votes as its value: ``1+1``, ``\sqrt{4}`` -> ``2``
+      (evaluated within math-verify's time limit).
+    """
     import sympy
+    from math_verify.errors import TimeoutException
+    from math_verify.grader import get_pct_val, is_assignment_relation, safe_sympy_doit, take_last_relation
+    from math_verify.utils import timeout
 
     if not parsed:
         return boxed
     first = parsed[0]
+    if is_assignment_relation(first):
+        first = take_last_relation(first).rhs
+    percent = get_pct_val(first)
+    if percent is not None:
+        first = percent if isinstance(percent, sympy.Integer) else percent / 100
+    if isinstance(first, sympy.Basic) and not first.free_symbols:
+        try:
+            first = timeout(_math_timeout())(safe_sympy_doit)(first)
+        except TimeoutException:
+            pass
     if isinstance(first, sympy.Number) and first.is_finite:
         if isinstance(first, sympy.Float):
             value = parse_number(str(first))

@@ -19,7 +19,8 @@ THINK_TAGS = (THINK_OPEN, THINK_CLOSE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _CODE_BLOCK = re.compile(r"```([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _CHOICE_PATTERNS = (
-    re.compile(r"answer\s*(?:is|:)?\s*[:\s]*\(?\**([A-J])\b\)?", re.IGNORECASE),
+    # the words in any case, the letter upper-case only: "the answer is a bit subtle" commits to nothing
+    re.compile(r"(?i:answer\s*(?:is|:)?)\s*[:\s]*\(?\**([A-J])\b\)?"),
     re.compile(r"^\s*\(?([A-J])\)?[.)]?\s*$", re.MULTILINE),
 )
 
@@ -71,7 +72,8 @@ def choice_letter(text: str, letters: str = "ABCD") -> str | None:
     """The multiple-choice letter a response commits to.
 
     Looks, in order, at the last ``\\boxed{X}``, then "answer is (X)" / "Answer: X", then a line
-    holding only a letter. Letters outside ``letters`` are ignored.
+    holding only a letter. Outside a box the letter must be upper case ("the answer is a bit
+    subtle" is no answer). Letters outside ``letters`` are ignored.
     """
     boxed = last_boxed(text)
     if boxed is not None:
@@ -79,7 +81,7 @@ def choice_letter(text: str, letters: str = "ABCD") -> str | None:
         if m and m.group(1).upper() in letters:
             return m.group(1).upper()
     for pattern in _CHOICE_PATTERNS:
-        found = [g.upper() for g in pattern.findall(text) if g.upper() in letters]
+        found = [g for g in pattern.findall(text) if g in letters]
         if found:
             return found[-1]
     return None

@@ -10,6 +10,9 @@ Before that, both are normalised:
   ``x =`` and a currency sign (``$``, ``\$``, ``€``, ``£``) do not matter;
 * simple fractions (``3/4``, ``\frac{3}{4}``, ``-\dfrac{3}{4}``) and scientific notation
   (``1.5e3``, ``1.5 \times 10^{3}``) are their values;
+* a magnitude word scales the number: ``3 thousand`` is 3000, ``1.5 million`` 1500000, ``2 dozen``
+  24, ``3 hundredths`` 0.03 (hundred, thousand, million, billion, trillion, dozen; tenth, hundredth,
+  thousandth, millionth; plurals too);
 * a trailing unit word (``60 coins``, ``60\text{ cm}``, ``45^\circ``) is a label and is dropped;
   so is ``%``: ``60\%`` reads as 60, not 0.6;
 * LaTeX wrappers (``$``, ``\text{}``, ``\mathrm{}``, ``\left``/``\right``) are removed.
@@ -36,6 +39,11 @@ _NUMBER = re.compile(
     rf"|(?P<num>{_DEC})(?:{_EXP})?(?:\s*/\s*(?P<den>{_DEC}))?"
     rf")"
 )
+# a magnitude word after the number multiplies it (a unit may follow: "5 million dollars")
+_SCALES = {"dozen": Fraction(12), "hundred": Fraction(10**2), "thousand": Fraction(10**3), "million": Fraction(10**6),
+           "billion": Fraction(10**9), "trillion": Fraction(10**12), "tenth": Fraction(1, 10),
+           "hundredth": Fraction(1, 10**2), "thousandth": Fraction(1, 10**3), "millionth": Fraction(1, 10**6)}
+_SCALE = re.compile(rf"\s*({'|'.join(sorted(_SCALES, key=len, reverse=True))})s?\b", re.IGNORECASE)
 # a unit: % or °, or a word that is separated by a space or has two letters or more ("5 m", "60cm"; not "5i")
 _UNIT = re.compile(r"\s*(?:[%°]|(?:(?<=\s)|(?=[A-Za-z]{2}))[A-Za-z][A-Za-z°%.\s/]*(?:\^\s*\{?[23]\}?)?)?\s*\.?\s*")
 _ASSIGNMENT = re.compile(r"^[A-Za-z]\w*\s*=\s*")
@@ -63,14 +71,19 @@ def _decimal(text: str) -> Decimal:
 def parse_number(text: str | None) -> Fraction | None:
     """The exact value of a numeric answer, or ``None`` when it is not one number (see the module docs).
 
-    Examples: ``"1,234.50"`` -> 2469/2; ``"\\frac{3}{4}"`` -> 3/4; ``"1.5e3 m"`` -> 1500;
+    Examples: ``"1,234.50"`` -> 2469/2; ``"\\frac{3}{4}"`` -> 3/4; ``"1.5e3 m"`` -> 1500; ``"3 thousand"`` -> 3000;
     ``"1,5"`` -> None; ``"2\\sqrt{3}"`` -> None.
     """
     if text is None:
         return None
     s = _clean(text)
     match = _NUMBER.match(s)
-    if match is None or not _UNIT.fullmatch(s, match.end()):
+    if match is None:
+        return None
+    end, scale = match.end(), Fraction(1)
+    while (word := _SCALE.match(s, end)) is not None:
+        end, scale = word.end(), scale * _SCALES[word[1].lower()]
+    if not _UNIT.fullmatch(s, end):
         return None
     try:
         if match["fn"] is not None:
@@ -84,7 +97,7 @@ def parse_number(text: str | None) -> Fraction | None:
         return None
     if den == 0 or abs(exponent) > MAX_EXPONENT:
         return None
-    value = Fraction(num) / Fraction(den) * Fraction(10) ** exponent
+    value = Fraction(num) / Fraction(den) * Fraction(10) ** exponent * scale
     return -value if match["sign"] == "-" else value
 
 
