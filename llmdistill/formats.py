@@ -248,8 +248,8 @@ def check_generation_rows(path: Path, table: pa.Table | pa.RecordBatch, k: int, 
                           first_row: int = 0) -> None:
     """Check a generation shard's rows: types, a completion per row, top-k shape, log-probs and ids.
 
-    Log-probs must not be NaN or positive (``-inf``, zero probability, is allowed); ids must lie in
-    ``[0, vocab_size)`` when ``vocab_size`` is given. Only the columns present are checked.
+    Log-probs must not be NaN or positive (``-inf``, zero probability, is allowed); completion and
+    top-k ids must lie in ``[0, vocab_size)`` when ``vocab_size`` is given. Only the columns present are checked.
 
     Args:
         path: the shard (for messages).
@@ -288,8 +288,8 @@ def check_generation_rows(path: Path, table: pa.Table | pa.RecordBatch, k: int, 
                               f"tokens at k = {k} (expected {n_tokens[row] * k}); the shard is damaged: regenerate it")
     offsets = np.concatenate([[0], np.cumsum(n_tokens * k)])
 
-    def row_of(flat: int) -> int:
-        return first_row + int(np.searchsorted(offsets, flat, side="right") - 1)
+    def row_of(flat: int, starts: np.ndarray = offsets) -> int:
+        return first_row + int(np.searchsorted(starts, flat, side="right") - 1)
 
     if "topk_logprobs" in names:
         values = pc.list_flatten(table.column("topk_logprobs")).to_numpy(zero_copy_only=False)
@@ -297,11 +297,16 @@ def check_generation_rows(path: Path, table: pa.Table | pa.RecordBatch, k: int, 
         if bad is not None:
             raise SchemaError(f"{path} row {row_of(bad)}: 'topk_logprobs' holds {values[bad]}, not a log-probability; "
                               "the shard is damaged: regenerate it")
-    if "topk_ids" in names and vocab_size is not None:
-        ids = pc.list_flatten(table.column("topk_ids")).to_numpy(zero_copy_only=False)
+    if vocab_size is None:
+        return
+    token_offsets = np.concatenate([[0], np.cumsum(n_tokens)])
+    for name, starts in (("completion_token_ids", token_offsets), ("topk_ids", offsets)):
+        if name not in names:
+            continue
+        ids = pc.list_flatten(table.column(name)).to_numpy(zero_copy_only=False)
         bad = _first((ids < 0) | (ids >= vocab_size))
         if bad is not None:
-            raise SchemaError(f"{path} row {row_of(bad)}: 'topk_ids' holds id {ids[bad]}, outside the student's "
+            raise SchemaError(f"{path} row {row_of(bad, starts)}: '{name}' holds id {ids[bad]}, outside the student's "
                               f"vocabulary of {vocab_size}: the traces come from another tokenizer (see `llmdistill "
                               "score`) or the shard is damaged")
 

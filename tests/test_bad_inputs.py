@@ -111,6 +111,17 @@ def _without_topk(tmp: Path, fx: dict) -> Path:
     return directory
 
 
+def _sft(tmp: Path, fx: dict, records: list[dict]) -> list[str]:
+    """A plain dataset of text traces (the SFT path): a good row, then ``records``."""
+    good = {"prompt": "p", "completion": "c", "answer": "1"} if "prompt" in records[-1] else {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "answer": "1"}
+    return _build_args(tmp, fx, write_jsonl(tmp / "d.jsonl", [good, *records]), "--kd", "false")
+
+
+def _chat(*turns: dict) -> dict:
+    return {"messages": list(turns), "answer": "1"}
+
+
 def _set(row: int, field: str, value) -> Callable[[list[dict]], None]:
     def damage(rows: list[dict]) -> None:
         rows[row][field] = value(rows[row]) if callable(value) else value
@@ -189,6 +200,34 @@ CASES = [
     Case("build: KD from a plain dataset", "build",
          lambda t, fx: _build_args(t, fx, write_jsonl(t / "d.jsonl", [{"prompt": "p", "completion": "c"}])),
          ("plain dataset", "kd: false")),
+    Case("build: null completion in a plain dataset", "build",
+         lambda t, fx: _sft(t, fx, [{"prompt": "q", "completion": None, "answer": "2"}]),
+         ("d.jsonl, row 1", "'completion' is null", "remove the row")),
+    Case("build: null prompt in a plain dataset", "build",
+         lambda t, fx: _sft(t, fx, [{"prompt": "q", "completion": "c", "answer": "2"},
+                                    {"prompt": None, "completion": "c", "answer": "3"}]),
+         ("d.jsonl, row 2", "'prompt' is null")),
+    Case("build: a number for the completion in a plain dataset", "build",
+         lambda t, fx: _sft(t, fx, [{"prompt": "q", "completion": 7, "answer": "2"}]),
+         ("d.jsonl, row 1", "'completion' is of type int, not text")),
+    Case("build: messages without a user turn", "build",
+         lambda t, fx: _sft(t, fx, [_chat({"role": "system", "content": "s"}, {"role": "assistant", "content": "a"})]),
+         ("d.jsonl, row 1", "'messages' has no user message before its last assistant message", "add the user turn")),
+    Case("build: messages stored as a JSON string", "build",
+         lambda t, fx: _build_args(t, fx, write_jsonl(t / "d.jsonl", [{"messages": json.dumps(
+             [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]), "answer": "1"}]), "--kd", "false"),
+         ("d.jsonl, row 0", "'messages' is a string", "list of")),
+    Case("build: a message without content", "build",
+         lambda t, fx: _sft(t, fx, [_chat({"role": "user", "text": "q"}, {"role": "assistant", "content": "a"})]),
+         ("d.jsonl, row 1", "'messages' message 0 has 'content'", "give every message a text 'role' and 'content'")),
+    Case("build: malformed line in a plain dataset", "build",
+         lambda t, fx: _build_args(t, fx, _prompts(t, ['{"prompt": "p", "completion": "c"}', '{"prompt": '], "d.jsonl"),
+                                   "--kd", "false"),
+         ("d.jsonl could not be read as json", "row 1")),
+    Case("build: completion token id outside the vocabulary", "build",
+         lambda t, fx: _build_args(t, fx, _shards(t, fx, _set(1, "completion_token_ids",
+                                                               lambda r: r["completion_token_ids"][:-1] + [10**6]))),
+         ("part-000000.parquet row 1", "'completion_token_ids' holds id 1000000", "vocabulary")),
     Case("build: malformed line in the decontamination file", "build",
          lambda t, fx: _build_args(t, fx, _shards(t, fx), "--decontam_extra_file",
                                    str(_prompts(t, ['{"problem": "1+1"}', '{"problem": '], "extra.jsonl"))),
@@ -221,6 +260,19 @@ CASES = [
     Case("eval: data_path missing", "eval",
          lambda t, fx: ["--models", fx["teacher"], "--benchmarks", "math500", "--data_path", str(t / "m.jsonl"),
                         "--output_dir", str(t / "out")], ("m.jsonl", "does not exist")),
+    Case("eval: malformed line in data_path", "eval",
+         lambda t, fx: ["--models", fx["teacher"], "--benchmarks", "math500", "--data_path",
+                        str(_prompts(t, ['{"problem": "1+1?", "answer": "2"}', '{"problem": '], "m.jsonl")),
+                        "--output_dir", str(t / "out")], ("m.jsonl line 2 is not valid JSON", "fix or remove")),
+    Case("eval: data_path .json holding a scalar", "eval",
+         lambda t, fx: ["--models", fx["teacher"], "--benchmarks", "math500", "--data_path",
+                        str(_prompts(t, ["42"], "m.json")), "--output_dir", str(t / "out")],
+         ("m.json is a JSON number", "expected a list of row objects")),
+    Case("eval: null answer in data_path", "eval",
+         lambda t, fx: ["--models", fx["teacher"], "--benchmarks", "math500", "--data_path",
+                        str(_prompts(t, ['{"problem": "1+1?", "answer": "2"}', '{"problem": "2+2?", "answer": null}'],
+                                     "m.jsonl")), "--output_dir", str(t / "out")],
+         ("m.jsonl, row 1: field 'answer' (column 'answer') is null", "fill it in or remove the row")),
     # ---- demo ----------------------------------------------------------------------------
     Case("demo: seeds that are not integers", "demo",
          lambda t, fx: ["--seeds", "a,b", "--output_dir", str(t / "out")], ("seeds='a,b'", "comma-separated integers")),
@@ -280,3 +332,17 @@ def test_a_shard_with_the_wrong_type_names_the_column(tmp_path, fixtures):
     with pytest.raises(SchemaError, match=r"part-000000.parquet: column 'topk_logprobs' is list<\w+: double>, expected"):
         read_generation_table(directory)
     assert json.loads(table.schema.metadata[b"llmdistill"])["k"] == K
+
+
+@pytest.mark.parametrize("bad", [100, 10**6, -5])
+def test_a_completion_token_id_outside_the_vocabulary_names_the_row(bad):
+    from llmdistill.formats import GENERATION_COLUMNS, SchemaError, check_generation_rows
+
+    ids = [[1, 2], [], [3, bad, 99]]  # k = 2: the top-k ids are all in range
+    table = pa.table({"completion_token_ids": pa.array(ids, GENERATION_COLUMNS["completion_token_ids"]),
+                      "topk_ids": pa.array([[0] * 4, [], [99] * 6], GENERATION_COLUMNS["topk_ids"])})
+    check_generation_rows(Path("s.parquet"), table.slice(0, 2), 2, vocab_size=100)
+    check_generation_rows(Path("s.parquet"), table, 2)  # no vocabulary: no range check
+    with pytest.raises(SchemaError, match=rf"^s\.parquet row 12: 'completion_token_ids' holds id {bad}, outside the "
+                                          r"student's vocabulary of 100: the traces come from another tokenizer"):
+        check_generation_rows(Path("s.parquet"), table, 2, vocab_size=100, first_row=10)

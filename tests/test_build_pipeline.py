@@ -220,6 +220,75 @@ def test_plain_dataset_with_messages_is_the_sft_path(tmp_path, tiny_tokenizer_di
     assert tok.decode(ids[mask == 1]).endswith("<|im_end|>")
 
 
+def _plain_dataset(tmp_path: Path, records: list[dict]) -> BuildConfig:
+    path = tmp_path / "traces.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return BuildConfig(input_path=str(path), student_tokenizer="unused", kd=False)
+
+
+def test_a_plain_dataset_is_written_batch_by_batch_with_the_same_rows(tmp_path, monkeypatch):
+    import datasets
+
+    from llmdistill.builder import traces
+    from llmdistill.prompts import prompt_hash
+
+    def chat(question: str, answer: str) -> list[dict]:
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+    cfg = _plain_dataset(tmp_path, [
+        {"messages": chat("q", "a0"), "answer": "1"},
+        {"prompt": "p", "completion": "c1", "answer": "2"},
+        {"prompt": "p", "completion": "c2", "answer": None},
+        {"messages": chat("q", "a3"), "answer": "4"},  # the same prompt as row 0, in the next batch
+        {"id": "x", "prompt": "p", "completion": "c4", "answer": "5"},
+        {"id": "x", "prompt": "other", "completion": "c5", "answer": "6"},
+        {"prompt": "p", "completion": "c6", "answer": "7"},
+    ])
+    q = json.dumps([{"role": "user", "content": "q"}])
+    expected = [(prompt_hash(q), 0, q, "a0", "1"), (prompt_hash("p"), 0, "p", "c1", "2"),
+                (prompt_hash("p"), 1, "p", "c2", None), (prompt_hash(q), 1, q, "a3", "4"), ("x", 0, "p", "c4", "5"),
+                ("x", 1, "other", "c5", "6"), (prompt_hash("p"), 2, "p", "c6", "7")]
+    expected = [dict(zip(["prompt_id", "sample_index", "prompt", "completion", "answer"], e, strict=True),
+                     finish_reason="stop") for e in expected]
+
+    def no_whole_dataset(self, *args, **kwargs):
+        raise AssertionError("the whole dataset was loaded into Python objects")
+
+    monkeypatch.setattr(datasets.Dataset, "to_list", no_whole_dataset)
+    monkeypatch.setattr(datasets.Dataset, "to_pandas", no_whole_dataset)
+    whole = traces.open_dataset(cfg, tmp_path / "whole")
+    monkeypatch.setattr(traces, "DATASET_ROWS_PER_GROUP", 3)
+    batched = traces.open_dataset(cfg, tmp_path / "batched")
+    for inp, groups in ((whole, [7]), (batched, [3, 3, 1])):
+        (shard,) = inp.shards
+        assert [g.num_rows for g in shard.row_groups] == groups
+        assert inp.columns == {"prompt_id", "sample_index", "prompt", "completion", "finish_reason", "answer"}
+        assert pq.read_table(shard.path).to_pylist() == expected
+        assert sorted(p.name for p in shard.path.parent.iterdir()) == [shard_name(0)]  # no temporary file left
+
+
+@pytest.mark.parametrize("records, needles", [
+    ([{"prompt": "p", "completion": "c"}] * 4 + [{"prompt": "p", "completion": None}],
+     ["row 4: 'completion' is null", "remove the row"]),
+    ([{"prompt": "p", "completion": "c"}] * 3 + [{"prompt": None, "completion": "c"}],
+     ["row 3: 'prompt' is null"]),
+    ([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 4
+     + [{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}],
+     ["row 4: 'messages' has no user message before its last assistant message", "add the user turn"]),
+])
+def test_a_bad_row_after_the_first_batch_is_named_and_nothing_is_written(tmp_path, monkeypatch, records, needles):
+    from llmdistill.builder import traces
+
+    monkeypatch.setattr(traces, "DATASET_ROWS_PER_GROUP", 2)
+    cfg = _plain_dataset(tmp_path, records)
+    with pytest.raises(ConfigError) as err:
+        traces.open_dataset(cfg, tmp_path / "input")
+    assert str(err.value).startswith(f"{cfg.input_path}, row ")
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+    assert list((tmp_path / "input").iterdir()) == []  # the partly written file is removed
+
+
 def test_student_prompt_follows_the_generation_prompt_format(tmp_path, tiny_tokenizer, tiny_tokenizer_dir):
     rng = np.random.default_rng(0)
     p = generate_problems(1, seed=11)[0]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
 
 from llmdistill.builder import dedup, filters
+from llmdistill.builder.decide import SHUFFLE_BLOCK_BYTES, _pass_rate_mask, shuffle_blocks
 from llmdistill.builder.decontam import NgramIndex, build_index, contaminated
 from llmdistill.builder.pack import (
     best_fit_decreasing,
@@ -16,8 +18,9 @@ from llmdistill.builder.pack import (
     split_overlong,
     unpack_row,
 )
+from llmdistill.builder.rows import check_reference_column
 from llmdistill.builder.tokenize import Document
-from llmdistill.builder.verify import check_references, reference_column, verify_all
+from llmdistill.builder.verify import check_references, verify_all
 from llmdistill.checking.checkers import CHECKERS
 from llmdistill.codec import decode_topk, encode_topk, encoded_size
 from llmdistill.config.base import ConfigError
@@ -88,9 +91,14 @@ def test_every_verifier_name_is_a_checker():
     assert VERIFIER_NAMES == tuple(CHECKERS)
     for name in VERIFIER_NAMES:
         assert isinstance(verify(name, "<think>x</think>\\boxed{1}", "1"), bool), name
-    assert {name: reference_column(VerifyConfig(verifier=name)) for name in VERIFIER_NAMES} == {
-        "math": "reference", "numeric": "reference", "exact": "reference", "choice": "reference",
-        "code": "tests", "none": None}
+    # the input column each verifier reads, as the build looks it up (answer_column / tests_column)
+    columns = frozenset({"answer", "tests", "solution", "unit_tests"})
+    assert {name: check_reference_column(BuildConfig(input_path="x", student_tokenizer="x", verifier=name), columns,
+                                         "generation") for name in VERIFIER_NAMES} == {
+        "math": "answer", "numeric": "answer", "exact": "answer", "choice": "answer", "code": "tests", "none": None}
+    assert [check_reference_column(BuildConfig(input_path="x", student_tokenizer="x", verifier=name,
+                                               answer_column="solution", tests_column="unit_tests"), columns,
+                                   "generation") for name in ("exact", "code")] == ["solution", "unit_tests"]
     with pytest.raises(ConfigError, match="verifier"):
         VerifyConfig(verifier="fuzzy")._check_verify()
 
@@ -156,9 +164,16 @@ def test_malformed_and_truncated_traces_are_dropped():
 
 def test_pass_rate_window_and_cap_per_prompt():
     pids = ["a", "a", "a", "a", "b", "b", "c", "c"]
+    codes = np.array([0, 0, 0, 0, 1, 1, 2, 2])
     correct = np.array([1, 1, 1, 0, 1, 1, 0, 0], dtype=bool)
-    assert filters.pass_rates(pids, correct) == {"a": 0.75, "b": 1.0, "c": 0.0}
-    np.testing.assert_array_equal(filters.pass_rate_mask(pids, correct, 0.2, 0.9), [1, 1, 1, 1, 0, 0, 0, 0])
+    everyone = np.ones(8, dtype=bool)
+    # rates a 0.75, b 1.0, c 0.0: the window [0.2, 0.9] keeps a, its bounds are inclusive
+    np.testing.assert_array_equal(_pass_rate_mask(codes, correct, everyone, 0.2, 0.9), [1, 1, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(_pass_rate_mask(codes, correct, everyone, 0.0, 0.75), [1, 1, 1, 1, 0, 0, 1, 1])
+    # only the traces still alive (their prompt not dropped earlier) count: without its failure, a solves 3/3
+    alive = np.array([1, 1, 1, 0, 1, 1, 1, 1], dtype=bool)
+    np.testing.assert_array_equal(_pass_rate_mask(codes, correct, alive, 0.2, 0.9), [0, 0, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(_pass_rate_mask(codes, correct, alive, 0.9, 1.0), [1, 1, 1, 1, 1, 1, 0, 0])
     keep = filters.cap_per_prompt(pids, [3, 0, 2, 1, 0, 1, 0, 1], 2)
     np.testing.assert_array_equal(keep, [0, 1, 0, 1, 1, 1, 1, 1])
     # only the samples still alive count towards the cap (prompt codes work as ids)
@@ -231,6 +246,39 @@ def test_signatures_and_band_keys_agree_across_calls_and_confirm_near_pairs():
     pairs = dedup.confirmed_pairs(np.array([7, 3, 9]), sig[[1, 0, 2]], 0.9)
     np.testing.assert_array_equal(pairs, [[3, 7]])
     assert dedup.text_hashes(["A b!"])[0] == dedup.text_hashes(["a  B"])[0]
+
+
+def test_near_duplicates_of_one_prompt_are_found_when_another_prompt_heads_their_buckets():
+    # y1 and y2 (prompt 1) differ from x (prompt 0) by one word each, from each other by two:
+    # x comes first in every bucket they share, yet y2 is a duplicate of y1 within prompt 1
+    rng = random.Random(1)
+    x = [f"w{rng.randrange(10**6)}" for _ in range(300)]
+    y1, y2 = list(x), list(x)
+    y1[100], y2[200] = "alpha", "beta"
+    texts = [" ".join(x), " ".join(y1), " ".join(y2)]
+    assert dedup.jaccard(texts[1], texts[2], 3) == pytest.approx(0.961, abs=1e-3)
+    near = dict(near=True, threshold=0.9, ngram=3, num_perm=128)
+    np.testing.assert_array_equal(dedup.duplicates(texts, **near), [False, True, True])
+    np.testing.assert_array_equal(dedup.duplicates(texts, **near, groups=np.array([0, 1, 1])), [False, False, True])
+    np.testing.assert_array_equal(dedup.duplicates(texts, **near, groups=np.array([0, 1, 2])), [False, False, False])
+    np.testing.assert_array_equal(dedup.duplicates(texts, **near, groups=np.array([1, 0, 1])), [False, False, True])
+
+
+def test_shuffle_blocks_bound_the_bytes_of_a_block():
+    bands, rows = dedup.lsh_params(0.9, 128)
+    near, exact = bands * (16 + 4 * 128), 16
+    # small inputs: one block per 50k traces, up to two per CPU, as before the size bound
+    for n, cpus in ((0, 8), (1, 8), (1_000, 1), (10_000, 8)):
+        for per_trace in (near, exact):
+            assert shuffle_blocks(n, per_trace, cpus) == max(1, min(cpus * 2, n // 50_000 + 1)), (n, per_trace)
+    assert shuffle_blocks(120_000, exact, 8) == 3 and shuffle_blocks(10**6, exact, 2) == 4
+    # growing inputs: the blocks grow with them, none above the target size on average
+    for n in (10**5, 10**6, 10**7, 10**8):
+        for per_trace in (near, exact):
+            blocks = shuffle_blocks(n, per_trace, 8)
+            assert n * per_trace / blocks <= SHUFFLE_BLOCK_BYTES, (n, per_trace)
+            assert blocks == min(16, n // 50_000 + 1) or n * per_trace / (blocks - 1) > SHUFFLE_BLOCK_BYTES
+    assert shuffle_blocks(10**7, near, 8) == 473  # 10M traces of 6.3 kB: 473 blocks of < 128 MB, not 16 of 4 GB
 
 
 def test_short_texts_and_normalisation():

@@ -29,7 +29,8 @@ from llmdistill.builder.traces import Part
 from llmdistill.config.base import UserError
 from llmdistill.config.build import BuildConfig
 
-_MIX = np.uint64(0x9E3779B97F4A7C15)
+# about the most bytes one block of the dedup shuffle holds (the hash shuffle never splits a block)
+SHUFFLE_BLOCK_BYTES = 128 << 20
 
 
 class EmptyBuildError(UserError):
@@ -140,9 +141,12 @@ def _pass_rate_mask(codes: np.ndarray, correct: np.ndarray, alive: np.ndarray, l
 # Duplicates across parts: a Ray Data hash shuffle by key
 
 
-def _mix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return dedup._splitmix(a.astype(np.uint64) * _MIX + b.astype(np.uint64))
+def shuffle_blocks(n: int, bytes_per_trace: int, cpus: int) -> int:
+    """Blocks of the shuffle of ``n`` traces' records: one per 50k traces up to two per CPU, and at
+    least enough that no block holds more than :data:`SHUFFLE_BLOCK_BYTES` on average, so the memory
+    of a task stays bounded however large the input is."""
+    by_size = -(-n * bytes_per_trace // SHUFFLE_BLOCK_BYTES)
+    return max(1, min(cpus * 2, n // 50_000 + 1), by_size)
 
 
 def _key_rows(batch: dict[str, np.ndarray], near: bool, bands: int, rows_per_band: int) -> pa.Table:
@@ -155,11 +159,11 @@ def _key_rows(batch: dict[str, np.ndarray], near: bool, bands: int, rows_per_ban
     group = task["groups"][np.searchsorted(task["rows"], local[pick])]
     row = task["offset"] + local[pick]
     if not near:
-        return pa.table({"key": _mix(group, keys.column("hash").to_numpy()[pick]), "row": row})
+        return pa.table({"key": dedup.mix(group, keys.column("hash").to_numpy()[pick]), "row": row})
     width = keys.schema.field("sig").type.list_size
     sig = keys.column("sig").combine_chunks().flatten().to_numpy().reshape(-1, width)[pick]
     band = dedup.band_keys(sig, bands, rows_per_band)
-    key = _mix(np.repeat(group, bands), band.reshape(-1))
+    key = dedup.mix(group[:, None], band).reshape(-1)
     flat = pa.array(np.repeat(sig, bands, axis=0).reshape(-1), pa.uint32())
     return pa.table({"key": key, "row": np.repeat(row, bands),
                      "sig": pa.FixedSizeListArray.from_arrays(flat, width)})
@@ -191,7 +195,9 @@ def _duplicate_pairs(tasks: list[dict[str, Any]], near: bool, cfg: BuildConfig, 
 
     bands, rows_per_band = dedup.lsh_params(cfg.dedup_threshold, cfg.minhash_num_perm)
     items = [{"task": pickle.dumps(t)} for t in tasks]
-    blocks = max(1, min(runtime.cpus * 2, sum(len(t["rows"]) for t in tasks) // 50_000 + 1))
+    # a record is a key and a row (8 bytes each), plus the signature once per band when near
+    per_trace = bands * (16 + 4 * cfg.minhash_num_perm) if near else 16
+    blocks = shuffle_blocks(sum(len(t["rows"]) for t in tasks), per_trace, runtime.cpus)
     dataset = (ray.data.from_items(items, override_num_blocks=len(items))
                .map_batches(_key_rows, batch_size=1, batch_format="numpy",
                             fn_kwargs={"near": near, "bands": bands, "rows_per_band": rows_per_band})

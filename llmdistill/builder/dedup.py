@@ -11,8 +11,9 @@ hashed at once (multiply-shift hashing on uint64), which does 100k texts in a fe
 
 Words are hashed (not numbered in order of appearance), so signatures and exact-text hashes
 computed in different processes compare: :func:`text_hashes`, :func:`signatures` and
-:func:`band_keys` are what ``build`` stores per trace for duplicates across parts, and
-:func:`confirmed_pairs` is what one group of a Ray Data groupby over those keys runs.
+:func:`band_keys` are what ``build`` stores per trace for duplicates across parts, :func:`mix`
+joins a group (a prompt) into those keys, and :func:`confirmed_pairs` is what one group of a Ray
+Data groupby over those keys runs.
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ def _splitmix(x: np.ndarray) -> np.ndarray:
     x = x ^ (x >> np.uint64(27))
     x = x * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
+
+
+def mix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each pair ``(a, b)`` (broadcast): how a group joins a key (exact-text hash
+    or LSH band key), so texts of different groups never share a bucket."""
+    with np.errstate(over="ignore"):
+        return _splitmix(np.asarray(a).astype(np.uint64) * _MIX + np.asarray(b).astype(np.uint64))
 
 
 def shingle_hashes(words: np.ndarray, offsets: np.ndarray, ngram: int) -> tuple[np.ndarray, np.ndarray]:
@@ -225,11 +233,18 @@ def confirmed_pairs(rows: np.ndarray, sig: np.ndarray, threshold: float) -> np.n
     return np.stack([np.full(len(other), rows[head], dtype=np.int64), rows[other].astype(np.int64)], axis=1)
 
 
-def _candidate_pairs(sig: np.ndarray, idx: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """Pairs (earlier, later) of texts sharing an LSH bucket, each paired with its bucket's first text."""
+def _candidate_pairs(sig: np.ndarray, idx: np.ndarray, bands: int, rows: int,
+                     groups: np.ndarray | None = None) -> np.ndarray:
+    """Pairs (earlier, later) of texts sharing an LSH bucket, each paired with its bucket's first text.
+
+    With ``groups``, the group is hashed into every band key (:func:`mix`, as the buckets across
+    parts are), so a bucket holds texts of one group only and its first text is of that group.
+    """
     n = sig.shape[0]
     keys = []
     buckets = band_keys(sig[idx], bands, rows)
+    if groups is not None:
+        buckets = mix(groups[idx][:, None], buckets)
     for band in range(bands):
         _, first, inverse = np.unique(buckets[:, band], return_index=True, return_inverse=True)
         head = first[inverse]
@@ -258,8 +273,8 @@ def near_duplicates(hashes: np.ndarray, starts: np.ndarray, sig: np.ndarray, thr
     """
     n, num_perm = sig.shape
     idx = np.flatnonzero(candidates) if candidates is not None else np.arange(n)
-    pairs = _candidate_pairs(sig, idx, *lsh_params(threshold, num_perm))
-    if groups is not None:
+    pairs = _candidate_pairs(sig, idx, *lsh_params(threshold, num_perm), groups=groups)
+    if groups is not None:  # a collision of two 64-bit keys aside, the pairs are all within a group
         pairs = pairs[groups[pairs[:, 0]] == groups[pairs[:, 1]]]
     if len(pairs):
         estimate = (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1)

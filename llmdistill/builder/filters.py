@@ -1,7 +1,8 @@
 """Step 2: rejection sampling — drop traces a student should not learn from.
 
 Each filter returns a boolean keep-mask over the traces, so the pipeline can count what
-every rule removed.
+every rule removed. The teacher's pass-rate window per prompt needs every part's verdicts: phase C
+applies it (:mod:`llmdistill.builder.decide`).
 """
 
 from __future__ import annotations
@@ -34,24 +35,6 @@ def length_mask(n_tokens: np.ndarray, min_tokens: int, max_tokens: int | None) -
     n = np.asarray(n_tokens)
     keep = n >= min_tokens
     return keep & (n <= max_tokens) if max_tokens is not None else keep
-
-
-def pass_rates(prompt_ids: list[str], correct: np.ndarray) -> dict[str, float]:
-    """Fraction of correct samples per prompt."""
-    codes, inverse = np.unique(np.asarray(prompt_ids, dtype=object), return_inverse=True)
-    solved = np.bincount(inverse, weights=correct.astype(np.float64), minlength=len(codes))
-    total = np.bincount(inverse, minlength=len(codes))
-    return dict(zip(codes.tolist(), (solved / total).tolist(), strict=True))
-
-
-def pass_rate_mask(prompt_ids: list[str], correct: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """True for samples of prompts the teacher solves with a rate in ``[lo, hi]``.
-
-    The rate counts every sample of the prompt (truncated and malformed ones as failures),
-    so it is the teacher's real solve rate, not the rate among survivors.
-    """
-    rates = pass_rates(prompt_ids, correct)
-    return np.asarray([lo <= rates[p] <= hi for p in prompt_ids], dtype=bool)
 
 
 def cap_per_prompt(prompt_ids: list[str] | np.ndarray, sample_index: list[int] | np.ndarray, m: int | None,

@@ -11,6 +11,7 @@ run through one code path.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -217,7 +218,8 @@ def select_rows(batches: Iterable[tuple[int, pa.RecordBatch]],
 # A plain dataset of text traces (SFT only)
 
 
-def _read_dataset(cfg: BuildConfig) -> list[dict[str, Any]]:
+def _read_dataset(cfg: BuildConfig) -> Any:
+    """The dataset as HF ``datasets`` loads it: memory-mapped Arrow in its cache, read batch by batch."""
     import datasets
 
     path = Path(cfg.input_path)
@@ -225,55 +227,140 @@ def _read_dataset(cfg: BuildConfig) -> list[dict[str, Any]]:
         builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
         if builder is None:
             raise ConfigError(f"input_path {path}: use a .jsonl, .json or .parquet file, or a generation directory")
-        return datasets.load_dataset(builder, data_files=str(path), split="train").to_list()
+        hf_logger = logging.getLogger("datasets")
+        level = hf_logger.level
+        hf_logger.setLevel(logging.CRITICAL)  # its loader logs a traceback of a malformed file: one line here
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except datasets.exceptions.DatasetGenerationError as err:
+            raise ConfigError(f"input_path {path} could not be read as {builder}: {err.__cause__ or err}. Fix the file "
+                              "(a .jsonl file holds one JSON object per line)") from None
+        finally:
+            hf_logger.setLevel(level)
     if path.is_dir():
         raise ConfigError(f"input_path {path} holds shards of another kind than generation output: point it at the "
                           "output_dir of `llmdistill generate` or `score`")
-    return datasets.load_dataset(cfg.input_path, split=cfg.dataset_split).to_list()
+    try:
+        return datasets.load_dataset(cfg.input_path, split=cfg.dataset_split)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"could not load dataset {cfg.input_path} ({cfg.dataset_split}): {err}. Check the id and "
+                          "dataset_split, or point input_path at a local file") from None
+
+
+def _kind(value: Any, want: str = "text") -> str:
+    return "null" if value is None else f"of type {type(value).__name__}, not {want}"
+
+
+def _split_messages(messages: Any, cfg: BuildConfig, where: str) -> tuple[str, str]:
+    """(prompt as JSON messages, completion) of one row's chat messages."""
+    col = cfg.messages_column
+    if isinstance(messages, str):
+        raise ConfigError(f"{where}: '{col}' is a string (JSON?), not a list of messages: store it as a list of "
+                          "{\"role\": ..., \"content\": ...} objects (decode the string when writing the file)")
+    if not isinstance(messages, list):
+        raise ConfigError(f"{where}: '{col}' is {_kind(messages, 'a list')}; it must be a list of "
+                          "{\"role\": ..., \"content\": ...} objects: fill it in or remove the row")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ConfigError(f"{where}: '{col}' message {j} is {_kind(m, 'an object')}; it must be a "
+                              "{\"role\": ..., \"content\": ...} object")
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                got = "missing" if key not in m else _kind(m[key])
+                raise ConfigError(f"{where}: '{col}' message {j} has '{key}' {got} (keys {sorted(m)}); give every "
+                                  "message a text 'role' and 'content', or remove the row")
+    last = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise ConfigError(f"{where}: '{col}' has no assistant message (the last one is the completion): add it or "
+                          "remove the row")
+    if not any(m["role"] == "user" for m in messages[:last]):
+        raise ConfigError(f"{where}: '{col}' has no user message before its last assistant message, so the trace "
+                          "has no prompt: add the user turn or remove the row")
+    prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
+    return json.dumps(prompt), messages[last]["content"]
 
 
 def _split_record(rec: dict[str, Any], cfg: BuildConfig, index: int) -> tuple[str, str]:
-    """(prompt, completion) of one dataset record; the prompt as JSON messages or plain text."""
+    """(prompt, completion) of one dataset record; the prompt as JSON messages or plain text.
+
+    Raises:
+        ConfigError: naming the input, the row, the column and the fix (a null, non-text or
+            malformed value is never made into a trace).
+    """
+    where = f"{cfg.input_path}, row {index}"
     messages = rec.get(cfg.messages_column)
-    if messages:
-        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
-        if last is None:
-            raise ConfigError(f"{cfg.input_path}, row {index}: '{cfg.messages_column}' has no assistant message")
-        prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
-        return json.dumps(prompt), messages[last]["content"]
+    if cfg.messages_column in rec and (messages or not {cfg.prompt_column, cfg.completion_column} <= rec.keys()):
+        return _split_messages(messages, cfg, where)
     if cfg.prompt_column not in rec or cfg.completion_column not in rec:
         raise ConfigError(
-            f"{cfg.input_path}, row {index}: needs a '{cfg.messages_column}' column or both '{cfg.prompt_column}' "
+            f"{where}: needs a '{cfg.messages_column}' column or both '{cfg.prompt_column}' "
             f"and '{cfg.completion_column}'; it has {sorted(rec)}. Set messages_column or prompt_column/completion_column."
         )
-    return str(rec[cfg.prompt_column]), str(rec[cfg.completion_column])
+    pair = rec[cfg.prompt_column], rec[cfg.completion_column]
+    for col, value in zip((cfg.prompt_column, cfg.completion_column), pair, strict=True):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: '{col}' is {_kind(value)}; fill in the text or remove the row")
+    return pair
 
 
-def dataset_table(cfg: BuildConfig) -> pa.Table:
-    """A plain dataset as the columns of generation shards that a text trace has (no token ids)."""
-    records = _read_dataset(cfg)
-    prompts, completions, ids, samples = [], [], [], []
+def dataset_schema(cfg: BuildConfig, columns: list[str]) -> pa.Schema:
+    """The columns a plain dataset with ``columns`` is written with.
+
+    Raises:
+        ConfigError: it has neither a messages column nor the prompt and completion columns.
+    """
+    if cfg.messages_column not in columns and not {cfg.prompt_column, cfg.completion_column} <= set(columns):
+        raise ConfigError(
+            f"{cfg.input_path}: needs a '{cfg.messages_column}' column or both '{cfg.prompt_column}' and "
+            f"'{cfg.completion_column}'; it has {sorted(columns)}. Set messages_column or prompt_column/completion_column."
+        )
+    extra = [c for c in dict.fromkeys((cfg.answer_column, cfg.tests_column)) if c in columns]
+    return pa.schema([("prompt_id", pa.string()), ("sample_index", pa.int32()), ("prompt", pa.string()),
+                      ("completion", pa.string()), ("finish_reason", pa.string())] + [(c, pa.string()) for c in extra])
+
+
+def dataset_batches(cfg: BuildConfig, dataset: Any, schema: pa.Schema) -> Iterator[pa.Table]:
+    """A plain dataset as the columns of generation shards that a text trace has (no token ids),
+    :data:`DATASET_ROWS_PER_GROUP` rows at a time (``schema``: :func:`dataset_schema`).
+
+    Memory: one batch, and the sample count of each distinct prompt id.
+
+    Raises:
+        ConfigError: a bad row (:func:`_split_record`).
+    """
+    extra = schema.names[5:]
     seen: dict[str, int] = {}
-    for i, rec in enumerate(records):
-        prompt, completion = _split_record(rec, cfg, i)
-        pid = str(rec[cfg.id_column]) if rec.get(cfg.id_column) is not None else prompt_hash(prompt)
-        samples.append(seen.get(pid, 0))
-        seen[pid] = samples[-1] + 1
-        prompts.append(prompt)
-        completions.append(completion)
-        ids.append(pid)
-    columns = {
-        "prompt_id": pa.array(ids, pa.string()),
-        "sample_index": pa.array(samples, pa.int32()),
-        "prompt": pa.array(prompts, pa.string()),
-        "completion": pa.array(completions, pa.string()),
-        "finish_reason": pa.array(["stop"] * len(records), pa.string()),
-    }
-    for col in {cfg.answer_column, cfg.tests_column}:
-        if records and col in records[0]:
-            columns[col] = pa.array([None if r.get(col) is None else str(r[col]) for r in records], pa.string())
-    logger.info("read %d text traces from %s (SFT only)", len(records), cfg.input_path)
-    return pa.table(columns)
+    index = 0
+    for batch in dataset.iter(batch_size=DATASET_ROWS_PER_GROUP):
+        n = len(next(iter(batch.values())))
+        prompts, completions, ids, samples = [], [], [], []
+        for j in range(n):
+            rec = {name: values[j] for name, values in batch.items()}
+            prompt, completion = _split_record(rec, cfg, index + j)
+            pid = str(rec[cfg.id_column]) if rec.get(cfg.id_column) is not None else prompt_hash(prompt)
+            samples.append(seen.get(pid, 0))
+            seen[pid] = samples[-1] + 1
+            prompts.append(prompt)
+            completions.append(completion)
+            ids.append(pid)
+        columns = [ids, samples, prompts, completions, ["stop"] * n]
+        columns += [[None if v is None else str(v) for v in batch[c]] for c in extra]
+        yield pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, schema, strict=True)], schema=schema)
+        index += n
+
+
+def write_dataset(cfg: BuildConfig, path: Path) -> int:
+    """Write a plain dataset to ``path`` batch by batch, one Parquet row group of
+    :data:`DATASET_ROWS_PER_GROUP` rows per batch; the number of traces."""
+    dataset = _read_dataset(cfg)
+    schema = dataset_schema(cfg, dataset.column_names)
+    rows = 0
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        for table in dataset_batches(cfg, dataset, schema):
+            writer.write_table(table, row_group_size=DATASET_ROWS_PER_GROUP)
+            rows += table.num_rows
+    logger.info("read %d text traces from %s (SFT only)", rows, cfg.input_path)
+    return rows
 
 
 def open_dataset(cfg: BuildConfig, directory: Path) -> BuildInput:
@@ -282,7 +369,11 @@ def open_dataset(cfg: BuildConfig, directory: Path) -> BuildInput:
     if not path.is_file():
         directory.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        pq.write_table(dataset_table(cfg), tmp, row_group_size=DATASET_ROWS_PER_GROUP, compression="zstd")
+        try:
+            write_dataset(cfg, tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, path)
     footer = pq.ParquetFile(path).metadata
     groups, first = [], 0

@@ -16,15 +16,6 @@ from llmdistill.checking.checkers import CHECKERS, Reference, check_many
 from llmdistill.config.base import ConfigError
 from llmdistill.config.build import VerifyConfig
 
-# the Traces column holding each kind of reference (see llmdistill.builder.traces)
-REFERENCE_COLUMNS = {"answer": "reference", "tests": "tests"}
-
-
-def reference_column(cfg: VerifyConfig) -> str | None:
-    """The :class:`~llmdistill.builder.traces.Traces` column the verifier compares against, or None."""
-    needs = CHECKERS[cfg.verifier].needs
-    return REFERENCE_COLUMNS[needs] if needs is not None else None
-
 
 def check_references(columns: list[str], references: list[str | None] | None, cfg: VerifyConfig,
                      column_name: str, ids: list[str]) -> None:
