@@ -258,13 +258,16 @@ def _records_table(path: Path, records: Iterable[tuple[str, dict[str, Any]]], ne
     def flush() -> None:
         if not locations:
             return
-        for c, values in columns.items():
-            if (bad := first_mixed_value(values)) is not None:
-                kind = pa.array(values[:bad]).type if bad else None
-                raise ConfigError(f"{locations[bad]}: column '{c}' holds {values[bad]!r:.60}, which "
-                                  + (f"does not fit the {kind} values of the rows before it" if bad else
-                                     "Arrow cannot store") + ": give the column one type in every row")
-        chunks.append(pa.table({c: pa.array(v) for c, v in columns.items()}))
+        try:
+            chunks.append(pa.table({c: pa.array(v) for c, v in columns.items()}))
+        except (pa.ArrowException, OverflowError):
+            for c, values in columns.items():  # the column, and the row where it stops being one type
+                if (bad := first_mixed_value(values)) is not None:
+                    kind = pa.array(values[:bad]).type if bad else None
+                    raise ConfigError(f"{locations[bad]}: column '{c}' holds {values[bad]!r:.60}, which "
+                                      + (f"does not fit the {kind} values of the rows before it" if bad else
+                                         "Arrow cannot store") + ": give the column one type in every row") from None
+            raise
         starts.append(locations[0])
         for values in columns.values():
             values.clear()

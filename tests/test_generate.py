@@ -248,6 +248,27 @@ def test_score_reads_messages_and_numbers_samples(tiny_tokenizer, tiny_tokenizer
     assert a.prompt_text.endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.unit
+def test_a_score_part_whose_pairs_left_are_all_too_long_starts_no_engine(tiny_tokenizer_dir, tmp_path, monkeypatch):
+    """A pair whose prompt fits but whose completion does not is found as it is tokenized and never
+    written: a re-run of the part skips it again, without loading the teacher for nothing."""
+    from llmdistill.generate import stage
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "2+2?", "completion": " ".join(["four"] * 200)}) + "\n")
+    cfg = ScoreConfig(model=str(tiny_tokenizer_dir), dataset=str(data), output_dir=str(tmp_path / "o"),
+                      max_model_len=64)
+    assert len(prepare(cfg, "score").pending) == 1  # the prompt alone fits
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("an engine started with nothing to score")
+
+    monkeypatch.setattr(stage, "make_engine", no_engine)
+    for _ in range(2):  # the first run, then a re-run of the finished part
+        manifest = stage.run_score(cfg)
+        assert manifest["counts"]["skipped_too_long"] == 1 and manifest["counts"]["rows"] == 0
+
+
 def corrupt_column(path: Path, column: str) -> None:
     """Overwrite every data page of ``column`` in an uncompressed Parquet file with bytes that cannot be decoded."""
     data = bytearray(path.read_bytes())

@@ -301,9 +301,12 @@ def _inferred_type(rows: list[tuple[str, dict]], column: str) -> pa.DataType:
         InputError: values that are not one type, naming the first row that does not fit the rows before it.
     """
     values = [r[column] for _, r in rows]
-    bad = first_mixed_value(values)
-    if bad is None:
+    try:
         return pa.array(values).type
+    except (pa.ArrowException, OverflowError):
+        bad = first_mixed_value(values)
+        if bad is None:  # not a question of types
+            raise
     location, value = rows[bad][0], values[bad]
     earlier = pa.array(values[:bad]).type
     why = "cannot be stored" if pa.types.is_null(earlier) else f"does not fit the {earlier} values of the rows before it"

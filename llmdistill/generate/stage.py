@@ -11,9 +11,10 @@ they finish, so a kill loses only those not yet flushed, and a re-run does only 
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,14 +201,16 @@ def teacher_rows(finished: list[Finished], plan: Plan) -> list[dict]:
     return shard_rows(finished, decode_completions(plan.tokenizer, [c for _, c in finished]))
 
 
-def write_stream(engine: OfflineEngine | ServerPool, plan: Plan, cfg: GenerateConfig | ScoreConfig) -> None:
+def write_stream(engine: OfflineEngine | ServerPool, plan: Plan, cfg: GenerateConfig | ScoreConfig,
+                 work: Iterable[Work] | None = None) -> None:
     """Stream the plan's work through the engine and write what finishes, shard by shard.
 
     Double-buffered, so that a kill loses at most ``flush_every`` completions and at most
     ``flush_seconds`` of them: a shard is handed to the background writer
     (:class:`~llmdistill.generate.store.ShardWriter`) at half of either, while the other half
     fills. A shard due while the previous one is still being written waits for it, and the
-    engine waits with it (the server pool keeps receiving meanwhile).
+    engine waits with it (the server pool keeps receiving meanwhile). ``work``: the plan's
+    (:meth:`Plan.work`) when not given.
     """
     remove_stale_temp_files(plan.directory)
     every, seconds = max(1, cfg.flush_every // 2), cfg.flush_seconds / 2
@@ -217,7 +220,7 @@ def write_stream(engine: OfflineEngine | ServerPool, plan: Plan, cfg: GenerateCo
         buffer: list[Finished] = []
         oldest = 0.0
         try:
-            for finished in engine.stream(plan.work()):
+            for finished in engine.stream(plan.work() if work is None else work):
                 if finished is not None:
                     if not buffer:
                         oldest = time.monotonic()
@@ -235,9 +238,13 @@ def _run(cfg: GenerateConfig | ScoreConfig, stage: str) -> dict[str, Any]:
     started = time.time()
     plan = prepare(cfg, stage)
     write_part_manifest(plan.directory, cfg, plan.info, plan.counts, started, complete=False)
-    if plan.pending:
+    work = plan.work()
+    # the engine starts only for work that is left: score pairs too long for the context, found
+    # as they are tokenized, are skipped again by every re-run of a finished part
+    first = next(work, None) if plan.pending else None
+    if first is not None:
         engine = make_engine(cfg, scoring=stage == "score")
-        write_stream(engine, plan, cfg)
+        write_stream(engine, plan, cfg, itertools.chain([first], work))
         if isinstance(engine, ServerPool):
             plan.counts.update(engine.stats())
     manifest = write_part_manifest(plan.directory, cfg, plan.info, plan.counts, started, complete=True)
