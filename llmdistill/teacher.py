@@ -131,15 +131,19 @@ def predicting_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor],
 
 @torch.no_grad()
 def topk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, target_ids: torch.Tensor, k: int,
-                  chunk_size: int, transform: LogitTransform = NO_TRANSFORM
+                  chunk_size: int, transform: LogitTransform = NO_TRANSFORM, vocab: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k ids and log-probs (N, k) and the targets' own log-probs (N,), chunk by chunk (fp32), of the
-    logits ``transform(head(hidden))``."""
+    logits ``transform(head(hidden))``.
+
+    ``vocab``: the top-k is taken among ids below it only (a student with fewer LM-head rows than
+    the teacher: the teacher's extra rows are padding no token has). The log-probs stay normalised
+    over every row, so what those rows hold falls in the loss's tail bucket."""
     ids, lps, own = [], [], []
     for start in range(0, len(hidden), chunk_size):
         logits = transform(head(hidden[start:start + chunk_size]).float())
         logp = torch.log_softmax(logits, dim=-1)
-        top = logp.topk(k, dim=-1)
+        top = (logp if vocab is None else logp[:, :vocab]).topk(k, dim=-1)
         ids.append(top.indices)
         lps.append(top.values)
         own.append(logp.gather(-1, target_ids[start:start + chunk_size, None])[:, 0])

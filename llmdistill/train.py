@@ -153,6 +153,9 @@ def build_trainer(config: TrainConfig) -> tuple[Any, dict[str, Any]]:
 
     from llmdistill.trainer import DistillTrainer
 
+    if not config.student_source:
+        raise UserError("student_model is empty: set the student checkpoint (a path or hub id), or student_init: "
+                        "drop_layers with teacher_model")
     dataset, meta = load_built(config)
     tokenizer = AutoTokenizer.from_pretrained(config.student_source, trust_remote_code=config.trust_remote_code)
     check_compatible(config, meta, tokenizer)
@@ -191,9 +194,9 @@ def load_online_teacher(config: TrainConfig, tokenizer: Any, student: Any) -> tu
     loaded = TransformersTeacher(config.teacher_model, config.teacher_dtype, attn_implementation=config.attention)
     teacher_rows = loaded.model.get_output_embeddings().weight.shape[0]
     student_rows = student.get_output_embeddings().weight.shape[0]
-    if teacher_rows > student_rows:
-        raise UserError(f"teacher_model {config.teacher_model} has {teacher_rows} output rows, the student "
-                        f"{student_rows}: its top-k could name ids the student does not have")
+    if len(tokenizer) > student_rows:
+        raise UserError(f"student {config.student_source} has {student_rows} output rows for a tokenizer of "
+                        f"{len(tokenizer)} tokens: resize its embeddings (model.resize_token_embeddings) first")
     if config.attention_loss == "attention_kl":
         for who, model in (("student", student), ("teacher", loaded.model)):
             if model.config._attn_implementation != "eager":
@@ -203,7 +206,10 @@ def load_online_teacher(config: TrainConfig, tokenizer: Any, student: Any) -> tu
     layers = None
     if config.feature_loss != "none" or config.attention_loss != "none":
         layers = LayerDistiller(config, student.config, loaded.model.config)
-    return OnlineTeacher(loaded, config.teacher_top_k, config.loss_chunk_size), layers
+    # one tokenizer, so a teacher's rows past the student's are padding no token has (Qwen2.5 7B and
+    # up: 152,064 rows, 0.5B-3B: 151,936): its top-k is taken among the student's ids
+    vocab = student_rows if teacher_rows > student_rows else None
+    return OnlineTeacher(loaded, config.teacher_top_k, config.loss_chunk_size, vocab), layers
 
 
 def load_built(config: TrainConfig) -> tuple[Any, dict[str, Any]]:

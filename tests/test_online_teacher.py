@@ -135,6 +135,47 @@ def test_full_distribution_equals_a_dense_reference(tmp_path, tiny_student_dir, 
 
 
 @pytest.mark.unit
+def test_a_teacher_with_padding_rows_past_the_students_gives_only_the_students_ids(
+        tmp_path, tiny_student_dir, built_tokens, tiny_teacher_dir):
+    """One tokenizer, a teacher with 8 more LM-head rows (as Qwen2.5 7B+ has over 0.5B-3B), here
+    rows that win every top-k: its top-k is the best among the student's ids, with log-probs
+    normalised over all of its rows."""
+    from llmdistill.teacher import topk_logprobs
+
+    teacher = AutoModelForCausalLM.from_pretrained(str(tiny_teacher_dir), dtype=torch.float32)
+    rows = teacher.get_output_embeddings().weight.shape[0]
+    teacher.resize_token_embeddings(rows + 8, mean_resizing=False)
+    with torch.no_grad():
+        head = teacher.get_output_embeddings().weight
+        head[rows:] = 50 * head[:rows].abs().max()  # huge logits wherever the hidden state is positive
+    padded = tmp_path / "teacher-padded"
+    teacher.save_pretrained(str(padded))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_teacher_dir / name).is_file():
+            (padded / name).write_bytes((tiny_teacher_dir / name).read_bytes())
+    trainer, _ = build_trainer(config(tmp_path, built_tokens, tiny_student_dir, teacher_model=str(padded),
+                                      teacher_top_k=4))
+    assert trainer.teacher.vocab == rows
+    batch = trainer.data_collator(rows_of(trainer))
+    ids, logprobs, _ = trainer.teacher.signals(batch, CaptureSpec())
+    assert int(ids.max()) < rows
+    t = batch["target_index"]
+    with torch.no_grad():
+        logits = teacher(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                         use_cache=False).logits[0, t - 1]
+    every = torch.log_softmax(logits.double(), dim=-1)
+    assert bool((every[:, rows:].exp().sum(-1) > 0.5).any())  # the padding rows hold real mass here
+    best = every[:, :rows].topk(4, dim=-1)
+    assert torch.equal(ids, best.indices)
+    torch.testing.assert_close(logprobs.double(), best.values, atol=1e-4, rtol=0)
+    hidden = torch.randn(5, 3)
+    lm = torch.nn.Linear(3, 7, bias=False)
+    ids, lps, _ = topk_logprobs(hidden, lm, torch.zeros(5, dtype=torch.long), 2, chunk_size=2, vocab=4)
+    full = torch.log_softmax(lm(hidden), dim=-1)
+    assert torch.equal(ids, full[:, :4].topk(2).indices) and torch.allclose(lps, full[:, :4].topk(2).values)
+
+
+@pytest.mark.unit
 def test_dry_run_plan_names_the_online_teacher_as_the_signal():
     from llmdistill.plan import make_plan
 

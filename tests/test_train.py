@@ -131,6 +131,13 @@ def test_config_checks_ranges_and_combinations(tmp_path):
     assert TrainConfig(output_dir=str(tmp_path), alpha=0.0, alpha_schedule="linear_warmup", alpha_start=0.3).uses_kd
     cfg = TrainConfig(output_dir=str(tmp_path))
     assert cfg.dataset_kwargs["skip_prepare_dataset"] and not cfg.remove_unused_columns
+    # NaN passes every comparison, inf every lower bound: both are refused by name
+    for field, value in (("alpha", float("nan")), ("temperature", float("inf")), ("jsd_beta", float("nan")),
+                         ("adaptive_ema_decay", float("nan"))):
+        with pytest.raises(ConfigError, match=f"^{field}={value} is not a finite number: set a number$"):
+            TrainConfig(output_dir=str(tmp_path), **{field: value})
+    with pytest.raises(UserError, match="student_model is empty: set the student checkpoint"):
+        build_trainer(TrainConfig(output_dir=str(tmp_path), data_dir=str(tmp_path / "never-read")))
 
 
 @pytest.mark.unit

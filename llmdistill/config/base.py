@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import enum
 import json
+import math
 import os
 import re
 import types
@@ -264,9 +265,12 @@ def check_model_path(name: str, value: str) -> None:
 
 
 def check_range(name: str, value: float | int | None, lo: float | None = None, hi: float | None = None) -> None:
-    """Raise a ConfigError when ``value`` lies outside ``[lo, hi]``."""
+    """Raise a ConfigError when ``value`` lies outside ``[lo, hi]``, or is NaN or infinite (every
+    comparison with NaN is false, so it would pass any range)."""
     if value is None:
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name}={value} is not a finite number: set a number")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
         raise ConfigError(f"{name}={value} is out of range {bounds}")
