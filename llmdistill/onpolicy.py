@@ -92,6 +92,7 @@ from llmdistill.prompts import PromptFormat
 from llmdistill.teacher import (
     TransformersTeacher,
     check_logit_transform,
+    check_same_vocabulary,
     logit_transform,
     on_device,
     predicting_hidden,
@@ -1683,6 +1684,9 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     fmt = PromptFormat.from_settings(cfg.system_prompt, cfg.instruction_template, cfg.use_chat_template)
     if on_policy:  # every prompt renders, and fits the context, before any model loads
         tokenizer, context = student_tokenizer_and_context(cfg)
+        for name, path in cfg.teachers.items():  # a served teacher's name is checked where it is a local path
+            if cfg.teacher_backend != "server" or os.path.isdir(os.path.expanduser(path)):
+                check_same_vocabulary(path, tokenizer, f"teacher '{name}'", cfg.student_model)
         check_prompts(prompts, fmt, tokenizer, cfg, context)
     with contextlib.ExitStack() as cleanup:  # every engine is closed however the run ends
         if server is not None:

@@ -59,6 +59,25 @@ def logit_transform(config: Any, who: str = "the model") -> LogitTransform:
     return LogitTransform(scale=1.0 / value if rule[1] == "divide" else value)
 
 
+def check_same_vocabulary(path: str, tokenizer: Any, who: str, student: str, trust_remote_code: bool = False) -> None:
+    """Refuse a teacher whose tokenizer is not the student's ``tokenizer`` (reads only the tokenizer
+    files, before any weights load): token-level distillation compares the two models' probabilities
+    of the same token ids, which under another vocabulary name other strings.
+
+    Raises:
+        UserError: naming the teacher, the student and the fix.
+    """
+    from transformers import AutoTokenizer
+
+    from llmdistill.config.base import UserError
+
+    theirs = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"{who} {path}: its tokenizer differs from the student's ({student}); token-level "
+                        "distillation needs one vocabulary: pick a teacher of the student's family, or distil from "
+                        "its text (generate, build, then train with alpha: 0)")
+
+
 def check_logit_transform(path: str, who: str, trust_remote_code: bool = False) -> None:
     """:func:`logit_transform` of the checkpoint at ``path``, before any weights load (reads only the config)."""
     from transformers import AutoConfig

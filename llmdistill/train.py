@@ -39,7 +39,7 @@ from llmdistill.formats import (
 )
 from llmdistill.log import get_logger
 from llmdistill.manifest import write_json_atomic, write_manifest
-from llmdistill.teacher import check_logit_transform
+from llmdistill.teacher import check_logit_transform, check_same_vocabulary
 
 logger = get_logger(__name__)
 
@@ -177,20 +177,15 @@ def load_online_teacher(config: TrainConfig, tokenizer: Any, student: Any) -> tu
     """The online teacher and the layer terms, or (None, None) without ``teacher_model``.
 
     Raises:
-        UserError: a teacher whose tokenizer is not the student's, a teacher or student attention kernel
-            that cannot give attention probabilities, or a layer map that does not fit the models.
+        UserError: a student with fewer LM-head rows than its tokenizer's tokens, a teacher or student
+            attention kernel that cannot give attention probabilities, or a layer map that does not fit
+            the models (the teacher's tokenizer is checked before, by :func:`check_compatible`).
     """
-    from transformers import AutoTokenizer
-
     from llmdistill.online import LayerDistiller, OnlineTeacher
     from llmdistill.teacher import TransformersTeacher
 
     if not config.teacher_model:
         return None, None
-    teacher_tokenizer = AutoTokenizer.from_pretrained(config.teacher_model, trust_remote_code=config.trust_remote_code)
-    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise UserError(f"teacher_model {config.teacher_model}: its tokenizer differs from the student's "
-                        f"({config.student_source}); token-level distillation needs one vocabulary")
     loaded = TransformersTeacher(config.teacher_model, config.teacher_dtype, attn_implementation=config.attention)
     teacher_rows = loaded.model.get_output_embeddings().weight.shape[0]
     student_rows = student.get_output_embeddings().weight.shape[0]
@@ -240,13 +235,16 @@ def load_built(config: TrainConfig) -> tuple[Any, dict[str, Any]]:
 
 def check_compatible(config: TrainConfig, meta: dict[str, Any], tokenizer: Any) -> None:
     """Refuse data the run cannot use: KD without top-k (stored, or from an online teacher), or a student
-    tokenizer other than the shards'; and an online teacher's top-k larger than the vocabulary."""
+    tokenizer other than the shards'; and an online teacher of another tokenizer, or with a top-k larger
+    than the vocabulary."""
     needs = (f"alpha={config.alpha} (alpha_schedule={config.alpha_schedule}, alpha_start={config.alpha_start}) needs "
              "it; or set teacher_model (an online teacher), or train with alpha: 0 (plain SFT)"
              ) if config.uses_kd and not config.teacher_model else None
     check_built_fits(config.data_dir, meta, tokenizer, config.student_source, needs)
     check_logit_transform(config.student_source, "student_model", config.trust_remote_code)
     if config.teacher_model:
+        check_same_vocabulary(config.teacher_model, tokenizer, "teacher_model", config.student_source,
+                              config.trust_remote_code)
         check_logit_transform(config.teacher_model, "teacher_model", config.trust_remote_code)
     if config.teacher_model and config.teacher_top_k > len(tokenizer):  # before any model loads
         raise UserError(f"teacher_top_k={config.teacher_top_k} exceeds the vocabulary ({len(tokenizer)} tokens): "

@@ -176,6 +176,28 @@ def test_a_teacher_with_padding_rows_past_the_students_gives_only_the_students_i
 
 
 @pytest.mark.unit
+def test_an_online_teacher_of_another_tokenizer_fails_before_a_model_loads(tmp_path, tiny_student_dir, built_tokens,
+                                                                          tiny_teacher_dir, monkeypatch):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    import llmdistill.train as train_module
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model loaded before the tokenizer check")
+
+    monkeypatch.setattr(train_module, "load_student", forbidden)
+    other = tmp_path / "other-teacher"
+    shutil.copytree(tiny_teacher_dir, other)
+    tokenizer = AutoTokenizer.from_pretrained(str(other))
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(str(other))
+    with pytest.raises(UserError, match=f"^teacher_model {other}: its tokenizer differs from the student's"):
+        build_trainer(config(tmp_path, built_tokens, tiny_student_dir, teacher_model=str(other)))
+
+
+@pytest.mark.unit
 def test_dry_run_plan_names_the_online_teacher_as_the_signal():
     from llmdistill.plan import make_plan
 

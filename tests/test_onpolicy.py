@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 import llmdistill.onpolicy as op
 from llmdistill.collate import DistillCollator
-from llmdistill.config.base import ConfigError
+from llmdistill.config.base import ConfigError, UserError
 from llmdistill.config.onpolicy import OnPolicyConfig
 from llmdistill.formats import read_built
 from llmdistill.losses import TEACHER_PROB_FLOOR
@@ -1427,6 +1427,30 @@ def test_offline_rows_of_another_tokenizer_fail_before_a_model_loads(built, tiny
     with pytest.raises(ConfigError, match=f"offline_data_dir: the tokenizer of student {other} .* is not the one"):
         op.run_onpolicy(cfg)
     assert not (tmp_path / "off").exists()
+
+
+def test_a_teacher_of_another_tokenizer_fails_before_a_model_loads(prompts, tiny_student_dir, tiny_random_teacher_dir,
+                                                                    tmp_path, monkeypatch):
+    """Grades of token ids that name other strings are no grades: a teacher whose tokenizer is not
+    the student's is refused in one line, naming it, before any model loads."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model loaded before the tokenizer check")
+
+    for name in ("load_student", "load_teachers", "VllmRollout", "TransformersRollout"):
+        monkeypatch.setattr(op, name, forbidden)
+    other = tmp_path / "other-teacher"
+    shutil.copytree(tiny_random_teacher_dir, other)
+    tokenizer = AutoTokenizer.from_pretrained(str(other))
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(str(other))
+    cfg = config(prompts, tiny_student_dir, other, tmp_path / "out", rollout_backend="transformers")
+    with pytest.raises(UserError, match=rf"^teacher 'default' {other}: its tokenizer differs from the student's "
+                                        rf"\({tiny_student_dir}\); token-level distillation needs one vocabulary"):
+        op.run_onpolicy(cfg)
 
 
 # ---- the teacher on a pool of vLLM servers --------------------------------------------------------
