@@ -139,6 +139,12 @@ def eval_models(run_dir: Path, teacher: Path, student: Path) -> list[Path]:
     return [teacher, student, *(run_dir / STAGE_DIRS[name] for name in ("train_sft", "train_kd", "onpolicy"))]
 
 
+def stage_threads() -> str:
+    """Threads of each stage's process: one unless OMP_NUM_THREADS says otherwise (one gives the same
+    numbers on any core count, and arms side by side do not contend)."""
+    return os.environ.get("OMP_NUM_THREADS", "1")
+
+
 def run_stage(name: str, overrides: dict, run_dir: Path, reuse: bool, header: str = "", log: Path | None = None) -> float:
     """Run one stage in its own process; skip it when ``reuse`` and it already finished with these settings.
 
@@ -161,9 +167,8 @@ def run_stage(name: str, overrides: dict, run_dir: Path, reuse: bool, header: st
     config_path.write_text(text)
     logger.info("%s: llmdistill %s --config %s%s", name, stage, config_path, f" > {log}" if log else "")
     started = time.time()
-    # one thread per stage: the same numbers on any core count, and arms side by side do not contend
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": stage_threads()}
     command = [sys.executable, "-m", "llmdistill", stage, "--config", str(config_path)]
     if log is None:
         proc = subprocess.run(command, env=env)
@@ -248,7 +253,9 @@ def run_seed(cfg: DemoConfig, seed: int, run_dir: Path, teacher: Path) -> dict[s
     # place keeps its path), the student's initialisation, and llmdistill's own code
     weights = teacher / "model.safetensors"
     header = (f"# teacher: {teacher.resolve()} {fingerprint(weights if weights.is_file() else teacher)}\n"
-              f"# student init: {student.resolve()}\n# llmdistill code: {code_fingerprint()}\n")
+              f"# student init: {student.resolve()}\n# llmdistill code: {code_fingerprint()}\n"
+              # how the seconds a stage records were measured: a stage run otherwise is not reused
+              f"# threads per stage: {stage_threads()}, arms side by side: {cfg.worker_count}\n")
     models = eval_models(run_dir, teacher, student)
     inputs = {"generate": [prompts_path], "build": [run_dir / "generate"], "train_sft": [run_dir / "build"],
               "train_kd": [run_dir / "build"], "train_warm": [run_dir / "build"],
@@ -268,7 +275,8 @@ def run_seed(cfg: DemoConfig, seed: int, run_dir: Path, teacher: Path) -> dict[s
     timings |= run_lanes([("eval",), ("eval_curve",)] if "eval_curve" in configs else [("eval",)], run,
                          min(2, cfg.worker_count))
     run_info = collect(run_dir, timings, [str(m) for m in models], configs)
-    return {**run_info, "configs": configs, "wall_s": time.time() - t0, "workers": cfg.worker_count}
+    return {**run_info, "configs": configs, "wall_s": time.time() - t0, "workers": cfg.worker_count,
+            "threads": stage_threads()}
 
 
 def link(target: Path, name: Path) -> Path:
@@ -342,7 +350,9 @@ def arm_compute(run_dir: Path) -> dict[str, dict[str, Any]]:
             for key in ("rollout_tokens", "teacher_tokens_scored"):
                 if key in counts:
                     arm[key] = counts[key]
-            phases = manifest.get("compute", {}).get("seconds") or {"training": stage_wall_s(manifest)}
+            phases = dict(manifest.get("compute", {}).get("seconds") or {"training": stage_wall_s(manifest)})
+            if (rest := stage_wall_s(manifest) - sum(phases.values())) > 0.05:  # engines and models starting, saving
+                phases["setup and saving"] = rest
             name = "warm start (SFT)" if stage == "train_warm" else None
             for phase, seconds in phases.items():
                 key = name or phase

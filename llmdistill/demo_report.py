@@ -373,7 +373,8 @@ def write_report(cfg: DemoConfig, runs: dict[int, dict], out: Path, teacher: Pat
         *[f"| {stage} | {sec:.1f} |" if sec else f"| {stage} | reused |" for stage, sec in timings.items()],
         f"| total (wall) | {statistics.fmean(run.get('wall_s', sum(run['timings'].values())) for run in runs.values()):.1f} |",
         "",
-        f"The training arms ran {first.get('workers', 1)} at a time, each stage in its own process on one thread.",
+        f"The training arms ran {first.get('workers', 1)} at a time, each stage in its own process on "
+        + ("one thread." if str(first.get("threads", "1")) == "1" else f"{first['threads']} threads (OMP_NUM_THREADS)."),
         "",
         "Every stage's config is in `configs/` and its manifest in its output directory.",
     ]

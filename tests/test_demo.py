@@ -117,7 +117,7 @@ def test_demo_small_end_to_end_and_reuse(tmp_path, tiny_teacher_dir):
     # the training arms ran two at a time, their output in logs/
     for stage in ("train_sft", "train_kd", "train_warm", "onpolicy"):
         assert (out / "logs" / f"{stage}.log").stat().st_size > 0, stage
-    assert "training arms ran 2 at a time" in (out / "REPORT.md").read_text()
+    assert "training arms ran 2 at a time, each stage in its own process on one thread." in (out / "REPORT.md").read_text()
     sft = yaml.safe_load((out / "configs" / "train_sft.yaml").read_text())
     kd = yaml.safe_load((out / "configs" / "train_kd.yaml").read_text())
     assert sft["alpha"] == 0.0 and kd["alpha"] > 0
@@ -156,7 +156,9 @@ def test_demo_small_end_to_end_and_reuse(tmp_path, tiny_teacher_dir):
     assert on_policy["wall_s"] == pytest.approx(manifests["train-warm"]["wall_time_s"]
                                                 + manifests["train-onpolicy"]["wall_time_s"], abs=0.1)
     assert on_policy["rollout_tokens"] == manifests["train-onpolicy"]["counts"]["rollout_tokens"] > 0
-    assert set(on_policy["phases_s"]) == {"warm start (SFT)", "rollout", "scoring", "training", "sync"}
+    assert set(on_policy["phases_s"]) == {"warm start (SFT)", "rollout", "scoring", "training", "sync",
+                                          "setup and saving"}
+    assert sum(on_policy["phases_s"].values()) == pytest.approx(on_policy["wall_s"], abs=0.5)  # every second placed
     # the accuracy-against-time curves: the checkpoints' pass@1 from eval-curve, placed at the arm's seconds
     curve_results = json.loads((out / "eval-curve" / "results.json").read_text())["results"]
     curves = summary["curves"]["0"]
@@ -232,6 +234,13 @@ def test_a_stage_reruns_exactly_when_its_inputs_changed(tmp_path, monkeypatch):
     (tmp_path / "teacher" / "model.safetensors").write_bytes(b"retrained")
     demo.run_seed(cfg, 0, tmp_path / "out", tmp_path / "teacher")
     assert all(seen[5] != seen[4] for seen in stamps.values())
+    # seconds measured with other threads per stage, or another number of arms side by side: every stage again
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    demo.run_seed(cfg, 0, tmp_path / "out", tmp_path / "teacher")
+    assert all(seen[6] != seen[5] for seen in stamps.values())
+    demo.run_seed(DemoConfig(output_dir=str(tmp_path / "out"), num_prompts=4, configs_dir=str(CONFIGS),
+                             workers=cfg.worker_count + 1), 0, tmp_path / "out", tmp_path / "teacher")
+    assert all(seen[7] != seen[6] for seen in stamps.values())
 
 
 @pytest.mark.unit

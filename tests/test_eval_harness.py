@@ -35,6 +35,28 @@ def test_config_rejects_unknown_benchmark_and_missing_models():
 
 
 @pytest.mark.unit
+def test_each_problem_samples_from_its_own_seed_off_cpu(monkeypatch):
+    """On a GPU, every problem gets a seed of its own, the same in every run: one shared seed would give
+    sample j of every problem the same noise (vLLM seeds sample j ``seed + j``), and the standard
+    errors, computed across problems, assume independent problems. vLLM's CPU backend takes no
+    per-request seed (its engine seed is used)."""
+    from types import SimpleNamespace
+
+    from vllm.platforms import current_platform
+
+    from llmdistill.eval.harness import _request_seeds
+
+    items = [SimpleNamespace(id=f"p{i}") for i in range(1000)]
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    seeds = _request_seeds(0, items)
+    assert len(set(seeds)) == 1000 and all(0 <= s < 2**31 for s in seeds)
+    assert seeds == _request_seeds(0, items) and seeds != _request_seeds(1, items)
+    assert _request_seeds(0, items[::-1]) == seeds[::-1]  # a problem's seed is its own, not its position's
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: True)
+    assert _request_seeds(0, items) is None
+
+
+@pytest.mark.unit
 def test_shipped_yaml_loads():
     config = load_config(EvalConfig, REPO / "configs" / "eval_tiny.yaml", models="teacher")
     assert config.benchmark_list == ["tiny"] and config.enforce_eager and config.num_samples == 4

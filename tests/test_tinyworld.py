@@ -297,10 +297,12 @@ def test_the_shipped_teacher_is_the_one_this_code_trains():
 
 @pytest.mark.slow
 def test_re_bootstrapping_reproduces_the_shipped_teachers_accuracy(tmp_path, monkeypatch):
-    """Minutes of training: the teacher this machine trains scores within 1 point of the shipped one."""
+    """Minutes of training: the teacher this machine trains scores within 1 point of the shipped one
+    (on the CPU model that shipped it, the same weights; another CPU rounds differently, and the
+    README gives the spread across CPUs)."""
     from llmdistill.tinyworld.bootstrap import SHIPPED, bootstrap_teacher
 
     monkeypatch.setenv("LLMDISTILL_CACHE", str(tmp_path))
     trained = bootstrap_teacher(0, use_shipped=False)
     shipped = SHIPPED / trained.name
-    assert abs(teacher_accuracy(trained) - teacher_accuracy(shipped)) <= 0.01
+    assert abs(teacher_accuracy(trained) - teacher_accuracy(shipped)) <= 0.01 + 1e-9  # 5 of 500 is 1 point, not 1.0000001

