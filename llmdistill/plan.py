@@ -16,6 +16,7 @@ from typing import Any
 
 from llmdistill.config.base import config_to_dict
 from llmdistill.formats import read_generation_info
+from llmdistill.generate.resources import bytes_per_token, job_resources
 from llmdistill.manifest import MANIFEST, read_manifest
 
 GIB = 1024**3
@@ -47,7 +48,11 @@ def params_from_name(model: str) -> float | None:
         h, n, v = c.get("hidden_size"), c.get("num_hidden_layers"), c.get("vocab_size")
         inter = c.get("intermediate_size", 4 * (h or 0))
         if h and n and v:
-            return float(n * (4 * h * h + 3 * h * inter) + v * h * (1 if c.get("tie_word_embeddings") else 2))
+            # q and o are h x h; k and v are h x (kv heads x head dim): narrower under grouped-query attention
+            heads = c.get("num_attention_heads") or 1
+            kv_width = (c.get("num_key_value_heads") or heads) * (c.get("head_dim") or h // heads)
+            attention = 2 * h * h + 2 * h * kv_width
+            return float(n * (attention + 3 * h * inter) + v * h * (1 if c.get("tie_word_embeddings") else 2))
     match = re.search(r"(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])", model)
     return float(match[1]) * 1e9 if match else None
 
@@ -74,28 +79,29 @@ def _generate_plan(cfg: Any, stage: str) -> dict[str, Any]:
     samples = getattr(cfg, "num_samples", 1)
     max_tokens = getattr(cfg, "max_tokens", None)
     k = cfg.logprobs_top_k
-    bytes_per_token = 8 * k + 8  # int32 id + float32 log-prob per top-k entry, + the token itself
+    per_token = bytes_per_token(k)  # int32 id + float32 log-prob per top-k entry, + the token itself
     plan: dict[str, Any] = {
         "prompts (this shard)": prompts if prompts is not None else "unknown: hub dataset (set max_prompts to bound it)",
         "shard": f"{i}/{n}",
         "completions": prompts * samples if prompts is not None else f"{samples} per prompt",
         "top-k stored per token": k,
-        "disk per completion token (raw, before zstd)": f"{bytes_per_token} B",
+        "disk per completion token (raw, before zstd)": f"{per_token} B",
     }
     if stage == "generate" and max_tokens:
         plan["max new tokens per completion"] = max_tokens
         if prompts is not None:
             tokens = prompts * samples * max_tokens
             plan["generated tokens (upper bound)"] = f"{tokens:.3g}"
-            plan["teacher log-prob disk (upper bound)"] = f"{tokens * bytes_per_token / GIB:.2f} GiB"
+            plan["teacher log-prob disk (upper bound)"] = f"{tokens * per_token / GIB:.2f} GiB"
         else:
             plan["teacher log-prob disk per 1k prompts (upper bound)"] = (
-                f"{1000 * samples * max_tokens * bytes_per_token / GIB:.2f} GiB")
+                f"{1000 * samples * max_tokens * per_token / GIB:.2f} GiB")
     if cfg.backend == "server":
         plan["GPUs"] = f"held by {len(cfg.server_urls)} external vLLM server(s)"
     else:
         plan["GPUs per job"] = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
         plan["GPUs over all N jobs"] = cfg.tensor_parallel_size * cfg.pipeline_parallel_size * n
+    plan.update(job_resources(cfg, prompts * samples if prompts is not None else None))
     return plan
 
 
@@ -276,18 +282,27 @@ def _demo_plan(cfg: Any) -> dict[str, Any]:
     from llmdistill.config.base import read_yaml
     from llmdistill.config.eval import EvalConfig
     from llmdistill.config.generate import GenerateConfig
+    from llmdistill.config.onpolicy import OnPolicyConfig
     from llmdistill.config.train import TrainConfig
+    from llmdistill.demo import ARM_STAGES, STAGE_DIRS, curve_models
 
     gen = read_yaml(cfg.stage_file("generate"), GenerateConfig)
-    train = read_yaml(cfg.stage_file("train_kd"), TrainConfig)
     ev = read_yaml(cfg.stage_file("eval"), EvalConfig)
+    training = {stage: read_yaml(cfg.stage_file(stage), OnPolicyConfig if stage == "onpolicy" else TrainConfig)
+                for stage in STAGE_DIRS}
+    per_model = ev.get("limit", 500) * ev.get("num_samples", 1)
+    checkpoints = len(curve_models(Path(cfg.output_dir), training))
     return {
         "seeds": cfg.seed_list,
         "stage configs": f"{cfg.configs_dir}/*_tiny.yaml (paths and seeds overridden)",
-        "stages": "bootstrap teacher (cached) → generate → build → train SFT + KD → eval 4 models",
+        "stages": "bootstrap teacher (shipped, else trained and cached) → generate → build → "
+                  + " | ".join(" then ".join(stages) for stages in ARM_STAGES.values())
+                  + f" (side by side) → eval of {len(ARM_STAGES) + 2} models, and of the checkpoints for the curves",
         "teacher traces": cfg.num_prompts * gen.get("num_samples", 1),
-        "training steps per student": train.get("max_steps"),
-        "eval generations": 4 * ev.get("limit", 500) * ev.get("num_samples", 1),
+        "optimizer steps per arm": ", ".join(f"{label} " + " + ".join(str(training[s].get("max_steps")) for s in stages)
+                                             for label, stages in ARM_STAGES.items()),
+        "eval generations": f"{(len(ARM_STAGES) + 2) * per_model} (5 models), and {checkpoints * per_model} "
+                            f"({checkpoints} checkpoints)",
         "GPUs": 0,
     }
 

@@ -194,6 +194,18 @@ def test_demo_small_end_to_end_and_reuse(tmp_path, tiny_teacher_dir):
 
 
 @pytest.mark.unit
+def test_the_dry_run_counts_the_arms_and_the_curve_checkpoints_from_the_shipped_configs():
+    """The plan of the shipped demo: its three arms' steps, and the eval of 5 models (500 problems x 4
+    samples) and of the 11 models the curves evaluate (the list the test above checks)."""
+    from llmdistill.plan import make_plan
+
+    plan = make_plan("demo", DemoConfig(configs_dir=str(CONFIGS)))
+    assert plan["optimizer steps per arm"] == "SFT student 1800, KD student 1800, on-policy student 900 + 100"
+    assert plan["eval generations"] == "10000 (5 models), and 22000 (11 checkpoints)"
+    assert "train_warm then onpolicy" in plan["stages"] and "eval of 5 models" in plan["stages"]
+
+
+@pytest.mark.unit
 def test_a_stage_reruns_exactly_when_its_inputs_changed(tmp_path, monkeypatch):
     """Reuse is per config *and* inputs: new SFT weights are evaluated again; the KD run is kept."""
     import llmdistill.demo as demo

@@ -220,7 +220,8 @@ def test_recipe_dry_run_prints_plan_and_estimate(stage):
     assert res.returncode == 0, res.stderr[-3000:]
     text = res.stdout + res.stderr
     expected = {
-        "generate": ["GPUs", "32768", "teacher log-prob disk per 1k prompts"],
+        "generate": ["GPUs", "32768", "teacher log-prob disk per 1k prompts", "host RAM per job (upper bound)",
+                     "11.5 GiB"],
         "score": ["GPUs per job", "4", "disk per completion token"],
         "build": ["math", "32768", "bytes per target token"],
         "train": ["student parameters", "ZeRO-3", "forward_kl"],
@@ -233,6 +234,25 @@ def test_recipe_dry_run_prints_plan_and_estimate(stage):
 
 
 @pytest.mark.unit
+def test_the_recipe_student_context_holds_every_stage_that_runs_it():
+    """The student is prepared with the README's --max_position_embeddings; vLLM refuses a
+    max_model_len above a model's positions, so eval and on-policy must fit in it, and so must the
+    packed training rows. The eval job asks for the GPUs its engine uses."""
+    import re
+
+    import yaml
+
+    positions = int(re.search(r"prepare_student\.py[^`]*--max_position_embeddings (\d+)",
+                              (ROOT / "README.md").read_text()).group(1))
+    recipe = {stage: yaml.safe_load((RECIPE / f"{stage}.yaml").read_text()) for stage in ("eval", "onpolicy", "build")}
+    assert recipe["eval"]["max_model_len"] <= positions
+    assert recipe["onpolicy"]["max_model_len"] <= positions
+    assert recipe["build"]["max_length"] <= positions
+    gpus = int(re.search(r"#SBATCH --gpus-per-node=(\d+)", (RECIPE / "slurm" / "eval.sbatch").read_text()).group(1))
+    assert gpus == recipe["eval"].get("tensor_parallel_size", 1)
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("script", sorted((RECIPE / "slurm").glob("*.sbatch")), ids=lambda p: p.name)
 def test_recipe_slurm_scripts_parse_and_call_llmdistill(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
@@ -241,6 +261,20 @@ def test_recipe_slurm_scripts_parse_and_call_llmdistill(script):
     assert "llmdistill" in text or "vllm.entrypoints.openai.api_server" in text
     for ref in __import__("re").findall(r"configs/[\w/.-]+\.(?:yaml|json)", text):
         assert (ROOT / ref).is_file(), f"{script.name} refers to missing {ref}"
+
+
+@pytest.mark.unit
+def test_parameters_from_a_config_count_grouped_query_attention(tmp_path):
+    """Qwen2.5-Math-7B's config (28 heads, 4 of them for keys and values): 7.615 B, not the 8.23 B that
+    full-width k and v projections would give."""
+    from llmdistill.plan import params_from_name
+
+    config = {"hidden_size": 3584, "num_hidden_layers": 28, "vocab_size": 152064, "intermediate_size": 18944,
+              "num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    h, kv = 3584, 4 * 128
+    assert params_from_name(str(tmp_path)) == 28 * (2 * h * h + 2 * h * kv + 3 * h * 18944) + 2 * 152064 * h
+    assert params_from_name(str(tmp_path)) == pytest.approx(7.615e9, rel=1e-3)
 
 
 @pytest.mark.unit
