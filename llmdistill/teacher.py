@@ -190,6 +190,7 @@ class TransformersTeacher:
         from transformers import AutoModelForCausalLM
 
         self.pack_tokens = pack_tokens
+        self.vocab: int | None = None  # set to a student's LM-head rows when this teacher has more (topk_logprobs)
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         self.model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype if dtype == "auto" else getattr(torch, dtype), **kwargs).to(device).eval()
@@ -209,5 +210,5 @@ class TransformersTeacher:
         with torch.no_grad():
             for rows, hidden in hidden_by_group(self.model, batch, self.pack_tokens):
                 ids[rows], lps[rows], own[rows] = topk_logprobs(hidden, head, targets[rows], k, chunk_size,
-                                                                transform)
+                                                                transform, self.vocab)
         return {"teacher_ids": ids, "teacher_logprobs": lps, "teacher_token_logprobs": own}

@@ -1453,6 +1453,36 @@ def test_a_teacher_of_another_tokenizer_fails_before_a_model_loads(prompts, tiny
         op.run_onpolicy(cfg)
 
 
+@pytest.mark.integration
+def test_a_teacher_with_padding_rows_grades_with_the_students_ids(prompts, tiny_student_dir, tiny_random_teacher_dir,
+                                                                  tmp_path, monkeypatch):
+    """A teacher of the student's tokenizer with 8 LM-head rows more (Qwen2.5 7B+ over 0.5B-3B), rows
+    that would win its top-k: the grades name only ids the student has."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    teacher_dir = tmp_path / "padded"
+    shutil.copytree(tiny_random_teacher_dir, teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
+    rows = teacher.get_output_embeddings().weight.shape[0]
+    teacher.resize_token_embeddings(rows + 8, mean_resizing=False)
+    with torch.no_grad():
+        teacher.get_output_embeddings().weight[rows:] = 50 * teacher.get_output_embeddings().weight[:rows].abs().max()
+    teacher.save_pretrained(str(teacher_dir))
+    graded, real = [], op.score
+
+    def spy(teachers, rollouts, cfg):
+        graded.append(real(teachers, rollouts, cfg))
+        return graded[-1]
+
+    monkeypatch.setattr(op, "score", spy)
+    op.run_onpolicy(config(prompts, tiny_student_dir, teacher_dir, tmp_path / "out", rollout_backend="transformers",
+                           max_steps=1, max_new_tokens=8))
+    ids = graded[0]["teacher_ids"]
+    assert ids.numel() and int(ids.max()) < rows
+
+
 # ---- the teacher on a pool of vLLM servers --------------------------------------------------------
 
 
