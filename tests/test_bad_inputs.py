@@ -93,6 +93,10 @@ def _yaml(tmp: Path, text: str) -> str:
     return str(path)
 
 
+def _train_args(tmp: Path, fx: dict, *extra: str) -> list[str]:
+    return ["--student_model", fx["teacher"], "--data_dir", str(tmp), "--output_dir", str(tmp / "out"), *extra]
+
+
 def _truncated(tmp: Path, fx: dict) -> Path:
     """A generation directory whose shard lost its second half (a kill mid-copy, a full disk)."""
     directory = _shards(tmp, fx)
@@ -166,6 +170,17 @@ CASES = [
          ("unknown key 'max_tokenz' in", "cfg.yaml", "did you mean 'max_tokens'")),
     Case("generate: temperature out of range", "generate",
          lambda t, fx: _gen_args(t, fx, "--temperature", "-1"), ("temperature=-1.0 is out of range",)),
+    Case("generate: none for an integer that is not optional", "generate",
+         lambda t, fx: _gen_args(t, fx, "--num_samples", "none"), ("--num_samples", "invalid int value: 'none'")),
+    Case("generate: YAML key read as a boolean", "generate",
+         lambda t, fx: ["--config", _yaml(t, "num_samples: 2\nyes: 1\n"), *_gen_args(t, fx)],
+         ("cfg.yaml: key True is not a field name", "yes, no, on, off", "write a field name of GenerateConfig")),
+    Case("generate: YAML key read as a number", "generate",
+         lambda t, fx: ["--config", _yaml(t, "1: x\n"), *_gen_args(t, fx)],
+         ("cfg.yaml: key 1 is not a field name (YAML reads this key as int)",)),
+    Case("generate: YAML file that is not UTF-8", "generate",
+         lambda t, fx: ["--config", str((t / "cfg.yaml").write_bytes(b"system_prompt: caf\xe9\n") and t / "cfg.yaml"),
+                        *_gen_args(t, fx)], ("cfg.yaml is not UTF-8 text (byte 18): save it as UTF-8",)),
     # ---- build ---------------------------------------------------------------------------
     Case("build: input missing", "build", lambda t, fx: _build_args(t, fx, t / "no-gen"), ("no-gen", "does not exist")),
     Case("build: empty input directory", "build",
@@ -244,6 +259,24 @@ CASES = [
     Case("train: a Liger kernel flag it would ignore", "train",
          lambda t, fx: ["--student_model", fx["teacher"], "--data_dir", str(t), "--output_dir", str(t / "out"),
                         "--use_liger_kernel", "true"], ("use_liger_kernel",)),
+    Case("train: fp16 and bf16 both", "train",
+         lambda t, fx: _train_args(t, fx, "--bf16", "true", "--fp16", "true"),
+         ("the command line: invalid TrainConfig setting: At most one of fp16 and bf16 can be True",)),
+    Case("train: a dict setting that is not JSON", "train",
+         lambda t, fx: _train_args(t, fx, "--lr_scheduler_kwargs", "{bad"),
+         ("the command line: invalid TrainConfig setting: lr_scheduler_kwargs is not valid JSON", "write a JSON object")),
+    Case("train: a dict setting in YAML that is not JSON", "train",
+         lambda t, fx: ["--config", _yaml(t, "lr_scheduler_kwargs: '{\"min_lr\": }'\n"), *_train_args(t, fx)],
+         ("cfg.yaml and the command line: invalid TrainConfig setting: lr_scheduler_kwargs is not valid JSON",)),
+    Case("train: negative warmup_steps", "train",
+         lambda t, fx: _train_args(t, fx, "--warmup_steps", "-1"),
+         ("invalid TrainConfig setting: warmup_steps must be",)),
+    Case("train: load_best_model_at_end without evaluation", "train",
+         lambda t, fx: _train_args(t, fx, "--load_best_model_at_end", "true"),
+         ("invalid TrainConfig setting: --load_best_model_at_end requires the save and eval strategy to match",)),
+    Case("train: --no_ of a field that is not true/false", "train",
+         lambda t, fx: _train_args(t, fx, "--no_learning_rate"),
+         ("unknown key 'no_learning_rate'", "learning_rate is not a true/false field", "--learning_rate VALUE")),
     Case("train: an unknown divergence", "train",
          lambda t, fx: ["--student_model", fx["teacher"], "--data_dir", str(t), "--output_dir", str(t / "out"),
                         "--divergence", "kl"], ("--divergence", "invalid choice: 'kl'")),

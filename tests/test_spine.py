@@ -94,6 +94,141 @@ def test_save_config_round_trips(tmp_path):
     assert load_config(Toy, tmp_path / "c.yaml") == cfg
 
 
+@dataclass
+class Switches:
+    """A config with each kind of field the command line treats specially, and a check of its own."""
+
+    enabled: bool = field(default=True, metadata={"help": "on unless --no_enabled"})
+    strict: bool = field(default=False, metadata={"help": "off by default"})
+    auto: bool | None = field(default=None, metadata={"help": "None decides later"})
+    limit: int | None = field(default=8, metadata={"help": "optional integer"})
+    column: str | None = field(default="c", metadata={"help": "optional text"})
+    name: str = field(default="x", metadata={"help": "plain text"})
+    report: None | str | list[str] = field(default="all", metadata={"help": "'none' is a word of its own here"})
+    kwargs: dict | str | None = field(default=None, metadata={"help": "JSON object"})
+
+    def __post_init__(self):  # as transformers' and TRL's checks do: plain ValueErrors, JSON decoded in place
+        if self.limit is not None and self.limit <= 0:  # a TypeError for a limit given as text
+            raise ValueError("limit must be positive,\n  or leave it out for no limit")
+        if self.name == "user":
+            raise ConfigError("name 'user' is taken")
+        if isinstance(self.kwargs, str):
+            self.kwargs = json.loads(self.kwargs)
+
+
+@pytest.mark.unit
+def test_no_flag_sets_a_true_false_field_false(tmp_path):
+    assert (parse_config(Switches, []).enabled, parse_config(Switches, ["--no_enabled"]).enabled) == (True, False)
+    assert parse_config(Switches, ["--no-enabled"]).enabled is False
+    yaml_on = tmp_path / "on.yaml"
+    yaml_on.write_text("strict: true\nauto: true\n")
+    on = parse_config(Switches, ["--config", str(yaml_on)])
+    assert (on.strict, on.auto) == (True, True)
+    cfg = parse_config(Switches, ["--config", str(yaml_on), "--no_strict", "--no-auto"])  # a false default has it too
+    assert (cfg.strict, cfg.auto, cfg.enabled) == (False, False, True)
+    for flag, name in (("--no_limit", "limit"), ("--no-name", "name")):
+        with pytest.raises(ConfigError, match=rf"^unknown key '{flag[2:]}' in the command line: {name} is not a "
+                                              rf"true/false field, so it has no --no_{name}; set it with --{name} VALUE$"):
+            parse_config(Switches, [flag])
+    with pytest.raises(ConfigError, match=r"^unknown key 'no_enabld' in the command line; did you mean 'enabled'\?$"):
+        parse_config(Switches, ["--no_enabld"])
+
+
+@pytest.mark.unit
+def test_no_gradient_checkpointing_advertised_by_help_turns_it_off(capsys):
+    from llmdistill.config.train import TrainConfig
+
+    args = ["--student_model", "org/student", "--data_dir", "runs/d", "--output_dir", "runs/o"]
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--help"])
+    assert "[--no_gradient_checkpointing]" in capsys.readouterr().out
+    assert parse_config(TrainConfig, args).gradient_checkpointing is True
+    assert parse_config(TrainConfig, [*args, "--no_gradient_checkpointing"]).gradient_checkpointing is False
+    assert parse_config(TrainConfig, [*args, "--no-gradient-checkpointing"]).gradient_checkpointing is False
+    with pytest.raises(ConfigError, match="learning_rate is not a true/false field"):
+        parse_config(TrainConfig, [*args, "--no_learning_rate"])
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("word", ["none", "None", "NULL"])
+def test_none_on_the_command_line_is_null_for_an_optional_field_only(tmp_path, word):
+    cfg = parse_config(Switches, ["--limit", word, "--column", word, "--auto", word, "--name", word, "--report", word])
+    assert (cfg.limit, cfg.column, cfg.auto) == (None, None, None)
+    assert (cfg.name, cfg.report) == (word, word)  # plain text, and a union whose text 'none' means something
+    assert parse_config(Switches, [f"--limit={word}"]).limit is None
+    text = tmp_path / "t.yaml"
+    text.write_text(f"column: '{word}'\n")  # text in YAML stays text, as load_config reads it (YAML's null is null or ~)
+    assert parse_config(Switches, ["--config", str(text)]).column == load_config(Switches, text).column == word
+    assert parse_config(Switches, ["--config", str(text), "--column", word]).column is None
+    with pytest.raises(ConfigError, match=r"^the command line: argument --limit: invalid int value: 'nan'"):
+        parse_config(Switches, ["--limit", "nan"])
+
+
+@pytest.mark.unit
+def test_score_columns_and_context_take_none_from_the_command_line(tmp_path):
+    from llmdistill.config.generate import ScoreConfig
+
+    saved = tmp_path / "score.yaml"
+    saved.write_text("model: org/teacher\ndataset: org/traces\nmax_model_len: 4096\n")
+    cfg = parse_config(ScoreConfig, ["--config", str(saved)])
+    assert (cfg.max_model_len, cfg.completion_column, cfg.prompt_column) == (4096, "completion", "prompt")
+    cfg = parse_config(ScoreConfig, ["--config", str(saved), "--max_model_len", "none", "--completion_column", "none",
+                                     "--prompt_column", "none"])
+    assert (cfg.max_model_len, cfg.completion_column, cfg.prompt_column) == (None, None, "none")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("text", "message"), [
+    ("1: x\n", "key 1 is not a field name (YAML reads this key as int)"),
+    ("limit: 3\nyes: 1\n", "key True is not a field name (YAML reads an unquoted yes, no, on, off, true or false as a boolean)"),
+    ("~: 1\n", "key None is not a field name (YAML reads an empty key, null or ~ as null)"),
+], ids=["int", "yes", "null"])
+def test_a_yaml_key_that_is_not_text_is_named(tmp_path, text, message):
+    path = tmp_path / "keys.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        read_yaml(path, Switches)
+    assert str(info.value) == f"{path}: {message}: write a field name of Switches; run with --help to list them"
+
+
+@pytest.mark.unit
+def test_a_yaml_file_that_is_not_utf8_names_the_byte(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("limit: 3\nname: café\n".encode("latin-1"))  # é is byte 18
+    with pytest.raises(ConfigError) as info:
+        read_yaml(path, Switches)
+    assert str(info.value) == f"{path} is not UTF-8 text (byte 18): save it as UTF-8"
+    path.write_bytes("\ufefflimit: 3\nname: café\n".encode("utf-8"))  # UTF-8 with a byte-order mark reads
+    assert read_yaml(path, Switches) == {"limit": 3, "name": "café"}
+
+
+@pytest.mark.unit
+def test_a_check_of_the_dataclass_is_one_config_error_naming_where(tmp_path):
+    saved = tmp_path / "s.yaml"
+    saved.write_text("limit: 0\n")
+    cases = [
+        (lambda: parse_config(Switches, ["--config", str(saved)]),
+         f"{saved}: invalid Switches setting: limit must be positive, or leave it out for no limit"),
+        (lambda: parse_config(Switches, ["--config", str(saved), "--name", "y"]),
+         f"{saved} and the command line: invalid Switches setting: limit must be positive, or leave it out for no limit"),
+        (lambda: parse_config(Switches, ["--kwargs", "{bad"]),
+         "the command line: invalid Switches setting: kwargs is not valid JSON (Expecting property name enclosed in "
+         "double quotes at character 1): write a JSON object, e.g. '{\"key\": 1}'"),
+        (lambda: load_config(Switches, limit=0),
+         "the keyword overrides: invalid Switches setting: limit must be positive, or leave it out for no limit"),
+        (lambda: load_config(Switches, saved, name="z"),
+         f"{saved} and the keyword overrides: invalid Switches setting: limit must be positive, or leave it out for no limit"),
+        (lambda: load_config(Switches, limit="3"),  # a TypeError of the check: text compared with 0
+         "the keyword overrides: invalid Switches setting: '<=' not supported between instances of 'str' and 'int'"),
+        (lambda: parse_config(Switches, ["--name", "user"]), "name 'user' is taken"),  # a ConfigError stays as it is
+    ]
+    for make, message in cases:
+        with pytest.raises(ConfigError) as info:
+            make()
+        assert str(info.value) == message and info.value.__cause__ is None
+    assert parse_config(Switches, ["--kwargs", '{"a": 1}']).kwargs == {"a": 1}
+
+
 @pytest.mark.unit
 def test_manifest_records_config_counts_and_fingerprints(tmp_path):
     data = tmp_path / "in.txt"

@@ -3,7 +3,9 @@
 A YAML file under ``configs/`` is nothing but a saved config dataclass. Keys are checked
 against the dataclass before anything runs, so a typo fails fast with the closest valid
 name. Command-line flags (``--field value``) override the YAML, and ``--help`` prints each
-field's ``metadata["help"]`` through :class:`transformers.HfArgumentParser`, as TRL does.
+field's ``metadata["help"]`` through :class:`transformers.HfArgumentParser`, as TRL does. On the
+command line a true/false field also takes ``--no_field`` (false), and an optional field takes
+``none`` or ``null`` (any case) for null.
 """
 
 from __future__ import annotations
@@ -39,6 +41,34 @@ def _field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init]
 
 
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation this Python cannot resolve: leave it to the dataclass
+        return {}
+
+
+def _bool_fields(cls: type) -> set[str]:
+    """The true/false fields (``bool`` or ``bool | None``): each takes ``--no_<field>`` for false."""
+    hints = _hints(cls)
+    return {name for name in _field_names(cls) if hints.get(name) in (bool, bool | None)}
+
+
+def _nullable_fields(cls: type) -> set[str]:
+    """The fields typed ``X | None``, whose ``none``/``null`` on the command line means None. A union with
+    more members keeps the text (``report_to: None | str | list[str]`` gives ``none`` a meaning of its own)."""
+    hints, out = _hints(cls), set()
+    for name in _field_names(cls):
+        args = typing.get_args(hints.get(name))
+        if typing.get_origin(hints.get(name)) in (typing.Union, types.UnionType) and len(args) == 2 \
+                and type(None) in args:
+            out.add(name)
+    return out
+
+
+_NULL_WORDS = ("none", "null")
+
+
 def _unknown_key_message(key: str, cls: type, where: str) -> str:
     close = difflib.get_close_matches(key, _field_names(cls), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; run with --help to list the fields of {cls.__name__}"
@@ -56,18 +86,26 @@ def read_yaml(path: str | Path, cls: type) -> dict[str, Any]:
         The mapping of field name to value, unvalidated beyond the key check.
 
     Raises:
-        ConfigError: the file is missing, is not a mapping, or has an unknown key.
+        ConfigError: the file is missing, is not UTF-8 YAML, is not a mapping, or has a key that is not
+            text or not a field.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of field: value, got {type(data).__name__}")
     for key in data:
+        if not isinstance(key, str):
+            read = ("an unquoted yes, no, on, off, true or false as a boolean" if isinstance(key, bool)
+                    else "an empty key, null or ~ as null" if key is None else f"this key as {type(key).__name__}")
+            raise ConfigError(f"{path}: key {key!r} is not a field name (YAML reads {read}): write a field name "
+                              f"of {cls.__name__}; run with --help to list them")
         if key not in _field_names(cls):
             raise ConfigError(_unknown_key_message(key, cls, str(path)))
     return data
@@ -123,10 +161,7 @@ def check_types(cls: type, values: dict[str, Any], where: str) -> None:
     Raises:
         ConfigError: e.g. ``train.yaml: max_steps: expected an integer, got 40.5``.
     """
-    try:
-        hints = typing.get_type_hints(cls)
-    except (NameError, TypeError):  # an annotation this Python cannot resolve: leave it to the dataclass
-        return
+    hints = _hints(cls)
     for key, value in values.items():
         tp = hints.get(key)
         if tp is None or _accepts(tp, value):
@@ -138,13 +173,38 @@ def check_types(cls: type, values: dict[str, Any], where: str) -> None:
 
 
 def check_cli_keys(cls: type, args: list[str]) -> None:
-    """Fail on an unknown ``--key`` before any value is parsed or range-checked."""
+    """Fail on an unknown ``--key`` before any value is parsed or range-checked (``--no_<field>`` or
+    ``--no-<field>`` is known for a true/false field)."""
     names = set(_field_names(cls)) | {"config", "help"}
+    negatable = _bool_fields(cls)
     for arg in args:
         if arg.startswith("--") and len(arg) > 2:
             key = arg[2:].split("=", 1)[0]
-            if key not in names and key.replace("-", "_") not in names:
-                raise ConfigError(_unknown_key_message(key, cls, "the command line"))
+            name = key.replace("-", "_")
+            if key in names or name in names or (name.startswith("no_") and name[3:] in negatable):
+                continue
+            if name.startswith("no_") and name[3:] in names:
+                raise ConfigError(f"unknown key '{key}' in the command line: {name[3:]} is not a true/false field, "
+                                  f"so it has no --no_{name[3:]}; set it with --{name[3:]} VALUE")
+            raise ConfigError(_unknown_key_message(key, cls, "the command line"))
+
+
+def _construct(cls: type[T], values: dict[str, Any], where: str) -> T:
+    """``cls(**values)``, with the ValueError or TypeError of a check the dataclass runs (transformers' and
+    TRL's ``__post_init__`` raise plain ones, a JSON decoding error among them) as a ConfigError naming the
+    config and where its settings came from."""
+    try:
+        return cls(**values)
+    except UserError:
+        raise
+    except json.JSONDecodeError as err:  # a dict field given as JSON text, decoded by the dataclass
+        named = [key for key, value in values.items() if isinstance(value, str) and value == err.doc]
+        field = named[0] if named else "a JSON setting"
+        raise ConfigError(f"{where}: invalid {cls.__name__} setting: {field} is not valid JSON ({err.msg} at "
+                          f"character {err.pos}): write a JSON object, e.g. '{{\"key\": 1}}'") from None
+    except (ValueError, TypeError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise ConfigError(f"{where}: invalid {cls.__name__} setting: {message}") from None
 
 
 def parse_config(cls: type[T], argv: list[str] | None, prog: str | None = None) -> T:
@@ -163,9 +223,17 @@ def parse_config(cls: type[T], argv: list[str] | None, prog: str | None = None) 
 
     from transformers import HfArgumentParser
 
+    nullable = _nullable_fields(cls)
+
     class Parser(HfArgumentParser):
         def error(self, message: str) -> typing.NoReturn:  # one line naming the flag, not the whole usage text
             raise ConfigError(f"the command line: {message}; run with --help to list the fields")
+
+        def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+            # called for command-line text only (not for a YAML value argparse converts as a default)
+            if action.dest in nullable and len(arg_strings) == 1 and arg_strings[0].strip().lower() in _NULL_WORDS:
+                return None
+            return super()._get_values(action, arg_strings)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -178,12 +246,18 @@ def parse_config(cls: type[T], argv: list[str] | None, prog: str | None = None) 
     check_types(cls, values, str(known.config))
     parser = Parser(cls, prog=prog, allow_abbrev=False)
     parser.add_argument("--config", default=None, help="YAML file holding a saved config; flags override it.")
+    for name in sorted(_bool_fields(cls)):  # HfArgumentParser adds --no_<field> only where the default is true
+        options = [f"--no_{name}", f"--no-{name.replace('_', '-')}"]
+        if not any(option in parser._option_string_actions for option in options):
+            parser.add_argument(*options, action="store_false", dest=name, default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
     parser.set_defaults(**values)
     namespace, remaining = parser.parse_known_args(args=rest)
     if remaining:
         raise ConfigError(f"unexpected argument(s) {remaining!r}: every option is --field value")
     fields = set(_field_names(cls))
-    return cls(**{k: v for k, v in vars(namespace).items() if k in fields})
+    where = " and ".join(part for part in (known.config, "the command line" if rest else None) if part)
+    return _construct(cls, {k: v for k, v in vars(namespace).items() if k in fields}, where or "the defaults")
 
 
 def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) -> T:
@@ -195,7 +269,8 @@ def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) 
     if path:
         check_types(cls, values, str(path))
     values.update(overrides)
-    return cls(**values)
+    where = " and ".join(part for part in (path and str(path), "the keyword overrides" if overrides else None) if part)
+    return _construct(cls, values, where or "the defaults")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
