@@ -1280,14 +1280,9 @@ def test_a_mixed_run_trains_on_offline_batches_on_exactly_the_seeded_steps(
         assert history[step]["loss"] == pytest.approx(direct, rel=1e-5, abs=1e-7)
 
 
-@pytest.mark.integration
-def test_a_mixed_run_resumes_with_the_same_step_choices_and_offline_rows(
-        prompts, built, tiny_student_dir, tiny_random_teacher_dir, tmp_path, monkeypatch):
-    """Stopped after checkpoint-2 and resumed, a lambda = 0.5 run ends bit-identical to an uninterrupted one."""
-    common = dict(rollout_backend="transformers", on_policy_fraction=0.5, offline_data_dir=str(built),
-                  offline_rows_per_step=2, max_steps=6, save_steps=2, max_new_tokens=12, seed=0)
-    assert offline_steps(0, 0.5, 6)[2:].any() and not offline_steps(0, 0.5, 6)[2:].all()  # both kinds after the stop
-    whole = op.run_onpolicy(config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "whole", **common))
+def stop_after_checkpoint_2_then_resume(stopped: OnPolicyConfig, monkeypatch, **changes) -> dict:
+    """Run ``stopped`` until checkpoint-2 is saved (then an interrupt), and resume it to the end with
+    ``changes``; the resumed run's manifest."""
     real = op.save_checkpoint
 
     def save_then_stop(*args, **kwargs):
@@ -1297,14 +1292,28 @@ def test_a_mixed_run_resumes_with_the_same_step_choices_and_offline_rows(
         return path
 
     monkeypatch.setattr(op, "save_checkpoint", save_then_stop)
-    stopped = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "stopped", **common)
     with pytest.raises(KeyboardInterrupt):
         op.run_onpolicy(stopped)
     monkeypatch.setattr(op, "save_checkpoint", real)
-    resumed = op.run_onpolicy(OnPolicyConfig(**{**stopped.__dict__, "resume_from_checkpoint": "latest"}))
-    a = load_file(str(tmp_path / "whole" / "model.safetensors"))
-    b = load_file(str(tmp_path / "stopped" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    return op.run_onpolicy(OnPolicyConfig(**{**stopped.__dict__, "resume_from_checkpoint": "latest", **changes}))
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    left, right = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
+@pytest.mark.integration
+def test_a_mixed_run_resumes_with_the_same_step_choices_and_offline_rows(
+        prompts, built, tiny_student_dir, tiny_random_teacher_dir, tmp_path, monkeypatch):
+    """Stopped after checkpoint-2 and resumed, a lambda = 0.5 run ends bit-identical to an uninterrupted one."""
+    common = dict(rollout_backend="transformers", on_policy_fraction=0.5, offline_data_dir=str(built),
+                  offline_rows_per_step=2, max_steps=6, save_steps=2, max_new_tokens=12, seed=0)
+    assert offline_steps(0, 0.5, 6)[2:].any() and not offline_steps(0, 0.5, 6)[2:].all()  # both kinds after the stop
+    whole = op.run_onpolicy(config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "whole", **common))
+    stopped = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "stopped", **common)
+    resumed = stop_after_checkpoint_2_then_resume(stopped, monkeypatch)
+    assert same_weights(tmp_path / "whole", tmp_path / "stopped")
     assert resumed["counts"] == whole["counts"]
 
 
@@ -1324,23 +1333,9 @@ def test_a_resume_continues_the_samples_when_starting_an_engine_reseeds(
     monkeypatch.setattr(op, "TransformersRollout", Reseeding)
     common = dict(rollout_backend="transformers", max_steps=4, save_steps=2, max_new_tokens=12, seed=0)
     op.run_onpolicy(config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "whole", **common))
-    real = op.save_checkpoint
-
-    def save_then_stop(*args, **kwargs):
-        path = real(*args, **kwargs)
-        if path.name == "checkpoint-2":
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(op, "save_checkpoint", save_then_stop)
     stopped = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "stopped", **common)
-    with pytest.raises(KeyboardInterrupt):
-        op.run_onpolicy(stopped)
-    monkeypatch.setattr(op, "save_checkpoint", real)
-    op.run_onpolicy(OnPolicyConfig(**{**stopped.__dict__, "resume_from_checkpoint": "latest"}))
-    a = load_file(str(tmp_path / "whole" / "model.safetensors"))
-    b = load_file(str(tmp_path / "stopped" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    stop_after_checkpoint_2_then_resume(stopped, monkeypatch)
+    assert same_weights(tmp_path / "whole", tmp_path / "stopped")
 
 
 @pytest.mark.integration
@@ -1354,7 +1349,7 @@ def test_a_mixed_run_resumed_with_other_batch_sizes_reads_on_where_it_stopped(
     chosen = offline_steps(0, 0.5, 6)
     assert chosen[:2].any() and not chosen[:2].all() and chosen[2:].any() and not chosen[2:].all()
     read_prompts, read_rows = [], []
-    real_rollout, real_rows, real_save = op.rollout, op.OfflineBatches.row_indices, op.save_checkpoint
+    real_rollout, real_rows = op.rollout, op.OfflineBatches.row_indices
 
     def spy_rollout(engine, stream, steps, *args):
         read_prompts.extend(i for step in steps for i in stream.batch(step))
@@ -1364,24 +1359,13 @@ def test_a_mixed_run_resumed_with_other_batch_sizes_reads_on_where_it_stopped(
         read_rows.extend(real_rows(self, step))
         return read_rows[-self.cursor.size:]
 
-    def save_then_stop(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        if path.name == "checkpoint-2":
-            raise KeyboardInterrupt
-        return path
-
     monkeypatch.setattr(op, "rollout", spy_rollout)
     monkeypatch.setattr(op.OfflineBatches, "row_indices", spy_rows)
-    monkeypatch.setattr(op, "save_checkpoint", save_then_stop)
     stopped = config(prompts, tiny_student_dir, tiny_random_teacher_dir, tmp_path / "stopped", **common)
-    with pytest.raises(KeyboardInterrupt):
-        op.run_onpolicy(stopped)
-    monkeypatch.setattr(op, "save_checkpoint", real_save)
+    stop_after_checkpoint_2_then_resume(stopped, monkeypatch, prompts_per_step=4 // 2, offline_rows_per_step=3)
     state = json.loads((tmp_path / "stopped" / "checkpoint-2" / "state.json").read_text())
     assert state["streams"] == {"prompts_per_step": 4, "prompt_position": 4 * int((~chosen[:2]).sum()),
                                 "offline_rows_per_step": 2, "offline_position": 2 * int(chosen[:2].sum())}
-    op.run_onpolicy(OnPolicyConfig(**{**stopped.__dict__, "resume_from_checkpoint": "latest",
-                                      "prompts_per_step": 4 // 2, "offline_rows_per_step": 3}))
     assert len(read_prompts) == 4 * int((~chosen[:2]).sum()) + 2 * int((~chosen[2:]).sum())
     assert read_prompts == op.seeded_slice(40, [0], 0, len(read_prompts))
     assert len(read_rows) == 2 * int(chosen[:2].sum()) + 3 * int(chosen[2:].sum())
