@@ -20,6 +20,28 @@ from llmdistill.tinyworld.models import make_model, save_model  # noqa: E402
 from llmdistill.tinyworld.tokenizer import build_tokenizer  # noqa: E402
 
 
+def with_another_tokenizer(model_dir: Path, out: Path) -> Path:
+    """A copy of ``model_dir`` whose tokenizer has one token more: the same weights, another vocabulary."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model_dir, out)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def forbid(monkeypatch, module, names: tuple[str, ...], why: str) -> None:
+    """Replace ``module``'s ``names`` with functions that fail the test with ``why`` if called."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError(why)
+
+    for name in names:
+        monkeypatch.setattr(module, name, forbidden)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """The tiny-world tokenizer (byte-level BPE, ChatML template, eos ``<|im_end|>``)."""

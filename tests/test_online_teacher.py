@@ -18,7 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import run_cli  # tests/ is on sys.path (pytest's rootdir conftest)
+from conftest import (  # tests/ is on sys.path (pytest's rootdir conftest)
+    forbid,
+    run_cli,
+    with_another_tokenizer,
+)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -178,21 +182,10 @@ def test_a_teacher_with_padding_rows_past_the_students_gives_only_the_students_i
 @pytest.mark.unit
 def test_an_online_teacher_of_another_tokenizer_fails_before_a_model_loads(tmp_path, tiny_student_dir, built_tokens,
                                                                           tiny_teacher_dir, monkeypatch):
-    import shutil
-
-    from transformers import AutoTokenizer
-
     import llmdistill.train as train_module
 
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a model loaded before the tokenizer check")
-
-    monkeypatch.setattr(train_module, "load_student", forbidden)
-    other = tmp_path / "other-teacher"
-    shutil.copytree(tiny_teacher_dir, other)
-    tokenizer = AutoTokenizer.from_pretrained(str(other))
-    tokenizer.add_tokens(["<extra>"])
-    tokenizer.save_pretrained(str(other))
+    forbid(monkeypatch, train_module, ("load_student",), "a model loaded before the tokenizer check")
+    other = with_another_tokenizer(tiny_teacher_dir, tmp_path / "other-teacher")
     with pytest.raises(UserError, match=f"^teacher_model {other}: its tokenizer differs from the student's"):
         build_trainer(config(tmp_path, built_tokens, tiny_student_dir, teacher_model=str(other)))
 

@@ -18,7 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import run_cli  # tests/ is on sys.path (pytest's rootdir conftest)
+from conftest import (  # tests/ is on sys.path (pytest's rootdir conftest)
+    forbid,
+    run_cli,
+    with_another_tokenizer,
+)
 from safetensors.torch import load_file
 
 import llmdistill.onpolicy as op
@@ -1374,11 +1378,8 @@ def test_a_mixed_run_resumed_with_other_batch_sizes_reads_on_where_it_stopped(
 
 @pytest.mark.integration
 def test_pure_offline_kd_never_samples_nor_asks_a_teacher(built, tiny_student_dir, tmp_path, monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("on_policy_fraction 0 must not sample or score")
-
-    for name in ("VllmRollout", "TransformersRollout", "rollout", "load_teachers", "score"):
-        monkeypatch.setattr(op, name, forbidden)
+    forbid(monkeypatch, op, ("VllmRollout", "TransformersRollout", "rollout", "load_teachers", "score"),
+           "on_policy_fraction 0 must not sample or score")
     cfg = OnPolicyConfig(student_model=str(tiny_student_dir), output_dir=str(tmp_path / "off"), on_policy_fraction=0.0,
                          offline_data_dir=str(built), offline_rows_per_step=2, max_steps=3, learning_rate=1e-3,
                          logging_steps=1)
@@ -1392,20 +1393,8 @@ def test_pure_offline_kd_never_samples_nor_asks_a_teacher(built, tiny_student_di
 def test_offline_rows_of_another_tokenizer_fail_before_a_model_loads(built, tiny_student_dir, tmp_path, monkeypatch):
     """The built rows index the vocabulary they were built with: a student with another tokenizer is
     refused in one line by the input checks, before the student, teachers or shards are loaded."""
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("loaded before the tokenizer check")
-
-    for name in ("load_student", "load_teachers", "convert_built_to_arrow"):
-        monkeypatch.setattr(op, name, forbidden)
-    other = tmp_path / "other-student"
-    shutil.copytree(tiny_student_dir, other)
-    tokenizer = AutoTokenizer.from_pretrained(str(other))
-    tokenizer.add_tokens(["<extra>"])
-    tokenizer.save_pretrained(str(other))
+    forbid(monkeypatch, op, ("load_student", "load_teachers", "convert_built_to_arrow"), "loaded before the check")
+    other = with_another_tokenizer(tiny_student_dir, tmp_path / "other-student")
     cfg = OnPolicyConfig(student_model=str(other), output_dir=str(tmp_path / "off"), on_policy_fraction=0.0,
                          offline_data_dir=str(built), max_steps=3)
     with pytest.raises(ConfigError, match=f"offline_data_dir: the tokenizer of student {other} .* is not the one"):
@@ -1417,20 +1406,9 @@ def test_a_teacher_of_another_tokenizer_fails_before_a_model_loads(prompts, tiny
                                                                     tmp_path, monkeypatch):
     """Grades of token ids that name other strings are no grades: a teacher whose tokenizer is not
     the student's is refused in one line, naming it, before any model loads."""
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a model loaded before the tokenizer check")
-
-    for name in ("load_student", "load_teachers", "VllmRollout", "TransformersRollout"):
-        monkeypatch.setattr(op, name, forbidden)
-    other = tmp_path / "other-teacher"
-    shutil.copytree(tiny_random_teacher_dir, other)
-    tokenizer = AutoTokenizer.from_pretrained(str(other))
-    tokenizer.add_tokens(["<extra>"])
-    tokenizer.save_pretrained(str(other))
+    forbid(monkeypatch, op, ("load_student", "load_teachers", "VllmRollout", "TransformersRollout"),
+           "a model loaded before the tokenizer check")
+    other = with_another_tokenizer(tiny_random_teacher_dir, tmp_path / "other-teacher")
     cfg = config(prompts, tiny_student_dir, other, tmp_path / "out", rollout_backend="transformers")
     with pytest.raises(UserError, match=rf"^teacher 'default' {other}: its tokenizer differs from the student's "
                                         rf"\({tiny_student_dir}\); token-level distillation needs one vocabulary"):
