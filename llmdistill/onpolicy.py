@@ -288,15 +288,16 @@ def _records_table(path: Path, records: Iterable[tuple[str, dict[str, Any]]], ne
     try:
         return pa.concat_tables(chunks, promote_options="permissive")  # nulls, then ints to floats, are promoted
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        for c in columns:  # the column whose type changes between chunks, and the chunk where it does
-            types = [chunk.schema.field(c).type for chunk in chunks]
-            try:
-                pa.unify_schemas([pa.schema([(c, t)]) for t in types], promote_options="permissive")
-            except (pa.ArrowInvalid, pa.ArrowTypeError):
-                changed = next(i for i, t in enumerate(types) if t != types[0])
-                raise ConfigError(f"{path}: column '{c}' is {types[0]} in the rows from {starts[0]} on and "
-                                  f"{types[changed]} in those from {starts[changed]} on: give the column one type "
-                                  "in every row") from None
+        for c in columns:  # the column whose type changes, and the first chunk that does not fit the ones before
+            merged = chunks[0].schema.field(c).type
+            for start, chunk in zip(starts[1:], chunks[1:], strict=True):
+                kind = chunk.schema.field(c).type
+                try:
+                    merged = pa.unify_schemas([pa.schema([(c, merged)]), pa.schema([(c, kind)])],
+                                              promote_options="permissive").field(c).type
+                except (pa.ArrowInvalid, pa.ArrowTypeError):
+                    raise ConfigError(f"{path}: column '{c}' is {merged} in the rows from {starts[0]} on and {kind} "
+                                      f"in those from {start} on: give the column one type in every row") from None
         raise ConfigError(f"{path}: a column changes type between rows ({err}): give each column one type") from None
 
 

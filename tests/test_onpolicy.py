@@ -236,20 +236,21 @@ def test_prompt_values_come_back_as_the_run_reads_them(tmp_path):
 
 @pytest.mark.unit
 def test_a_column_whose_type_changes_between_chunks_names_where(tmp_path, monkeypatch):
-    """Rows read 2 at a time: numbers then text in one column fails naming the column and the line
-    from which it changed; nulls then text are promoted."""
+    """Rows read 2 at a time: lists of numbers in two chunks, then lists of text, fail naming the column
+    and the line where it stopped fitting the rows before; a text column's nulls then text are promoted."""
     monkeypatch.setattr(op, "_CHUNK_ROWS", 2)
     lines = ['{"prompt": "a", "answer": null, "domain": [1]}', '{"prompt": "b", "answer": null, "domain": [2]}',
-             '{"prompt": "c", "answer": 2.5, "domain": ["x"]}']
+             '{"prompt": "c", "answer": 2.5, "domain": [3]}', '{"prompt": "d", "answer": 3, "domain": [4]}',
+             '{"prompt": "e", "answer": 2.5, "domain": ["x"]}']
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
     cfg = _prompt_config(tmp_path / "c.jsonl", teacher_model="t", answer_column="answer")
-    assert load_prompts(cfg).rows([0, 2]) == [{"prompt": "a", "answer": None}, {"prompt": "c", "answer": "2.5"}]
+    assert load_prompts(cfg).rows([0, 4]) == [{"prompt": "a", "answer": None}, {"prompt": "e", "answer": "2.5"}]
     source = OnPolicyConfig(**{**cfg.__dict__, "prompt_column": "domain"})
     with pytest.raises(ConfigError) as err:
         load_prompts(source)
     assert str(err.value) == (f"{tmp_path / 'c.jsonl'}: column 'domain' is list<item: int64> in the rows from "
                               f"{tmp_path / 'c.jsonl'} line 1 on and list<item: string> in those from "
-                              f"{tmp_path / 'c.jsonl'} line 3 on: give the column one type in every row")
+                              f"{tmp_path / 'c.jsonl'} line 5 on: give the column one type in every row")
 
 
 @pytest.mark.unit
