@@ -142,15 +142,14 @@ class OnlineTeacher:
         teacher: the loaded, frozen teacher.
         top_k: entries per target token; 0 for the full distribution.
         chunk_size: target rows per LM-head chunk.
-        vocab: the student's LM-head rows when the teacher has more (padding rows past the
-            tokenizer's ids): the top-k is taken among the ids the student has.
+
+    The top-k is taken among ``teacher.vocab`` ids when set (a student with fewer LM-head rows).
     """
 
-    def __init__(self, teacher: TransformersTeacher, top_k: int, chunk_size: int, vocab: int | None = None):
+    def __init__(self, teacher: TransformersTeacher, top_k: int, chunk_size: int):
         self.teacher = teacher
         self.top_k = top_k
         self.chunk_size = chunk_size
-        self.vocab = vocab
 
     @property
     def model(self) -> nn.Module:
@@ -173,10 +172,11 @@ class OnlineTeacher:
         else:
             captured = capture_forward(model.base_model, inputs["input_ids"], inputs["position_ids"], spec)
             hidden = captured.last[target_index - 1]
-        rows = self.vocab or int(model.get_output_embeddings().weight.shape[0])
+        vocab = self.teacher.vocab
+        rows = vocab or int(model.get_output_embeddings().weight.shape[0])
         k = min(self.top_k, rows) if self.top_k else rows
         ids, logprobs, _ = topk_logprobs(hidden, model.get_output_embeddings(), inputs["input_ids"][0, target_index],
-                                         k, self.chunk_size, logit_transform(model.config), self.vocab)
+                                         k, self.chunk_size, logit_transform(model.config), vocab)
         return ids, logprobs, captured
 
 

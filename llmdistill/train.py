@@ -203,8 +203,9 @@ def load_online_teacher(config: TrainConfig, tokenizer: Any, student: Any) -> tu
         layers = LayerDistiller(config, student.config, loaded.model.config)
     # one tokenizer, so a teacher's rows past the student's are padding no token has (Qwen2.5 7B and
     # up: 152,064 rows, 0.5B-3B: 151,936): its top-k is taken among the student's ids
-    vocab = student_rows if teacher_rows > student_rows else None
-    return OnlineTeacher(loaded, config.teacher_top_k, config.loss_chunk_size, vocab), layers
+    if teacher_rows > student_rows:
+        loaded.vocab = student_rows
+    return OnlineTeacher(loaded, config.teacher_top_k, config.loss_chunk_size), layers
 
 
 def load_built(config: TrainConfig) -> tuple[Any, dict[str, Any]]:

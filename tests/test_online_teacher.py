@@ -159,7 +159,7 @@ def test_a_teacher_with_padding_rows_past_the_students_gives_only_the_students_i
             (padded / name).write_bytes((tiny_teacher_dir / name).read_bytes())
     trainer, _ = build_trainer(config(tmp_path, built_tokens, tiny_student_dir, teacher_model=str(padded),
                                       teacher_top_k=4))
-    assert trainer.teacher.vocab == rows
+    assert trainer.teacher.teacher.vocab == rows
     batch = trainer.data_collator(rows_of(trainer))
     ids, logprobs, _ = trainer.teacher.signals(batch, CaptureSpec())
     assert int(ids.max()) < rows
