@@ -1233,10 +1233,11 @@ class OfflineBatches:
     The shards are memory-mapped through their Arrow copy (:func:`~llmdistill.formats.open_built`,
     converted once) and collated by :class:`~llmdistill.collate.DistillCollator` (padding-free, the
     teacher's top-k decoded). The offline steps read a seeded row order one batch after another
-    (:class:`Cursor`), so a resumed run continues with the rows it would have seen.
+    (:class:`Cursor`), so a resumed run continues with the rows it would have seen. That they fit
+    the student (top-k present, its tokenizer) is checked before, by :func:`check_inputs`.
     """
 
-    def __init__(self, cfg: OnPolicyConfig, tokenizer: Any, ranks: Ranks | None = None):
+    def __init__(self, cfg: OnPolicyConfig, ranks: Ranks | None = None):
         directory = cfg.offline_data_dir
         self.ranks = ranks or Ranks()
         cache = built_cache_dir(directory)
@@ -1245,7 +1246,6 @@ class OfflineBatches:
                 convert_built_to_arrow(directory, cache)
             self.ranks.barrier()
         self.rows, meta = open_built(directory, cache)
-        check_offline_data(directory, meta, tokenizer, cfg.student_model)
         self.collator = DistillCollator(k=int(meta["k"]), vocab_size=int(meta["vocab_size"]),
                                         codec_bits=int(meta.get("codec_bits") or 0), with_topk=True)
         self.offline = offline_steps(cfg.seed, cfg.on_policy_fraction, cfg.max_steps)
@@ -1763,7 +1763,7 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, fmt: PromptFormat, teach
             # one tokenizer, so a teacher's LM-head rows past the student's are padding: its top-k skips them
             elif isinstance(teacher, TransformersTeacher) and teacher.model.get_output_embeddings().weight.shape[0] > rows:
                 teacher.vocab = rows
-    offline = OfflineBatches(cfg, tokenizer, ranks) if cfg.on_policy_fraction < 1 else None
+    offline = OfflineBatches(cfg, ranks) if cfg.on_policy_fraction < 1 else None
     # only the on-policy steps read prompts: every step, or those OfflineBatches does not take
     stream = PromptStream(prompts, cfg.seed, Cursor(cfg.prompts_per_step, None if offline is None else ~offline.offline))
     if resume is not None:
