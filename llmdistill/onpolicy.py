@@ -1756,13 +1756,11 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, fmt: PromptFormat, teach
     # Teachers, rollout engine, prompts, offline batches
     if on_policy and cfg.teacher_backend != "server":
         teachers = load_teachers(cfg, device, ranks)
-        rows = model.get_output_embeddings().weight.shape[0]
         for teacher in teachers.values():
             if isinstance(teacher, VllmTeacher):
                 cleanup.callback(teacher.close)
-            # one tokenizer, so a teacher's LM-head rows past the student's are padding: its top-k skips them
-            elif isinstance(teacher, TransformersTeacher) and teacher.model.get_output_embeddings().weight.shape[0] > rows:
-                teacher.vocab = rows
+            elif isinstance(teacher, TransformersTeacher):
+                teacher.grade_for(model)
     offline = OfflineBatches(cfg, ranks) if cfg.on_policy_fraction < 1 else None
     # only the on-policy steps read prompts: every step, or those OfflineBatches does not take
     stream = PromptStream(prompts, cfg.seed, Cursor(cfg.prompts_per_step, None if offline is None else ~offline.offline))

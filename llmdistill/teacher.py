@@ -190,12 +190,19 @@ class TransformersTeacher:
         from transformers import AutoModelForCausalLM
 
         self.pack_tokens = pack_tokens
-        self.vocab: int | None = None  # set to a student's LM-head rows when this teacher has more (topk_logprobs)
+        self.vocab: int | None = None  # a student's LM-head rows when this teacher has more (:meth:`grade_for`)
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         self.model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype if dtype == "auto" else getattr(torch, dtype), **kwargs).to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+
+    def grade_for(self, student: torch.nn.Module) -> None:
+        """Take the top-k among ``student``'s ids when this teacher has more LM-head rows: with one
+        tokenizer the extra rows are padding no token has (Qwen2.5 7B and up: 152,064 rows, 0.5B-3B:
+        151,936), and ids past the student's rows would index nothing in it."""
+        rows = student.get_output_embeddings().weight.shape[0]
+        self.vocab = rows if self.model.get_output_embeddings().weight.shape[0] > rows else None
 
     def score(self, batch: dict[str, torch.Tensor], k: int, chunk_size: int) -> dict[str, torch.Tensor]:
         """The teacher's top-k ids and log-probs (N, k) and its log-prob of each target (N,), for the

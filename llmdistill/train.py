@@ -186,12 +186,11 @@ def load_online_teacher(config: TrainConfig, tokenizer: Any, student: Any) -> tu
 
     if not config.teacher_model:
         return None, None
-    loaded = TransformersTeacher(config.teacher_model, config.teacher_dtype, attn_implementation=config.attention)
-    teacher_rows = loaded.model.get_output_embeddings().weight.shape[0]
     student_rows = student.get_output_embeddings().weight.shape[0]
-    if len(tokenizer) > student_rows:
+    if len(tokenizer) > student_rows:  # before the teacher loads
         raise UserError(f"student {config.student_source} has {student_rows} output rows for a tokenizer of "
                         f"{len(tokenizer)} tokens: resize its embeddings (model.resize_token_embeddings) first")
+    loaded = TransformersTeacher(config.teacher_model, config.teacher_dtype, attn_implementation=config.attention)
     if config.attention_loss == "attention_kl":
         for who, model in (("student", student), ("teacher", loaded.model)):
             if model.config._attn_implementation != "eager":
@@ -201,10 +200,7 @@ def load_online_teacher(config: TrainConfig, tokenizer: Any, student: Any) -> tu
     layers = None
     if config.feature_loss != "none" or config.attention_loss != "none":
         layers = LayerDistiller(config, student.config, loaded.model.config)
-    # one tokenizer, so a teacher's rows past the student's are padding no token has (Qwen2.5 7B and
-    # up: 152,064 rows, 0.5B-3B: 151,936): its top-k is taken among the student's ids
-    if teacher_rows > student_rows:
-        loaded.vocab = student_rows
+    loaded.grade_for(student)
     return OnlineTeacher(loaded, config.teacher_top_k, config.loss_chunk_size), layers
 
 
