@@ -340,3 +340,104 @@ def test_dry_run_estimates_ram_disk_and_time_at_r1_scale(tmp_path):
     duration, unit = plan["wall time"].split(" on 256 CPU(s)")[0].split()
     assert float(duration.replace(",", "")) > 0 and unit in ("min", "h")
     assert "scripts/bench_build.py" in plan["rates measured"]
+
+
+# ---------------------------------------------------------------------------------------
+# phase A: prompts on the workers, the driver holds no text
+
+
+def _prompt_generation(directory: Path, tok_dir: Path, extra: Path) -> list[dict]:
+    """60 prompts of 300 random words, 4 samples each over 5 files (prompts split across files), with
+    planted duplicates: an exact one (case and punctuation aside), a near one (one word changed), a
+    contaminated prompt and an exact copy of it (a duplicate, so not counted as contaminated). In the
+    last file, p45 has the text of p44: a prompt is judged on its first text."""
+    rng = np.random.default_rng(7)
+    vocab = [f"v{i}" for i in range(2000)]
+    texts = [" ".join(rng.choice(vocab, size=300)) for _ in range(60)]
+    texts[17] = texts[3].upper().replace(" ", ", ")
+    words = texts[5].split()
+    words[150] = "changed"
+    texts[29] = " ".join(words)
+    extra.write_text("some benchmark problem\n" + " ".join(texts[40].split()[100:140]) + "\n")
+    texts[52] = texts[40] + "!"
+    rows = [{"prompt_id": f"p{j:02d}", "sample_index": s, "prompt": text, "prompt_text": text, "prompt_token_ids": [1],
+             "completion": "x", "answer": "1", "completion_token_ids": [1, 2]}
+            for j, text in enumerate(texts) for s in range(4)]
+    order = rng.permutation(len(rows))  # samples of a prompt land in different files, in any order
+    rows = [rows[i] for i in sorted(order[:200])] + [rows[i] for i in sorted(order[200:])]
+    later = [i for i, r in enumerate(rows) if r["prompt_id"] == "p45" and i >= 192]  # p45 in the last file
+    assert later and later[0] > min(i for i, r in enumerate(rows) if r["prompt_id"] == "p45")
+    for i in later:
+        rows[i] = rows[i] | {"prompt": texts[44], "prompt_text": texts[44]}
+    meta = {b"llmdistill": json.dumps({"schema": "llmdistill.generation", "schema_version": 1, "k": K,
+                                       "teacher": str(tok_dir)}).encode()}
+    schema = pa.schema(list(GENERATION_COLUMNS.items()) + [("answer", pa.string())], metadata=meta)
+    bounds = np.linspace(0, len(rows), 6).astype(int)
+    for f in range(5):
+        with pq.ParquetWriter(directory / shard_name(f), schema) as writer:
+            for lo in range(bounds[f], bounds[f + 1], 11):
+                writer.write_table(_table(rows[lo:min(lo + 11, bounds[f + 1])], schema, 50, rng))
+    return rows
+
+
+def test_prompt_phase_runs_on_the_workers_and_matches_the_in_memory_reference(tmp_path, tiny_tokenizer_dir,
+                                                                              monkeypatch):
+    from llmdistill.builder import cluster, prompt_level
+    from llmdistill.builder.decontam import NgramIndex, contaminated, read_problem_file
+    from llmdistill.builder.dedup import duplicates
+    from llmdistill.builder.traces import find_input, open_generation
+    from llmdistill.prompts import prompt_problem
+
+    gen, extra = tmp_path / "gen", tmp_path / "extra.txt"
+    gen.mkdir()
+    rows = _prompt_generation(gen, tiny_tokenizer_dir, extra)
+    cfg = config(gen, tmp_path / "out", tiny_tokenizer_dir, decontam_extra_file=str(extra), decontam_ngram=8)
+    assert find_input(cfg) == "generation"
+    parts = plan_parts(open_generation(cfg, ["prompt_id", "prompt", "sample_index"]), part_mb=1)
+    assert len(parts) == 5
+
+    # the reference: the old driver-side computation, on every distinct prompt's text in memory
+    first_text = dict((r["prompt_id"], r["prompt"]) for r in reversed(rows))
+    ids = list(dict.fromkeys(r["prompt_id"] for r in rows))
+    problems = [prompt_problem(first_text[i]) for i in ids]
+    dup = duplicates(problems, near=True, threshold=cfg.dedup_threshold, ngram=cfg.dedup_ngram,
+                     num_perm=cfg.minhash_num_perm, seed=cfg.seed)
+    index = NgramIndex(8)
+    index.add("file:extra.txt", read_problem_file(extra))
+    found, counter = contaminated([p for p, d in zip(problems, dup, strict=True) if not d], index)
+    expected = np.where(dup, prompt_level.DUPLICATE, prompt_level.KEPT)
+    expected[np.flatnonzero(~dup)[[bool(f) for f in found]]] = prompt_level.CONTAMINATED
+    assert {ids[i] for i in np.flatnonzero(dup)} == {"p17", "p29", "p52"} and dict(counter) == {"file:extra.txt": 1}
+    part_of_row = np.repeat(np.arange(len(parts)), [p.num_rows for p in parts])
+    split = {pid for pid in ids if len({part_of_row[i] for i, r in enumerate(rows) if r["prompt_id"] == pid}) > 1}
+    assert "p45" in split
+
+    # the driver never reads the prompts' text: the parts are read in the Ray workers
+    def no_text_here(*args, **kwargs):
+        raise AssertionError("the driver read a part")
+
+    monkeypatch.setattr(prompt_level, "read_part", no_text_here)
+    got = {}
+    for workers in (1, 2):
+        runtime = cluster.start_ray(workers, None)
+        work = tmp_path / f"work{workers}"
+        got[workers] = prompt_level.prompt_fates(cfg, parts, runtime, str(work))
+        p = got[workers]
+        assert p.ids.to_pylist() == ids
+        assert p.ids.take(pa.array(p.codes)).to_pylist() == [r["prompt_id"] for r in rows]
+        assert p.sample_index.tolist() == [r["sample_index"] for r in rows]
+        assert p.fate.tolist() == expected.tolist()
+        assert {ids[i] for i in np.flatnonzero(p.split)} == split
+        assert p.hits == {"file:extra.txt": 1}
+
+    # a re-run (a killed build's) reuses the parts' files: no part runs again, the same result
+    ran = []
+    real = cluster.map_parts
+
+    def counting(fn, tasks, ctx, runtime):
+        ran.extend(tasks)
+        return real(fn, tasks, ctx, runtime)
+
+    monkeypatch.setattr(prompt_level, "map_parts", counting)
+    again = prompt_level.prompt_fates(cfg, parts, runtime, str(tmp_path / "work2"))
+    assert ran == [] and again.fate.tolist() == got[2].fate.tolist() and again.codes.tolist() == got[2].codes.tolist()

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from llmdistill.builder import dedup, filters
-from llmdistill.builder.decide import SHUFFLE_BLOCK_BYTES, _pass_rate_mask, shuffle_blocks
+from llmdistill.builder.decide import _pass_rate_mask
 from llmdistill.builder.decontam import NgramIndex, build_index, contaminated
+from llmdistill.builder.dedup import SHUFFLE_BLOCK_BYTES, shuffle_blocks
 from llmdistill.builder.pack import (
     best_fit_decreasing,
     pack_row,

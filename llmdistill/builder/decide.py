@@ -14,7 +14,6 @@ back to the driver. No process ever holds an index of the whole corpus.
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +27,6 @@ from llmdistill.builder.rows import row_steps, rows_path
 from llmdistill.builder.traces import Part
 from llmdistill.config.base import UserError
 from llmdistill.config.build import BuildConfig
-
-# about the most bytes one block of the dedup shuffle holds (the hash shuffle never splits a block)
-SHUFFLE_BLOCK_BYTES = 128 << 20
 
 
 class EmptyBuildError(UserError):
@@ -138,84 +134,7 @@ def _pass_rate_mask(codes: np.ndarray, correct: np.ndarray, alive: np.ndarray, l
 
 
 # ---------------------------------------------------------------------------------------
-# Duplicates across parts: a Ray Data hash shuffle by key
-
-
-def shuffle_blocks(n: int, bytes_per_trace: int, cpus: int) -> int:
-    """Blocks of the shuffle of ``n`` traces' records: one per 50k traces up to two per CPU, and at
-    least enough that no block holds more than :data:`SHUFFLE_BLOCK_BYTES` on average, so the memory
-    of a task stays bounded however large the input is."""
-    by_size = -(-n * bytes_per_trace // SHUFFLE_BLOCK_BYTES)
-    return max(1, min(cpus * 2, n // 50_000 + 1), by_size)
-
-
-def _key_rows(batch: dict[str, np.ndarray], near: bool, bands: int, rows_per_band: int) -> pa.Table:
-    """One part's candidate traces as (key, row, sig) records: its exact key, or one per LSH band."""
-    task = pickle.loads(batch["task"][0])
-    with pa.memory_map(task["path"]) as source:
-        keys = pa.ipc.open_file(source).read_all()
-    local = keys.column("row").to_numpy()
-    pick = np.flatnonzero(np.isin(local, task["rows"]))
-    group = task["groups"][np.searchsorted(task["rows"], local[pick])]
-    row = task["offset"] + local[pick]
-    if not near:
-        return pa.table({"key": dedup.mix(group, keys.column("hash").to_numpy()[pick]), "row": row})
-    width = keys.schema.field("sig").type.list_size
-    sig = keys.column("sig").combine_chunks().flatten().to_numpy().reshape(-1, width)[pick]
-    band = dedup.band_keys(sig, bands, rows_per_band)
-    key = dedup.mix(group[:, None], band).reshape(-1)
-    flat = pa.array(np.repeat(sig, bands, axis=0).reshape(-1), pa.uint32())
-    return pa.table({"key": key, "row": np.repeat(row, bands),
-                     "sig": pa.FixedSizeListArray.from_arrays(flat, width)})
-
-
-def _bucket_pairs(block: pa.Table, threshold: float, near: bool) -> pa.Table:
-    """Within one block of whole buckets: (first, other) pairs of every bucket with more than one trace."""
-    key, row = block.column("key").to_numpy(), block.column("row").to_numpy()
-    order = np.lexsort((row, key))
-    key, row = key[order], row[order]
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    sizes = np.diff(np.r_[starts, len(key)])
-    pairs = [np.zeros((0, 2), dtype=np.int64)]
-    if near:
-        width = block.schema.field("sig").type.list_size
-        sig = block.column("sig").combine_chunks().flatten().to_numpy().reshape(-1, width)[order]
-        for s, n in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
-            pairs.append(dedup.confirmed_pairs(row[s:s + n], sig[s:s + n], threshold))
-    else:  # exact duplicates: every later trace of a bucket pairs with its first
-        member = np.repeat(sizes > 1, sizes) & ~np.isin(np.arange(len(row)), starts)
-        head = np.repeat(row[starts], sizes)
-        pairs.append(np.stack([head[member], row[member]], axis=1))
-    both = np.concatenate(pairs)
-    return pa.table({"a": both[:, 0], "b": both[:, 1]})
-
-
-def _duplicate_pairs(tasks: list[dict[str, Any]], near: bool, cfg: BuildConfig, runtime: Runtime) -> np.ndarray:
-    import ray.data
-
-    bands, rows_per_band = dedup.lsh_params(cfg.dedup_threshold, cfg.minhash_num_perm)
-    items = [{"task": pickle.dumps(t)} for t in tasks]
-    # a record is a key and a row (8 bytes each), plus the signature once per band when near
-    per_trace = bands * (16 + 4 * cfg.minhash_num_perm) if near else 16
-    blocks = shuffle_blocks(sum(len(t["rows"]) for t in tasks), per_trace, runtime.cpus)
-    dataset = (ray.data.from_items(items, override_num_blocks=len(items))
-               .map_batches(_key_rows, batch_size=1, batch_format="numpy",
-                            fn_kwargs={"near": near, "bands": bands, "rows_per_band": rows_per_band})
-               .repartition(blocks, keys=["key"])
-               .map_batches(_bucket_pairs, batch_size=None, batch_format="pyarrow",
-                            fn_kwargs={"threshold": cfg.dedup_threshold, "near": near}))
-    found = [np.stack([b["a"], b["b"]], axis=1) for b in dataset.iter_batches(batch_format="numpy", batch_size=None)]
-    return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
-
-
-def _later_members(pairs: np.ndarray) -> np.ndarray:
-    """Rows that are not the first (smallest index) of their connected component of pairs."""
-    if not len(pairs):
-        return np.zeros(0, dtype=np.int64)
-    nodes, inverse = np.unique(pairs.reshape(-1), return_inverse=True)
-    edges = inverse.reshape(-1, 2)
-    label = dedup._components(len(nodes), edges[:, 0], edges[:, 1])
-    return nodes[label != np.arange(len(nodes))]
+# Duplicates across parts
 
 
 def cross_part_duplicates(cfg: BuildConfig, parts: list[Part], candidates: np.ndarray, groups: np.ndarray,
@@ -238,7 +157,7 @@ def cross_part_duplicates(cfg: BuildConfig, parts: list[Part], candidates: np.nd
             local = np.flatnonzero(candidates[part.offset:part.offset + part.num_rows] & ~dup[part.offset:part.offset
                                                                                             + part.num_rows])
             if len(local):
-                tasks.append({"path": str(rows_path(work, part.index, "keys")), "offset": part.offset,
-                              "rows": local, "groups": groups[part.offset + local]})
-        dup[_later_members(_duplicate_pairs(tasks, near, cfg, runtime))] = True
+                tasks.append({"path": str(rows_path(work, part.index, "keys")), "rows": local,
+                              "index": part.offset + local, "groups": groups[part.offset + local]})
+        dup[dedup.later_members(dedup.duplicate_pairs(tasks, near, cfg, runtime))] = True
     return dup

@@ -19,9 +19,12 @@ Data groupby over those keys runs.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import re
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 _SEPARATORS = re.compile(r"[\W_]+")
 _MIX = np.uint64(0x9E3779B97F4A7C15)
@@ -167,7 +170,7 @@ def _components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
             return label
 
 
-def _exact_jaccard(hashes: np.ndarray, starts: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+def pair_jaccard(hashes: np.ndarray, starts: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """Jaccard similarity of the shingle-hash sets of text pairs ``(left[j], right[j])``, vectorised."""
     n = len(starts)
     text = np.repeat(np.arange(n), np.diff(np.append(starts, len(hashes))))
@@ -281,7 +284,7 @@ def near_duplicates(hashes: np.ndarray, starts: np.ndarray, sig: np.ndarray, thr
         # the estimate's standard deviation is sqrt(J(1-J)/num_perm): 4 of them of slack
         slack = 4.0 * np.sqrt(max(threshold * (1 - threshold), 0.01) / num_perm)
         pairs = pairs[estimate >= threshold - slack]
-        pairs = pairs[_exact_jaccard(hashes, starts, pairs[:, 0], pairs[:, 1]) >= threshold]
+        pairs = pairs[pair_jaccard(hashes, starts, pairs[:, 0], pairs[:, 1]) >= threshold]
     label = _components(n, pairs[:, 0], pairs[:, 1]) if len(pairs) else np.arange(n)
     return label != np.arange(n)
 
@@ -334,3 +337,102 @@ def jaccard(a: str, b: str, ngram: int) -> float:
 
     sa, sb = shingles(a), shingles(b)
     return len(sa & sb) / len(sa | sb)
+
+
+# ---------------------------------------------------------------------------------------
+# Duplicates across parts: a Ray Data hash shuffle by key (completions in phase C, prompts in phase A)
+
+# about the most bytes one block of the dedup shuffle holds (the hash shuffle never splits a block)
+SHUFFLE_BLOCK_BYTES = 128 << 20
+
+
+def shuffle_blocks(n: int, bytes_per_trace: int, cpus: int) -> int:
+    """Blocks of the shuffle of ``n`` traces' records: one per 50k traces up to two per CPU, and at
+    least enough that no block holds more than :data:`SHUFFLE_BLOCK_BYTES` on average, so the memory
+    of a task stays bounded however large the input is."""
+    by_size = -(-n * bytes_per_trace // SHUFFLE_BLOCK_BYTES)
+    return max(1, min(cpus * 2, n // 50_000 + 1), by_size)
+
+
+def _key_rows(batch: dict[str, np.ndarray], near: bool, bands: int, rows_per_band: int, confirm: bool) -> pa.Table:
+    """One part's candidate texts as (key, row[, sig]) records: its exact key, or one per LSH band
+    (with the signature when the buckets are confirmed on it).
+
+    The task names a keys file (columns ``row``, ``hash``, ``sig``), its candidate ``rows`` (sorted),
+    their ``groups`` and their global ``index``, by which the earliest text of a bucket is kept."""
+    task = pickle.loads(batch["task"][0])
+    with pa.memory_map(task["path"]) as source:
+        keys = pa.ipc.open_file(source).read_all()
+    local = keys.column("row").to_numpy()
+    pick = np.flatnonzero(np.isin(local, task["rows"]))
+    position = np.searchsorted(task["rows"], local[pick])
+    group, row = task["groups"][position], task["index"][position]
+    if not near:
+        return pa.table({"key": mix(group, keys.column("hash").to_numpy()[pick]), "row": row})
+    width = keys.schema.field("sig").type.list_size
+    sig = keys.column("sig").combine_chunks().flatten().to_numpy().reshape(-1, width)[pick]
+    band = band_keys(sig, bands, rows_per_band)
+    key = mix(group[:, None], band).reshape(-1)
+    if not confirm:
+        return pa.table({"key": key, "row": np.repeat(row, bands)})
+    flat = pa.array(np.repeat(sig, bands, axis=0).reshape(-1), pa.uint32())
+    return pa.table({"key": key, "row": np.repeat(row, bands),
+                     "sig": pa.FixedSizeListArray.from_arrays(flat, width)})
+
+
+def _bucket_pairs(block: pa.Table, threshold: float, near: bool) -> pa.Table:
+    """Within one block of whole buckets: (first, other) pairs of every bucket with more than one
+    trace; with ``near``, only those whose MinHash estimate reaches ``threshold``."""
+    key, row = block.column("key").to_numpy(), block.column("row").to_numpy()
+    order = np.lexsort((row, key))
+    key, row = key[order], row[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    sizes = np.diff(np.r_[starts, len(key)])
+    pairs = [np.zeros((0, 2), dtype=np.int64)]
+    if near:
+        width = block.schema.field("sig").type.list_size
+        sig = block.column("sig").combine_chunks().flatten().to_numpy().reshape(-1, width)[order]
+        for s, n in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
+            pairs.append(confirmed_pairs(row[s:s + n], sig[s:s + n], threshold))
+    else:  # exact duplicates: every later trace of a bucket pairs with its first
+        member = np.repeat(sizes > 1, sizes) & ~np.isin(np.arange(len(row)), starts)
+        head = np.repeat(row[starts], sizes)
+        pairs.append(np.stack([head[member], row[member]], axis=1))
+    both = np.concatenate(pairs)
+    return pa.table({"a": both[:, 0], "b": both[:, 1]})
+
+
+def duplicate_pairs(tasks: list[dict[str, Any]], near: bool, cfg: Any, runtime: Any, confirm: bool = True) -> np.ndarray:
+    """Pairs (earlier, later) of duplicate texts among the tasks' candidates (see :func:`_key_rows`):
+    a Ray Data hash shuffle by exact-text hash or, with ``near``, by LSH band key, whose blocks hold
+    whole buckets and confirm them on the signatures (``cfg``: the build's dedup settings).
+    Only the pairs come back: no process holds an index of all the texts.
+
+    With ``near`` and not ``confirm``, the records carry no signature (16 bytes, not about
+    ``4 * num_perm``) and every LSH candidate pair comes back, for the caller to confirm."""
+    import ray.data
+
+    bands, rows_per_band = lsh_params(cfg.dedup_threshold, cfg.minhash_num_perm)
+    items = [{"task": pickle.dumps(t)} for t in tasks]
+    # a record is a key and a row (8 bytes each), plus the signature once per band when confirmed here
+    per_trace = (bands * (16 + 4 * cfg.minhash_num_perm) if confirm else bands * 16) if near else 16
+    blocks = shuffle_blocks(sum(len(t["rows"]) for t in tasks), per_trace, runtime.cpus)
+    dataset = (ray.data.from_items(items, override_num_blocks=len(items))
+               .map_batches(_key_rows, batch_size=1, batch_format="numpy",
+                            fn_kwargs={"near": near, "bands": bands, "rows_per_band": rows_per_band,
+                                       "confirm": confirm})
+               .repartition(blocks, keys=["key"])
+               .map_batches(_bucket_pairs, batch_size=None, batch_format="pyarrow",
+                            fn_kwargs={"threshold": cfg.dedup_threshold, "near": near and confirm}))
+    found = [np.stack([b["a"], b["b"]], axis=1) for b in dataset.iter_batches(batch_format="numpy", batch_size=None)]
+    return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
+
+
+def later_members(pairs: np.ndarray) -> np.ndarray:
+    """Rows that are not the first (smallest index) of their connected component of pairs."""
+    if not len(pairs):
+        return np.zeros(0, dtype=np.int64)
+    nodes, inverse = np.unique(pairs.reshape(-1), return_inverse=True)
+    edges = inverse.reshape(-1, 2)
+    label = _components(len(nodes), edges[:, 0], edges[:, 1])
+    return nodes[label != np.arange(len(nodes))]

@@ -2,7 +2,8 @@
 
 Read top to bottom, five phases:
 
-A. prompts (driver, light columns): duplicate and contaminated prompts (:mod:`.prompt_level`);
+A. prompts (a Ray Data map over parts, light columns; then the driver, 8 bytes per trace): duplicate
+   and contaminated prompts (:mod:`.prompt_level`);
 B. verdicts (a Ray Data map over parts, medium columns): verify, filter, per-prompt dedup (:mod:`.rows`);
 C. decisions (driver, 8 bytes per trace): pass rate, dedup across parts, cap per prompt (:mod:`.decide`);
 D. shards (a Ray Data map over parts, heavy columns of kept rows): tokenise, align, pack, encode,
@@ -97,8 +98,8 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
             warm_up(runtime, shipped)
         laps("ray_start")
 
-        # A. prompts (driver)
-        prompts = prompt_fates(cfg, parts)
+        # A. prompts (Ray Data, per part; then the driver)
+        prompts = prompt_fates(cfg, parts, runtime, str(work))
         laps("prompts")
 
         # B. verdicts (Ray Data, per part)
@@ -253,7 +254,7 @@ def _write_fates(staging: Path, parts: list[Part], prompts: Prompts, ledger: Led
         for part in parts:
             rows = prompts.rows(part)
             writer.write_table(pa.table({
-                "prompt_id": pa.array([prompts.ids[c] for c in prompts.codes[rows]], pa.string()),
+                "prompt_id": prompts.ids.take(pa.array(prompts.codes[rows])).cast(pa.string()),
                 "sample_index": pa.array(prompts.sample_index[rows]),
                 "correct": pa.array(correct[rows], mask=~verified[rows]),
                 "dropped_by": pa.array(ledger.fates(rows), pa.string()),
