@@ -12,7 +12,9 @@ Generation shards (``llmdistill generate`` / ``llmdistill score``)
     completion            string           the generated (or scored) completion text
     completion_token_ids  list<int32>      teacher token ids of the completion (EOS included
                                            when generation stopped on it)
-    finish_reason         string           ``stop`` | ``length`` | ``scored``
+    finish_reason         string           ``stop`` | ``length`` | ``scored`` |
+                                           ``unknown_token`` (cut before an id the
+                                           tokenizer lacks: an LM-head padding row)
     topk_ids              list<int32>      flat [n_tokens, k]: the teacher's k most likely
                                            ids at each completion position, by log-prob desc
     topk_logprobs         list<float32>    flat [n_tokens, k]: their log-probs (raw, T = 1)
@@ -89,6 +91,10 @@ from llmdistill.prompts import PromptFormat
 SHARD_GLOB = "part-*.parquet"
 GENERATION_SCHEMA = "llmdistill.generation"
 GENERATION_SCHEMA_VERSION = 1
+#: a generated completion cut before an id its tokenizer lacks (:func:`llmdistill.generate.engines.known_ids_only`)
+UNKNOWN_TOKEN = "unknown_token"
+#: finish reasons of a completion that did not end on its own: the build adds no EOS, and ``drop_truncated`` drops it
+UNFINISHED = ("length", UNKNOWN_TOKEN)
 BUILT_SCHEMA = "llmdistill.built"
 BUILT_SCHEMA_VERSION = 1
 DETAILS_SCHEMA = "llmdistill.eval_details"

@@ -1063,10 +1063,17 @@ class StreamedTeacher:
     one ``prompt_logprobs`` prefill over its prompt + completion token ids."""
 
     engine: Any  # ServerPool or OfflineEngine: ``k`` and ``stream(work)``
+    vocab: int | None = None  # the student's LM-head rows (:meth:`grade_for`)
+
+    def grade_for(self, student: torch.nn.Module) -> None:
+        """Keep only ids below ``student``'s LM-head rows in the grades: vLLM ranks every row of the
+        teacher's head, and a larger teacher's padding rows index nothing in the student
+        (:func:`~llmdistill.generate.engines.known_ids_only`)."""
+        self.vocab = student.get_output_embeddings().weight.shape[0]
 
     def score(self, batch: dict[str, torch.Tensor], k: int, chunk_size: int) -> dict[str, torch.Tensor]:
         """The same grades as :meth:`TransformersTeacher.score` (``chunk_size`` is unused)."""
-        from llmdistill.generate.engines import Work
+        from llmdistill.generate.engines import Work, known_ids_only
         from llmdistill.generate.inputs import Request
 
         if k != self.engine.k:
@@ -1078,7 +1085,7 @@ class StreamedTeacher:
         for finished in self.engine.stream(work):
             if finished is not None:
                 graded[int(finished[0].request.prompt_id)] = finished[1]
-        parts = [graded[i] for i in range(len(samples))]
+        parts = [graded[i] if self.vocab is None else known_ids_only(graded[i], self.vocab) for i in range(len(samples))]
         return {"teacher_ids": torch.from_numpy(np.concatenate([c.topk_ids for c in parts]).astype(np.int64)),
                 "teacher_logprobs": torch.from_numpy(np.concatenate([c.topk_logprobs for c in parts])),
                 "teacher_token_logprobs": torch.from_numpy(np.concatenate([c.token_logprobs for c in parts]))}
@@ -1759,8 +1766,8 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, fmt: PromptFormat, teach
         for teacher in teachers.values():
             if isinstance(teacher, VllmTeacher):
                 cleanup.callback(teacher.close)
-            elif isinstance(teacher, TransformersTeacher):
-                teacher.grade_for(model)
+    for teacher in teachers.values():
+        teacher.grade_for(model)
     offline = OfflineBatches(cfg, ranks) if cfg.on_policy_fraction < 1 else None
     # only the on-policy steps read prompts: every step, or those OfflineBatches does not take
     stream = PromptStream(prompts, cfg.seed, Cursor(cfg.prompts_per_step, None if offline is None else ~offline.offline))

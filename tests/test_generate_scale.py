@@ -269,6 +269,66 @@ def test_offline_stream_keeps_a_bounded_window_and_writes_as_completions_finish(
     assert _offline(FakeLLMEngine(K), None).max_in_flight == 8  # default: 2 x max_num_seqs
 
 
+class PaddingRowsEngine(FakeLLMEngine):
+    """A teacher whose LM head has rows past its tokenizer (``vocab``): its third sampled token is one of
+    them, and the top-k at the first two positions holds two and one of them."""
+
+    def __init__(self, k: int, vocab: int):
+        super().__init__(k)
+        self.vocab = vocab
+
+    def step(self):
+        out = super().step()
+        for o in out:
+            ids = np.tile(np.arange(40, 40 + self.k + 1), (3, 1))
+            ids[:, 0] = [40, 41, self.vocab + 5]  # the sampled tokens (column 0)
+            ids[0, 2], ids[0, 4], ids[1, 1] = self.vocab, self.vocab + 1, self.vocab + 2
+            lps = np.tile(-np.arange(self.k + 1, dtype=np.float32) - 1, (3, 1))
+            o.outputs[0].token_ids = ids[:, 0].tolist()
+            o.outputs[0].finish_reason = "stop"
+            o.outputs[0].logprobs = SimpleNamespace(token_ids=ids.reshape(-1).tolist(), logprobs=lps.reshape(-1).tolist())
+        return out
+
+
+@pytest.mark.unit
+def test_ids_past_the_teachers_tokenizer_never_reach_a_shard(tiny_tokenizer_dir, tmp_path):
+    """LM-head padding rows (vllm-project/vllm#13175): a sampled one cuts the completion before it
+    (finish_reason ``unknown_token``, which the build drops as truncated and ends without EOS); a
+    top-k one is dropped, the row keeping its other entries in order and ending in -inf entries."""
+    from llmdistill.builder.filters import not_truncated
+    from llmdistill.generate.engines import Completion, known_ids_only
+
+    cfg, plan = _steps_plan(tiny_tokenizer_dir, tmp_path, [1, 2], flush_every=100)
+    vocab = len(plan.tokenizer)
+    assert plan.info.vocab_size == vocab
+    write_stream(_offline(PaddingRowsEngine(K, vocab), max_in_flight=4), plan, cfg)
+    table = pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet"))[0]).to_pylist()
+    assert len(table) == 2
+    # position 0 ranked [41, V, 43, V+1, 45, ...]: the known ids keep their order and log-probs (id 40 + c
+    # had -(c + 1)), then two -inf entries on ids not in the row; position 1 ranked [V+2, 42, 43, ...]
+    known = [[41, 43, *range(45, 41 + K)], list(range(42, 41 + K))]
+    for row in table:
+        assert row["completion_token_ids"] == [40, 41] and row["finish_reason"] == "unknown_token"
+        assert row["completion"] == plan.tokenizer.decode([40, 41])
+        ids = np.asarray(row["topk_ids"]).reshape(2, K)
+        lps = np.asarray(row["topk_logprobs"], dtype=np.float32).reshape(2, K)
+        for position, kept in enumerate(known):
+            assert ids[position, :len(kept)].tolist() == kept
+            assert lps[position, :len(kept)].tolist() == [-(i - 40 + 1.0) for i in kept]
+            assert np.isneginf(lps[position, len(kept):]).all() and len(set(ids[position].tolist())) == K
+        assert (ids < vocab).all() and row["token_logprobs"] == [-1.0, -1.0]
+    assert not_truncated(["stop", "length", "unknown_token", "scored"]).tolist() == [True, False, False, True]
+
+    # a scored completion (its tokens are the input's) is never cut; without unknown ids nothing changes
+    ids = np.array([[1, 2], [3, 2]], np.int32)
+    scored = Completion(np.array([9, 9], np.int32), "scored", ids, np.array([[-1, -2], [-1, -3]], np.float32),
+                        np.zeros(2, np.float32))
+    kept = known_ids_only(scored, 3)
+    assert kept.token_ids.tolist() == [9, 9] and kept.topk_ids.tolist() == [[1, 2], [2, 0]]
+    assert kept.topk_logprobs[1].tolist() == [-3.0, -np.inf]
+    assert known_ids_only(scored, 10) is scored
+
+
 @pytest.mark.unit
 def test_offline_stream_flushes_on_time_and_aborts_what_is_left(tiny_tokenizer_dir, tmp_path):
     steps = [1] * 6 + [40] * 2

@@ -1477,6 +1477,39 @@ def test_a_teacher_on_servers_grades_exactly_what_the_servers_score(synthetic_se
 
 
 @pytest.mark.unit
+def test_a_teacher_on_servers_grades_only_ids_the_student_has(synthetic_servers):
+    """A teacher with more LM-head rows than the student (Qwen2.5 7B over 1.5B): the servers rank every
+    row, the grades keep only the student's ids (in order, log-probs as served) and end in -inf entries."""
+    from types import SimpleNamespace
+
+    from llmdistill.generate.synthetic_server import scored_arrays
+
+    server = synthetic_servers(model="t")
+    cfg = OnPolicyConfig(dataset="p.jsonl", student_model="s", teacher_model="t", teacher_backend="server",
+                         logprobs_top_k=5, teacher_urls=[server.url])
+    prompts, completions = [[5, 6, 7], [11, 12, 13, 14]], [[20, 21, 22, 23, 24, 25], [30, 31, 32]]
+    _, ids, lps, own = zip(*(scored_arrays(p + c, 5) for p, c in zip(prompts, completions, strict=True)), strict=True)
+    served_ids = np.concatenate([i[len(p) - 1:] for i, p in zip(ids, prompts, strict=True)])
+    served_lps = np.concatenate([x[len(p) - 1:] for x, p in zip(lps, prompts, strict=True)])
+    rows = int(np.median(served_ids))  # about half the served entries lie past the student's rows
+    teachers = op.load_teachers(cfg)
+    student = SimpleNamespace(get_output_embeddings=lambda: SimpleNamespace(weight=torch.empty(rows, 0)))
+    for teacher in teachers.values():
+        teacher.grade_for(student)
+    graded = score(teachers, op.Rollouts(prompt_ids=prompts, completion_ids=completions, records=[{}] * 2,
+                                         teachers=["default"] * 2), cfg)
+    got_ids, got_lps = graded["teacher_ids"].numpy(), graded["teacher_logprobs"].numpy()
+    assert (got_ids < rows).all() and ((served_ids >= rows).any(axis=1)).sum() >= 3
+    for served_i, served_l, i, lp in zip(served_ids, served_lps, got_ids, got_lps, strict=True):
+        known = served_i < rows
+        n = int(known.sum())
+        assert i[:n].tolist() == served_i[known].tolist() and np.array_equal(lp[:n], served_l[known])
+        assert np.isneginf(lp[n:]).all() and len(set(i.tolist())) == 5
+    assert np.array_equal(graded["teacher_token_logprobs"].numpy(),
+                          np.concatenate([x[len(p) - 1:] for x, p in zip(own, prompts, strict=True)]))
+
+
+@pytest.mark.unit
 def test_an_unreachable_teacher_server_fails_in_one_line_before_a_model_loads(prompts, tmp_path, monkeypatch):
     import re
     import socket

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmdistill.checking.extract import THINK_CLOSE, THINK_OPEN
+from llmdistill.formats import UNFINISHED
 
 
 def well_formed(completion: str) -> bool:
@@ -21,8 +22,9 @@ def well_formed(completion: str) -> bool:
 
 
 def not_truncated(finish_reasons: list[str]) -> np.ndarray:
-    """False for completions that stopped on the token limit (``finish_reason == "length"``)."""
-    return np.asarray([r != "length" for r in finish_reasons], dtype=bool)
+    """False for completions that did not end on their own: stopped on the token limit
+    (``finish_reason == "length"``) or cut before an unknown id (:data:`~llmdistill.formats.UNFINISHED`)."""
+    return np.asarray([r not in UNFINISHED for r in finish_reasons], dtype=bool)
 
 
 def well_formed_mask(completions: list[str]) -> np.ndarray:

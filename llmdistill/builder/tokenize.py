@@ -20,7 +20,7 @@ import pyarrow as pa
 from llmdistill.builder.traces import Ragged
 from llmdistill.config.base import ConfigError, UserError
 from llmdistill.config.build import PackConfig
-from llmdistill.formats import tokenizer_fingerprint
+from llmdistill.formats import UNFINISHED, tokenizer_fingerprint
 from llmdistill.log import get_logger
 from llmdistill.prompts import PromptFormat, prompt_messages
 
@@ -215,7 +215,7 @@ def batch_documents(batch: pa.RecordBatch, rows: np.ndarray, tokenizer: Any, cfg
     else:  # a plain dataset, or another tokenizer: the student reads the text (EOS when the teacher stopped)
         retok = tokenizer(batch.column("completion").to_pylist(), add_special_tokens=False)["input_ids"]
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        stops = [r != "length" for r in batch.column("finish_reason").to_pylist()]
+        stops = [r not in UNFINISHED for r in batch.column("finish_reason").to_pylist()]
         completion_ids = [np.asarray(ids + (eos if stop else []), dtype=np.int32)
                           for ids, stop in zip(retok, stops, strict=True)]
     doc_ids = [f"{p}/{s}" for p, s in zip(batch.column("prompt_id").to_pylist(),

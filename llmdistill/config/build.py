@@ -78,7 +78,7 @@ class FilterConfig:
     """Step 2: rejection sampling — which traces are good enough to learn from."""
 
     keep_incorrect: bool = field(default=False, metadata={"help": "Keep traces the verifier rejects (label only)."})
-    drop_truncated: bool = field(default=True, metadata={"help": "Drop completions that hit the token limit (finish_reason 'length')."})
+    drop_truncated: bool = field(default=True, metadata={"help": "Drop completions that did not end on their own: finish_reason 'length' (the token limit) or 'unknown_token' (cut before an id the tokenizer lacks)."})
     require_think: bool = field(
         default=True,
         metadata={"help": "Drop completions without exactly one balanced <think>...</think> block followed by a "

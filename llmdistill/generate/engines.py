@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from llmdistill.config.generate import GenerateConfig, ScoreConfig
+from llmdistill.formats import UNKNOWN_TOKEN
 from llmdistill.generate import vllm_patch
 from llmdistill.generate.inputs import Request
 from llmdistill.log import get_logger
@@ -43,7 +44,7 @@ class Completion:
 
     Attributes:
         token_ids: [n] int32, the completion tokens.
-        finish_reason: ``stop``, ``length`` or ``scored``.
+        finish_reason: ``stop``, ``length``, ``scored`` or ``unknown_token`` (:func:`known_ids_only`).
         topk_ids: [n, k] int32, the k most likely ids at each position, by log-prob desc.
         topk_logprobs: [n, k] float32, their raw (T = 1) log-probs.
         token_logprobs: [n] float32, the log-prob of each completion token.
@@ -100,6 +101,35 @@ def _flat_arrays(name: str, ids: list[int], logprobs: list[float], positions: in
                            f"differently than llmdistill expects")
     return (np.asarray(ids, dtype=np.int32).reshape(positions, k + 1),
             np.asarray(logprobs, dtype=np.float32).reshape(positions, k + 1))
+
+
+def known_ids_only(completion: Completion, limit: int) -> Completion:
+    """The completion with only ids below ``limit``: the ids a tokenizer (or a student's LM head) has.
+
+    A model's LM head often has padding rows past its tokenizer (Qwen2.5: 151,936 or 152,064 rows
+    for 151,665 ids; DeepSeek-V3/R1: 129,280 for 128,815), whose logits are untrained. vLLM samples
+    and ranks over every row, so such an id can be drawn (vllm-project/vllm#13175) or enter a top-k.
+    A sampled one ends the completion before it, with ``finish_reason``
+    :data:`~llmdistill.formats.UNKNOWN_TOKEN` (the build drops it like a truncated one). A top-k
+    entry is dropped: the row keeps its other entries in order and ends with ``-inf`` entries on
+    ids not in it, so its mass joins the tail bucket of the loss, as with a teacher that ranks
+    only the known ids (:func:`~llmdistill.teacher.topk_logprobs` with ``vocab``).
+    """
+    if completion.finish_reason != "scored" and (completion.token_ids >= limit).any():
+        n = int(np.argmax(completion.token_ids >= limit))
+        completion = Completion(completion.token_ids[:n], UNKNOWN_TOKEN, completion.topk_ids[:n],
+                                completion.topk_logprobs[:n], completion.token_logprobs[:n])
+    unknown = completion.topk_ids >= limit
+    if not unknown.any():
+        return completion
+    ids, logprobs = completion.topk_ids.copy(), completion.topk_logprobs.copy()
+    k = ids.shape[1]
+    for row in np.flatnonzero(unknown.any(axis=1)):
+        kept = ids[row][~unknown[row]]
+        fill = np.setdiff1d(np.arange(2 * k, dtype=ids.dtype), kept)[:k - len(kept)]
+        ids[row] = np.concatenate([kept, fill])
+        logprobs[row] = np.concatenate([logprobs[row][~unknown[row]], np.full(len(fill), -np.inf, logprobs.dtype)])
+    return Completion(completion.token_ids, completion.finish_reason, ids, logprobs, completion.token_logprobs)
 
 
 def split_columns(ids: np.ndarray, logprobs: np.ndarray, finish_reason: str) -> Completion:

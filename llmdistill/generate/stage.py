@@ -24,7 +24,7 @@ import pyarrow as pa
 from llmdistill.config.base import check_model_path
 from llmdistill.config.generate import GenerateConfig, ScoreConfig
 from llmdistill.formats import GenerationInfo, read_generation_keys
-from llmdistill.generate.engines import Finished, OfflineEngine, Work
+from llmdistill.generate.engines import Finished, OfflineEngine, Work, known_ids_only
 from llmdistill.generate.inputs import (
     Formatter,
     InputError,
@@ -195,7 +195,9 @@ def make_engine(cfg: GenerateConfig | ScoreConfig, scoring: bool) -> OfflineEngi
 
 
 def teacher_rows(finished: list[Finished], plan: Plan) -> list[dict]:
-    """The generation rows of finished work (sampled completions are detokenized here)."""
+    """The generation rows of finished work (sampled completions are detokenized here), holding
+    only ids of the teacher's tokenizer (:func:`~llmdistill.generate.engines.known_ids_only`)."""
+    finished = [(work, known_ids_only(completion, plan.info.vocab_size)) for work, completion in finished]
     if plan.info.stage == "score":
         return shard_rows(finished, None)
     return shard_rows(finished, decode_completions(plan.tokenizer, [c for _, c in finished]))
