@@ -205,6 +205,22 @@ def test_math500_from_a_local_jsonl_with_a_column_map(tmp_path):
         load_benchmark("math500", data_path=path)
 
 
+def test_math500_from_parquet_and_csv_gives_the_items_of_the_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    rows = [{"unique_id": f"test/{i}.json", "problem": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(4)]
+    rows[1]["answer"] = "0.50"  # a value that reads as a number stays the text it was
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    pacsv.write_csv(pa.Table.from_pylist(rows), tmp_path / "m.csv")
+    items = load_benchmark("math500", data_path=tmp_path / "m.jsonl")
+    assert [i.id for i in items] == [r["unique_id"] for r in rows] and items[3].answer == "6"
+    assert load_benchmark("math500", data_path=tmp_path / "m.parquet") == items
+    assert load_benchmark("math500", data_path=tmp_path / "m.csv") == items and items[1].answer == "0.50"
+
+
 def test_gsm8k_gold_is_the_number_after_the_marker(tmp_path):
     rows = [{"question": "Tom has 3 apples and buys 1,200 more. How many?", "answer": "3+1200=1203\n#### 1,203"},
             {"question": "No marker", "answer": "  42  "},

@@ -86,11 +86,19 @@ def _rename(rows: list[dict[str, Any]], columns: dict[str, str], where: str) -> 
 
 def _check_values(rows: list[dict[str, Any]], spec: BenchmarkSpec, columns: dict[str, str], where: str) -> None:
     """Every renamed row has the fields its checker reads, neither null nor empty (``str(None)`` would
-    be a gold answer no response matches, silently scoring the problem 0)."""
+    be a gold answer no response matches, silently scoring the problem 0), and, when the data has
+    ids, its own id (per-problem results and pass@k are keyed by it)."""
     fields = ["problem", "tests" if spec.checker == "code" else "answer"]
     fields += ["entry_point"] if spec.checker == "code" and "entry_point" in columns else []
     fields += list(spec.options.choices) if spec.options is not None else []
+    fields += ["id"] if rows and "id" in rows[0] else []  # a column of ids: every row has one
+    first_of: dict[str, int] = {}
     for index, row in enumerate(rows):
+        if "id" in row and row["id"] is not None:
+            earlier = first_of.setdefault(str(row["id"]), index)
+            if earlier != index:
+                raise BenchmarkError(f"{where}, rows {earlier} and {index}: both have id {str(row['id'])!r} "
+                                     f"(column '{columns['id']}'): give every problem its own id")
         for ours in dict.fromkeys(fields):
             value = row.get(ours)
             if value is None or (isinstance(value, str) and not value.strip()):
