@@ -205,11 +205,12 @@ def _flush(window: list[Document], writer: BuiltShardWriter, ctx: ShardsContext,
 
 def _checked(batches: Iterator[tuple[int, pa.RecordBatch]], part: Part,
              ctx: ShardsContext) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """Every batch read is checked whole (top-k shape, log-probs, ids in the vocabulary)."""
+    """Every batch read is checked whole (top-k shape, log-probs, and ids in the vocabulary wherever
+    the student reads the teacher's ids: its top-k, or its completion tokens with one tokenizer)."""
+    vocab = ctx.meta["vocab_size"] if ctx.cfg.kd or ctx.spec.same_tokenizer else None
     for first, batch in batches:
         k = ctx.input_k if ctx.mix else ctx.spec.k  # with teachers, the input's own k (before the merge)
-        check_generation_rows(part.path, batch, k, ctx.meta["vocab_size"] if ctx.cfg.kd else None,
-                              first_row=part.first_row + first)
+        check_generation_rows(part.path, batch, k, vocab, first_row=part.first_row + first)
         yield first, batch
 
 
