@@ -89,6 +89,8 @@ from llmdistill.outputs import pid_alive
 from llmdistill.prompts import PromptFormat
 
 SHARD_GLOB = "part-*.parquet"
+#: generation columns whose values the footer's statistics bound (:func:`check_value_ranges`)
+RANGED_COLUMNS = ("completion_token_ids", "topk_ids", "topk_logprobs")
 GENERATION_SCHEMA = "llmdistill.generation"
 GENERATION_SCHEMA_VERSION = 1
 #: a generated completion cut before an id its tokenizer lacks (:func:`llmdistill.generate.engines.known_ids_only`)
@@ -328,6 +330,8 @@ class RowGroup:
         bytes: uncompressed size of all its columns.
         compressed_bytes: size on disk.
         completion_tokens: values of ``completion_token_ids`` (0 when the column is absent).
+        value_ranges: ``(column, min, max)`` of the ids and log-probs columns whose footer
+            statistics have them (:data:`RANGED_COLUMNS`; NaN is never in a Parquet statistic).
     """
 
     index: int
@@ -336,6 +340,7 @@ class RowGroup:
     bytes: int
     compressed_bytes: int
     completion_tokens: int
+    value_ranges: tuple[tuple[str, float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -396,10 +401,39 @@ def read_generation_footer(path: str | Path, columns: list[str] | None = None) -
     for i in range(footer.num_row_groups):
         group = footer.row_group(i)
         tokens = group.column(leaf["completion_token_ids"]).num_values if "completion_token_ids" in leaf else 0
+        ranges = tuple((name, float(stats.min), float(stats.max)) for name in RANGED_COLUMNS if name in leaf
+                       and (stats := group.column(leaf[name]).statistics) is not None and stats.has_min_max)
         groups.append(RowGroup(i, first, group.num_rows, group.total_byte_size,
-                               sum(group.column(c).total_compressed_size for c in range(group.num_columns)), tokens))
+                               sum(group.column(c).total_compressed_size for c in range(group.num_columns)), tokens,
+                               ranges))
         first += group.num_rows
     return GenerationShard(path, int(meta["k"]), meta.get("teacher"), types, tuple(groups))
+
+
+def check_value_ranges(shard: GenerationShard, vocab_size: int | None) -> None:
+    """What :func:`check_generation_rows` checks of ids and log-probs, from the footer's statistics
+    alone: a damaged shard, or one of another tokenizer, is named before any row is read. (NaN is
+    not in the statistics; the rows' check finds it.)
+
+    Args:
+        shard: a shard's footer (:func:`read_generation_footer`).
+        vocab_size: the student's vocabulary size, or None to check only the log-probs.
+
+    Raises:
+        SchemaError: as :func:`check_generation_rows` does (naming the row: only a row group whose
+            statistics are out of range is read).
+    """
+    for group in shard.row_groups:
+        bad = [name for name, low, high in group.value_ranges
+               if (high > 1e-3 if name == "topk_logprobs" else vocab_size is not None and (low < 0 or high >= vocab_size))]
+        if not bad:
+            continue
+        for first, batch in iter_generation_batches(shard.path, ["completion_token_ids", *bad], [group.index],
+                                                    max(1, group.num_rows)):
+            check_generation_rows(shard.path, batch, shard.k, vocab_size, first_row=first)  # names the row
+        raise SchemaError(f"{shard.path} row group {group.index}: the footer's statistics of {bad} lie outside "
+                          f"log-probabilities or the student's vocabulary of {vocab_size}, though no row does: the "
+                          "shard is damaged: regenerate it")
 
 
 def iter_generation_batches(path: str | Path, columns: list[str], row_groups: list[int] | None = None,

@@ -10,8 +10,10 @@ import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
+from conftest import forbid
 
-from llmdistill.builder import run_build
+from llmdistill import formats
+from llmdistill.builder import pipeline, run_build
 from llmdistill.builder.pack import unpack_row
 from llmdistill.builder.pipeline import EmptyBuildError
 from llmdistill.builder.tokenize import TokenizerMismatchError
@@ -157,12 +159,41 @@ def test_tokenizer_mismatch_names_both_ways_forward(generation, tmp_path, tiny_t
     vocab[a], vocab[b] = vocab[b], vocab[a]  # same names, sizes and tokens; two ids swapped
     (other / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(TokenizerMismatchError) as err:
-        run_build(config(generation, tmp_path, other))
+        with pytest.MonkeyPatch.context() as mp:  # found in the setup, before any phase reads a row
+            forbid(mp, pipeline, ("start_ray", "prompt_fates"), "the mismatch was found after the setup")
+            run_build(config(generation, tmp_path, other))
     assert "llmdistill score" in str(err.value) and "kd: false" in str(err.value)
     assert not (tmp_path / "built").exists()
     # SFT-only works: the completions are re-tokenised by the student
     stats = run_build(config(generation, tmp_path, other, kd=False))
     assert stats["packing"]["documents"] > 0
+
+
+def test_ids_outside_the_vocabulary_are_found_from_the_footers_before_any_work(generation, tmp_path,
+                                                                               tiny_tokenizer_dir, monkeypatch):
+    """A row group whose statistics are out of range is read and its bad row named, in the setup; the
+    other row groups are not read. NaN is not in Parquet statistics: the rows' own check finds it later."""
+    table = pq.read_table(generation[0] / shard_name(0))
+    bad = tmp_path / "bad_gen"
+    bad.mkdir()
+    ids = table.column("topk_ids").to_pylist()
+    ids[17] = ids[17][:-1] + [10**6]
+    pq.write_table(table.set_column(table.schema.get_field_index("topk_ids"), table.schema.field("topk_ids"),
+                                    pa.array(ids, table.schema.field("topk_ids").type)),
+                   bad / shard_name(0), row_group_size=5)
+    assert pq.ParquetFile(bad / shard_name(0)).metadata.num_row_groups > 4
+    forbid(monkeypatch, pipeline, ("start_ray", "prompt_fates"), "the bad id was found after the setup")
+    read = []
+    real = formats.iter_generation_batches
+
+    def reads(path, columns, row_groups=None, batch_rows=None):
+        read.append(row_groups)
+        return real(path, columns, row_groups, batch_rows)
+
+    monkeypatch.setattr(formats, "iter_generation_batches", reads)
+    with pytest.raises(SchemaError, match=r"part-000000.parquet row 17: 'topk_ids' holds id 1000000, outside"):
+        run_build(config((bad,), tmp_path, tiny_tokenizer_dir))
+    assert read == [[3]] and not (tmp_path / "built").exists()
 
 
 def test_incompatible_schema_version_is_a_clear_error(generation, tmp_path, tiny_tokenizer_dir):
@@ -184,7 +215,7 @@ def test_missing_reference_answers_fail_before_any_work(generation, tmp_path, ti
     gaps = tmp_path / "gaps"
     rows = [dict(r) for r in generation[1][:3]]
     rows[1]["answer"] = None
-    write_generation_shard(rows, gaps / shard_name(0), k=K, teacher="t", passthrough={"answer": pa.string()})
+    write_generation_shard(rows, gaps / shard_name(0), k=K, teacher=str(tiny_tokenizer_dir), passthrough={"answer": pa.string()})
     with pytest.raises(ConfigError, match=f"row 1, prompt_id {rows[1]['prompt_id']}"):
         run_build(config((gaps,), tmp_path, tiny_tokenizer_dir))
     assert not (tmp_path / "built").exists()

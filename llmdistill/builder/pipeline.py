@@ -49,7 +49,7 @@ from llmdistill.builder.tokenize import (
 from llmdistill.builder.traces import BuildInput, Part, find_input, open_dataset, open_generation, plan_parts
 from llmdistill.config.base import ConfigError, config_to_dict
 from llmdistill.config.build import OPERATIONAL_FIELDS, BuildConfig
-from llmdistill.formats import read_generation_info, shard_name, tokenizer_fingerprint
+from llmdistill.formats import check_value_ranges, read_generation_info, shard_name, tokenizer_fingerprint
 from llmdistill.log import get_logger
 from llmdistill.manifest import MANIFEST, fingerprint, read_manifest, write_manifest
 from llmdistill.outputs import resumable_output
@@ -92,6 +92,9 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         parts = plan_parts(inp, cfg.part_mb)
         reference = check_reference_column(cfg, inp.columns, kind)
         mix, locations = open_teachers(cfg, inp, tokenizer) or (None, {})
+        spec, meta = _document_spec(cfg, inp, tokenizer, mix), _shard_meta(cfg, tokenizer, inp, mix)
+        for shard in inp.shards if kind == "generation" else ():  # ids the student reads, from the footers
+            check_value_ranges(shard, len(tokenizer) if cfg.kd or spec.same_tokenizer else None)
         laps("setup")
         runtime = start_ray(cfg.workers, cfg.ray_address)
         if not uses_actors(len(parts), runtime):  # task workers: their start-up overlaps with phase A
@@ -105,7 +108,6 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         # B. verdicts (Ray Data, per part)
         rows_ctx = RowsContext(cfg, kind, reference, str(work), shipped)
         verdict_runs = _run_verdicts(parts, prompts, cfg, rows_ctx, runtime)
-        spec, meta = _document_spec(cfg, inp, tokenizer, mix), _shard_meta(cfg, tokenizer, inp, mix)
         laps("verdicts")
 
         # C. decisions (driver)
