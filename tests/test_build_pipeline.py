@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -287,9 +288,18 @@ def test_a_plain_dataset_is_written_batch_by_batch_with_the_same_rows(tmp_path, 
 
     monkeypatch.setattr(datasets.Dataset, "to_list", no_whole_dataset)
     monkeypatch.setattr(datasets.Dataset, "to_pandas", no_whole_dataset)
+    processes = []
+    real_map = datasets.Dataset.map
+
+    def counted_map(self, *args, num_proc=None, **kwargs):
+        processes.append(num_proc)
+        return real_map(self, *args, num_proc=num_proc, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", counted_map)
     whole = traces.open_dataset(cfg, tmp_path / "whole")
     monkeypatch.setattr(traces, "DATASET_ROWS_PER_GROUP", 3)
-    batched = traces.open_dataset(cfg, tmp_path / "batched")
+    batched = traces.open_dataset(replace(cfg, workers=2), tmp_path / "batched")
+    assert processes == [None, 2]  # records split in 2 processes: the same rows, in order
     for inp, groups in ((whole, [7]), (batched, [3, 3, 1])):
         (shard,) = inp.shards
         assert [g.num_rows for g in shard.row_groups] == groups

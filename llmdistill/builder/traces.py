@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from llmdistill.config.base import ConfigError, looks_like_local_path
@@ -319,48 +320,80 @@ def dataset_schema(cfg: BuildConfig, columns: list[str]) -> pa.Schema:
                       ("completion", pa.string()), ("finish_reason", pa.string())] + [(c, pa.string()) for c in extra])
 
 
-def dataset_batches(cfg: BuildConfig, dataset: Any, schema: pa.Schema) -> Iterator[pa.Table]:
-    """A plain dataset as the columns of generation shards that a text trace has (no token ids),
-    :data:`DATASET_ROWS_PER_GROUP` rows at a time (``schema``: :func:`dataset_schema`).
-
-    Memory: one batch, and the sample count of each distinct prompt id.
+def _trace_columns(batch: dict[str, list[Any]], indices: list[int], cfg: BuildConfig,
+                   extra: list[str]) -> dict[str, list[Any]]:
+    """One batch of dataset records as text-trace columns (``sample_index`` is numbered afterwards).
 
     Raises:
-        ConfigError: a bad row (:func:`_split_record`).
+        ConfigError: a bad row, named by its index in the dataset (:func:`_split_record`).
     """
-    extra = schema.names[5:]
-    seen: dict[str, int] = {}
-    index = 0
-    for batch in dataset.iter(batch_size=DATASET_ROWS_PER_GROUP):
-        n = len(next(iter(batch.values())))
-        prompts, completions, ids, samples = [], [], [], []
-        for j in range(n):
-            rec = {name: values[j] for name, values in batch.items()}
-            prompt, completion = _split_record(rec, cfg, index + j)
-            pid = str(rec[cfg.id_column]) if rec.get(cfg.id_column) is not None else prompt_hash(prompt)
-            samples.append(seen.get(pid, 0))
-            seen[pid] = samples[-1] + 1
-            prompts.append(prompt)
-            completions.append(completion)
-            ids.append(pid)
-        columns = [ids, samples, prompts, completions, ["stop"] * n]
-        columns += [[None if v is None else str(v) for v in batch[c]] for c in extra]
-        yield pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, schema, strict=True)], schema=schema)
-        index += n
+    prompts, completions, ids = [], [], []
+    for j, index in enumerate(indices):
+        rec = {name: values[j] for name, values in batch.items()}
+        prompt, completion = _split_record(rec, cfg, index)
+        ids.append(str(rec[cfg.id_column]) if rec.get(cfg.id_column) is not None else prompt_hash(prompt))
+        prompts.append(prompt)
+        completions.append(completion)
+    return {"prompt_id": ids, "prompt": prompts, "completion": completions, "finish_reason": ["stop"] * len(ids),
+            **{c: [None if v is None else str(v) for v in batch[c]] for c in extra}}
+
+
+def sample_numbers(prompt_ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Per row, how many earlier rows have its prompt id (0, 1, ...): the traces' ``sample_index``.
+
+    Memory: the distinct ids, and 16 bytes per row.
+    """
+    codes = pc.index_in(prompt_ids, value_set=pc.unique(prompt_ids)).to_numpy(zero_copy_only=False)
+    order = np.argsort(codes, kind="stable")  # rows grouped by id, each group in row order
+    group = codes[order]
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    first = np.repeat(starts, np.diff(np.r_[starts, len(group)]))
+    numbers = np.empty(len(codes), dtype=np.int32)
+    numbers[order] = np.arange(len(codes)) - first
+    return numbers
 
 
 def write_dataset(cfg: BuildConfig, path: Path) -> int:
-    """Write a plain dataset to ``path`` batch by batch, one Parquet row group of
-    :data:`DATASET_ROWS_PER_GROUP` rows per batch; the number of traces."""
+    """Write a plain dataset to ``path`` as text traces, one Parquet row group of
+    :data:`DATASET_ROWS_PER_GROUP` rows at a time; the number of traces.
+
+    The records are split into prompt and completion by ``datasets``' own ``map`` over
+    ``cfg.workers`` processes (default: the machine's cores), into memory-mapped Arrow files
+    beside ``path`` that are deleted at the end; the driver then numbers each prompt's samples
+    (:func:`sample_numbers`) and writes the rows batch by batch.
+
+    Raises:
+        ConfigError: the dataset cannot be read, or a bad row (named by its index).
+    """
+    import datasets
+
     dataset = _read_dataset(cfg)
     schema = dataset_schema(cfg, dataset.column_names)
-    rows = 0
-    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-        for table in dataset_batches(cfg, dataset, schema):
-            writer.write_table(table, row_group_size=DATASET_ROWS_PER_GROUP)
-            rows += table.num_rows
-    logger.info("read %d text traces from %s (SFT only)", rows, cfg.input_path)
-    return rows
+    extra = schema.names[5:]
+    workers = max(1, min(cfg.workers or os.cpu_count() or 1, len(dataset) // DATASET_ROWS_PER_GROUP))
+    cache = path.with_name(f"{path.name}.records.arrow")
+    features = datasets.Features({name: datasets.Value("string") for name in schema.names if name != "sample_index"})
+    progress = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        traces = dataset.map(_trace_columns, batched=True, batch_size=DATASET_ROWS_PER_GROUP, with_indices=True,
+                             num_proc=workers if workers > 1 else None, remove_columns=dataset.column_names,
+                             fn_kwargs={"cfg": cfg, "extra": extra}, features=features, cache_file_name=str(cache))
+        table = traces.data.table
+        samples = sample_numbers(table.column("prompt_id"))
+        with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+            for start in range(0, table.num_rows, DATASET_ROWS_PER_GROUP):
+                rows = table.slice(start, DATASET_ROWS_PER_GROUP)
+                rows = rows.append_column("sample_index", pa.array(samples[start:start + rows.num_rows]))
+                writer.write_table(rows.select(schema.names).cast(schema), row_group_size=DATASET_ROWS_PER_GROUP)
+        del traces, table
+    finally:
+        if progress:
+            datasets.enable_progress_bars()
+        for file in path.parent.glob(f"{cache.stem}*"):
+            file.unlink(missing_ok=True)
+    logger.info("read %d text traces from %s (SFT only, %d process(es))", len(samples), cfg.input_path, workers)
+    return len(samples)
 
 
 def open_dataset(cfg: BuildConfig, directory: Path) -> BuildInput:
