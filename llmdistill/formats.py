@@ -410,22 +410,24 @@ def read_generation_footer(path: str | Path, columns: list[str] | None = None) -
     return GenerationShard(path, int(meta["k"]), meta.get("teacher"), types, tuple(groups))
 
 
-def check_value_ranges(shard: GenerationShard, vocab_size: int | None) -> None:
+def check_value_ranges(shard: GenerationShard, vocab_size: int, columns: tuple[str, ...]) -> None:
     """What :func:`check_generation_rows` checks of ids and log-probs, from the footer's statistics
     alone: a damaged shard, or one of another tokenizer, is named before any row is read. (NaN is
     not in the statistics; the rows' check finds it.)
 
     Args:
         shard: a shard's footer (:func:`read_generation_footer`).
-        vocab_size: the student's vocabulary size, or None to check only the log-probs.
+        vocab_size: the student's vocabulary size.
+        columns: the columns of :data:`RANGED_COLUMNS` the reader uses (others are never read, so
+            never checked).
 
     Raises:
         SchemaError: as :func:`check_generation_rows` does (naming the row: only a row group whose
             statistics are out of range is read).
     """
     for group in shard.row_groups:
-        bad = [name for name, low, high in group.value_ranges
-               if (high > 1e-3 if name == "topk_logprobs" else vocab_size is not None and (low < 0 or high >= vocab_size))]
+        bad = [name for name, low, high in group.value_ranges if name in columns
+               and (high > 1e-3 if name == "topk_logprobs" else low < 0 or high >= vocab_size)]
         if not bad:
             continue
         for first, batch in iter_generation_batches(shard.path, ["completion_token_ids", *bad], [group.index],

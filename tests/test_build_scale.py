@@ -358,6 +358,10 @@ def _prompt_generation(directory: Path, tok_dir: Path, extra: Path) -> list[dict
     words = texts[5].split()
     words[150] = "changed"
     texts[29] = " ".join(words)
+    words = texts[8].split()
+    for i in range(10, 300, 36):  # 9 words changed: Jaccard 0.83 of 3-word shingles, below 0.9 but an LSH candidate
+        words[i] = f"other{i}"
+    texts[33] = " ".join(words)
     extra.write_text("some benchmark problem\n" + " ".join(texts[40].split()[100:140]) + "\n")
     texts[52] = texts[40] + "!"
     rows = [{"prompt_id": f"p{j:02d}", "sample_index": s, "prompt": text, "prompt_text": text, "prompt_token_ids": [1],
@@ -384,7 +388,7 @@ def test_prompt_phase_runs_on_the_workers_and_matches_the_in_memory_reference(tm
                                                                               monkeypatch):
     from llmdistill.builder import cluster, prompt_level
     from llmdistill.builder.decontam import NgramIndex, contaminated, read_problem_file
-    from llmdistill.builder.dedup import duplicates
+    from llmdistill.builder.dedup import duplicates, jaccard
     from llmdistill.builder.traces import find_input, open_generation
     from llmdistill.prompts import prompt_problem
 
@@ -417,6 +421,14 @@ def test_prompt_phase_runs_on_the_workers_and_matches_the_in_memory_reference(tm
         raise AssertionError("the driver read a part")
 
     monkeypatch.setattr(prompt_level, "read_part", no_text_here)
+    candidates = []
+    real_pairs = prompt_level.dedup.duplicate_pairs
+
+    def spy(*args, **kwargs):
+        candidates.append(real_pairs(*args, **kwargs))
+        return candidates[-1]
+
+    monkeypatch.setattr(prompt_level.dedup, "duplicate_pairs", spy)
     got = {}
     for workers in (1, 2):
         runtime = cluster.start_ray(workers, None)
@@ -429,6 +441,9 @@ def test_prompt_phase_runs_on_the_workers_and_matches_the_in_memory_reference(tm
         assert p.fate.tolist() == expected.tolist()
         assert {ids[i] for i in np.flatnonzero(p.split)} == split
         assert p.hits == {"file:extra.txt": 1}
+    # p33 shares an LSH bucket with p08 but not 90% of its shingles: the confirmation on the shingles kept it
+    assert jaccard(first_text["p08"], first_text["p33"], cfg.dedup_ngram) < cfg.dedup_threshold - 0.05
+    assert all([ids.index("p08"), ids.index("p33")] in c.tolist() for c in candidates) and len(candidates) == 2
 
     # a re-run (a killed build's) reuses the parts' files: no part runs again, the same result
     ran = []
@@ -441,3 +456,11 @@ def test_prompt_phase_runs_on_the_workers_and_matches_the_in_memory_reference(tm
     monkeypatch.setattr(prompt_level, "map_parts", counting)
     again = prompt_level.prompt_fates(cfg, parts, runtime, str(tmp_path / "work2"))
     assert ran == [] and again.fate.tolist() == got[2].fate.tolist() and again.codes.tolist() == got[2].codes.tolist()
+
+
+def test_an_input_without_rows_has_no_prompts_and_starts_no_work(tmp_path, tiny_tokenizer_dir):
+    from llmdistill.builder import prompt_level
+
+    cfg = config(tmp_path, tmp_path / "out", tiny_tokenizer_dir, decontam_extra_file=str(tmp_path / "missing.txt"))
+    none = prompt_level.prompt_fates(cfg, [], None, str(tmp_path / "work"))  # no Ray, no benchmark read
+    assert len(none.ids) == 0 and none.codes.tolist() == [] and none.fate.tolist() == [] and none.hits == {}

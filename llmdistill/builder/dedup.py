@@ -257,6 +257,12 @@ def _candidate_pairs(sig: np.ndarray, idx: np.ndarray, bands: int, rows: int,
     return np.stack([unique // n, unique % n], axis=1)
 
 
+def estimate_slack(threshold: float, num_perm: int) -> float:
+    """How far below ``threshold`` a MinHash estimate may lie for its pair to be confirmed on the
+    shingles: 4 standard deviations ``sqrt(J (1 - J) / num_perm)`` (at least those of J(1 - J) = 0.01)."""
+    return 4.0 * float(np.sqrt(max(threshold * (1 - threshold), 0.01) / num_perm))
+
+
 def near_duplicates(hashes: np.ndarray, starts: np.ndarray, sig: np.ndarray, threshold: float,
                     candidates: np.ndarray | None = None, groups: np.ndarray | None = None) -> np.ndarray:
     """Which texts are near-duplicates of an earlier text.
@@ -281,9 +287,7 @@ def near_duplicates(hashes: np.ndarray, starts: np.ndarray, sig: np.ndarray, thr
         pairs = pairs[groups[pairs[:, 0]] == groups[pairs[:, 1]]]
     if len(pairs):
         estimate = (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1)
-        # the estimate's standard deviation is sqrt(J(1-J)/num_perm): 4 of them of slack
-        slack = 4.0 * np.sqrt(max(threshold * (1 - threshold), 0.01) / num_perm)
-        pairs = pairs[estimate >= threshold - slack]
+        pairs = pairs[estimate >= threshold - estimate_slack(threshold, num_perm)]
         pairs = pairs[pair_jaccard(hashes, starts, pairs[:, 0], pairs[:, 1]) >= threshold]
     label = _components(n, pairs[:, 0], pairs[:, 1]) if len(pairs) else np.arange(n)
     return label != np.arange(n)

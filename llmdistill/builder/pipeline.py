@@ -49,7 +49,13 @@ from llmdistill.builder.tokenize import (
 from llmdistill.builder.traces import BuildInput, Part, find_input, open_dataset, open_generation, plan_parts
 from llmdistill.config.base import ConfigError, config_to_dict
 from llmdistill.config.build import OPERATIONAL_FIELDS, BuildConfig
-from llmdistill.formats import check_value_ranges, read_generation_info, shard_name, tokenizer_fingerprint
+from llmdistill.formats import (
+    RANGED_COLUMNS,
+    check_value_ranges,
+    read_generation_info,
+    shard_name,
+    tokenizer_fingerprint,
+)
 from llmdistill.log import get_logger
 from llmdistill.manifest import MANIFEST, fingerprint, read_manifest, write_manifest
 from llmdistill.outputs import resumable_output
@@ -93,8 +99,9 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         reference = check_reference_column(cfg, inp.columns, kind)
         mix, locations = open_teachers(cfg, inp, tokenizer) or (None, {})
         spec, meta = _document_spec(cfg, inp, tokenizer, mix), _shard_meta(cfg, tokenizer, inp, mix)
-        for shard in inp.shards if kind == "generation" else ():  # ids the student reads, from the footers
-            check_value_ranges(shard, len(tokenizer) if cfg.kd or spec.same_tokenizer else None)
+        read = RANGED_COLUMNS if cfg.kd else ("completion_token_ids",) if spec.same_tokenizer else ()
+        for shard in inp.shards if kind == "generation" else ():  # what phase D will read, from the footers
+            check_value_ranges(shard, len(tokenizer), read)
         laps("setup")
         runtime = start_ray(cfg.workers, cfg.ray_address)
         if not uses_actors(len(parts), runtime):  # task workers: their start-up overlaps with phase A
@@ -138,6 +145,9 @@ def resume_key(cfg: BuildConfig, kind: str) -> str:
     path = Path(cfg.input_path)
     if kind != "generation":
         h.update(fingerprint(path).encode() if path.exists() else cfg.input_path.encode())
+    for data in (cfg.decontam_extra_file, *cfg.data_paths.values()):  # what phase A's parts were checked against
+        if data and Path(data).exists():
+            h.update(fingerprint(Path(data)).encode())
     for source in ([path] if kind == "generation" else []) + [Path(p) for p in cfg.teacher_paths.values()]:
         for shard in sorted(source.rglob("part-*.parquet")):
             size = shard.stat().st_size

@@ -42,7 +42,7 @@ logger = get_logger(__name__)
 KEPT, DUPLICATE, CONTAMINATED = 0, 1, 2
 LIGHT_BATCH_ROWS = 65_536
 PROMPT_STEPS = {DUPLICATE: "duplicate_prompt", CONTAMINATED: "contaminated"}
-PAIRS_AT_ONCE = 4096  # candidate pairs confirmed together (the arrays are a few times their shingles)
+PAIRS_AT_ONCE = 4096  # candidate pairs confirmed together: their texts' shingles and signatures in memory
 
 
 @dataclass
@@ -155,33 +155,63 @@ def _gather(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndar
     return values[np.repeat(lo - offsets[:-1], size) + np.arange(offsets[-1])], offsets
 
 
-def _confirmed(pairs: np.ndarray, firsts: list[tuple[Part, np.ndarray, np.ndarray]], work: str,
-               threshold: float) -> np.ndarray:
-    """The candidate pairs (of codes) whose exact Jaccard similarity of shingles reaches ``threshold``:
-    the shingles of the prompts in a pair, and only those, are read from the parts' files."""
+class _Stored:
+    """The shingles and signatures of the first appearances of prompts, read from the parts' files
+    (memory-mapped: only the rows asked for are touched)."""
+
+    def __init__(self, firsts: list[tuple[Part, np.ndarray, np.ndarray]], work: str, n_codes: int) -> None:
+        self.firsts, self.work = firsts, work
+        self.part_of = np.full(n_codes, -1, dtype=np.int32)  # code -> position in ``firsts``
+        self.row_of = np.zeros(n_codes, dtype=np.int64)  # code -> row in its part's file
+        for i, (_, first, codes) in enumerate(firsts):
+            self.part_of[codes], self.row_of[codes] = i, first
+        self._files: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def _file(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if i not in self._files:
+            table = _read(self.work, self.firsts[i][0].index)
+            shingles = table.column("shingles")
+            shingles = shingles.chunk(0) if shingles.num_chunks == 1 else shingles.combine_chunks()
+            sig = table.column("sig")
+            sig = sig.chunk(0) if sig.num_chunks == 1 else sig.combine_chunks()
+            self._files[i] = (shingles.offsets.to_numpy(), shingles.values.to_numpy(),
+                              sig.values.to_numpy().reshape(len(sig), sig.type.list_size))
+        return self._files[i]
+
+    def texts(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Shingle hashes (flat), their starts, and the signatures of ``codes``, in that order."""
+        order = np.argsort(self.part_of[codes], kind="stable")
+        pieces, sigs = [], []
+        for i in np.unique(self.part_of[codes]):
+            rows = self.row_of[codes[order][self.part_of[codes[order]] == i]]
+            offsets, values, sig = self._file(int(i))
+            pieces.append(_gather(values, offsets[rows], offsets[rows + 1]))
+            sigs.append(sig[rows])
+        size = np.concatenate([np.diff(starts) for _, starts in pieces])
+        start = np.concatenate([[0], np.cumsum(size)[:-1]]).astype(np.int64)
+        back = np.argsort(order)  # from part order back to the order of ``codes``
+        hashes, starts = _gather(np.concatenate([v for v, _ in pieces]), start[back], start[back] + size[back])
+        return hashes, starts[:-1], np.concatenate(sigs)[back]
+
+
+def _confirmed(pairs: np.ndarray, stored: _Stored, threshold: float, num_perm: int) -> np.ndarray:
+    """The candidate pairs (of codes) whose exact Jaccard similarity of shingles reaches ``threshold``,
+    as :func:`~llmdistill.builder.dedup.near_duplicates` confirms them: a pair whose MinHash estimate
+    lies far below is dropped first. :data:`PAIRS_AT_ONCE` pairs at a time, with only their texts'
+    shingles and signatures in memory."""
     pairs = np.unique(pairs, axis=0)  # a pair shares a bucket in up to every band
-    if not len(pairs):
-        return pairs
-    involved = np.unique(pairs)
-    chunks: list[np.ndarray] = []
-    codes: list[np.ndarray] = []
-    for part, first, first_codes in firsts:
-        take = np.isin(first_codes, involved)
-        if take.any():  # gathered from the memory-mapped file: only these rows' pages are read
-            column = _read(work, part.index).column("shingles").combine_chunks()
-            offsets, values = column.offsets.to_numpy(), column.values.to_numpy()
-            chunks.append(_gather(values, offsets[first[take]], offsets[first[take] + 1]))
-            codes.append(first_codes[take])
-    order = np.argsort(np.concatenate(codes))  # texts in the order of ``involved``
-    size = np.concatenate([np.diff(starts) for _, starts in chunks] or [np.zeros(0, np.int64)])
-    flat = np.concatenate([values for values, _ in chunks])
-    start = np.concatenate([[0], np.cumsum(size)[:-1]]).astype(np.int64)
-    hashes = _gather(flat, start[order], start[order] + size[order])[0]
-    starts = np.concatenate([[0], np.cumsum(size[order])[:-1]]).astype(np.int64)
-    left, right = np.searchsorted(involved, pairs[:, 0]), np.searchsorted(involved, pairs[:, 1])
-    similar = np.concatenate([dedup.pair_jaccard(hashes, starts, left[i:i + PAIRS_AT_ONCE], right[i:i + PAIRS_AT_ONCE])
-                              for i in range(0, len(pairs), PAIRS_AT_ONCE)])
-    return pairs[similar >= threshold]
+    kept = [np.zeros((0, 2), dtype=np.int64)]
+    for lo in range(0, len(pairs), PAIRS_AT_ONCE):
+        chunk = pairs[lo:lo + PAIRS_AT_ONCE]
+        codes = np.unique(chunk)
+        hashes, starts, sig = stored.texts(codes)
+        left, right = np.searchsorted(codes, chunk[:, 0]), np.searchsorted(codes, chunk[:, 1])
+        close = (sig[left] == sig[right]).mean(axis=1) >= threshold - dedup.estimate_slack(threshold, num_perm)
+        similar = np.zeros(len(chunk), dtype=bool)
+        if close.any():
+            similar[close] = dedup.pair_jaccard(hashes, starts, left[close], right[close]) >= threshold
+        kept.append(chunk[similar])
+    return np.concatenate(kept)
 
 
 def prompt_fates(cfg: BuildConfig, parts: list[Part], runtime: Runtime, work: str) -> Prompts:
@@ -194,13 +224,18 @@ def prompt_fates(cfg: BuildConfig, parts: list[Part], runtime: Runtime, work: st
     the prompts that are not duplicates, and counted per benchmark.
     """
     decontam = bool(cfg.decontam_benchmarks or cfg.decontam_extra_file)
-    ctx = PromptsContext(work=work, exact=cfg.dedup_prompts, near=cfg.dedup_prompts and cfg.near_dedup,
-                         ngram=cfg.dedup_ngram, num_perm=cfg.minhash_num_perm, seed=cfg.seed,
-                         index=build_index(cfg, cfg.data_paths) if decontam else None)
     todo = [{"part": p} for p in parts if not prompts_path(work, p.index).is_file()]
     logger.info("phase A (prompts): %d part(s) to run, %d finished before", len(todo), len(parts) - len(todo))
-    for _ in map_parts(part_prompts, todo, ctx, runtime):
-        pass
+    if todo:  # the benchmarks are read only when a part needs them
+        ctx = PromptsContext(work=work, exact=cfg.dedup_prompts, near=cfg.dedup_prompts and cfg.near_dedup,
+                             ngram=cfg.dedup_ngram, num_perm=cfg.minhash_num_perm, seed=cfg.seed,
+                             index=build_index(cfg, cfg.data_paths) if decontam else None)
+        for _ in map_parts(part_prompts, todo, ctx, runtime):
+            pass
+    if not parts:  # no rows at all: the steps of phase C say so
+        none = np.zeros(0, dtype=np.int32)
+        return Prompts(ids=pa.array([], pa.large_string()), fate=np.zeros(0, dtype=np.uint8),
+                       split=np.zeros(0, dtype=bool), codes=none, sample_index=none, hits={})
 
     # number the distinct ids in order of first appearance: parts in order, each in its own order
     tables = [_read(work, p.index) for p in parts]
@@ -246,7 +281,7 @@ def prompt_fates(cfg: BuildConfig, parts: list[Part], runtime: Runtime, work: st
                                   "index": first_codes[take].astype(np.int64),
                                   "groups": np.zeros(int(take.sum()), dtype=np.int64)})
             candidates = dedup.duplicate_pairs(tasks, True, cfg, runtime, confirm=False)
-            pairs = _confirmed(candidates, firsts, work, cfg.dedup_threshold)
+            pairs = _confirmed(candidates, _Stored(firsts, work, n), cfg.dedup_threshold, cfg.minhash_num_perm)
             dup[dedup.later_members(pairs)] = True
         fate[dup] = DUPLICATE
     hits: Counter = Counter()
