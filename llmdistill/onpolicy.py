@@ -1085,7 +1085,8 @@ class StreamedTeacher:
         for finished in self.engine.stream(work):
             if finished is not None:
                 graded[int(finished[0].request.prompt_id)] = finished[1]
-        parts = [graded[i] if self.vocab is None else known_ids_only(graded[i], self.vocab) for i in range(len(samples))]
+        limit = self.vocab if self.vocab is not None else np.iinfo(np.int64).max
+        parts = [known_ids_only(graded[i], limit, k) for i in range(len(samples))]
         return {"teacher_ids": torch.from_numpy(np.concatenate([c.topk_ids for c in parts]).astype(np.int64)),
                 "teacher_logprobs": torch.from_numpy(np.concatenate([c.topk_logprobs for c in parts])),
                 "teacher_token_logprobs": torch.from_numpy(np.concatenate([c.token_logprobs for c in parts]))}

@@ -452,6 +452,42 @@ def test_generate_resume_after_sigkill(generated):
     assert max(sizes) <= 2 and sum(sizes) == N_PROMPTS * N_SAMPLES
 
 
+@pytest.mark.integration
+def test_a_teacher_with_padding_rows_writes_the_k_best_ids_of_its_tokenizer(teacher_dir, prompts_file, tiny_tokenizer,
+                                                                            tmp_path):
+    """An LM head with 8 rows past the tokenizer (Qwen2.5, DeepSeek-R1), rows that rank high: vLLM is
+    asked for k + 8 log-probs and the shards hold the k best of the tokenizer's ids, as a forward over
+    its ids only ranks them (normalised over every row), and never a sampled padding id."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    padded = tmp_path / "padded"
+    shutil.copytree(teacher_dir, padded)
+    model = AutoModelForCausalLM.from_pretrained(str(padded), dtype=torch.float32)
+    rows, known = model.get_output_embeddings().weight.shape[0], len(tiny_tokenizer)
+    model.resize_token_embeddings(rows + 8, mean_resizing=False)
+    with torch.no_grad():  # each padding row outranks one of the 8 real rows of largest norm
+        head = model.get_output_embeddings().weight
+        strong = torch.argsort(head[:rows].norm(dim=1), descending=True)[:8]
+        head[rows:] = 1.2 * head[strong]
+    model.save_pretrained(str(padded))
+    out = tmp_path / "out"
+    run_cli(cli("generate", "--model", str(padded), "--dataset", str(prompts_file), "--id_column", "id",
+                "--output_dir", str(out), "--num_samples", "1", "--max_tokens", str(MAX_TOKENS), *ENGINE_FLAGS))
+    raw_padding = 0
+    for row in iter_generations(out):
+        assert row.topk_ids.shape == (len(row.completion_token_ids), K)
+        assert (row.topk_ids < known).all() and (row.completion_token_ids < known).all()
+        ref = reference_logprobs(padded, row.prompt_token_ids, row.completion_token_ids)
+        raw_padding += int((np.argsort(-ref, axis=1)[:, :K] >= known).any(axis=1).sum())
+        np.testing.assert_allclose(np.take_along_axis(ref, row.topk_ids.astype(np.int64), 1), row.topk_logprobs,
+                                   atol=1e-3)
+        assert np.all(np.sort(ref[:, :known], axis=1)[:, -K] <= row.topk_logprobs[:, -1] + 1e-3)  # the k best known
+    assert raw_padding > 0  # padding rows did rank in vLLM's own top-k
+
+
 @pytest.fixture(scope="module")
 def scored(teacher_dir, pairs_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("score") / "out"

@@ -239,6 +239,7 @@ class FakeLLMEngine:
 def _offline(fake: FakeLLMEngine, max_in_flight: int | None) -> OfflineEngine:
     engine = object.__new__(OfflineEngine)  # the step loop without loading a model
     engine.llm, engine.k, engine.scoring, engine.params = SimpleNamespace(llm_engine=fake), fake.k, False, None
+    engine.asked = fake.k
     engine.cfg, engine._ids = SimpleNamespace(max_in_flight=max_in_flight), itertools.count()
     return engine
 
@@ -270,11 +271,11 @@ def test_offline_stream_keeps_a_bounded_window_and_writes_as_completions_finish(
 
 
 class PaddingRowsEngine(FakeLLMEngine):
-    """A teacher whose LM head has rows past its tokenizer (``vocab``): its third sampled token is one of
-    them, and the top-k at the first two positions holds two and one of them."""
+    """A teacher whose LM head has rows past its tokenizer (``vocab``), asked for ``asked`` log-probs: its
+    third sampled token is one of those rows, and they take two and one places in the first two top-k."""
 
-    def __init__(self, k: int, vocab: int):
-        super().__init__(k)
+    def __init__(self, k: int, asked: int, vocab: int):
+        super().__init__(asked)
         self.vocab = vocab
 
     def step(self):
@@ -293,40 +294,40 @@ class PaddingRowsEngine(FakeLLMEngine):
 @pytest.mark.unit
 def test_ids_past_the_teachers_tokenizer_never_reach_a_shard(tiny_tokenizer_dir, tmp_path):
     """LM-head padding rows (vllm-project/vllm#13175): a sampled one cuts the completion before it
-    (finish_reason ``unknown_token``, which the build drops as truncated and ends without EOS); a
-    top-k one is dropped, the row keeping its other entries in order and ending in -inf entries."""
+    (finish_reason ``unknown_token``, which the build drops as truncated and ends without EOS); in a
+    top-k the known ids keep their order and log-probs, and the engine's extra entries move up."""
     from llmdistill.builder.filters import not_truncated
-    from llmdistill.generate.engines import Completion, known_ids_only
+    from llmdistill.generate.engines import PADDING_MARGIN, Completion, asked_logprobs, known_ids_only
 
     cfg, plan = _steps_plan(tiny_tokenizer_dir, tmp_path, [1, 2], flush_every=100)
-    vocab = len(plan.tokenizer)
-    assert plan.info.vocab_size == vocab
-    write_stream(_offline(PaddingRowsEngine(K, vocab), max_in_flight=4), plan, cfg)
+    vocab, asked = len(plan.tokenizer), asked_logprobs(K, K + 100)
+    assert plan.info.vocab_size == vocab and asked == K + PADDING_MARGIN and asked_logprobs(K, K) == K
+    engine = _offline(PaddingRowsEngine(K, asked, vocab), max_in_flight=4)
+    engine.asked = asked
+    write_stream(engine, plan, cfg)
     table = pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet"))[0]).to_pylist()
     assert len(table) == 2
-    # position 0 ranked [41, V, 43, V+1, 45, ...]: the known ids keep their order and log-probs (id 40 + c
-    # had -(c + 1)), then two -inf entries on ids not in the row; position 1 ranked [V+2, 42, 43, ...]
-    known = [[41, 43, *range(45, 41 + K)], list(range(42, 41 + K))]
+    # position 0 ranked [41, V, 43, V+1, 45, ...], position 1 [V+2, 42, 43, ...] (id 40 + c had -(c + 1))
+    known = [[41, 43, *range(45, 45 + K - 2)], list(range(42, 42 + K))]
     for row in table:
         assert row["completion_token_ids"] == [40, 41] and row["finish_reason"] == "unknown_token"
         assert row["completion"] == plan.tokenizer.decode([40, 41])
         ids = np.asarray(row["topk_ids"]).reshape(2, K)
         lps = np.asarray(row["topk_logprobs"], dtype=np.float32).reshape(2, K)
-        for position, kept in enumerate(known):
-            assert ids[position, :len(kept)].tolist() == kept
-            assert lps[position, :len(kept)].tolist() == [-(i - 40 + 1.0) for i in kept]
-            assert np.isneginf(lps[position, len(kept):]).all() and len(set(ids[position].tolist())) == K
-        assert (ids < vocab).all() and row["token_logprobs"] == [-1.0, -1.0]
+        assert ids.tolist() == known and lps.tolist() == [[-(i - 40 + 1.0) for i in kept] for kept in known]
+        assert row["token_logprobs"] == [-1.0, -1.0]
     assert not_truncated(["stop", "length", "unknown_token", "scored"]).tolist() == [True, False, False, True]
 
-    # a scored completion (its tokens are the input's) is never cut; without unknown ids nothing changes
-    ids = np.array([[1, 2], [3, 2]], np.int32)
-    scored = Completion(np.array([9, 9], np.int32), "scored", ids, np.array([[-1, -2], [-1, -3]], np.float32),
-                        np.zeros(2, np.float32))
-    kept = known_ids_only(scored, 3)
+    # a scored completion (its tokens are the input's) is never cut; extra entries move up or are cut off;
+    # more unknown ids than extra entries end the row in -inf entries on the smallest ids not in it
+    scored = Completion(np.array([9, 9], np.int32), "scored", np.array([[1, 2, 4], [3, 2, 5]], np.int32),
+                        np.array([[-1, -2, -3], [-1, -3, -4]], np.float32), np.zeros(2, np.float32))
+    kept = known_ids_only(scored, 3, 2)
     assert kept.token_ids.tolist() == [9, 9] and kept.topk_ids.tolist() == [[1, 2], [2, 0]]
-    assert kept.topk_logprobs[1].tolist() == [-3.0, -np.inf]
-    assert known_ids_only(scored, 10) is scored
+    assert kept.topk_logprobs.tolist() == [[-1.0, -2.0], [-3.0, -np.inf]]
+    assert known_ids_only(scored, 10, 2).topk_ids.tolist() == [[1, 2], [3, 2]]
+    two = Completion(scored.token_ids, "scored", scored.topk_ids[:, :2], scored.topk_logprobs[:, :2], scored.token_logprobs)
+    assert known_ids_only(two, 10, 2) is two
 
 
 @pytest.mark.unit

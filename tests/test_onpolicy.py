@@ -654,6 +654,11 @@ class _RecordingLLM:
 
     def __init__(self, **kwargs):
         self.kwargs, self.calls = kwargs, []
+        model_config = types.SimpleNamespace(get_vocab_size=lambda: 64, max_logprobs=kwargs.get("max_logprobs", 20))
+        self.llm_engine = types.SimpleNamespace(model_config=model_config)
+
+    def get_tokenizer(self):
+        return [None] * 64  # as many ids as the LM head has rows
 
     def generate(self, prompts, params, use_tqdm=False, lora_request=None):
         self.calls.append("generate")
@@ -1479,16 +1484,17 @@ def test_a_teacher_on_servers_grades_exactly_what_the_servers_score(synthetic_se
 @pytest.mark.unit
 def test_a_teacher_on_servers_grades_only_ids_the_student_has(synthetic_servers):
     """A teacher with more LM-head rows than the student (Qwen2.5 7B over 1.5B): the servers rank every
-    row, the grades keep only the student's ids (in order, log-probs as served) and end in -inf entries."""
+    row; asked for 8 more entries than k (their --max-logprobs allows 13), the grades are the 5 best of
+    the student's ids as served, and only a position with fewer than 5 of them ends in -inf entries."""
     from types import SimpleNamespace
 
     from llmdistill.generate.synthetic_server import scored_arrays
 
     server = synthetic_servers(model="t")
     cfg = OnPolicyConfig(dataset="p.jsonl", student_model="s", teacher_model="t", teacher_backend="server",
-                         logprobs_top_k=5, teacher_urls=[server.url])
+                         logprobs_top_k=5, teacher_urls=[server.url], teacher_max_logprobs=13)
     prompts, completions = [[5, 6, 7], [11, 12, 13, 14]], [[20, 21, 22, 23, 24, 25], [30, 31, 32]]
-    _, ids, lps, own = zip(*(scored_arrays(p + c, 5) for p, c in zip(prompts, completions, strict=True)), strict=True)
+    _, ids, lps, own = zip(*(scored_arrays(p + c, 13) for p, c in zip(prompts, completions, strict=True)), strict=True)
     served_ids = np.concatenate([i[len(p) - 1:] for i, p in zip(ids, prompts, strict=True)])
     served_lps = np.concatenate([x[len(p) - 1:] for x, p in zip(lps, prompts, strict=True)])
     rows = int(np.median(served_ids))  # about half the served entries lie past the student's rows
@@ -1499,12 +1505,16 @@ def test_a_teacher_on_servers_grades_only_ids_the_student_has(synthetic_servers)
     graded = score(teachers, op.Rollouts(prompt_ids=prompts, completion_ids=completions, records=[{}] * 2,
                                          teachers=["default"] * 2), cfg)
     got_ids, got_lps = graded["teacher_ids"].numpy(), graded["teacher_logprobs"].numpy()
-    assert (got_ids < rows).all() and ((served_ids >= rows).any(axis=1)).sum() >= 3
+    assert got_ids.shape == (9, 5) and (got_ids < rows).all()
+    assert ((served_ids[:, :5] >= rows).any(axis=1)).sum() >= 3  # the top-5 served held ids past the student's
+    short = moved = 0
     for served_i, served_l, i, lp in zip(served_ids, served_lps, got_ids, got_lps, strict=True):
         known = served_i < rows
-        n = int(known.sum())
-        assert i[:n].tolist() == served_i[known].tolist() and np.array_equal(lp[:n], served_l[known])
+        n = min(5, int(known.sum()))
+        short, moved = short + (n < 5), moved + (n == 5 and not known[:5].all())
+        assert i[:n].tolist() == served_i[known][:n].tolist() and np.array_equal(lp[:n], served_l[known][:n])
         assert np.isneginf(lp[n:]).all() and len(set(i.tolist())) == 5
+    assert short < 9 and moved > 0, (short, moved)
     assert np.array_equal(graded["teacher_token_logprobs"].numpy(),
                           np.concatenate([x[len(p) - 1:] for x, p in zip(own, prompts, strict=True)]))
 

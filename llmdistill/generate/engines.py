@@ -103,32 +103,46 @@ def _flat_arrays(name: str, ids: list[int], logprobs: list[float], positions: in
             np.asarray(logprobs, dtype=np.float32).reshape(positions, k + 1))
 
 
-def known_ids_only(completion: Completion, limit: int) -> Completion:
-    """The completion with only ids below ``limit``: the ids a tokenizer (or a student's LM head) has.
+#: Log-probs asked for beyond ``k`` when ids past the tokenizer may rank (:func:`asked_logprobs`), so that
+#: dropping them (:func:`known_ids_only`) still leaves the k best known ids.
+PADDING_MARGIN = 8
+
+
+def asked_logprobs(k: int, cap: int) -> int:
+    """How many log-probs to ask an engine for per position: ``k``, plus up to :data:`PADDING_MARGIN`
+    that its ``max_logprobs`` (``cap``) allows (none when ``k`` is 0)."""
+    return k + max(0, min(PADDING_MARGIN, cap - k)) if k else 0
+
+
+def known_ids_only(completion: Completion, limit: int, k: int) -> Completion:
+    """The completion with only ids below ``limit`` (the ids a tokenizer, or a student's LM head, has)
+    and ``k`` top-k entries per position, from an engine asked for ``k`` or more (:func:`asked_logprobs`).
 
     A model's LM head often has padding rows past its tokenizer (Qwen2.5: 151,936 or 152,064 rows
     for 151,665 ids; DeepSeek-V3/R1: 129,280 for 128,815), whose logits are untrained. vLLM samples
     and ranks over every row, so such an id can be drawn (vllm-project/vllm#13175) or enter a top-k.
     A sampled one ends the completion before it, with ``finish_reason``
-    :data:`~llmdistill.formats.UNKNOWN_TOKEN` (the build drops it like a truncated one). A top-k
-    entry is dropped: the row keeps its other entries in order and ends with ``-inf`` entries on
-    ids not in it, so its mass joins the tail bucket of the loss, as with a teacher that ranks
-    only the known ids (:func:`~llmdistill.teacher.topk_logprobs` with ``vocab``).
+    :data:`~llmdistill.formats.UNKNOWN_TOKEN` (the build drops it like a truncated one). In a top-k
+    the known ids keep their order and log-probs and the next known ones move up, as a teacher that
+    ranks only the known ids gives them (:func:`~llmdistill.teacher.topk_logprobs` with ``vocab``).
+    Only a position where more ids past ``limit`` rank than the engine gave extra entries for ends
+    in ``-inf`` entries on the smallest ids not in its row: the loss reads those as ruled out by the
+    teacher (a 1e-30 floor), a small distortion of that one position.
     """
     if completion.finish_reason != "scored" and (completion.token_ids >= limit).any():
         n = int(np.argmax(completion.token_ids >= limit))
         completion = Completion(completion.token_ids[:n], UNKNOWN_TOKEN, completion.topk_ids[:n],
                                 completion.topk_logprobs[:n], completion.token_logprobs[:n])
-    unknown = completion.topk_ids >= limit
-    if not unknown.any():
+    ids, logprobs = completion.topk_ids, completion.topk_logprobs
+    unknown = ids >= limit
+    if ids.shape[1] == k and not unknown.any():
         return completion
-    ids, logprobs = completion.topk_ids.copy(), completion.topk_logprobs.copy()
-    k = ids.shape[1]
-    for row in np.flatnonzero(unknown.any(axis=1)):
-        kept = ids[row][~unknown[row]]
-        fill = np.setdiff1d(np.arange(2 * k, dtype=ids.dtype), kept)[:k - len(kept)]
-        ids[row] = np.concatenate([kept, fill])
-        logprobs[row] = np.concatenate([logprobs[row][~unknown[row]], np.full(len(fill), -np.inf, logprobs.dtype)])
+    order = np.argsort(unknown, axis=1, kind="stable")[:, :k]  # the known ids first, each side in rank order
+    ids, logprobs = np.take_along_axis(ids, order, 1), np.take_along_axis(logprobs, order, 1)
+    for row in np.flatnonzero((ids >= limit).any(axis=1)):  # more unknown ids than extra entries
+        known = ids[row] < limit
+        fill = np.setdiff1d(np.arange(2 * k, dtype=ids.dtype), ids[row][known])[:int((~known).sum())]
+        ids[row, ~known], logprobs[row, ~known] = fill, -np.inf
     return Completion(completion.token_ids, completion.finish_reason, ids, logprobs, completion.token_logprobs)
 
 
@@ -158,13 +172,16 @@ class OfflineEngine:
             pipeline_parallel_size=cfg.pipeline_parallel_size,
             distributed_executor_backend=cfg.distributed_executor_backend,
             gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager, seed=cfg.seed,
-            max_logprobs=cfg.logprobs_top_k if cfg.max_logprobs is None else cfg.max_logprobs,
+            max_logprobs=cfg.logprobs_top_k + PADDING_MARGIN if cfg.max_logprobs is None else cfg.max_logprobs,
         )
         if scoring:  # every prompt position must be computed, not read from the cache
             kwargs["enable_prefix_caching"] = False
         kwargs.update(cfg.engine_kwargs_dict)
         self.llm = LLM(**kwargs)
         self.k = cfg.logprobs_top_k
+        # extra entries only for a model whose LM head has rows past its tokenizer (see known_ids_only)
+        padded = self.llm.llm_engine.model_config.get_vocab_size() > len(self.llm.get_tokenizer())
+        self.asked = asked_logprobs(self.k, self.llm.llm_engine.model_config.max_logprobs) if padded else self.k
         self.cfg = cfg
         self.scoring = scoring
         self.params = self.score_params() if scoring else self.sampling_params()
@@ -192,7 +209,7 @@ class OfflineEngine:
         cfg = self.cfg
         extra: dict[str, Any] = {}
         if logprobs:
-            extra = dict(logprobs=self.k, flat_logprobs=True, detokenize=False,
+            extra = dict(logprobs=self.asked, flat_logprobs=True, detokenize=False,
                          extra_args={vllm_patch.ROWS_KEY: True})
         return SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                               output_kind=RequestOutputKind.FINAL_ONLY, **extra)
@@ -207,7 +224,7 @@ class OfflineEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(max_tokens=1, prompt_logprobs=self.k, flat_logprobs=True, detokenize=False,
+        return SamplingParams(max_tokens=1, prompt_logprobs=self.asked, flat_logprobs=True, detokenize=False,
                               output_kind=RequestOutputKind.FINAL_ONLY)
 
     def params_for(self, work: Work) -> Any:
@@ -247,14 +264,14 @@ class OfflineEngine:
         if self.scoring:
             return self._scored(output, item.request)
         out = output.outputs[0]
-        ids, logprobs = _completion_arrays(out.logprobs, len(out.token_ids), self.k)
+        ids, logprobs = _completion_arrays(out.logprobs, len(out.token_ids), self.asked)
         if not np.array_equal(ids[:, 0], np.asarray(out.token_ids, dtype=np.int32)):
             raise RuntimeError("vLLM's logprob entries do not start with the sampled tokens")
         return split_columns(ids, logprobs, out.finish_reason or "length")
 
     def _scored(self, output: Any, req: Request) -> Completion:
         """Top-k at every completion position of one (prompt, completion) pair, from its prompt log-probs."""
-        k, pl = self.k, output.prompt_logprobs
+        k, pl = self.asked, output.prompt_logprobs
         n_prompt, n = len(req.prompt_token_ids), len(req.completion_token_ids)
         # position 0 has no entries; position p (1..total-1) predicts token p
         skip = (n_prompt - 1) * (k + 1)

@@ -39,7 +39,7 @@ import orjson
 
 from llmdistill.config.base import UserError
 from llmdistill.config.generate import GenerateConfig, ScoreConfig
-from llmdistill.generate.engines import Completion, Finished, Work
+from llmdistill.generate.engines import Completion, Finished, Work, asked_logprobs
 from llmdistill.generate.responses import CompletionStream, ResponseError, parse_scored
 from llmdistill.log import get_logger
 
@@ -110,6 +110,9 @@ class ServerPool:
         self.cfg = cfg
         self.scoring = scoring
         self.k = cfg.logprobs_top_k
+        # extra entries to drop ids past the tokenizer from (known_ids_only): only as far as the servers' stated
+        # --max-logprobs allows, as a server's model and its LM-head rows are not known here
+        self.asked = asked_logprobs(self.k, cfg.max_logprobs) if cfg.max_logprobs else self.k
         self.model = cfg.server_model or cfg.model
         self.servers = [Server(u.rstrip("/")) for u in dict.fromkeys(cfg.server_urls)]
         self.retried = 0
@@ -325,11 +328,11 @@ class ServerPool:
 
         cfg = self.cfg
         body = {"model": self.model, "prompt": work.request.prompt_token_ids, "n": 1, "max_tokens": cfg.max_tokens,
-                "temperature": cfg.temperature, "top_p": cfg.top_p, **PLAIN_SAMPLING, "logprobs": self.k,
+                "temperature": cfg.temperature, "top_p": cfg.top_p, **PLAIN_SAMPLING, "logprobs": self.asked,
                 "return_tokens_as_token_ids": True, "stream": True, "stream_interval": cfg.stream_interval}
         resp = await self._post(server, body)
         attempt = self._attempts[asyncio.current_task()]
-        reader = CompletionStream(self.k)
+        reader = CompletionStream(self.asked)
         loop = asyncio.get_running_loop()
         try:
             async for data in resp.content.iter_any():
@@ -351,12 +354,12 @@ class ServerPool:
 
         req = work.request
         ids = np.concatenate([req.prompt_token_ids, req.completion_token_ids])
-        body = {"model": self.model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": self.k}
+        body = {"model": self.model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": self.asked}
         resp = await self._post(server, body)
         try:
             data = await resp.read()
             server.last_progress = asyncio.get_running_loop().time()
-            return parse_scored(data, len(req.prompt_token_ids), req.completion_token_ids, self.k)
+            return parse_scored(data, len(req.prompt_token_ids), req.completion_token_ids, self.asked)
         except ResponseError as err:
             raise _Retryable(str(err)) from None
         except (aiohttp.ClientError, OSError) as err:

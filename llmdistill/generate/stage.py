@@ -197,7 +197,7 @@ def make_engine(cfg: GenerateConfig | ScoreConfig, scoring: bool) -> OfflineEngi
 def teacher_rows(finished: list[Finished], plan: Plan) -> list[dict]:
     """The generation rows of finished work (sampled completions are detokenized here), holding
     only ids of the teacher's tokenizer (:func:`~llmdistill.generate.engines.known_ids_only`)."""
-    finished = [(work, known_ids_only(completion, plan.info.vocab_size)) for work, completion in finished]
+    finished = [(work, known_ids_only(completion, plan.info.vocab_size, plan.info.k)) for work, completion in finished]
     if plan.info.stage == "score":
         return shard_rows(finished, None)
     return shard_rows(finished, decode_completions(plan.tokenizer, [c for _, c in finished]))
