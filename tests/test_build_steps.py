@@ -235,7 +235,7 @@ def test_minhash_estimates_jaccard_without_bias():
     assert abs(err.mean()) < 0.02 and np.abs(err).max() < 0.15
 
 
-def test_signatures_and_band_keys_agree_across_calls_and_confirm_near_pairs():
+def test_signatures_and_band_keys_agree_across_calls():
     rng = np.random.default_rng(2)
     base = [f"w{i}" for i in rng.integers(0, 10**6, size=150)]
     texts = [" ".join(base), _variant(base, rng, 1), _variant(base, rng, 40)]
@@ -244,9 +244,53 @@ def test_signatures_and_band_keys_agree_across_calls_and_confirm_near_pairs():
     bands, rows = dedup.lsh_params(0.9, 128)
     keys = dedup.band_keys(sig, bands, rows)
     assert (keys[0] == keys[1]).any() and not (keys[0] == keys[2]).any()
-    pairs = dedup.confirmed_pairs(np.array([7, 3, 9]), sig[[1, 0, 2]], 0.9)
-    np.testing.assert_array_equal(pairs, [[3, 7]])
     assert dedup.text_hashes(["A b!"])[0] == dedup.text_hashes(["a  B"])[0]
+
+
+def test_candidates_across_parts_are_confirmed_on_shingles_or_signatures(tmp_path):
+    """Two keys files (two parts): a near copy (J 0.96) is confirmed both ways; a pair at J 0.85 is
+    confirmed neither on exact shingles nor on its 128-permutation MinHash estimate; one at J 0.886 is
+    dropped on the shingles, and on the signatures goes the side of 0.9 its estimate falls."""
+    import pyarrow as pa
+
+    rng = random.Random(3)
+    base = [f"w{rng.randrange(10**6)}" for _ in range(300)]
+
+    def changed(every: int) -> str:
+        words = list(base)
+        for i in range(5, 300, every):
+            words[i] = f"x{i}"
+        return " ".join(words)
+
+    texts = [" ".join(base), changed(150), changed(40), changed(50)]
+    jac = [dedup.jaccard(texts[0], t, 3) for t in texts[1:]]
+    assert jac[0] > 0.95 and 0.85 < jac[1] < 0.86 and 0.88 < jac[2] < 0.89, jac
+    words, offsets = dedup.word_ids(texts)
+    hashes, starts = dedup.shingle_hashes(words, offsets, 3)
+    sig = dedup.minhash_signatures(hashes, starts, 128)
+    ends = np.append(starts[1:], len(hashes))
+    tasks = []
+    for part, (rows, index) in enumerate((([0, 2], [0, 2]), ([1, 5], [1, 3]))):  # texts 0, 2 | 1, 3 (rows 1, 5)
+        take = [0, 2] if part == 0 else [1, 3]
+        table = pa.table({
+            "row": pa.array(rows, pa.int64()), "hash": pa.array(np.zeros(2, np.uint64)),
+            "sig": pa.FixedSizeListArray.from_arrays(pa.array(sig[take].reshape(-1)), 128),
+            "shingles": pa.LargeListArray.from_arrays(
+                pa.array(np.r_[0, np.cumsum([ends[t] - starts[t] for t in take])], pa.int64()),
+                pa.array(np.concatenate([hashes[starts[t]:ends[t]] for t in take]))),
+        })
+        path = tmp_path / f"keys{part}.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        tasks.append({"path": str(path), "rows": np.array(rows), "index": np.array(index)})
+    candidates = np.array([[0, 1], [0, 2], [0, 3], [0, 1]])  # as the shuffle gives them: repeated across bands
+    exact = dedup.confirm_candidates(candidates, tasks, 0.9, 128, exact=True)
+    np.testing.assert_array_equal(exact, [[0, 1]])
+    estimate = (sig[0] == sig[1:]).mean(axis=1)
+    by_signature = dedup.confirm_candidates(candidates, tasks, 0.9, 128, exact=False)
+    np.testing.assert_array_equal(by_signature, [[0, 1 + i] for i in np.flatnonzero(estimate >= 0.9)])
+    assert estimate[0] >= 0.9 and estimate[1] < 0.9
+    assert dedup.confirm_candidates(np.zeros((0, 2), np.int64), tasks, 0.9, 128, exact=True).shape == (0, 2)
 
 
 def test_near_duplicates_of_one_prompt_are_found_when_another_prompt_heads_their_buckets():

@@ -8,8 +8,9 @@ and remembers which step dropped each trace.
 Completion duplicates that can lie in two parts (a prompt whose samples are split across parts,
 or ``dedup_completion_scope: global``) are found by a Ray Data hash shuffle of the traces'
 exact-text hashes, then of their MinHash LSH band keys (:func:`cross_part_duplicates`): each
-block holds whole buckets, confirms them on the signatures, and only the confirmed pairs come
-back to the driver. No process ever holds an index of the whole corpus.
+block holds whole buckets, and only the pairs that share one come back to the driver, which
+confirms the near ones on their signatures a few thousand at a time. No process ever holds an
+index of the whole corpus.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def cross_part_duplicates(cfg: BuildConfig, parts: list[Part], candidates: np.nd
     """Completion duplicates among ``candidates`` that may lie in different parts.
 
     Exact duplicates first (a shuffle by exact-text hash), then near-duplicates among the rest (a
-    shuffle by LSH band key, confirmed on MinHash signatures); texts of different ``groups``
+    shuffle by LSH band key, its candidates confirmed on their MinHash signatures); texts of different ``groups``
     (prompts, or one group for the global scope) are never duplicates. The earliest trace of
     each connected group of duplicates is kept.
 
@@ -159,5 +160,8 @@ def cross_part_duplicates(cfg: BuildConfig, parts: list[Part], candidates: np.nd
             if len(local):
                 tasks.append({"path": str(rows_path(work, part.index, "keys")), "rows": local,
                               "index": part.offset + local, "groups": groups[part.offset + local]})
-        dup[dedup.later_members(dedup.duplicate_pairs(tasks, near, cfg, runtime))] = True
+        pairs = dedup.duplicate_pairs(tasks, near, cfg, runtime)
+        if near:
+            pairs = dedup.confirm_candidates(pairs, tasks, cfg.dedup_threshold, cfg.minhash_num_perm, exact=False)
+        dup[dedup.later_members(pairs)] = True
     return dup

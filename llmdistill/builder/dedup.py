@@ -3,17 +3,18 @@
 Texts are normalised (lower case, punctuation and whitespace runs become one space) and
 split into words. *Exact* duplicates share the normalised text. *Near* duplicates share most
 word shingles (``ngram`` consecutive words): their Jaccard similarity is estimated with MinHash
-signatures and candidate pairs are found by LSH banding, then confirmed on the signatures.
-The first occurrence of every group is kept.
+signatures and candidate pairs are found by LSH banding, then confirmed on their shingles
+(on the signatures alone for completions of different parts). The first occurrence of every
+group is kept.
 
 Per-record MinHash objects in Python cost ~1 ms each; here all shingles of a batch of texts are
 hashed at once (multiply-shift hashing on uint64), which does 100k texts in a few seconds.
 
 Words are hashed (not numbered in order of appearance), so signatures and exact-text hashes
 computed in different processes compare: :func:`text_hashes`, :func:`signatures` and
-:func:`band_keys` are what ``build`` stores per trace for duplicates across parts, :func:`mix`
-joins a group (a prompt) into those keys, and :func:`confirmed_pairs` is what one group of a Ray
-Data groupby over those keys runs.
+:func:`band_keys` are what ``build`` stores per text for duplicates across parts, :func:`mix`
+joins a group (a prompt) into those keys, :func:`duplicate_pairs` finds the texts that share a
+key with a Ray Data shuffle, and :func:`confirm_candidates` confirms the near ones.
 """
 
 from __future__ import annotations
@@ -212,30 +213,6 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys
 
 
-def confirmed_pairs(rows: np.ndarray, sig: np.ndarray, threshold: float) -> np.ndarray:
-    """Pairs (first, other) of one LSH bucket: its earliest text with each other text whose MinHash
-    estimate of the Jaccard similarity reaches ``threshold``.
-
-    Texts of different parts of a build are compared this way (their shingles are not kept), so
-    a pair within a standard deviation ``sqrt(J (1 - J) / num_perm)`` of the threshold can go
-    either way; within a part, :func:`near_duplicates` confirms pairs on their exact shingle sets.
-
-    Args:
-        rows: int64 (m,) global indices of the bucket's texts.
-        sig: uint32 (m, num_perm) their signatures.
-        threshold: the near-duplicate threshold.
-
-    Returns:
-        int64 (p, 2): pairs (earlier index, later index).
-    """
-    if len(rows) < 2:
-        return np.zeros((0, 2), dtype=np.int64)
-    head = int(np.argmin(rows))
-    estimate = (sig == sig[head]).mean(axis=1)
-    other = np.flatnonzero((estimate >= threshold) & (np.arange(len(rows)) != head))
-    return np.stack([np.full(len(other), rows[head], dtype=np.int64), rows[other].astype(np.int64)], axis=1)
-
-
 def _candidate_pairs(sig: np.ndarray, idx: np.ndarray, bands: int, rows: int,
                      groups: np.ndarray | None = None) -> np.ndarray:
     """Pairs (earlier, later) of texts sharing an LSH bucket, each paired with its bucket's first text.
@@ -358,9 +335,8 @@ def shuffle_blocks(n: int, bytes_per_trace: int, cpus: int) -> int:
     return max(1, min(cpus * 2, n // 50_000 + 1), by_size)
 
 
-def _key_rows(batch: dict[str, np.ndarray], near: bool, bands: int, rows_per_band: int, confirm: bool) -> pa.Table:
-    """One part's candidate texts as (key, row[, sig]) records: its exact key, or one per LSH band
-    (with the signature when the buckets are confirmed on it).
+def _key_rows(batch: dict[str, np.ndarray], near: bool, bands: int, rows_per_band: int) -> pa.Table:
+    """One part's candidate texts as (key, row) records: its exact key, or one per LSH band.
 
     The task names a keys file (columns ``row``, ``hash``, ``sig``), its candidate ``rows`` (sorted),
     their ``groups`` and their global ``index``, by which the earliest text of a bucket is kept."""
@@ -375,61 +351,137 @@ def _key_rows(batch: dict[str, np.ndarray], near: bool, bands: int, rows_per_ban
         return pa.table({"key": mix(group, keys.column("hash").to_numpy()[pick]), "row": row})
     width = keys.schema.field("sig").type.list_size
     sig = keys.column("sig").combine_chunks().flatten().to_numpy().reshape(-1, width)[pick]
-    band = band_keys(sig, bands, rows_per_band)
-    key = mix(group[:, None], band).reshape(-1)
-    if not confirm:
-        return pa.table({"key": key, "row": np.repeat(row, bands)})
-    flat = pa.array(np.repeat(sig, bands, axis=0).reshape(-1), pa.uint32())
-    return pa.table({"key": key, "row": np.repeat(row, bands),
-                     "sig": pa.FixedSizeListArray.from_arrays(flat, width)})
+    key = mix(group[:, None], band_keys(sig, bands, rows_per_band)).reshape(-1)
+    return pa.table({"key": key, "row": np.repeat(row, bands)})
 
 
-def _bucket_pairs(block: pa.Table, threshold: float, near: bool) -> pa.Table:
-    """Within one block of whole buckets: (first, other) pairs of every bucket with more than one
-    trace; with ``near``, only those whose MinHash estimate reaches ``threshold``."""
+def _bucket_pairs(block: pa.Table) -> pa.Table:
+    """Within one block of whole buckets: the pair (first, other) of every other text of a bucket."""
     key, row = block.column("key").to_numpy(), block.column("row").to_numpy()
     order = np.lexsort((row, key))
     key, row = key[order], row[order]
     starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
     sizes = np.diff(np.r_[starts, len(key)])
-    pairs = [np.zeros((0, 2), dtype=np.int64)]
-    if near:
-        width = block.schema.field("sig").type.list_size
-        sig = block.column("sig").combine_chunks().flatten().to_numpy().reshape(-1, width)[order]
-        for s, n in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
-            pairs.append(confirmed_pairs(row[s:s + n], sig[s:s + n], threshold))
-    else:  # exact duplicates: every later trace of a bucket pairs with its first
-        member = np.repeat(sizes > 1, sizes) & ~np.isin(np.arange(len(row)), starts)
-        head = np.repeat(row[starts], sizes)
-        pairs.append(np.stack([head[member], row[member]], axis=1))
-    both = np.concatenate(pairs)
-    return pa.table({"a": both[:, 0], "b": both[:, 1]})
+    member = np.repeat(sizes > 1, sizes) & ~np.isin(np.arange(len(row)), starts)
+    head = np.repeat(row[starts], sizes)
+    return pa.table({"a": head[member], "b": row[member]})
 
 
-def duplicate_pairs(tasks: list[dict[str, Any]], near: bool, cfg: Any, runtime: Any, confirm: bool = True) -> np.ndarray:
-    """Pairs (earlier, later) of duplicate texts among the tasks' candidates (see :func:`_key_rows`):
-    a Ray Data hash shuffle by exact-text hash or, with ``near``, by LSH band key, whose blocks hold
-    whole buckets and confirm them on the signatures (``cfg``: the build's dedup settings).
-    Only the pairs come back: no process holds an index of all the texts.
-
-    With ``near`` and not ``confirm``, the records carry no signature (16 bytes, not about
-    ``4 * num_perm``) and every LSH candidate pair comes back, for the caller to confirm."""
+def duplicate_pairs(tasks: list[dict[str, Any]], near: bool, cfg: Any, runtime: Any) -> np.ndarray:
+    """Pairs (earlier, later) of texts sharing a bucket, among the tasks' candidates (see
+    :func:`_key_rows`): a Ray Data hash shuffle by exact-text hash (the pairs are duplicates) or, with
+    ``near``, by LSH band key (candidates for :func:`confirm_candidates`). A record is a key and a
+    row, 16 bytes; only the pairs come back: no process holds an index of all the texts
+    (``cfg``: the build's dedup settings)."""
     import ray.data
 
     bands, rows_per_band = lsh_params(cfg.dedup_threshold, cfg.minhash_num_perm)
     items = [{"task": pickle.dumps(t)} for t in tasks]
-    # a record is a key and a row (8 bytes each), plus the signature once per band when confirmed here
-    per_trace = (bands * (16 + 4 * cfg.minhash_num_perm) if confirm else bands * 16) if near else 16
-    blocks = shuffle_blocks(sum(len(t["rows"]) for t in tasks), per_trace, runtime.cpus)
+    blocks = shuffle_blocks(sum(len(t["rows"]) for t in tasks), 16 * (bands if near else 1), runtime.cpus)
     dataset = (ray.data.from_items(items, override_num_blocks=len(items))
                .map_batches(_key_rows, batch_size=1, batch_format="numpy",
-                            fn_kwargs={"near": near, "bands": bands, "rows_per_band": rows_per_band,
-                                       "confirm": confirm})
+                            fn_kwargs={"near": near, "bands": bands, "rows_per_band": rows_per_band})
                .repartition(blocks, keys=["key"])
-               .map_batches(_bucket_pairs, batch_size=None, batch_format="pyarrow",
-                            fn_kwargs={"threshold": cfg.dedup_threshold, "near": near and confirm}))
+               .map_batches(_bucket_pairs, batch_size=None, batch_format="pyarrow"))
     found = [np.stack([b["a"], b["b"]], axis=1) for b in dataset.iter_batches(batch_format="numpy", batch_size=None)]
     return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
+
+
+def gather(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``values[lo[i]:hi[i]]`` of every ``i``, joined, and the offsets of each (n + 1)."""
+    size = (hi - lo).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(size)]).astype(np.int64)
+    return values[np.repeat(lo - offsets[:-1], size) + np.arange(offsets[-1])], offsets
+
+
+class _StoredKeys:
+    """The signatures, and shingle hashes where stored, of the tasks' texts by global index, read from
+    their keys files (memory-mapped: only the rows asked for are touched). Memory: 20 bytes per text."""
+
+    def __init__(self, tasks: list[dict[str, Any]]) -> None:
+        self.tasks = tasks
+        index = np.concatenate([t["index"] for t in tasks]).astype(np.int64)
+        order = np.argsort(index)
+        self.index = index[order]
+        self.task = np.repeat(np.arange(len(tasks), dtype=np.int32), [len(t["index"]) for t in tasks])[order]
+        self.row = np.concatenate([t["rows"] for t in tasks]).astype(np.int64)[order]
+        self._files: dict[int, tuple[np.ndarray, ...]] = {}
+
+    def _file(self, i: int) -> tuple[np.ndarray, ...]:
+        if i not in self._files:
+            with pa.memory_map(self.tasks[i]["path"]) as source:
+                table = pa.ipc.open_file(source).read_all()
+
+            def one(name: str) -> Any:
+                column = table.column(name)
+                return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+            sig = one("sig")
+            found = (one("row").to_numpy(), sig.values.to_numpy().reshape(len(sig), sig.type.list_size))
+            if "shingles" in table.column_names:
+                shingles = one("shingles")
+                found += (shingles.offsets.to_numpy(), shingles.values.to_numpy())
+            self._files[i] = found
+        return self._files[i]
+
+    def texts(self, ids: np.ndarray, shingles: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The shingle hashes (flat; empty unless ``shingles``), their starts and the signatures of the
+        texts of global indices ``ids`` (sorted), in that order."""
+        at = np.searchsorted(self.index, ids)
+        task, row = self.task[at], self.row[at]
+        order = np.argsort(task, kind="stable")
+        pieces, sigs = [], []
+        for i in np.unique(task):
+            stored = self._file(int(i))
+            position = np.searchsorted(stored[0], row[order][task[order] == i])  # the rows' places in the file
+            sigs.append(stored[1][position])
+            if shingles:
+                pieces.append(gather(stored[3], stored[2][position], stored[2][position + 1]))
+        back = np.argsort(order)  # from file order back to the order of ``ids``
+        sig = np.concatenate(sigs)[back]
+        if not shingles:
+            return np.zeros(0, dtype=np.uint64), np.zeros(len(ids), dtype=np.int64), sig
+        size = np.concatenate([np.diff(offsets) for _, offsets in pieces])
+        start = np.concatenate([[0], np.cumsum(size)[:-1]]).astype(np.int64)
+        hashes, offsets = gather(np.concatenate([v for v, _ in pieces]), start[back], start[back] + size[back])
+        return hashes, offsets[:-1], sig
+
+
+#: Candidate pairs confirmed together: only their texts' signatures (and shingles) are in memory.
+PAIRS_AT_ONCE = 4096
+
+
+def confirm_candidates(pairs: np.ndarray, tasks: list[dict[str, Any]], threshold: float, num_perm: int,
+                       exact: bool) -> np.ndarray:
+    """The candidate pairs of :func:`duplicate_pairs` that are near-duplicates, confirmed on the
+    driver :data:`PAIRS_AT_ONCE` at a time from the tasks' keys files.
+
+    ``exact`` (the keys files hold the texts' ``shingles``: prompts, phase A): a pair is confirmed as
+    :func:`near_duplicates` confirms it within one process, dropped when its MinHash estimate lies
+    far below ``threshold`` (:func:`estimate_slack`), then kept when its exact Jaccard similarity
+    reaches it. Otherwise (completions, whose shingles would cost more disk than their text) it is
+    kept when its MinHash estimate reaches ``threshold``, so a pair within a standard deviation
+    ``sqrt(J (1 - J) / num_perm)`` of the threshold can go either way.
+    """
+    pairs = np.unique(pairs, axis=0)  # a pair shares a bucket in up to every band
+    kept = [np.zeros((0, 2), dtype=np.int64)]
+    if not len(pairs):
+        return kept[0]
+    stored = _StoredKeys(tasks)
+    for lo in range(0, len(pairs), PAIRS_AT_ONCE):
+        chunk = pairs[lo:lo + PAIRS_AT_ONCE]
+        ids = np.unique(chunk)
+        hashes, starts, sig = stored.texts(ids, shingles=exact)
+        left, right = np.searchsorted(ids, chunk[:, 0]), np.searchsorted(ids, chunk[:, 1])
+        estimate = (sig[left] == sig[right]).mean(axis=1)
+        if exact:
+            similar = estimate >= threshold - estimate_slack(threshold, num_perm)
+            if similar.any():
+                similar[similar] = pair_jaccard(hashes, starts, left[similar], right[similar]) >= threshold
+        else:
+            similar = estimate >= threshold
+        kept.append(chunk[similar])
+    return np.concatenate(kept)
 
 
 def later_members(pairs: np.ndarray) -> np.ndarray:

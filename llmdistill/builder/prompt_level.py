@@ -6,14 +6,14 @@ problem, its MinHash signature (near dedup) and the benchmarks it overlaps (deco
 :mod:`~llmdistill.builder.decontam`); per trace, which of those prompts it has. The driver
 (:func:`prompt_fates`) then numbers every distinct prompt id in order of first appearance, keeps
 the first of each exact-text hash, finds near-duplicate candidates with the Ray hash shuffle of
-LSH band keys that completions across parts use (:func:`~llmdistill.builder.dedup.duplicate_pairs`,
-16 bytes a record here: no signature), confirms them on their exact shingle sets as
-:func:`~llmdistill.builder.dedup.near_duplicates` does within one process, and marks the remaining
+LSH band keys that completions across parts use (:func:`~llmdistill.builder.dedup.duplicate_pairs`),
+confirms them on their exact shingle sets as :func:`~llmdistill.builder.dedup.near_duplicates` does
+within one process (:func:`~llmdistill.builder.dedup.confirm_candidates`), and marks the remaining
 prompts that overlap a benchmark.
 
 No process holds the prompts' text: a worker holds one part's; the driver holds 8 bytes per trace,
-the ids and hashes of the distinct prompts, and the shingles of the candidate pairs only. A part's
-files are written atomically, so a re-run of a killed build reuses them.
+the ids and hashes of the distinct prompts, and the shingles of a few thousand candidate pairs at a
+time. A part's files are written atomically, so a re-run of a killed build reuses them.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ logger = get_logger(__name__)
 KEPT, DUPLICATE, CONTAMINATED = 0, 1, 2
 LIGHT_BATCH_ROWS = 65_536
 PROMPT_STEPS = {DUPLICATE: "duplicate_prompt", CONTAMINATED: "contaminated"}
-PAIRS_AT_ONCE = 4096  # candidate pairs confirmed together: their texts' shingles and signatures in memory
 
 
 @dataclass
@@ -148,72 +147,6 @@ def _read(work: str, part: int) -> pa.Table:
         return pa.ipc.open_file(source).read_all()
 
 
-def _gather(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``values[lo[i]:hi[i]]`` of every ``i``, joined, and the offsets of each (n + 1)."""
-    size = (hi - lo).astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(size)]).astype(np.int64)
-    return values[np.repeat(lo - offsets[:-1], size) + np.arange(offsets[-1])], offsets
-
-
-class _Stored:
-    """The shingles and signatures of the first appearances of prompts, read from the parts' files
-    (memory-mapped: only the rows asked for are touched)."""
-
-    def __init__(self, firsts: list[tuple[Part, np.ndarray, np.ndarray]], work: str, n_codes: int) -> None:
-        self.firsts, self.work = firsts, work
-        self.part_of = np.full(n_codes, -1, dtype=np.int32)  # code -> position in ``firsts``
-        self.row_of = np.zeros(n_codes, dtype=np.int64)  # code -> row in its part's file
-        for i, (_, first, codes) in enumerate(firsts):
-            self.part_of[codes], self.row_of[codes] = i, first
-        self._files: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-    def _file(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if i not in self._files:
-            table = _read(self.work, self.firsts[i][0].index)
-            shingles = table.column("shingles")
-            shingles = shingles.chunk(0) if shingles.num_chunks == 1 else shingles.combine_chunks()
-            sig = table.column("sig")
-            sig = sig.chunk(0) if sig.num_chunks == 1 else sig.combine_chunks()
-            self._files[i] = (shingles.offsets.to_numpy(), shingles.values.to_numpy(),
-                              sig.values.to_numpy().reshape(len(sig), sig.type.list_size))
-        return self._files[i]
-
-    def texts(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Shingle hashes (flat), their starts, and the signatures of ``codes``, in that order."""
-        order = np.argsort(self.part_of[codes], kind="stable")
-        pieces, sigs = [], []
-        for i in np.unique(self.part_of[codes]):
-            rows = self.row_of[codes[order][self.part_of[codes[order]] == i]]
-            offsets, values, sig = self._file(int(i))
-            pieces.append(_gather(values, offsets[rows], offsets[rows + 1]))
-            sigs.append(sig[rows])
-        size = np.concatenate([np.diff(starts) for _, starts in pieces])
-        start = np.concatenate([[0], np.cumsum(size)[:-1]]).astype(np.int64)
-        back = np.argsort(order)  # from part order back to the order of ``codes``
-        hashes, starts = _gather(np.concatenate([v for v, _ in pieces]), start[back], start[back] + size[back])
-        return hashes, starts[:-1], np.concatenate(sigs)[back]
-
-
-def _confirmed(pairs: np.ndarray, stored: _Stored, threshold: float, num_perm: int) -> np.ndarray:
-    """The candidate pairs (of codes) whose exact Jaccard similarity of shingles reaches ``threshold``,
-    as :func:`~llmdistill.builder.dedup.near_duplicates` confirms them: a pair whose MinHash estimate
-    lies far below is dropped first. :data:`PAIRS_AT_ONCE` pairs at a time, with only their texts'
-    shingles and signatures in memory."""
-    pairs = np.unique(pairs, axis=0)  # a pair shares a bucket in up to every band
-    kept = [np.zeros((0, 2), dtype=np.int64)]
-    for lo in range(0, len(pairs), PAIRS_AT_ONCE):
-        chunk = pairs[lo:lo + PAIRS_AT_ONCE]
-        codes = np.unique(chunk)
-        hashes, starts, sig = stored.texts(codes)
-        left, right = np.searchsorted(codes, chunk[:, 0]), np.searchsorted(codes, chunk[:, 1])
-        close = (sig[left] == sig[right]).mean(axis=1) >= threshold - dedup.estimate_slack(threshold, num_perm)
-        similar = np.zeros(len(chunk), dtype=bool)
-        if close.any():
-            similar[close] = dedup.pair_jaccard(hashes, starts, left[close], right[close]) >= threshold
-        kept.append(chunk[similar])
-    return np.concatenate(kept)
-
-
 def prompt_fates(cfg: BuildConfig, parts: list[Part], runtime: Runtime, work: str) -> Prompts:
     """Phase A: every part's prompts (Ray tasks), then drop duplicate and contaminated prompts.
 
@@ -280,8 +213,8 @@ def prompt_fates(cfg: BuildConfig, parts: list[Part], runtime: Runtime, work: st
                     tasks.append({"path": str(prompts_path(work, part.index)), "rows": first[take],
                                   "index": first_codes[take].astype(np.int64),
                                   "groups": np.zeros(int(take.sum()), dtype=np.int64)})
-            candidates = dedup.duplicate_pairs(tasks, True, cfg, runtime, confirm=False)
-            pairs = _confirmed(candidates, _Stored(firsts, work, n), cfg.dedup_threshold, cfg.minhash_num_perm)
+            candidates = dedup.duplicate_pairs(tasks, True, cfg, runtime)
+            pairs = dedup.confirm_candidates(candidates, tasks, cfg.dedup_threshold, cfg.minhash_num_perm, exact=True)
             dup[dedup.later_members(pairs)] = True
         fate[dup] = DUPLICATE
     hits: Counter = Counter()
