@@ -71,7 +71,7 @@ from llmdistill.config.base import (
     ConfigError,
     check_model_path,
     first_mixed_value,
-    json_document,
+    json_array_objects,
     jsonl_objects,
     looks_like_local_path,
 )
@@ -324,11 +324,8 @@ def load_prompts(cfg: OnPolicyConfig) -> PromptTable:
             present = set(pq.read_schema(path).names)
             table = pq.read_table(path, columns=[c for c in needed + optional if c in present] or None,
                                   memory_map=True)
-        elif path.suffix == ".json":
-            rows = json_document(path)
-            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-                raise ConfigError(f"{path} must hold a JSON list of objects (one per prompt)")
-            records = ((f"{path} row {i}", row) for i, row in enumerate(rows))
+        elif path.suffix == ".json":  # streamed: one row at a time into the Arrow table
+            records = ((f"{path} row {i}", row) for i, row in json_array_objects(path))
             table = _records_table(path, records, needed, optional, cfg)
         else:
             raise ConfigError(f"dataset {path}: unsupported file type; use a .jsonl, .json or .parquet file")

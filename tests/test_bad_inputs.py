@@ -144,6 +144,13 @@ CASES = [
          lambda t, fx: _gen_args(t, fx, dataset=_prompts(t, ['[{"id": "a", "prompt": "x"},', '{"id": "b"'],
                                                         name="prompts.json")),
          ("prompts.json line 3 column 1", "not valid JSON")),
+    Case("generate: .json file holding an object, not a list", "generate",
+         lambda t, fx: _gen_args(t, fx, dataset=_prompts(t, ['{"rows": [{"id": "a", "prompt": "x"}]}'],
+                                                        name="prompts.json")),
+         ("prompts.json is a JSON document starting with '{'", "expected a list of row objects", ".jsonl")),
+    Case("generate: .json list with text after it", "generate",
+         lambda t, fx: _gen_args(t, fx, dataset=_prompts(t, ['[{"id": "a", "prompt": "x"}]', ']'], name="prompts.json")),
+         ("prompts.json line 2 column 1", "text after the list of rows")),
     Case("generate: prompt column missing", "generate",
          lambda t, fx: _gen_args(t, fx, dataset=_prompts(t, ['{"id": "a", "question": "x"}'])),
          ("prompts.jsonl line 1", "column 'prompt' is missing", "prompt_column")),
@@ -405,3 +412,58 @@ def test_a_completion_token_id_outside_the_vocabulary_names_the_row(bad):
     with pytest.raises(SchemaError, match=rf"^s\.parquet row 12: 'completion_token_ids' holds id {bad}, outside the "
                                           r"student's vocabulary of 100: the traces come from another tokenizer"):
         check_generation_rows(Path("s.parquet"), table, 2, vocab_size=100, first_row=10)
+
+
+def test_a_json_list_is_read_a_row_at_a_time_as_json_reads_it(tmp_path, monkeypatch):
+    """Rows of any JSON (strings holding brackets, commas, escapes, characters of several UTF-8 bytes,
+    numbers and literals) come out as ``json.loads`` gives them, whatever the size of a read; memory
+    holds about one read, not the document; a malformed file is named at json's own line and column."""
+    import json
+    import random
+    import tracemalloc
+
+    from llmdistill.config import base
+    from llmdistill.config.base import ConfigError, json_array_objects
+
+    rng = random.Random(0)
+
+    def value(depth: int = 0):
+        r = rng.random()
+        if depth > 2 or r < 0.3:
+            return rng.choice([1, -2.5e-3, 12345678901234567890, True, False, None, 'a,]}["x\\ é 😀', ""])
+        if r < 0.6:
+            return [value(depth + 1) for _ in range(rng.randrange(3))]
+        return {f"k{i}": value(depth + 1) for i in range(rng.randrange(3))}
+
+    path = tmp_path / "rows.json"
+    for _ in range(200):
+        rows = [{"id": i, "v": value()} for i in range(rng.randrange(0, 6))]
+        text = json.dumps(rows, indent=rng.choice([None, 1, 3]), ensure_ascii=rng.random() < 0.5)
+        path.write_text(rng.choice(["", " \n "]) + text + rng.choice(["", "\n"]), encoding="utf-8")
+        monkeypatch.setattr(base, "JSON_READ_BYTES", rng.choice([1, 2, 3, 7, 64, 1 << 20]))
+        assert [r for _, r in json_array_objects(path)] == rows
+        assert [r for _, r in json_array_objects(path, limit=2)] == rows[:2]
+    for bad in ('[{"a": 1},\n {"b": }]', '[{"a": tru}]', '[{"a": 1}\n{"b": 2}]'):
+        path.write_text(bad)
+        try:
+            json.loads(bad)
+        except json.JSONDecodeError as err:
+            expected = f"line {err.lineno} column {err.colno} is not valid JSON"
+        for size in (1, 4, 1 << 20):
+            monkeypatch.setattr(base, "JSON_READ_BYTES", size)
+            with pytest.raises(ConfigError, match=expected):
+                list(json_array_objects(path))
+    path.write_text('[{"a": 1}, 2]')
+    with pytest.raises(ConfigError, match="row 1 is a JSON int, expected an object"):
+        list(json_array_objects(path))
+
+    # 20 MB of rows, read 1 MB at a time: the first row comes out holding a few MB, not the document
+    monkeypatch.setattr(base, "JSON_READ_BYTES", 1 << 20)
+    path.write_text(json.dumps([{"id": i, "prompt": "x" * 1000} for i in range(20_000)]))
+    tracemalloc.start()
+    rows = json_array_objects(path)
+    assert next(rows)[1]["id"] == 0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 << 20 and sum(1 for _ in rows) == 19_999
+

@@ -10,6 +10,7 @@ command line a true/false field also takes ``--no_field`` (false), and an option
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import enum
@@ -404,6 +405,99 @@ def json_document(path: Path, error: type[UserError] = ConfigError) -> Any:
         raise error(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
     except json.JSONDecodeError as err:
         raise error(f"{path} line {err.lineno} column {err.colno} is not valid JSON ({err.msg}): fix the file") from None
+
+
+JSON_READ_BYTES = 1 << 20  # bytes read at a time by :func:`json_array_objects`
+_JSON_SPACE = " \t\n\r"
+
+
+def json_array_objects(path: Path, error: type[UserError] = ConfigError,
+                       limit: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The objects of a user's .json file holding a list of rows, one at a time with its index: the
+    file is read :data:`JSON_READ_BYTES` at a time, so memory holds about one read and one row, not
+    the document. With ``limit``, the first ``limit`` objects only.
+
+    Raises:
+        error: a file that is not UTF-8, not JSON (naming the line and column), not a list, or a row
+            that is not an object (naming the row).
+    """
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    state = {"text": "", "line": 1, "column": 0, "read": 0, "eof": False}  # the kept text, where it starts
+
+    with Path(path).open("rb") as fh:
+
+        def refill(keep: int) -> bool:
+            """Drop the text before ``keep`` and append the next read; False at the end of the file."""
+            if state["eof"]:
+                return False
+            text, dropped = state["text"], state["text"][:keep]
+            newlines = dropped.count("\n")
+            state["line"] += newlines
+            state["column"] = len(dropped) - dropped.rfind("\n") - 1 if newlines else state["column"] + len(dropped)
+            chunk = fh.read(JSON_READ_BYTES)
+            try:
+                state["text"] = text[keep:] + utf8.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                raise error(f"{path} is not UTF-8 text (byte {state['read'] + err.start}): save it as UTF-8") from None
+            state["read"] += len(chunk)
+            state["eof"] = not chunk
+            return True
+
+        def where(position: int) -> str:
+            text = state["text"]
+            newline = text.rfind("\n", 0, position)
+            column = position - newline - 1 if newline >= 0 else state["column"] + position
+            return f"line {state['line'] + text.count(chr(10), 0, position)} column {column + 1}"
+
+        def skip(position: int) -> int:
+            """The position of the next character that is not white space (the text's length at the end)."""
+            while True:
+                text = state["text"]
+                while position < len(text) and text[position] in _JSON_SPACE:
+                    position += 1
+                if position < len(text) or not refill(position):
+                    return position
+                position = 0
+
+        position = skip(0)
+        text = state["text"]
+        if position == len(text) or text[position] != "[":
+            kind = "empty" if position == len(text) else f"a JSON document starting with {text[position]!r}"
+            raise error(f"{path} is {kind}, expected a list of row objects ([{{...}}, {{...}}]): write the rows "
+                        "as a JSON list, or one object per line in a .jsonl file")
+        def end_of_list(position: int) -> None:  # the list closed at ``position``: nothing may follow
+            rest = skip(position + 1)
+            if rest < len(state["text"]):
+                raise error(f"{path} {where(rest)} is not valid JSON (text after the list of rows): fix the file")
+
+        position = skip(position + 1)
+        if state["text"][position:position + 1] == "]":
+            return end_of_list(position)
+        index = 0
+        while limit is None or index < limit:
+            while True:  # one row, reading on while it is cut off
+                try:
+                    record, end = decoder.raw_decode(state["text"], position)
+                    if end == len(state["text"]) and not state["eof"] and not isinstance(record, (dict, list, str)):
+                        raise json.JSONDecodeError("a number or literal may go on", state["text"], end)
+                    break
+                except json.JSONDecodeError as err:
+                    if not refill(position):
+                        raise error(f"{path} {where(err.pos)} is not valid JSON ({err.msg}): fix the file") from None
+                    position = 0
+            if not isinstance(record, dict):
+                raise error(f"{path} row {index} is a JSON {type(record).__name__}, expected an object")
+            yield index, record
+            index += 1
+            position = skip(end)
+            after = state["text"][position:position + 1]
+            if after == "]":
+                return end_of_list(position)
+            if after != ",":
+                raise error(f"{path} {where(position)} is not valid JSON (expected ',' or ']' after row {index - 1}): "
+                            "fix the file")
+            position = skip(position + 1)
 
 
 def jsonl_objects(path: Path, error: type[UserError] = ConfigError,

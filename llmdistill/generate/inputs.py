@@ -21,7 +21,7 @@ import pyarrow as pa
 from llmdistill.config.base import (
     UserError,
     first_mixed_value,
-    json_document,
+    json_array_objects,
     jsonl_objects,
     looks_like_local_path,
 )
@@ -173,12 +173,13 @@ def _read_jsonl(path: Path, keep: Callable[[str, dict], bool], limit: int | None
 
 
 def _read_json(path: Path, keep: Callable[[str, dict], bool], limit: int | None) -> PartRows:
-    records = json_document(path, InputError)
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise InputError(f"{path} must hold a JSON list of objects (one per row)")
-    records = records[:limit]
-    rows = [(f"{path} row {i}", r) for i, r in enumerate(records)]
-    return PartRows([(loc, r) for loc, r in rows if keep(loc, r)], len(records))
+    rows, total = [], 0
+    for index, record in json_array_objects(path, InputError, limit):  # streamed: one row at a time
+        total += 1
+        location = f"{path} row {index}"
+        if keep(location, record):
+            rows.append((location, record))
+    return PartRows(rows, total)
 
 
 ROW_BATCH = 8192  # input rows per Arrow batch while picking a part's rows: bounds the other parts' rows in memory
