@@ -422,13 +422,13 @@ def test_prompt_phase_runs_on_the_workers_and_matches_the_in_memory_reference(tm
 
     monkeypatch.setattr(prompt_level, "read_part", no_text_here)
     candidates = []
-    real_pairs = prompt_level.dedup.duplicate_pairs
+    real_pairs = prompt_level.dedup._bucket_pair_batches
 
     def spy(*args, **kwargs):
-        candidates.append(real_pairs(*args, **kwargs))
-        return candidates[-1]
+        candidates.append(np.concatenate(list(real_pairs(*args, **kwargs))))
+        yield candidates[-1]
 
-    monkeypatch.setattr(prompt_level.dedup, "duplicate_pairs", spy)
+    monkeypatch.setattr(prompt_level.dedup, "_bucket_pair_batches", spy)
     got = {}
     for workers in (1, 2):
         runtime = cluster.start_ray(workers, None)

@@ -284,13 +284,20 @@ def test_candidates_across_parts_are_confirmed_on_shingles_or_signatures(tmp_pat
             writer.write_table(table)
         tasks.append({"path": str(path), "rows": np.array(rows), "index": np.array(index)})
     candidates = np.array([[0, 1], [0, 2], [0, 3], [0, 1]])  # as the shuffle gives them: repeated across bands
-    exact = dedup.confirm_candidates(candidates, tasks, 0.9, 128, exact=True)
+    stored = dedup.StoredKeys(tasks)
+    exact = dedup.confirm_candidates(candidates, stored, 0.9, 128, exact=True)
     np.testing.assert_array_equal(exact, [[0, 1]])
     estimate = (sig[0] == sig[1:]).mean(axis=1)
-    by_signature = dedup.confirm_candidates(candidates, tasks, 0.9, 128, exact=False)
+    by_signature = dedup.confirm_candidates(candidates, stored, 0.9, 128, exact=False)
     np.testing.assert_array_equal(by_signature, [[0, 1 + i] for i in np.flatnonzero(estimate >= 0.9)])
     assert estimate[0] >= 0.9 and estimate[1] < 0.9
-    assert dedup.confirm_candidates(np.zeros((0, 2), np.int64), tasks, 0.9, 128, exact=True).shape == (0, 2)
+    assert dedup.confirm_candidates(np.zeros((0, 2), np.int64), stored, 0.9, 128, exact=True).shape == (0, 2)
+    dedup.PAIRS_AT_ONCE, at_once = 1, dedup.PAIRS_AT_ONCE  # a pair at a time: the same pairs
+    try:
+        np.testing.assert_array_equal(dedup.confirm_candidates(candidates, stored, 0.9, 128, exact=True), exact)
+        np.testing.assert_array_equal(dedup.confirm_candidates(candidates, stored, 0.9, 128, exact=False), by_signature)
+    finally:
+        dedup.PAIRS_AT_ONCE = at_once
 
 
 def test_near_duplicates_of_one_prompt_are_found_when_another_prompt_heads_their_buckets():

@@ -270,6 +270,38 @@ def test_offline_stream_keeps_a_bounded_window_and_writes_as_completions_finish(
     assert _offline(FakeLLMEngine(K), None).max_in_flight == 8  # default: 2 x max_num_seqs
 
 
+@pytest.mark.unit
+def test_engines_ask_for_extra_log_probs_where_padding_rows_may_rank(tiny_tokenizer_dir, tmp_path, monkeypatch):
+    """The in-process engine asks k + 8 of a model whose LM head has rows past its tokenizer (or whose
+    tokenizer it cannot read), k of one without, within its max_logprobs (-1: no cap); a server pool
+    asks what the servers' --max-logprobs allows beyond k (vLLM's default 20 when unset)."""
+    import vllm
+
+    from llmdistill.generate.engines import PADDING_MARGIN
+
+    def fake_llm(rows: int, tokens: int | None):
+        def make(**kwargs):
+            def tokenizer():
+                if tokens is None:
+                    raise ValueError("Tokenizer not available when skip_tokenizer_init=True")
+                return [None] * tokens
+            config = SimpleNamespace(get_vocab_size=lambda: rows, max_logprobs=kwargs["max_logprobs"])
+            return SimpleNamespace(llm_engine=SimpleNamespace(model_config=config), get_tokenizer=tokenizer)
+        return make
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "q", "answer": "1"}])
+    for rows, tokens, extra, asked in ((72, 64, {}, K + PADDING_MARGIN), (64, 64, {}, K),
+                                       (72, None, {}, K + PADDING_MARGIN), (72, 64, {"max_logprobs": K + 3}, K + 3),
+                                       (72, 64, {"engine_kwargs": '{"max_logprobs": -1}'}, K + PADDING_MARGIN)):
+        monkeypatch.setattr(vllm, "LLM", fake_llm(rows, tokens))
+        engine = OfflineEngine(gen_cfg(tiny_tokenizer_dir, data, tmp_path / "o", logprobs_top_k=K, **extra))
+        assert engine.asked == asked and engine.params.logprobs == asked, (rows, tokens, extra)
+        assert OfflineEngine(gen_cfg(tiny_tokenizer_dir, data, tmp_path / "o", logprobs_top_k=K, **extra),
+                             scoring=True).params.prompt_logprobs == asked
+    assert [_pool(["http://x"], logprobs_top_k=k, **kw).asked for k, kw in (
+        (20, {}), (10, {}), (20, {"max_logprobs": 28}), (20, {"max_logprobs": 24}), (0, {}))] == [20, 18, 28, 24, 0]
+
+
 class PaddingRowsEngine(FakeLLMEngine):
     """A teacher whose LM head has rows past its tokenizer (``vocab``), asked for ``asked`` log-probs: its
     third sampled token is one of those rows, and they take two and one places in the first two top-k."""

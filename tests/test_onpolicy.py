@@ -1471,10 +1471,12 @@ def test_a_teacher_on_servers_grades_exactly_what_the_servers_score(synthetic_se
     assert graded["teacher_ids"].dtype == torch.long and graded["teacher_logprobs"].dtype == torch.float32
     row = 0
     for p, c in zip(prompts, completions, strict=True):
-        _, ids, lps, own = scored_arrays(p + c, 5)  # one row per position after the first
+        # one row per position after the first; asked for 13 (vLLM's default cap of 20 allows 8 beyond k), the
+        # teacher keeps the 5 best
+        _, ids, lps, own = scored_arrays(p + c, 13)
         rows = slice(row, row + len(c))
-        assert graded["teacher_ids"][rows].tolist() == ids[len(p) - 1:].tolist()
-        assert np.array_equal(graded["teacher_logprobs"][rows].numpy(), lps[len(p) - 1:])
+        assert graded["teacher_ids"][rows].tolist() == ids[len(p) - 1:, :5].tolist()
+        assert np.array_equal(graded["teacher_logprobs"][rows].numpy(), lps[len(p) - 1:, :5])
         assert np.array_equal(graded["teacher_token_logprobs"][rows].numpy(), own[len(p) - 1:])
         row += len(c)
     assert row == len(graded["target_ids"])

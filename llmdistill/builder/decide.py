@@ -160,8 +160,7 @@ def cross_part_duplicates(cfg: BuildConfig, parts: list[Part], candidates: np.nd
             if len(local):
                 tasks.append({"path": str(rows_path(work, part.index, "keys")), "rows": local,
                               "index": part.offset + local, "groups": groups[part.offset + local]})
-        pairs = dedup.duplicate_pairs(tasks, near, cfg, runtime)
-        if near:
-            pairs = dedup.confirm_candidates(pairs, tasks, cfg.dedup_threshold, cfg.minhash_num_perm, exact=False)
+        pairs = (dedup.near_duplicate_pairs(tasks, cfg, runtime, exact=False) if near
+                 else dedup.duplicate_pairs(tasks, cfg, runtime))
         dup[dedup.later_members(pairs)] = True
     return dup

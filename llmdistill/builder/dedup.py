@@ -14,7 +14,7 @@ Words are hashed (not numbered in order of appearance), so signatures and exact-
 computed in different processes compare: :func:`text_hashes`, :func:`signatures` and
 :func:`band_keys` are what ``build`` stores per text for duplicates across parts, :func:`mix`
 joins a group (a prompt) into those keys, :func:`duplicate_pairs` finds the texts that share a
-key with a Ray Data shuffle, and :func:`confirm_candidates` confirms the near ones.
+key with a Ray Data shuffle, and :func:`near_duplicate_pairs` confirms the near ones.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -367,12 +368,8 @@ def _bucket_pairs(block: pa.Table) -> pa.Table:
     return pa.table({"a": head[member], "b": row[member]})
 
 
-def duplicate_pairs(tasks: list[dict[str, Any]], near: bool, cfg: Any, runtime: Any) -> np.ndarray:
-    """Pairs (earlier, later) of texts sharing a bucket, among the tasks' candidates (see
-    :func:`_key_rows`): a Ray Data hash shuffle by exact-text hash (the pairs are duplicates) or, with
-    ``near``, by LSH band key (candidates for :func:`confirm_candidates`). A record is a key and a
-    row, 16 bytes; only the pairs come back: no process holds an index of all the texts
-    (``cfg``: the build's dedup settings)."""
+def _bucket_pair_batches(tasks: list[dict[str, Any]], near: bool, cfg: Any, runtime: Any) -> Iterator[np.ndarray]:
+    """The pairs (first, other) of texts sharing a bucket, one block of the shuffle at a time."""
     import ray.data
 
     bands, rows_per_band = lsh_params(cfg.dedup_threshold, cfg.minhash_num_perm)
@@ -383,8 +380,29 @@ def duplicate_pairs(tasks: list[dict[str, Any]], near: bool, cfg: Any, runtime: 
                             fn_kwargs={"near": near, "bands": bands, "rows_per_band": rows_per_band})
                .repartition(blocks, keys=["key"])
                .map_batches(_bucket_pairs, batch_size=None, batch_format="pyarrow"))
-    found = [np.stack([b["a"], b["b"]], axis=1) for b in dataset.iter_batches(batch_format="numpy", batch_size=None)]
+    for batch in dataset.iter_batches(batch_format="numpy", batch_size=None):
+        yield np.stack([batch["a"], batch["b"]], axis=1).astype(np.int64)
+
+
+def duplicate_pairs(tasks: list[dict[str, Any]], cfg: Any, runtime: Any) -> np.ndarray:
+    """Pairs (earlier, later) of exact duplicates among the tasks' candidates (see :func:`_key_rows`): a
+    Ray Data hash shuffle of 16-byte (exact-text hash, row) records whose blocks hold whole buckets; only
+    the pairs come back, no process holds an index of all the texts (``cfg``: the build's dedup settings)."""
+    found = list(_bucket_pair_batches(tasks, False, cfg, runtime))
     return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
+
+
+def near_duplicate_pairs(tasks: list[dict[str, Any]], cfg: Any, runtime: Any, exact: bool) -> np.ndarray:
+    """Pairs (earlier, later) of near-duplicates among the tasks' candidates: the same shuffle by LSH
+    band key (16 bytes a record, one per band), each block's candidate pairs confirmed on the driver as
+    it arrives (:func:`confirm_candidates`), so the driver holds one block's candidates and the confirmed
+    pairs, never every candidate."""
+    confirmed = [np.zeros((0, 2), dtype=np.int64)]
+    if tasks:
+        stored = StoredKeys(tasks)
+        for candidates in _bucket_pair_batches(tasks, True, cfg, runtime):
+            confirmed.append(confirm_candidates(candidates, stored, cfg.dedup_threshold, cfg.minhash_num_perm, exact))
+    return np.unique(np.concatenate(confirmed), axis=0)
 
 
 def gather(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -394,7 +412,7 @@ def gather(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarr
     return values[np.repeat(lo - offsets[:-1], size) + np.arange(offsets[-1])], offsets
 
 
-class _StoredKeys:
+class StoredKeys:
     """The signatures, and shingle hashes where stored, of the tasks' texts by global index, read from
     their keys files (memory-mapped: only the rows asked for are touched). Memory: 20 bytes per text."""
 
@@ -451,10 +469,10 @@ class _StoredKeys:
 PAIRS_AT_ONCE = 4096
 
 
-def confirm_candidates(pairs: np.ndarray, tasks: list[dict[str, Any]], threshold: float, num_perm: int,
+def confirm_candidates(pairs: np.ndarray, stored: StoredKeys, threshold: float, num_perm: int,
                        exact: bool) -> np.ndarray:
-    """The candidate pairs of :func:`duplicate_pairs` that are near-duplicates, confirmed on the
-    driver :data:`PAIRS_AT_ONCE` at a time from the tasks' keys files.
+    """The candidate pairs that are near-duplicates, confirmed :data:`PAIRS_AT_ONCE` at a time from the
+    keys files ``stored`` reads.
 
     ``exact`` (the keys files hold the texts' ``shingles``: prompts, phase A): a pair is confirmed as
     :func:`near_duplicates` confirms it within one process, dropped when its MinHash estimate lies
@@ -465,9 +483,6 @@ def confirm_candidates(pairs: np.ndarray, tasks: list[dict[str, Any]], threshold
     """
     pairs = np.unique(pairs, axis=0)  # a pair shares a bucket in up to every band
     kept = [np.zeros((0, 2), dtype=np.int64)]
-    if not len(pairs):
-        return kept[0]
-    stored = _StoredKeys(tasks)
     for lo in range(0, len(pairs), PAIRS_AT_ONCE):
         chunk = pairs[lo:lo + PAIRS_AT_ONCE]
         ids = np.unique(chunk)

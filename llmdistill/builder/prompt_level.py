@@ -8,7 +8,7 @@ problem, its MinHash signature (near dedup) and the benchmarks it overlaps (deco
 the first of each exact-text hash, finds near-duplicate candidates with the Ray hash shuffle of
 LSH band keys that completions across parts use (:func:`~llmdistill.builder.dedup.duplicate_pairs`),
 confirms them on their exact shingle sets as :func:`~llmdistill.builder.dedup.near_duplicates` does
-within one process (:func:`~llmdistill.builder.dedup.confirm_candidates`), and marks the remaining
+within one process (:func:`~llmdistill.builder.dedup.near_duplicate_pairs`), and marks the remaining
 prompts that overlap a benchmark.
 
 No process holds the prompts' text: a worker holds one part's; the driver holds 8 bytes per trace,
@@ -213,9 +213,7 @@ def prompt_fates(cfg: BuildConfig, parts: list[Part], runtime: Runtime, work: st
                     tasks.append({"path": str(prompts_path(work, part.index)), "rows": first[take],
                                   "index": first_codes[take].astype(np.int64),
                                   "groups": np.zeros(int(take.sum()), dtype=np.int64)})
-            candidates = dedup.duplicate_pairs(tasks, True, cfg, runtime)
-            pairs = dedup.confirm_candidates(candidates, tasks, cfg.dedup_threshold, cfg.minhash_num_perm, exact=True)
-            dup[dedup.later_members(pairs)] = True
+            dup[dedup.later_members(dedup.near_duplicate_pairs(tasks, cfg, runtime, exact=True))] = True
         fate[dup] = DUPLICATE
     hits: Counter = Counter()
     for code, names in zip(hit_codes, hit_names, strict=True):

@@ -110,8 +110,10 @@ PADDING_MARGIN = 8
 
 def asked_logprobs(k: int, cap: int) -> int:
     """How many log-probs to ask an engine for per position: ``k``, plus up to :data:`PADDING_MARGIN`
-    that its ``max_logprobs`` (``cap``) allows (none when ``k`` is 0)."""
-    return k + max(0, min(PADDING_MARGIN, cap - k)) if k else 0
+    that its ``max_logprobs`` (``cap``; negative: no cap, as vLLM's -1) allows (none when ``k`` is 0)."""
+    if not k:
+        return 0
+    return k + (PADDING_MARGIN if cap < 0 else max(0, min(PADDING_MARGIN, cap - k)))
 
 
 def known_ids_only(completion: Completion, limit: int, k: int) -> Completion:
@@ -141,7 +143,7 @@ def known_ids_only(completion: Completion, limit: int, k: int) -> Completion:
     ids, logprobs = np.take_along_axis(ids, order, 1), np.take_along_axis(logprobs, order, 1)
     for row in np.flatnonzero((ids >= limit).any(axis=1)):  # more unknown ids than extra entries
         known = ids[row] < limit
-        fill = np.setdiff1d(np.arange(2 * k, dtype=ids.dtype), ids[row][known])[:int((~known).sum())]
+        fill = np.setdiff1d(np.arange(min(limit, 2 * k), dtype=ids.dtype), ids[row][known])[:int((~known).sum())]
         ids[row, ~known], logprobs[row, ~known] = fill, -np.inf
     return Completion(completion.token_ids, completion.finish_reason, ids, logprobs, completion.token_logprobs)
 
@@ -180,12 +182,20 @@ class OfflineEngine:
         self.llm = LLM(**kwargs)
         self.k = cfg.logprobs_top_k
         # extra entries only for a model whose LM head has rows past its tokenizer (see known_ids_only)
-        padded = self.llm.llm_engine.model_config.get_vocab_size() > len(self.llm.get_tokenizer())
-        self.asked = asked_logprobs(self.k, self.llm.llm_engine.model_config.max_logprobs) if padded else self.k
+        self.asked = asked_logprobs(self.k, self.llm.llm_engine.model_config.max_logprobs) if self._padded() else self.k
         self.cfg = cfg
         self.scoring = scoring
         self.params = self.score_params() if scoring else self.sampling_params()
         self._ids = itertools.count()
+
+    def _padded(self) -> bool:
+        """Whether the model's LM head has rows past its tokenizer; unknown (an engine started with
+        ``skip_tokenizer_init``) counts as padded: the extra entries are then only cut off."""
+        try:
+            known = len(self.llm.get_tokenizer())
+        except (ValueError, TypeError):
+            return True
+        return self.llm.llm_engine.model_config.get_vocab_size() > known
 
     @property
     def max_model_len(self) -> int:

@@ -38,7 +38,7 @@ import numpy as np
 import orjson
 
 from llmdistill.config.base import UserError
-from llmdistill.config.generate import GenerateConfig, ScoreConfig
+from llmdistill.config.generate import VLLM_DEFAULT_MAX_LOGPROBS, GenerateConfig, ScoreConfig
 from llmdistill.generate.engines import Completion, Finished, Work, asked_logprobs
 from llmdistill.generate.responses import CompletionStream, ResponseError, parse_scored
 from llmdistill.log import get_logger
@@ -110,9 +110,9 @@ class ServerPool:
         self.cfg = cfg
         self.scoring = scoring
         self.k = cfg.logprobs_top_k
-        # extra entries to drop ids past the tokenizer from (known_ids_only): only as far as the servers' stated
-        # --max-logprobs allows, as a server's model and its LM-head rows are not known here
-        self.asked = asked_logprobs(self.k, cfg.max_logprobs) if cfg.max_logprobs else self.k
+        # extra entries to drop ids past the tokenizer from (known_ids_only), as far as the servers' --max-logprobs
+        # allows (vLLM's default when unset): a server's LM-head rows are not known here, so asked of every model
+        self.asked = asked_logprobs(self.k, VLLM_DEFAULT_MAX_LOGPROBS if cfg.max_logprobs is None else cfg.max_logprobs)
         self.model = cfg.server_model or cfg.model
         self.servers = [Server(u.rstrip("/")) for u in dict.fromkeys(cfg.server_urls)]
         self.retried = 0
