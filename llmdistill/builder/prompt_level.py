@@ -81,16 +81,17 @@ class PromptsContext:
     index: NgramIndex | None
 
 
-def prompts_path(work: str | Path, part: int, what: str = "arrow") -> Path:
-    """``prompts/part-N.arrow`` (one row per distinct prompt of the part) or ``part-N.npy`` (per trace)."""
-    return Path(work) / "prompts" / shard_name(part).replace(".parquet", f".{what}")
+def prompts_path(work: str | Path, part: int, what: str = "") -> Path:
+    """``prompts/part-N.arrow`` (one row per distinct prompt of the part) or, with ``what="traces"``,
+    ``part-N.traces.arrow`` (one row per trace)."""
+    return Path(work) / "prompts" / shard_name(part).replace(".parquet", f"{'.' + what if what else ''}.arrow")
 
 
 def part_prompts(task: dict[str, Any], ctx: PromptsContext) -> dict[str, Any]:
     """Phase A of one part (a Ray task): its distinct prompts and what each trace refers to.
 
-    Writes ``prompts/part-N.npy`` (int32 per trace: the index of its prompt among the part's
-    distinct prompts, and its sample index), then ``prompts/part-N.arrow``: per distinct prompt in
+    Writes ``prompts/part-N.traces.arrow`` (per trace: ``prompt``, the index of its prompt among
+    the part's distinct prompts, and ``sample_index``), then ``prompts/part-N.arrow``: per distinct prompt in
     order of first appearance, ``row`` (that index), ``prompt_id``, ``hash`` (of the normalised
     problem of its first trace), ``sig`` (MinHash) and ``shingles`` (their hashes; both empty
     unless ``near``), and ``hits`` (the collections it overlaps).
@@ -132,18 +133,14 @@ def part_prompts(task: dict[str, Any], ctx: PromptsContext) -> dict[str, Any]:
         "shingles": pa.LargeListArray.from_arrays(pa.array(np.append(starts, len(shingles)), pa.int64()),
                                                   pa.array(shingles, pa.uint64())),
     })
-    path = prompts_path(ctx.work, part.index, "npy")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, per_trace)
-    tmp.replace(path)
+    write_arrow_atomic(pa.table({"prompt": per_trace[:, 0], "sample_index": per_trace[:, 1]}),
+                       prompts_path(ctx.work, part.index, "traces"))
     write_arrow_atomic(table, prompts_path(ctx.work, part.index))  # last: its presence means the part is done
     return {"part": part.index, "prompts": n}
 
 
-def _read(work: str, part: int) -> pa.Table:
-    with pa.memory_map(str(prompts_path(work, part))) as source:
+def _read(work: str, part: int, what: str = "") -> pa.Table:
+    with pa.memory_map(str(prompts_path(work, part, what))) as source:
         return pa.ipc.open_file(source).read_all()
 
 
@@ -196,9 +193,10 @@ def prompt_fates(cfg: BuildConfig, parts: list[Part], runtime: Runtime, work: st
             for row in first[lengths[first] > 0]:
                 hit_codes.append(int(local_codes[row]))
                 hit_names.append(table.column("hits")[int(row)].as_py())
-        per_trace = np.load(prompts_path(work, part.index, "npy"))
+        per_trace = _read(work, part.index, "traces")
         rows = slice(part.offset, part.offset + part.num_rows)
-        codes[rows], samples[rows] = local_codes[per_trace[:, 0]], per_trace[:, 1]
+        codes[rows] = local_codes[per_trace.column("prompt").to_numpy()]
+        samples[rows] = per_trace.column("sample_index").to_numpy()
     del tables, all_codes
 
     fate = np.zeros(n, dtype=np.uint8)
