@@ -6,6 +6,7 @@ import json
 import random
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from llmdistill.builder import dedup, filters
@@ -22,6 +23,7 @@ from llmdistill.builder.pack import (
 from llmdistill.builder.rows import check_reference_column
 from llmdistill.builder.tokenize import Document
 from llmdistill.builder.verify import check_references, verify_all
+from llmdistill.builder.workfiles import arrow_metadata, arrow_writer, read_arrow, write_arrow_atomic
 from llmdistill.checking.checkers import CHECKERS
 from llmdistill.codec import decode_topk, encode_topk, encoded_size
 from llmdistill.config.base import ConfigError
@@ -280,8 +282,7 @@ def test_candidates_across_parts_are_confirmed_on_shingles_or_signatures(tmp_pat
                 pa.array(np.concatenate([hashes[starts[t]:ends[t]] for t in take]))),
         })
         path = tmp_path / f"keys{part}.arrow"
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
+        write_arrow_atomic(table, path)
         tasks.append({"path": str(path), "rows": np.array(rows), "index": np.array(index)})
     candidates = np.array([[0, 1], [0, 2], [0, 3], [0, 1]])  # as the shuffle gives them: repeated across bands
     stored = dedup.StoredKeys(tasks)
@@ -502,3 +503,18 @@ def test_shipped_tokenizer_is_the_drivers_in_a_fresh_process(tiny_tokenizer_dir,
         "  'fingerprint': tokenizer_fingerprint(tok), 'eos': tok.eos_token_id, 'torch': 'torch' in sys.modules}))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == expected
+
+
+def test_work_files_appear_whole_or_not_at_all(tmp_path):
+    """A work file is read back as written (memory-mapped, with its metadata), and a writer that
+    fails midway leaves neither the file nor its temporary behind, so its absence still means
+    "not done" to a resumed build."""
+    table = pa.table({"a": pa.array([1, 2, 3], pa.int64())}).replace_schema_metadata({"result": "{}"})
+    path = tmp_path / "sub" / "part.arrow"
+    write_arrow_atomic(table, path)
+    assert read_arrow(path).equals(table) and arrow_metadata(path) == {b"result": b"{}"}
+    failed = tmp_path / "failed.arrow"
+    with pytest.raises(RuntimeError, match="midway"), arrow_writer(failed, table.schema) as writer:
+        writer.write_table(table)
+        raise RuntimeError("midway")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from llmdistill.builder import dedup, filters
 from llmdistill.builder.cluster import Runtime
 from llmdistill.builder.prompt_level import CONTAMINATED, DUPLICATE, Prompts
 from llmdistill.builder.rows import row_steps, rows_path
 from llmdistill.builder.traces import Part
+from llmdistill.builder.workfiles import read_arrow
 from llmdistill.config.base import UserError
 from llmdistill.config.build import BuildConfig
 
@@ -83,8 +83,7 @@ def read_verdicts(work: str, parts: list[Part]) -> Verdicts:
     """Phase B's files of every part, joined (light: 8 bytes per trace)."""
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("correct", "verified", "flag", "dup", "n_tokens")}
     for part in parts:
-        with pa.memory_map(str(rows_path(work, part.index))) as source:
-            table = pa.ipc.open_file(source).read_all()
+        table = read_arrow(rows_path(work, part.index))
         correct = table.column("correct")
         cols["verified"].append(correct.is_valid().to_numpy(zero_copy_only=False))
         cols["correct"].append(correct.fill_null(False).to_numpy(zero_copy_only=False))

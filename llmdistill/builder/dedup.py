@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from llmdistill.builder.workfiles import read_arrow
+
 _SEPARATORS = re.compile(r"[\W_]+")
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 _CHUNK_SHINGLES = 1 << 13
@@ -342,8 +344,7 @@ def _key_rows(batch: dict[str, np.ndarray], near: bool, bands: int, rows_per_ban
     The task names a keys file (columns ``row``, ``hash``, ``sig``), its candidate ``rows`` (sorted),
     their ``groups`` and their global ``index``, by which the earliest text of a bucket is kept."""
     task = pickle.loads(batch["task"][0])
-    with pa.memory_map(task["path"]) as source:
-        keys = pa.ipc.open_file(source).read_all()
+    keys = read_arrow(task["path"])
     local = keys.column("row").to_numpy()
     pick = np.flatnonzero(np.isin(local, task["rows"]))
     position = np.searchsorted(task["rows"], local[pick])
@@ -427,8 +428,7 @@ class StoredKeys:
 
     def _file(self, i: int) -> tuple[np.ndarray, ...]:
         if i not in self._files:
-            with pa.memory_map(self.tasks[i]["path"]) as source:
-                table = pa.ipc.open_file(source).read_all()
+            table = read_arrow(self.tasks[i]["path"])
 
             def one(name: str) -> Any:
                 column = table.column(name)

@@ -47,6 +47,7 @@ from llmdistill.builder.tokenize import (
     teacher_ids_usable,
 )
 from llmdistill.builder.traces import BuildInput, Part, find_input, open_dataset, open_generation, plan_parts
+from llmdistill.builder.workfiles import arrow_writer
 from llmdistill.config.base import ConfigError, config_to_dict
 from llmdistill.config.build import OPERATIONAL_FIELDS, BuildConfig
 from llmdistill.formats import (
@@ -261,8 +262,7 @@ def _write_fates(staging: Path, parts: list[Part], prompts: Prompts, ledger: Led
     verification) and the step that dropped it (empty: kept); written part by part."""
     schema = pa.schema([("prompt_id", pa.string()), ("sample_index", pa.int32()), ("correct", pa.bool_()),
                         ("dropped_by", pa.string())])
-    tmp = staging / ".traces.arrow.tmp"
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+    with arrow_writer(staging / "traces.arrow", schema) as writer:
         for part in parts:
             rows = prompts.rows(part)
             writer.write_table(pa.table({
@@ -271,7 +271,6 @@ def _write_fates(staging: Path, parts: list[Part], prompts: Prompts, ledger: Led
                 "correct": pa.array(correct[rows], mask=~verified[rows]),
                 "dropped_by": pa.array(ledger.fates(rows), pa.string()),
             }, schema=schema))
-    os.replace(tmp, staging / "traces.arrow")
 
 
 def _sum(results: list[dict[str, Any]], key: str) -> int:

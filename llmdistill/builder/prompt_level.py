@@ -30,8 +30,8 @@ import pyarrow.compute as pc
 from llmdistill.builder import dedup
 from llmdistill.builder.cluster import Runtime, map_parts
 from llmdistill.builder.decontam import NgramIndex, build_index
-from llmdistill.builder.rows import write_arrow_atomic
 from llmdistill.builder.traces import Part, read_part
+from llmdistill.builder.workfiles import read_arrow, write_arrow_atomic
 from llmdistill.config.build import BuildConfig
 from llmdistill.formats import check_generation_rows, shard_name
 from llmdistill.log import get_logger
@@ -140,8 +140,7 @@ def part_prompts(task: dict[str, Any], ctx: PromptsContext) -> dict[str, Any]:
 
 
 def _read(work: str, part: int, what: str = "") -> pa.Table:
-    with pa.memory_map(str(prompts_path(work, part, what))) as source:
-        return pa.ipc.open_file(source).read_all()
+    return read_arrow(prompts_path(work, part, what))
 
 
 def prompt_fates(cfg: BuildConfig, parts: list[Part], runtime: Runtime, work: str) -> Prompts:

@@ -16,7 +16,6 @@ signatures of the traces that need them (``rows/part-NNNNNN.keys.arrow``).
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from llmdistill.builder import dedup, filters
 from llmdistill.builder.tokenize import ShippedTokenizer
 from llmdistill.builder.traces import Part, read_part
 from llmdistill.builder.verify import check_references, verify_all
+from llmdistill.builder.workfiles import arrow_metadata, write_arrow_atomic
 from llmdistill.checking.checkers import CHECKERS
 from llmdistill.config.base import ConfigError
 from llmdistill.config.build import BuildConfig
@@ -59,15 +59,6 @@ class RowsContext:
 def rows_path(work: str | Path, part: int, what: str = "") -> Path:
     """``rows/part-N.arrow`` (verdicts) or, with ``what="keys"``, ``rows/part-N.keys.arrow``."""
     return Path(work) / "rows" / shard_name(part).replace(".parquet", f"{'.' + what if what else ''}.arrow")
-
-
-def write_arrow_atomic(table: pa.Table, path: Path) -> None:
-    """An Arrow IPC file under a temporary name, then renamed: present means complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    os.replace(tmp, path)
 
 
 def _token_counts(batch: pa.RecordBatch, ctx: RowsContext) -> np.ndarray:
@@ -169,8 +160,7 @@ def read_rows_result(work: str | Path, part: int) -> dict[str, Any] | None:
     path = rows_path(work, part)
     if not path.is_file():
         return None
-    with pa.memory_map(str(path)) as source:
-        return json.loads(pa.ipc.open_file(source).schema.metadata[b"result"])
+    return json.loads(arrow_metadata(path)[b"result"])
 
 
 def _dedup_tables(out: dict[str, list[Any]], alive: np.ndarray, cfg: BuildConfig,
