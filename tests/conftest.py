@@ -42,6 +42,18 @@ def forbid(monkeypatch, module, names: tuple[str, ...], why: str) -> None:
         monkeypatch.setattr(module, name, forbidden)
 
 
+def assert_trained(out: Path, start: Path, steps: int) -> None:
+    """``train`` wrote to ``out`` a student of ``steps`` optimizer steps whose weights moved from ``start``'s."""
+    from safetensors.torch import load_file
+
+    from llmdistill.manifest import read_manifest
+
+    manifest = read_manifest(out)
+    assert manifest["stage"] == "train" and manifest["counts"]["global_steps"] == steps, manifest["counts"]
+    before, after = load_file(str(start / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys() and any(not before[k].equal(after[k]) for k in before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """The tiny-world tokenizer (byte-level BPE, ChatML template, eos ``<|im_end|>``)."""

@@ -92,8 +92,12 @@ def verify(verifier: str, completion: str, reference: str | None) -> bool:
 
 def test_every_verifier_name_is_a_checker():
     assert VERIFIER_NAMES == tuple(CHECKERS)
-    for name in VERIFIER_NAMES:
-        assert isinstance(verify(name, "<think>x</think>\\boxed{1}", "1"), bool), name
+    # each name reaches its own checker: the verdicts on a right and on a wrong boxed answer ("none" keeps all)
+    right = {name: verify(name, "<think>x</think>\\boxed{1}", "1") for name in VERIFIER_NAMES}
+    wrong = {name: verify(name, "<think>x</think>\\boxed{2}", "1") for name in VERIFIER_NAMES}
+    assert right == {"math": True, "numeric": True, "exact": True, "choice": False, "code": False, "none": True}
+    assert wrong == {"math": False, "numeric": False, "exact": False, "choice": False, "code": False, "none": True}
+    assert verify("choice", "<think>x</think>\\boxed{B}", "B") and not verify("choice", "<think>x</think>\\boxed{C}", "B")
     # the input column each verifier reads, as the build looks it up (answer_column / tests_column)
     columns = frozenset({"answer", "tests", "solution", "unit_tests"})
     assert {name: check_reference_column(BuildConfig(input_path="x", student_tokenizer="x", verifier=name), columns,

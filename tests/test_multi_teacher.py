@@ -3,14 +3,13 @@ score outputs by trace, per-example routing, and score -> build (merged) -> trai
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ENGINE_FLAGS, run_cli  # tests/ is on sys.path (pytest's rootdir conftest)
+from conftest import ENGINE_FLAGS, assert_trained, run_cli  # tests/ on sys.path (rootdir conftest)
 
 from llmdistill.builder import run_build
 from llmdistill.builder.merge import UnknownTeacher, mix_topk, route_weights
@@ -297,5 +296,5 @@ def test_score_two_teachers_build_merged_and_routed_and_train(tmp_path, tiny_tea
         run_cli("train", "--config", "configs/train_tiny_kd.yaml", "--student_model", str(tiny_student_dir),
                 "--data_dir", str(tmp_path / built), "--output_dir", str(tmp_path / f"student-{built}"),
                 "--max_steps", "3", "--warmup_steps", "0", "--logging_steps", "1")
-        assert json.loads((tmp_path / f"student-{built}" / "manifest.json").read_text())["stage"] == "train"
+        assert_trained(tmp_path / f"student-{built}", tiny_student_dir, steps=3)
         assert (tmp_path / f"student-{built}" / "config.json").is_file()

@@ -1441,14 +1441,28 @@ def test_a_teacher_with_padding_rows_grades_with_the_students_ids(prompts, tiny_
     graded, real = [], op.score
 
     def spy(teachers, rollouts, cfg):
-        graded.append(real(teachers, rollouts, cfg))
-        return graded[-1]
+        graded.append((rollouts, real(teachers, rollouts, cfg)))
+        return graded[-1][1]
 
     monkeypatch.setattr(op, "score", spy)
-    op.run_onpolicy(config(prompts, tiny_student_dir, teacher_dir, tmp_path / "out", rollout_backend="transformers",
-                           max_steps=1, max_new_tokens=8))
-    ids = graded[0]["teacher_ids"]
-    assert ids.numel() and int(ids.max()) < rows
+    cfg = config(prompts, tiny_student_dir, teacher_dir, tmp_path / "out", rollout_backend="transformers",
+                 max_steps=1, max_new_tokens=8)
+    op.run_onpolicy(cfg)
+    rollouts, grades = graded[0]
+    # the reference: the padded teacher's forward of each sample, its top-k among the student's ids,
+    # log-probs normalised over all of its rows
+    padding_mass, offset = [], 0
+    for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids, strict=True):
+        with torch.no_grad():
+            every = torch.log_softmax(teacher(torch.tensor([p + c])).logits[0, len(p) - 1:-1].double(), -1)
+        best = every[:, :rows].topk(cfg.logprobs_top_k, -1)
+        span = slice(offset, offset + len(c))
+        assert grades["teacher_ids"][span].tolist() == best.indices.tolist()
+        torch.testing.assert_close(grades["teacher_logprobs"][span].double(), best.values, rtol=0, atol=1e-4)
+        padding_mass.append(every[:, rows:].exp().sum(-1))
+        offset += len(c)
+    assert offset == len(grades["teacher_ids"]) > 0
+    assert bool((torch.cat(padding_mass) > 0.5).any())  # the padding rows would have won these top-k
 
 
 # ---- the teacher on a pool of vLLM servers --------------------------------------------------------

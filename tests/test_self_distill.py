@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.feather as feather
 import pytest
-from conftest import ENGINE_FLAGS, run_cli  # tests/ is on sys.path (pytest's rootdir conftest)
+from conftest import ENGINE_FLAGS, assert_trained, run_cli  # tests/ on sys.path (rootdir conftest)
 
 from llmdistill.builder import run_build
 from llmdistill.builder.pack import unpack_row
@@ -140,7 +140,7 @@ def test_sdft_rewrites_verified_and_trained(tmp_path, tiny_teacher_dir):
     assert any(f["correct"] is False for f in fates)  # the tiny model gets most rewrites wrong: they are dropped
     run_cli("train", "--config", "configs/train_sdft_tiny.yaml", "--student_model", str(tiny_teacher_dir),
             "--data_dir", str(tmp_path / "built"), "--output_dir", str(tmp_path / "sdft"), *TRAIN_FLAGS)
-    assert read_manifest(tmp_path / "sdft")["stage"] == "train"
+    assert_trained(tmp_path / "sdft", tiny_teacher_dir, steps=3)
 
 
 @pytest.mark.integration

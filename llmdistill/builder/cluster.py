@@ -115,9 +115,10 @@ def _warm(tokenizer: ShippedTokenizer) -> int:
 
 
 def warm_up(runtime: Runtime, tokenizer: ShippedTokenizer) -> None:
-    """Start ``runtime.workers`` workers now, in the background, for phases that run on tasks: a
-    fresh worker spends seconds on imports and on the tokenizer, which then overlaps with the
-    driver's phase A, and the tasks of both phases reuse it."""
+    """Start ``runtime.workers`` workers now, in the background, for the phases that run on tasks: a
+    fresh worker spends seconds on imports and on the tokenizer, which then overlaps with what
+    the driver does before phase A's first part runs (the benchmarks' n-gram index, the start of
+    Ray Data's executor), and the tasks of every phase reuse it."""
     import ray
 
     task = ray.remote(num_cpus=1)(_warm)
