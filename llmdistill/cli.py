@@ -1,4 +1,4 @@
-"""``llmdistill {synthesize,generate,score,build,train,eval,demo}``: one subcommand per stage.
+"""``llmdistill {synthesize,generate,score,build,train,onpolicy,eval,demo}``: one subcommand per stage.
 
 Each subcommand is a config dataclass plus a ``run(config)`` function, both imported only
 when that subcommand runs (so ``llmdistill --help`` does not import torch or vLLM).

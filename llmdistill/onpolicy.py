@@ -1565,12 +1565,21 @@ class Counters:
         self.seconds[phase] += time.perf_counter() - started
 
 
+@functools.lru_cache(maxsize=4)
+def student_tokenizer(path: str) -> Any:
+    """The tokenizer at ``path``, loaded once in a run (:func:`run_onpolicy` clears the cache): the input
+    checks, the prompt checks and the student's loading all read it (a second or two each for a large one)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
 def load_student(path: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
     """The student (float32 by default: the optimizer's master weights) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, student_tokenizer(path)
 
 
 def with_lora(model: torch.nn.Module, cfg: OnPolicyConfig, checkpoint: Path | None) -> tuple[torch.nn.Module, Any]:
@@ -1646,11 +1655,9 @@ def check_inputs(cfg: OnPolicyConfig, ranks: Ranks | None = None) -> None:
             _, meta = read_built_metadata(cfg.offline_data_dir)
         except (FileNotFoundError, SchemaError) as err:
             raise ConfigError(f"offline_data_dir: {err}") from None
-        from transformers import AutoTokenizer
 
         # the tokenizer only (small): the built rows must index its vocabulary
-        check_offline_data(cfg.offline_data_dir, meta, AutoTokenizer.from_pretrained(cfg.student_model),
-                           cfg.student_model)
+        check_offline_data(cfg.offline_data_dir, meta, student_tokenizer(cfg.student_model), cfg.student_model)
     out = Path(cfg.output_dir)
     if (out / MANIFEST).is_file() and not cfg.overwrite and not resuming(cfg):
         raise ConfigError(f"output_dir {out} holds a finished run: set overwrite: true or another output_dir")
@@ -1668,6 +1675,7 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     data-parallel (:class:`Ranks`)."""
     started = time.time()
     ranks = Ranks.start()
+    student_tokenizer.cache_clear()  # one load per run: a path may hold another tokenizer by the next run
     check_inputs(cfg, ranks)
     finished = Path(cfg.output_dir) / MANIFEST
     if finished.is_file() and resuming(cfg) and not cfg.overwrite:  # a requeued job of a run that ended
@@ -1703,9 +1711,9 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
 def student_tokenizer_and_context(cfg: OnPolicyConfig) -> tuple[Any, int | None]:
     """The student's tokenizer, and the context a rollout and its scoring must fit: ``max_model_len``,
     else the student's ``max_position_embeddings`` (what vLLM takes then)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.student_model)
+    tokenizer = student_tokenizer(cfg.student_model)
     if cfg.max_model_len:
         return tokenizer, cfg.max_model_len
     return tokenizer, getattr(AutoConfig.from_pretrained(cfg.student_model), "max_position_embeddings", None)

@@ -1255,7 +1255,13 @@ def test_a_mixed_run_trains_on_offline_batches_on_exactly_the_seeded_steps(
     monkeypatch.setattr(op, "rollout", spy_rollout)
     monkeypatch.setattr(op.OfflineBatches, "batch", spy_batch)
     monkeypatch.setattr(op, "onpolicy_loss", spy_loss)
+    import transformers
+
+    loads, real_tokenizer = [], transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda path, *a, **k: loads.append(str(path)) or real_tokenizer(path, *a, **k))
     counts = op.run_onpolicy(cfg)["counts"]
+    assert loads.count(str(tiny_student_dir)) == 1  # the input, prompt and offline checks and the student share one
 
     assert sorted(offline_batches) == [s for s in range(6) if expected[s]]
     assert rollout_steps == [s for s in range(6) if not expected[s]]
