@@ -522,3 +522,15 @@ def test_work_files_appear_whole_or_not_at_all(tmp_path):
         writer.write_table(table)
         raise RuntimeError("midway")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
+
+
+def test_a_killed_runs_temporary_traces_file_is_not_carried_into_the_output(tmp_path):
+    """A build killed while writing traces.arrow leaves its temporary file in the staging directory
+    that the resumed run completes and moves into place: that run removes it before writing its own."""
+    from llmdistill.builder.pipeline import _write_fates
+
+    stale = tmp_path / ".traces.arrow.tmp-12345"
+    stale.write_bytes(b"half a file")
+    _write_fates(tmp_path, [], None, None, None, None)  # no parts: an empty table
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["traces.arrow"]
+    assert read_arrow(tmp_path / "traces.arrow").num_rows == 0

@@ -326,7 +326,8 @@ def test_question_writer_writes_questions_and_keeps_its_accuracy(question_writer
     """Measured on the checkpoint, not read from its manifest: its held-out greedy accuracy, and the
     share of questions sampled at T = 1 that are strictly valid (one name, one object, values the task
     allows; the shipped teacher writes none), each as the manifest recorded it up to another CPU's
-    rounding (the manifest may come from another machine)."""
+    rounding (the manifest may come from another machine: greedy answers may flip where two ids nearly
+    tie, and sampled questions may diverge, whose validity over 256 then differs by ~0.04 s.d.)."""
     from llmdistill.manifest import read_manifest
     from llmdistill.tinyworld.questions import VALIDITY_SAMPLES, parse_question, sample_questions
     from llmdistill.tinyworld.recipe import greedy_accuracy, heldout_eval_problems
@@ -335,8 +336,8 @@ def test_question_writer_writes_questions_and_keeps_its_accuracy(question_writer
     accuracy = greedy_accuracy(question_writer_dir, heldout_eval_problems())
     questions = sample_questions(question_writer_dir, VALIDITY_SAMPLES, seed=0)
     validity = sum(parse_question(q) is not None for q in questions) / len(questions)
-    assert accuracy >= 0.9 and abs(accuracy - manifest["heldout_accuracy"]) <= 0.01, accuracy
-    assert validity >= 0.15 and abs(validity - manifest["question_validity"]) <= 0.05, validity
+    assert accuracy >= 0.9 and abs(accuracy - manifest["heldout_accuracy"]) <= 0.02, accuracy
+    assert validity >= 0.15 and abs(validity - manifest["question_validity"]) <= 0.12, validity
     assert manifest["inputs"]["teacher"]
 
 

@@ -262,6 +262,8 @@ def _write_fates(staging: Path, parts: list[Part], prompts: Prompts, ledger: Led
     verification) and the step that dropped it (empty: kept); written part by part."""
     schema = pa.schema([("prompt_id", pa.string()), ("sample_index", pa.int32()), ("correct", pa.bool_()),
                         ("dropped_by", pa.string())])
+    for stale in staging.glob(".traces.arrow.tmp-*"):  # a killed run's (staging is locked: one writer)
+        stale.unlink()
     with arrow_writer(staging / "traces.arrow", schema) as writer:
         for part in parts:
             rows = prompts.rows(part)
