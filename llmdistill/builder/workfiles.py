@@ -35,7 +35,8 @@ def write_arrow_atomic(table: pa.Table, path: str | Path) -> None:
 
 
 def read_arrow(path: str | Path) -> pa.Table:
-    """A work file as a table whose buffers map the file (nothing is copied until it is used)."""
+    """A work file as a table whose buffers map the file: nothing is copied, and its pages are read
+    from disk only as they are used."""
     with pa.memory_map(str(path)) as source:
         return pa.ipc.open_file(source).read_all()
 
