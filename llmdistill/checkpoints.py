@@ -46,6 +46,8 @@ from llmdistill.outputs import pid_alive
 logger = get_logger(__name__)
 
 CHECKPOINT_MARKER = "checkpoint_complete.json"
+TOKENS_FILE = "trained_tokens.json"  # in each train checkpoint: target tokens trained up to it, all processes'
+ONPOLICY_STATE = "state.json"  # written last into an onpolicy checkpoint: its presence marks the checkpoint complete
 #: The final model's staging directory holds this journal once it is complete (see ``_swap_in_model``).
 _MODEL_JOURNAL = ".swap.json"
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")

@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from llmdistill.compute import checkpoint_compute, stage_compute
 from llmdistill.config.base import load_config, read_yaml
 from llmdistill.config.build import BuildConfig
 from llmdistill.config.demo import DemoConfig
@@ -335,54 +336,28 @@ def paired_minus_sft(eval_dir: Path, sft: str, others: dict[str, str]) -> dict[s
 
 
 def arm_compute(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """What each trained arm spent, from its stages' manifests: wall seconds of every training phase
-    (the warm start included for on-policy), optimizer steps, trained tokens, and for on-policy the
-    rollout tokens, teacher tokens scored and seconds per phase (rollout, scoring, training, sync)."""
+    """What each trained arm spent, from its stages' records (:func:`~llmdistill.compute.stage_compute`):
+    wall seconds of every training phase (the warm start included for on-policy), optimizer steps,
+    trained tokens, and for on-policy the rollout tokens, teacher tokens scored and seconds per phase
+    (rollout, scoring, training, sync)."""
     out: dict[str, dict[str, Any]] = {}
     for label, stages in ARM_STAGES.items():
         arm: dict[str, Any] = {"wall_s": 0.0, "optimizer_steps": 0, "trained_tokens": 0, "phases_s": {}}
         for stage in stages:
-            manifest = read_manifest(run_dir / STAGE_DIRS[stage])
-            counts = manifest["counts"]
-            arm["wall_s"] += stage_wall_s(manifest)
-            arm["optimizer_steps"] += counts.get("global_steps", counts.get("optimizer_steps", 0))
-            arm["trained_tokens"] += counts.get("trained_tokens", 0)
+            record = stage_compute(run_dir / STAGE_DIRS[stage])
+            arm["wall_s"] += record["wall_s"]
+            arm["optimizer_steps"] += record["optimizer_steps"]
+            arm["trained_tokens"] += record["trained_tokens"]
             for key in ("rollout_tokens", "teacher_tokens_scored"):
-                if key in counts:
-                    arm[key] = counts[key]
-            phases = dict(manifest.get("compute", {}).get("seconds") or {"training": stage_wall_s(manifest)})
-            if (rest := stage_wall_s(manifest) - sum(phases.values())) > 0.05:  # engines and models starting, saving
-                phases["setup and saving"] = rest
+                if key in record:
+                    arm[key] = record[key]
             name = "warm start (SFT)" if stage == "train_warm" else None
-            for phase, seconds in phases.items():
+            for phase, seconds in record["phases_s"].items():
                 key = name or phase
                 arm["phases_s"][key] = round(arm["phases_s"].get(key, 0.0) + seconds, 1)
         arm["wall_s"] = round(arm["wall_s"], 1)
         out[label] = arm
     return out
-
-
-def stage_wall_s(manifest: dict[str, Any]) -> float:
-    """A stage's wall seconds: of all the processes that ran it when it was resumed (``wall_time_total_s``)."""
-    return manifest.get("wall_time_total_s", manifest["wall_time_s"])
-
-
-def stage_seconds_at(stage_dir: Path, step: int) -> float:
-    """Wall seconds a training stage had spent when it reached ``step``, linear between the log entries
-    around ``step`` (before the first: from the stage's start at step 0): their ``elapsed_s``, which
-    counts the processes before a resume too; for logs without it, ``logged_at`` minus the manifest's
-    ``started_at``, from the entries of the last process only."""
-    import numpy as np
-
-    history = _read(stage_dir / "log_history.json")
-    if all("elapsed_s" in h for h in history if "logged_at" in h):
-        logged = [(0, 0.0)] + [(h["step"], h["elapsed_s"]) for h in history if "elapsed_s" in h]
-    else:
-        started = read_manifest(stage_dir)["started_at"]
-        logged = [(0, 0.0)] + [(h["step"], h["logged_at"] - started) for h in history
-                               if h.get("logged_at", 0) >= started]
-    steps, times = zip(*logged, strict=True)
-    return float(np.interp(step, steps, times))
 
 
 def accuracy_curves(run_dir: Path, configs: dict[str, dict], scores: dict[str, dict]) -> dict[str, list[dict]]:
@@ -392,8 +367,10 @@ def accuracy_curves(run_dir: Path, configs: dict[str, dict], scores: dict[str, d
     curve = _read(run_dir / CURVE / "results.json")["results"] if "eval_curve" in configs else {}
 
     def curve_point(stage: str, step: int, model: Path, offset: float) -> dict[str, Any]:
-        seconds = offset + (stage_seconds_at(model.parent, step) if model.name.startswith("checkpoint-")
-                            else stage_wall_s(read_manifest(model)))
+        record = checkpoint_compute(model) if model.name.startswith("checkpoint-") else stage_compute(model)
+        if record is None:
+            raise ValueError(f"{model}: no training record (a checkpoint saved without its run's clock)")
+        seconds = offset + record["wall_s"]
         return {"stage": stage, "step": step, "seconds": round(seconds, 1),
                 "pass@1": curve[str(model)]["tiny"]["pass@1"]}
 
@@ -408,7 +385,7 @@ def accuracy_curves(run_dir: Path, configs: dict[str, dict], scores: dict[str, d
                            for step in checkpoint_steps(stage, configs[stage])]
             if stage != stages[-1] and curve:
                 points.append(curve_point(stage, configs[stage]["max_steps"], stage_dir, offset))
-            offset += stage_wall_s(read_manifest(stage_dir))
+            offset += stage_compute(stage_dir)["wall_s"]
         points.append({"stage": stages[-1], "step": configs[stages[-1]]["max_steps"], "seconds": round(offset, 1),
                        "pass@1": scores[label]["pass@1"]})
         out[label] = points

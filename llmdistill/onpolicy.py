@@ -65,6 +65,7 @@ import pyarrow as pa
 import torch
 
 from llmdistill.checking.checkers import Reference, check_many
+from llmdistill.checkpoints import ONPOLICY_STATE
 from llmdistill.collate import DistillCollator
 from llmdistill.config.base import (
     RESUME_LATEST,
@@ -104,7 +105,6 @@ logger = get_logger(__name__)
 PHASES = ("rollout", "scoring", "training", "sync")  # sync: the weights, and the engine's wake-up (sleep_mode)
 GRADES = ("teacher_ids", "teacher_logprobs", "teacher_token_logprobs")  # what scoring adds per completion token
 ADAPTER_DIR = "adapter"  # a LoRA student's adapter, beside the merged final model
-STATE = "state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 # Generator keys of the offline steps' choice and row order. NumPy's SeedSequence reads a key as one
 # integer, word by word, so trailing zeros drop out ([s, 1, 0] is [s, 1]): the prompt order's keys
 # are [seed, epoch] (at most two words), these are three words or more, ending in a non-zero word
@@ -1404,7 +1404,7 @@ def onpolicy_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: O
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """Checkpoints whose state file was written (it is written last), oldest first."""
-    found = [p for p in output_dir.glob("checkpoint-*") if (p / STATE).is_file()]
+    found = [p for p in output_dir.glob("checkpoint-*") if (p / ONPOLICY_STATE).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -1446,7 +1446,7 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, tokeniz
         tokenizer.save_pretrained(str(tmp))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng_states()},
                    tmp / "training_state.pt")
-        write_json_atomic(tmp / STATE, {**state, "step": step, "processes": ranks.world})
+        write_json_atomic(tmp / ONPOLICY_STATE, {**state, "step": step, "processes": ranks.world})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     ranks.barrier()
@@ -1482,8 +1482,8 @@ def resume_point(cfg: OnPolicyConfig) -> Path | None:
         path = found[-1] if found else None
     else:
         path = Path(value)
-        if not (path / STATE).is_file():
-            raise ConfigError(f"resume_from_checkpoint={value} is not a complete checkpoint (no {STATE}); "
+        if not (path / ONPOLICY_STATE).is_file():
+            raise ConfigError(f"resume_from_checkpoint={value} is not a complete checkpoint (no {ONPOLICY_STATE}); "
                               f"use 'latest' for the newest complete one in {cfg.output_dir}")
     if path is not None and (path / "adapter_config.json").is_file() != cfg.use_peft:
         held = "a full model" if cfg.use_peft else "a LoRA adapter"
@@ -1506,7 +1506,7 @@ def restore(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any,
     own = path / f"rng-{ranks.rank}.pt"
     own_rng = {k: v for k, v in saved.items() if k.endswith("_rng")}  # not the (large) optimizer state
     rng = own_rng if ranks.main else torch.load(own, weights_only=False) if own.is_file() else None
-    state = json.loads((path / STATE).read_text())
+    state = json.loads((path / ONPOLICY_STATE).read_text())
     if state.get("processes", 1) != ranks.world:
         logger.warning("%s was saved by %d process(es), resumed by %d: the samples differ from an uninterrupted run's",
                        path, state.get("processes", 1), ranks.world)
@@ -1815,7 +1815,7 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, fmt: PromptFormat, teach
                                                "streams": stream_places(step + 1, stream, offline)}, ranks)
             if ranks.main and cfg.save_total_limit:
                 for old in complete_checkpoints(out)[:-cfg.save_total_limit]:
-                    (old / STATE).unlink()  # no longer complete, however far the removal gets
+                    (old / ONPOLICY_STATE).unlink()  # no longer complete, however far the removal gets
                     shutil.rmtree(old)
         if stopping:
             signum = stop.signum or signal.SIGTERM  # the processes Slurm or the launcher signalled got SIGTERM

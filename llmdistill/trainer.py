@@ -51,6 +51,7 @@ from trl import SFTTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from llmdistill.checkpoints import (
+    TOKENS_FILE,
     RunClock,
     clean_stale,
     complete_checkpoints,
@@ -131,7 +132,6 @@ def schedule_value(kind: str, start: float, end: float, progress: float, warmup_
 
 
 LOSS_EMA_FILE = "loss_ema.json"  # in each checkpoint: the running loss of loss_adaptive schedules
-TOKENS_FILE = "trained_tokens.json"  # in each checkpoint: target tokens trained up to it, all processes'
 LAYOUT_FILE = "batch_layout.json"  # in each checkpoint: how the run's optimizer steps were made of rows (batch_layout)
 
 

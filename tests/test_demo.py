@@ -177,6 +177,21 @@ def test_demo_small_end_to_end_and_reuse(tmp_path, tiny_teacher_dir):
     assert op[2]["pass@1"] == curve_results[str(out / "train-onpolicy" / "checkpoint-2")]["tiny"]["pass@1"]
     assert warm_s < op[2]["seconds"] < op[3]["seconds"] == pytest.approx(on_policy["wall_s"], abs=0.1)
     assert "When the on-policy arm had spent its training time, the SFT curve" in report
+    # eval's own report reads the same records: each trained model's compute, the warm start counted
+    evaluated = json.loads((out / "eval" / "results.json").read_text())["compute"]
+    assert sorted(evaluated) == sorted(models[2:])  # not the teacher, not the untrained student
+    assert [Path(s["path"]).name for s in evaluated[models[4]]["stages"]] == ["train-warm", "train-onpolicy"]
+    assert evaluated[models[4]]["wall_s"] == pytest.approx(on_policy["wall_s"], abs=0.1)
+    assert evaluated[models[4]]["optimizer_steps"] == 7
+    assert evaluated[models[4]]["rollout_tokens"] == on_policy["rollout_tokens"]
+    assert "| on-policy student | train (train-warm) → onpolicy (train-onpolicy) | 7 |" in \
+        (out / "eval" / "results.md").read_text().replace(f"| {Path(models[4]).name} |", "| on-policy student |")
+    curve_compute = json.loads((out / "eval-curve" / "results.json").read_text())["compute"]
+    assert curve_compute[str(out / "train-onpolicy" / "checkpoint-2")]["wall_s"] == pytest.approx(op[2]["seconds"],
+                                                                                                 abs=0.1)
+    assert curve_compute[str(out / "train-sft" / "checkpoint-6")]["wall_s"] == pytest.approx(sft[1]["seconds"], abs=0.1)
+    for eval_dir in ("eval", "eval-curve"):
+        assert (out / eval_dir / "accuracy_vs_compute.png").stat().st_size > 1000, eval_dir
     efficiency = json.loads((out / "eval" / "results.json").read_text())["efficiency"]
     assert f"| teacher | {efficiency[models[0]]['parameters']:,} |" in report
     gen = json.loads((out / "generate" / "manifest.json").read_text())["counts"]
@@ -351,44 +366,41 @@ def test_checkpoint_steps_are_the_ones_the_training_stage_keeps():
 
 
 @pytest.mark.unit
-def test_a_resumed_stage_is_placed_by_the_seconds_of_all_its_processes(tmp_path):
-    """A stage stopped after 40 s and resumed by a process that ran 32 s more: its checkpoints sit at the
-    seconds of both processes (the log's elapsed_s), and its wall time is the manifest's total."""
-    from llmdistill.demo import stage_seconds_at, stage_wall_s
-
-    stage = tmp_path / "train-sft"
-    stage.mkdir()
-    manifest = {"started_at": 5000.0, "wall_time_s": 32.0, "wall_time_total_s": 72.0}
-    (stage / "manifest.json").write_text(json.dumps(manifest))
-    (stage / "log_history.json").write_text(json.dumps([
-        {"step": 20, "logged_at": 1020.0, "elapsed_s": 20.0}, {"step": 40, "logged_at": 1040.0, "elapsed_s": 40.0},
-        {"step": 60, "logged_at": 5014.0, "elapsed_s": 54.0}, {"step": 80, "logged_at": 5030.0, "elapsed_s": 70.0},
-        {"step": 80, "train_runtime": 32.0}]))
-    assert [stage_seconds_at(stage, s) for s in (10, 30, 50, 70)] == [10.0, 30.0, 47.0, 62.0]
-    assert stage_wall_s(manifest) == 72.0 and stage_wall_s({"wall_time_s": 32.0}) == 32.0
-
-
-@pytest.mark.unit
 def test_accuracy_curves_place_each_checkpoint_at_the_seconds_its_arm_had_spent(tmp_path):
-    """Seconds from each stage's log (logged_at) and manifest (started_at, wall_time_s), linear between
-    log entries; the on-policy arm's after its warm start's; pass@1 from eval-curve and the final eval."""
+    """Each checkpoint at the seconds its run had spent when it was saved (the run's clock in the checkpoint,
+    all processes of a resumed run), the final model at its manifest's total; the on-policy arm's after its
+    warm start's; pass@1 from eval-curve and the final eval."""
     from llmdistill.demo import accuracy_curves
     from llmdistill.demo_report import curve_lines
 
-    stages = {  # directory: (config, started_at, wall_time_s, [(step, logged_at), ...])
-        "train-sft": ({"max_steps": 100, "save_steps": 40}, 1000.0, 50.0, [(20, 1010.0), (60, 1030.0), (100, 1045.0)]),
-        "train-kd": ({"max_steps": 100, "save_steps": 40}, 1000.0, 60.0, [(100, 1050.0)]),
-        "train-warm": ({"max_steps": 60, "save_steps": 40}, 2000.0, 30.0, [(30, 2012.0), (60, 2025.0)]),
-        # an entry from before a resume (logged before this process started) is not used
-        "train-onpolicy": ({"max_steps": 20, "save_steps": 10}, 3000.0, 20.0, [(5, 2990.0), (10, 3008.0), (20, 3016.0)]),
+    stages = {  # directory: (config, wall_time_total_s, {checkpoint step: the run's seconds when it was saved})
+        "train-sft": ({"max_steps": 100, "save_steps": 40}, 50.0, {40: 20.0, 80: 37.5}),
+        "train-kd": ({"max_steps": 100, "save_steps": 40}, 60.0, {40: 20.0, 80: 40.0}),
+        "train-warm": ({"max_steps": 60, "save_steps": 40}, 30.0, {40: 16.3}),
+        # resumed: 12 s before the resume and 8 s after
+        "train-onpolicy": ({"max_steps": 20, "save_steps": 10}, 20.0, {10: 8.0}),
     }
     configs = {}
-    for directory, (config, started, wall, logged) in stages.items():
-        (tmp_path / directory).mkdir()
-        (tmp_path / directory / "manifest.json").write_text(json.dumps({"started_at": started, "wall_time_s": wall}))
-        (tmp_path / directory / "log_history.json").write_text(json.dumps(
-            [{"step": s, "loss": 1.0, "logged_at": t} for s, t in logged] + [{"step": config["max_steps"], "train_runtime": 1}]))
+    for directory, (config, total, saved) in stages.items():
+        run = tmp_path / directory
+        run.mkdir()
         stage = {"train-sft": "train_sft", "train-kd": "train_kd", "train-warm": "train_warm"}.get(directory, "onpolicy")
+        name = "onpolicy" if stage == "onpolicy" else "train"
+        counts = {"optimizer_steps" if name == "onpolicy" else "global_steps": config["max_steps"], "trained_tokens": 1}
+        (run / "manifest.json").write_text(json.dumps({"stage": name, "config": {}, "counts": counts,
+                                                       "wall_time_s": 8.0, "wall_time_total_s": total}))
+        for step, seconds in saved.items():
+            (run / f"checkpoint-{step}").mkdir()
+            if name == "onpolicy":
+                counters = {"optimizer_steps": step, "trained_tokens": 1, "rollout_tokens": 1,
+                            "teacher_tokens_scored": 1, "seconds": {}}
+                state = {"step": step, "counters": counters, "wall_time_total_s": seconds}
+                (run / f"checkpoint-{step}" / "state.json").write_text(json.dumps(state))
+            else:
+                clock = {"RunClock": {"args": {"before": seconds}, "attributes": {}}}
+                (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps(
+                    {"global_step": step, "stateful_callbacks": clock}))
+                (run / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"w")
         configs[stage] = {**config, **({"save_strategy": "steps"} if stage != "onpolicy" else {})}
     configs["eval_curve"] = {}
     curve_scores = {"train-sft/checkpoint-40": 0.1, "train-sft/checkpoint-80": 0.2, "train-kd/checkpoint-40": 0.3,
@@ -406,7 +418,6 @@ def test_accuracy_curves_place_each_checkpoint_at_the_seconds_its_arm_had_spent(
     assert as_tuples == {
         "SFT student": [("init", 0, 0.0, 0.01), ("train_sft", 40, 20.0, 0.1), ("train_sft", 80, 37.5, 0.2),
                         ("train_sft", 100, 50.0, 0.5)],
-        # one log entry: from the stage's start (step 0) to step 100, linear
         "KD student": [("init", 0, 0.0, 0.01), ("train_kd", 40, 20.0, 0.3), ("train_kd", 80, 40.0, 0.4),
                        ("train_kd", 100, 60.0, 0.6)],
         "on-policy student": [("init", 0, 0.0, 0.01), ("train_warm", 40, 16.3, 0.05), ("train_warm", 60, 30.0, 0.15),

@@ -115,6 +115,48 @@ def test_markdown_puts_models_side_by_side_and_chart_is_written(tmp_path):
     plot_results(_fake_results(), tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     assert model_labels([str(tmp_path), "org/x"]) == {str(tmp_path): tmp_path.name, "org/x": "org/x"}
+    for run in ("sft", "kd"):
+        (tmp_path / run / "checkpoint-6").mkdir(parents=True)
+    checkpoints = [str(tmp_path / run / "checkpoint-6") for run in ("sft", "kd")]
+    assert model_labels(checkpoints) == dict(zip(checkpoints, ["sft/checkpoint-6", "kd/checkpoint-6"], strict=True))
+
+
+@pytest.mark.unit
+def test_the_report_puts_each_trained_models_compute_beside_its_accuracy(tmp_path):
+    """A row per model with a training record (its stages in order, the sums), none for a hub model; the
+    machine the training ran on; the accuracy-against-compute chart."""
+    from llmdistill.eval.report import plot_accuracy_vs_compute
+
+    machine = {"cpu": "AMD EPYC", "cpu_family": "26", "cpu_model": "2", "vector": "AVX-512", "cpus": 2,
+               "memory_gib": 23.5, "gpus": []}
+    run = tmp_path / "train-onpolicy"
+    stages = [{"path": str(tmp_path / "train-warm"), "stage": "train", "machine": machine},
+              {"path": str(run), "stage": "onpolicy", "machine": machine, "rollout_tokens": 5000}]
+    results = _fake_results()
+    (run / "checkpoint-50").mkdir(parents=True)  # local paths: labelled by their last component
+    final, checkpoint = str(run), str(run / "checkpoint-50")
+    for model, share in ((final, 1.0), (checkpoint, 0.5)):
+        results["models"].append(model)
+        results["results"][model] = results["results"]["org/b"]
+        results.setdefault("compute", {})[model] = {
+            "wall_s": 1234.5 * share, "optimizer_steps": int(1000 * share), "trained_tokens": int(800_000 * share),
+            "rollout_tokens": int(80_000 * share), "teacher_tokens_scored": int(80_000 * share),
+            "stages": [stages[0], {**stages[1], "path": model}]}
+    results["machine"] = machine
+    md = results_markdown(results)
+    assert "Wall seconds of all the processes that ran them, on this machine" in md
+    assert ("| train-onpolicy | train (train-warm) → onpolicy (train-onpolicy) | 1,000 | 800,000 | 80,000 | 80,000 | "
+            "1,234.5 |") in md
+    assert ("| train-onpolicy/checkpoint-50 | train (train-warm) → onpolicy (train-onpolicy/checkpoint-50) | 500 | 400,000 | 40,000 "
+            "| 40,000 | 617.2 |") in md
+    assert "| org/a |" not in md.split("## Training compute")[1]
+    other = {**machine, "vector": "AVX2", "cpu_family": "25"}
+    results["machine"] = other
+    assert "on AMD EPYC (family 26, model 2), AVX-512, 2 CPUs, 23.5 GiB:" in results_markdown(results)
+    plot_accuracy_vs_compute(results, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    del results["compute"]
+    assert "## Training compute" not in results_markdown(results)
 
 
 @pytest.mark.unit

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 import llmdistill.onpolicy as op
 from llmdistill.collate import DistillCollator
+from llmdistill.compute import checkpoint_compute
 from llmdistill.config.base import ConfigError, UserError
 from llmdistill.config.onpolicy import OnPolicyConfig
 from llmdistill.formats import read_built
@@ -1034,6 +1035,11 @@ def test_a_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(
     elapsed = [h["elapsed_s"] for h in history]
     assert elapsed == sorted(elapsed) and elapsed[1] <= saved < elapsed[2]
     assert manifest["wall_time_total_s"] == pytest.approx(manifest["wall_time_s"] + saved, abs=0.5)
+    # the checkpoint's training record: the counters and the clock of its step
+    record = checkpoint_compute(tmp_path / "stopped" / "checkpoint-2")
+    assert (record["stage"], record["step"], record["optimizer_steps"], record["wall_s"]) == ("onpolicy", 2, 2, saved)
+    assert 0 < record["rollout_tokens"] < manifest["counts"]["rollout_tokens"]
+    assert record["started_from"] == manifest["inputs"]["student"]["path"]
 
 
 TWO_PROCESS_RUN = """

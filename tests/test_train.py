@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from llmdistill import losses
 from llmdistill.collate import DistillCollator
+from llmdistill.compute import checkpoint_compute
 from llmdistill.config.base import ConfigError, UserError, load_config, save_config
 from llmdistill.config.train import UNSUPPORTED_SFT_FIELDS, TrainConfig
 from llmdistill.formats import SchemaError, read_built, write_built_shard
@@ -521,6 +522,12 @@ def test_a_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(t
     manifest = json.loads((out / "manifest.json").read_text())
     assert saved["args"]["before"] > 1 and manifest["wall_time_total_s"] == pytest.approx(
         manifest["wall_time_s"] + saved["args"]["before"], abs=0.5)
+    # the checkpoint's training record: its step, the run's clock and token count when it was saved
+    record = checkpoint_compute(out / "checkpoint-4")
+    assert (record["step"], record["optimizer_steps"], record["wall_s"]) == (4, 4, saved["args"]["before"])
+    assert 0 < record["trained_tokens"] < manifest["counts"]["trained_tokens"]
+    assert record["trained_tokens"] == resumed[4]["trained_tokens"]
+    assert record["started_from"] == manifest["inputs"]["student"]["path"] == str(Path(tiny_student_dir).absolute())
 
 
 @pytest.mark.integration

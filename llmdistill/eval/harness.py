@@ -4,7 +4,8 @@ For each model (one engine at a time, released before the next starts) and each 
 build chat-formatted prompts, draw n samples per problem, strip the think block, extract and
 score the answer, then compute pass@1 ± s.e., pass@k, maj@k, truncation rate and mean length.
 Outputs land in a temporary directory that is renamed to ``output_dir`` when complete:
-``details.parquet``, ``results.json``, ``results.md``, ``results.png`` and ``manifest.json``.
+``details.parquet``, ``results.json``, ``results.md``, ``results.png``, ``manifest.json`` and, when a
+model carries a training record (:mod:`llmdistill.compute`), ``accuracy_vs_compute.png``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from typing import Any
 from llmdistill.benchmarks import BenchmarkSpec, Item, get_spec, load_benchmark
 from llmdistill.checking.checkers import CHECKERS, Reference, Verdict, check_many
 from llmdistill.checking.extract import THINK_OPEN
+from llmdistill.compute import training_compute
 from llmdistill.config.base import ConfigError, config_to_dict
 from llmdistill.config.eval import EvalConfig
 from llmdistill.eval.metrics import summarize
-from llmdistill.eval.report import plot_results, results_markdown
+from llmdistill.eval.report import plot_accuracy_vs_compute, plot_results, results_markdown
 from llmdistill.formats import DETAILS_SCHEMA, DETAILS_SCHEMA_VERSION, read_details, write_details
 from llmdistill.log import get_logger
 from llmdistill.manifest import fingerprint, machine, write_json_atomic, write_manifest
@@ -280,7 +282,9 @@ def evaluate_models(config: EvalConfig) -> dict[str, Any]:
 
     Returns:
         The content of ``results.json``: ``{"results": {model: {benchmark: metrics}},
-        "benchmarks": {benchmark: settings}, "models": [...], "output_dir": ...}``. A dry run is
+        "benchmarks": {benchmark: settings}, "models": [...], "efficiency": ..., "compute": {model:
+        training record} (the models llmdistill trained: :func:`~llmdistill.compute.training_compute`),
+        "output_dir": ...}``. A dry run is
         :func:`eval_plan` instead.
     """
     from llmdistill.eval.engine import check_models
@@ -302,6 +306,7 @@ def evaluate_models(config: EvalConfig) -> dict[str, Any]:
         details += rows
     summary = {"models": config.model_list, "benchmarks": {p.spec.name: p.settings() for p in plans},
                "results": results, "efficiency": efficiency(results, config.reference_model),
+               "compute": {m: record for m in config.model_list if (record := training_compute(m)) is not None},
                "reference_model": config.reference_model, "output_dir": str(out), "machine": machine()}
     with staged_output(out, overwrite=True) as tmp:
         _write_outputs(tmp, summary, details, config, started)
@@ -315,6 +320,8 @@ def _write_outputs(tmp: Path, summary: dict, details: list[dict], config: EvalCo
     (tmp / "results.md").write_text(results_markdown(summary))
     if config.plot:
         plot_results(summary, tmp / "results.png")
+        if summary["compute"]:
+            plot_accuracy_vs_compute(summary, tmp / "accuracy_vs_compute.png")
     inputs = {f"model{i}": m for i, m in enumerate(config.model_list)}
     if config.data_path:
         inputs["data"] = config.data_path
