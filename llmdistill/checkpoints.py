@@ -46,8 +46,11 @@ from llmdistill.outputs import pid_alive
 logger = get_logger(__name__)
 
 CHECKPOINT_MARKER = "checkpoint_complete.json"
+TRAINER_STATE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME: the file its checkpoint save writes last
 TOKENS_FILE = "trained_tokens.json"  # in each train checkpoint: target tokens trained up to it, all processes'
+RUN_RECORD_FILE = "run_record.json"  # in each train checkpoint: the model the run started from, the machine
 ONPOLICY_STATE = "state.json"  # written last into an onpolicy checkpoint: its presence marks the checkpoint complete
+ADAPTER_DIR = "adapter"  # an onpolicy LoRA student's adapter, beside the merged final model
 #: The final model's staging directory holds this journal once it is complete (see ``_swap_in_model``).
 _MODEL_JOURNAL = ".swap.json"
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -92,11 +95,11 @@ def checkpoint_problem(path: str | Path) -> str | None:
                 return f"{name} has {actual.stat().st_size} bytes instead of {size}"
         return None
     try:
-        json.loads((path / "trainer_state.json").read_text())["global_step"]
+        json.loads((path / TRAINER_STATE).read_text())["global_step"]
     except FileNotFoundError:
-        return "no trainer_state.json (the file a checkpoint save writes last)"
+        return f"no {TRAINER_STATE} (the file a checkpoint save writes last)"
     except (OSError, ValueError, KeyError, TypeError):
-        return "trainer_state.json is unreadable"
+        return f"{TRAINER_STATE} is unreadable"
     weights = [p for p in path.iterdir() if _WEIGHT_FILE.match(p.name) or p.name.startswith(("global_step",
                                                                                               "pytorch_model_fsdp"))]
     return None if weights else "no model weights"

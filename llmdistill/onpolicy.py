@@ -65,8 +65,9 @@ import pyarrow as pa
 import torch
 
 from llmdistill.checking.checkers import Reference, check_many
-from llmdistill.checkpoints import ONPOLICY_STATE
+from llmdistill.checkpoints import ADAPTER_DIR, ONPOLICY_STATE
 from llmdistill.collate import DistillCollator
+from llmdistill.compute import run_record
 from llmdistill.config.base import (
     RESUME_LATEST,
     ConfigError,
@@ -104,7 +105,6 @@ logger = get_logger(__name__)
 
 PHASES = ("rollout", "scoring", "training", "sync")  # sync: the weights, and the engine's wake-up (sleep_mode)
 GRADES = ("teacher_ids", "teacher_logprobs", "teacher_token_logprobs")  # what scoring adds per completion token
-ADAPTER_DIR = "adapter"  # a LoRA student's adapter, beside the merged final model
 # Generator keys of the offline steps' choice and row order. NumPy's SeedSequence reads a key as one
 # integer, word by word, so trailing zeros drop out ([s, 1, 0] is [s, 1]): the prompt order's keys
 # are [seed, epoch] (at most two words), these are three words or more, ending in a non-zero word
@@ -1755,6 +1755,7 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, fmt: PromptFormat, teach
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))
                                                   * max(0.0, 1 - s / cfg.max_steps))
     counters, history, first, clock = Counters(), [], 0, RunClock(0.0, started)
+    record = run_record(cfg.student_model) if ranks.main else None  # what each checkpoint keeps of the run
     if ranks.world > 1:  # each process samples its own rollouts
         torch.manual_seed(cfg.seed + ranks.rank)
         random.seed(cfg.seed + ranks.rank)
@@ -1811,7 +1812,7 @@ def _distill(cfg: OnPolicyConfig, prompts: PromptTable, fmt: PromptFormat, teach
         if stopping or cfg.save_steps and (step + 1) % cfg.save_steps == 0:
             path = save_checkpoint(out, step + 1, model if adapter is None else adapter, tokenizer, optimizer,
                                    scheduler, {"history": history, "counters": counters.__dict__,
-                                               "wall_time_total_s": round(clock.elapsed, 3),
+                                               "wall_time_total_s": round(clock.elapsed, 3), "run_record": record,
                                                "streams": stream_places(step + 1, stream, offline)}, ranks)
             if ranks.main and cfg.save_total_limit:
                 for old in complete_checkpoints(out)[:-cfg.save_total_limit]:

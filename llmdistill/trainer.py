@@ -51,7 +51,9 @@ from trl import SFTTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from llmdistill.checkpoints import (
+    RUN_RECORD_FILE,
     TOKENS_FILE,
+    TRAINER_STATE,
     RunClock,
     clean_stale,
     complete_checkpoints,
@@ -67,6 +69,7 @@ from llmdistill.checkpoints import (
     set_aside_and_delete,
     swap_in_model,
 )
+from llmdistill.compute import run_record
 from llmdistill.config.base import UserError
 from llmdistill.config.train import TrainConfig
 from llmdistill.log import get_logger
@@ -269,6 +272,10 @@ class DistillTrainer(SFTTrainer):
         self._owner_pid = self._main_process_pid()  # names the staging directories, the same on every rank
         if self.args.should_save:
             clean_stale(self.args.output_dir)
+            # what each checkpoint records of the run: the model the student started from, the machine
+            student = getattr(self.args, "student_source", None) if getattr(self.args, "student_init",
+                                                                             "pretrained") == "pretrained" else None
+            self._run_record = run_record(student)
 
     # ---- online teacher and feature projection -------------------------------------------
     def _place_teacher_and_projector(self) -> None:
@@ -528,7 +535,7 @@ class DistillTrainer(SFTTrainer):
         ema = Path(checkpoint) / LOSS_EMA_FILE
         if ema.is_file():  # checkpoints older than loss_adaptive schedules have none: the average restarts
             self.loss_ema.load(json.loads(ema.read_text()))
-        tokens, state = Path(checkpoint) / TOKENS_FILE, Path(checkpoint) / "trainer_state.json"
+        tokens, state = Path(checkpoint) / TOKENS_FILE, Path(checkpoint) / TRAINER_STATE
         if tokens.is_file():
             self._tokens_counted = float(json.loads(tokens.read_text())["trained_tokens"])
         elif state.is_file():  # an older checkpoint: its last logged count
@@ -565,6 +572,7 @@ class DistillTrainer(SFTTrainer):
             if self.args.should_save:
                 (staged / LOSS_EMA_FILE).write_text(json.dumps(self.loss_ema.state()))
                 (staged / TOKENS_FILE).write_text(json.dumps({"trained_tokens": tokens}))
+                (staged / RUN_RECORD_FILE).write_text(json.dumps(self._run_record))
                 (staged / LAYOUT_FILE).write_text(json.dumps(batch_layout(self.args)))
                 if self.layers is not None:
                     self.layers.save(staged)  # the projection beside the weights and the optimizer that trains it
@@ -594,7 +602,7 @@ class DistillTrainer(SFTTrainer):
         best = self.state.best_model_checkpoint
         if best and Path(best).parent == staging_root:
             self.state.best_model_checkpoint = str(run_dir / Path(best).name)
-            self.state.save_to_json(str(staged / "trainer_state.json"))
+            self.state.save_to_json(str(staged / TRAINER_STATE))
 
     def _rotate_complete_checkpoints(self, run_dir: Path, newest: Path) -> None:
         """``save_total_limit`` over complete checkpoints only, keeping ``newest`` and the best one."""

@@ -367,9 +367,9 @@ def test_checkpoint_steps_are_the_ones_the_training_stage_keeps():
 
 @pytest.mark.unit
 def test_accuracy_curves_place_each_checkpoint_at_the_seconds_its_arm_had_spent(tmp_path):
-    """Each checkpoint at the seconds its run had spent when it was saved (the run's clock in the checkpoint,
-    all processes of a resumed run), the final model at its manifest's total; the on-policy arm's after its
-    warm start's; pass@1 from eval-curve and the final eval."""
+    """Each checkpoint at the seconds its run had spent when it was saved (the run's clock in the checkpoint),
+    the final model at its manifest's total over all processes of a resumed run (not the last one's); the
+    on-policy arm's after its warm start's; pass@1 from eval-curve and the final eval."""
     from llmdistill.demo import accuracy_curves
     from llmdistill.demo_report import curve_lines
 
@@ -377,7 +377,7 @@ def test_accuracy_curves_place_each_checkpoint_at_the_seconds_its_arm_had_spent(
         "train-sft": ({"max_steps": 100, "save_steps": 40}, 50.0, {40: 20.0, 80: 37.5}),
         "train-kd": ({"max_steps": 100, "save_steps": 40}, 60.0, {40: 20.0, 80: 40.0}),
         "train-warm": ({"max_steps": 60, "save_steps": 40}, 30.0, {40: 16.3}),
-        # resumed: 12 s before the resume and 8 s after
+        # resumed after its checkpoint: 20 s over both processes, of which the manifest's wall_time_s (8 s) the last
         "train-onpolicy": ({"max_steps": 20, "save_steps": 10}, 20.0, {10: 8.0}),
     }
     configs = {}

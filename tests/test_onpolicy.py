@@ -1039,7 +1039,7 @@ def test_a_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(
     record = checkpoint_compute(tmp_path / "stopped" / "checkpoint-2")
     assert (record["stage"], record["step"], record["optimizer_steps"], record["wall_s"]) == ("onpolicy", 2, 2, saved)
     assert 0 < record["rollout_tokens"] < manifest["counts"]["rollout_tokens"]
-    assert record["started_from"] == manifest["inputs"]["student"]["path"]
+    assert record["started_from"] == manifest["inputs"]["student"] and record["machine"] == manifest["machine"]
 
 
 TWO_PROCESS_RUN = """

@@ -24,7 +24,6 @@ from typing import Any
 from llmdistill.benchmarks import BenchmarkSpec, Item, get_spec, load_benchmark
 from llmdistill.checking.checkers import CHECKERS, Reference, Verdict, check_many
 from llmdistill.checking.extract import THINK_OPEN
-from llmdistill.compute import training_compute
 from llmdistill.config.base import ConfigError, config_to_dict
 from llmdistill.config.eval import EvalConfig
 from llmdistill.eval.metrics import summarize
@@ -287,6 +286,7 @@ def evaluate_models(config: EvalConfig) -> dict[str, Any]:
         "output_dir": ...}``. A dry run is
         :func:`eval_plan` instead.
     """
+    from llmdistill.compute import training_compute
     from llmdistill.eval.engine import check_models
 
     if not config.model_list:
@@ -299,6 +299,8 @@ def evaluate_models(config: EvalConfig) -> dict[str, Any]:
     clean_stale(out)
     if out.exists() and any(out.iterdir()) and not config.overwrite:
         raise ConfigError(f"output_dir {out} exists and is not empty: pass --overwrite true or another --output_dir")
+    # What each model's training spent, read before any engine starts (the records are small JSON files)
+    compute = {m: record for m in config.model_list if (record := training_compute(m)) is not None}
     partial = out.with_name(f".{out.name}.partial")
     details, results = [], {}
     for model in config.model_list:
@@ -306,7 +308,7 @@ def evaluate_models(config: EvalConfig) -> dict[str, Any]:
         details += rows
     summary = {"models": config.model_list, "benchmarks": {p.spec.name: p.settings() for p in plans},
                "results": results, "efficiency": efficiency(results, config.reference_model),
-               "compute": {m: record for m in config.model_list if (record := training_compute(m)) is not None},
+               "compute": compute,
                "reference_model": config.reference_model, "output_dir": str(out), "machine": machine()}
     with staged_output(out, overwrite=True) as tmp:
         _write_outputs(tmp, summary, details, config, started)

@@ -17,7 +17,7 @@ def model_labels(models: list[str]) -> dict[str, str]:
     is; made unique."""
     labels: dict[str, str] = {}
     for model in models:
-        path = Path(model)
+        path = Path(model).resolve()
         label = (model if not path.exists() else path.name if not path.name.startswith("checkpoint-")
                  else f"{path.parent.name}/{path.name}")
         while label in labels.values():
@@ -90,7 +90,7 @@ def efficiency_markdown(results: dict[str, Any], labels: dict[str, str]) -> list
 def trained_by(record: dict[str, Any]) -> str:
     """A training record's stages in order, each as ``stage (its directory)``, a checkpoint with its run's."""
     def where(path: str) -> str:
-        p = Path(path)
+        p = Path(path).resolve()
         return f"{p.parent.name}/{p.name}" if p.name.startswith("checkpoint-") else p.name
 
     return " → ".join(f"{stage['stage']} ({where(stage['path'])})" for stage in record["stages"])
@@ -103,10 +103,10 @@ def compute_markdown(results: dict[str, Any], labels: dict[str, str]) -> list[st
     if not compute:
         return []
     here = describe_machine(results["machine"]) if results.get("machine") else None
-    trained_on = {describe_machine(s["machine"]) if s.get("machine") else "not recorded"
-                  for record in compute.values() for s in record["stages"]}
-    place = ("this machine" if trained_on == {here} else
-             "; ".join(sorted(trained_on)))
+    trained_on = {describe_machine(s["machine"]) for record in compute.values() for s in record["stages"]
+                  if s.get("machine")}
+    place = ("this machine" if trained_on == {here} else "; ".join(sorted(trained_on)) if trained_on
+             else "a machine not recorded")
     lines = ["## Training compute", "",
              "From the records of the stages that trained each model (a warm start it started from included). "
              f"Wall seconds of all the processes that ran them, on {place}: they compare runs of one machine.", "",
@@ -137,7 +137,7 @@ def plot_accuracy_vs_compute(results: dict[str, Any], path: str | Path) -> None:
     runs: dict[str, list[str]] = {}  # a run: the directory of the stage that trained the model last
     for model in models:
         if model in compute:
-            last = Path(compute[model]["stages"][-1]["path"])
+            last = Path(compute[model]["stages"][-1]["path"]).resolve()
             runs.setdefault(str(last.parent if last.name.startswith("checkpoint-") else last), []).append(model)
     fig, axes = plt.subplots(1, len(benches), figsize=(5.5 * len(benches), 3.8), squeeze=False)
     for ax, bench in zip(axes[0], benches, strict=True):
